@@ -1,0 +1,305 @@
+//! The common currency of every adapter kind: a module's additive change to the base model,
+//! per target, in the cheapest exact form (low-rank factors, sparse CSR by output row, or dense).
+//!
+//! Formats (PEFT LoRA, Poly, composable-sft, task vectors, merges) all produce a [`ModuleDeltas`];
+//! the batch step only ever sees these. Invariants: shapes match the base parameter they target
+//! (checked by [`ModuleDeltas::validate`] against a [`BaseShapes`]); values are finite; low-rank
+//! factors have any module scale folded into `b`; tensors are float32 and immutable once built.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use super::error::AdapterError;
+use crate::model::config::LlamaConfig;
+use crate::model::linear::{LinearId, Proj};
+
+/// A sparse matrix `[rows, cols]` in CSR order by row (for a linear weight, rows are outputs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// `row_ptr[r]..row_ptr[r+1]` index `col_idx` / `values` for row `r`.
+    pub row_ptr: Vec<u32>,
+    pub col_idx: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl SparseMatrix {
+    /// Builds from row-major flat indices (`r * cols + c`) and values; duplicates are summed.
+    pub fn from_flat(rows: usize, cols: usize, flat: &[u64], values: &[f32]) -> Result<Self, String> {
+        if flat.len() != values.len() {
+            return Err(format!("{} indices but {} values", flat.len(), values.len()));
+        }
+        let total = (rows as u64) * (cols as u64);
+        let mut entries: Vec<(u64, f32)> = Vec::with_capacity(flat.len());
+        for (&f, &v) in flat.iter().zip(values) {
+            if f >= total {
+                return Err(format!("index {f} is outside a {rows}x{cols} matrix"));
+            }
+            entries.push((f, v));
+        }
+        entries.sort_unstable_by_key(|e| e.0);
+        let mut row_ptr = vec![0u32; rows + 1];
+        let mut col_idx = Vec::with_capacity(entries.len());
+        let mut vals: Vec<f32> = Vec::with_capacity(entries.len());
+        let mut last: Option<u64> = None;
+        for (f, v) in entries {
+            if last == Some(f) {
+                *vals.last_mut().expect("a previous entry") += v;
+                continue;
+            }
+            last = Some(f);
+            row_ptr[(f / cols as u64) as usize + 1] += 1;
+            col_idx.push((f % cols as u64) as u32);
+            vals.push(v);
+        }
+        for r in 0..rows {
+            row_ptr[r + 1] += row_ptr[r];
+        }
+        Ok(Self { rows, cols, row_ptr, col_idx, values: vals })
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+
+    /// `y[k, r] += scale * sum_c M[r, c] * x[k, c]` for host row-major buffers.
+    pub fn add_matmul_t(&self, x: &[f32], n: usize, y: &mut [f32], scale: f32) {
+        for k in 0..n {
+            let xr = &x[k * self.cols..(k + 1) * self.cols];
+            let yr = &mut y[k * self.rows..(k + 1) * self.rows];
+            for r in 0..self.rows {
+                let (s, e) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+                if s == e {
+                    continue;
+                }
+                let mut acc = 0f32;
+                for i in s..e {
+                    acc += self.values[i] * xr[self.col_idx[i] as usize];
+                }
+                yr[r] += scale * acc;
+            }
+        }
+    }
+
+    /// `out += scale * M[row, :]` (embedding lookup of one row).
+    pub fn add_row(&self, row: usize, out: &mut [f32], scale: f32) {
+        let (s, e) = (self.row_ptr[row] as usize, self.row_ptr[row + 1] as usize);
+        for i in s..e {
+            out[self.col_idx[i] as usize] += scale * self.values[i];
+        }
+    }
+
+    /// Dense copy (tests, merges).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut d = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            self.add_row(r, &mut d[r * self.cols..(r + 1) * self.cols], 1.0);
+        }
+        d
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.row_ptr.len() * 4 + self.col_idx.len() * 4 + self.values.len() * 4
+    }
+}
+
+/// The change to one parameter matrix `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum MatrixDelta {
+    /// `delta = b @ a`, `a: [r, in]`, `b: [out, r]` (scale folded into `b`).
+    LowRank { a: Tensor, b: Tensor },
+    Sparse(SparseMatrix),
+    /// `[out, in]`.
+    Dense(Tensor),
+}
+
+impl MatrixDelta {
+    /// `(out, in)` of the delta.
+    pub fn dims(&self) -> Result<(usize, usize), AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => (b.dim(0)?, a.dim(1)?),
+            Self::Sparse(s) => (s.rows, s.cols),
+            Self::Dense(d) => d.dims2()?,
+        })
+    }
+
+    /// Resident bytes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::LowRank { a, b } => (a.elem_count() + b.elem_count()) * 4,
+            Self::Sparse(s) => s.bytes(),
+            Self::Dense(d) => d.elem_count() * 4,
+        }
+    }
+
+    /// Dense `[out, in]` f32 copy (merges and tests only; never on the serving path).
+    pub fn to_dense(&self) -> Result<Tensor, AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => b.matmul(a)?,
+            Self::Sparse(s) => Tensor::from_vec(s.to_dense(), (s.rows, s.cols), &candle_core::Device::Cpu)?,
+            Self::Dense(d) => d.clone(),
+        })
+    }
+
+    /// Multiplies the delta by `s`.
+    pub fn scaled(&self, s: f32) -> Result<Self, AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => Self::LowRank { a: a.clone(), b: (b * s as f64)? },
+            Self::Sparse(m) => {
+                let mut m = m.clone();
+                m.values.iter_mut().for_each(|v| *v *= s);
+                Self::Sparse(m)
+            }
+            Self::Dense(d) => Self::Dense((d * s as f64)?),
+        })
+    }
+}
+
+/// Where a delta applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Linear(LinearId),
+    /// `model.embed_tokens.weight` `[vocab, hidden]` (also the output head when tied).
+    Embedding,
+    /// `lm_head.weight` of an untied model.
+    LmHead,
+}
+
+impl Target {
+    /// Parses a Hugging Face parameter name (`model.layers.3.mlp.up_proj.weight`, ...), accepting
+    /// PEFT's `base_model.model.` prefix.
+    pub fn from_hf_name(name: &str) -> Option<Target> {
+        let name = name.strip_prefix("base_model.model.").unwrap_or(name);
+        match name {
+            "model.embed_tokens.weight" => return Some(Target::Embedding),
+            "lm_head.weight" => return Some(Target::LmHead),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let rest = rest.strip_suffix(".weight")?;
+        let (parent, proj) = rest.split_once('.')?;
+        let proj = Proj::from_hf_name(proj)?;
+        (proj.hf_parent() == parent).then_some(Target::Linear(LinearId { layer, proj }))
+    }
+
+    /// The Hugging Face parameter name.
+    pub fn hf_name(&self) -> String {
+        match self {
+            Target::Linear(id) => id.hf_weight_name(),
+            Target::Embedding => "model.embed_tokens.weight".into(),
+            Target::LmHead => "lm_head.weight".into(),
+        }
+    }
+}
+
+/// The shapes of the base model's adaptable parameters.
+#[derive(Debug, Clone)]
+pub struct BaseShapes {
+    pub cfg: LlamaConfig,
+}
+
+impl BaseShapes {
+    pub fn new(cfg: LlamaConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// `(rows, cols)` of the parameter, or None if the model has no such parameter.
+    pub fn shape(&self, t: Target) -> Option<(usize, usize)> {
+        let c = &self.cfg;
+        let (h, q, kv, ff) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+        match t {
+            Target::Embedding => Some((c.vocab_size, h)),
+            Target::LmHead => (!c.tie_word_embeddings).then_some((c.vocab_size, h)),
+            Target::Linear(id) if id.layer >= c.num_hidden_layers => None,
+            Target::Linear(id) => Some(match id.proj {
+                Proj::Q => (q, h),
+                Proj::K | Proj::V => (kv, h),
+                Proj::O => (h, q),
+                Proj::Gate | Proj::Up => (ff, h),
+                Proj::Down => (h, ff),
+            }),
+        }
+    }
+}
+
+/// One module's deltas, by target.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleDeltas {
+    pub targets: BTreeMap<Target, MatrixDelta>,
+}
+
+impl ModuleDeltas {
+    pub fn bytes(&self) -> usize {
+        self.targets.values().map(|d| d.bytes()).sum()
+    }
+
+    /// Checks every target exists in the base model with the delta's shape and that all values
+    /// are finite. `path` names the source in errors.
+    pub fn validate(&self, base: &BaseShapes, path: &Path) -> Result<(), AdapterError> {
+        for (t, d) in &self.targets {
+            let want = base
+                .shape(*t)
+                .ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: t.hf_name() })?;
+            let got = d.dims()?;
+            if got != want {
+                return Err(AdapterError::Shape {
+                    path: path.into(),
+                    tensor: t.hf_name(),
+                    expected: vec![want.0, want.1],
+                    got: vec![got.0, got.1],
+                });
+            }
+            check_finite(d, path, &t.hf_name())?;
+        }
+        Ok(())
+    }
+}
+
+fn check_finite(d: &MatrixDelta, path: &Path, name: &str) -> Result<(), AdapterError> {
+    let bad = |v: &[f32]| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" });
+    let found = match d {
+        MatrixDelta::Sparse(s) => bad(&s.values),
+        MatrixDelta::Dense(t) => bad(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        MatrixDelta::LowRank { a, b } => bad(&a.flatten_all()?.to_vec1::<f32>()?)
+            .or(bad(&b.flatten_all()?.to_vec1::<f32>()?)),
+    };
+    match found {
+        Some(what) => Err(AdapterError::NonFinite { path: path.into(), tensor: name.into(), what }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_from_flat_sums_duplicates_and_multiplies() {
+        // M = [[0, 2, 0], [1, 0, 3]]
+        let m = SparseMatrix::from_flat(2, 3, &[1, 3, 5, 5], &[2.0, 1.0, 1.0, 2.0]).unwrap();
+        assert_eq!(m.nnz(), 3);
+        assert_eq!(m.to_dense(), vec![0.0, 2.0, 0.0, 1.0, 0.0, 3.0]);
+        let x = [1.0, 10.0, 100.0, 2.0, 20.0, 200.0];
+        let mut y = vec![0.0; 4];
+        m.add_matmul_t(&x, 2, &mut y, 0.5);
+        assert_eq!(y, vec![10.0, 150.5, 20.0, 301.0]);
+        assert!(SparseMatrix::from_flat(2, 3, &[6], &[1.0]).is_err());
+    }
+
+    #[test]
+    fn target_names_round_trip() {
+        for n in ["model.layers.12.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"] {
+            assert_eq!(Target::from_hf_name(n).unwrap().hf_name(), n);
+        }
+        assert_eq!(
+            Target::from_hf_name("base_model.model.model.layers.1.self_attn.q_proj.weight"),
+            Some(Target::Linear(LinearId { layer: 1, proj: Proj::Q }))
+        );
+        assert_eq!(Target::from_hf_name("model.layers.1.mlp.q_proj.weight"), None);
+        assert_eq!(Target::from_hf_name("model.layers.1.self_attn.rotary.weight"), None);
+    }
+}

@@ -1,0 +1,155 @@
+//! Command-line interface and configuration: one clap derive per subcommand; every serve flag is
+//! also an environment variable (`MODSERVE_*`). Invariant: values are validated here, before any
+//! model is loaded, and errors name the offending flag.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::linear::WeightMode;
+
+/// modserve: one frozen Llama-family base model, many per-request adapter compositions.
+#[derive(Debug, Parser)]
+#[command(name = "modserve", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download and unpack the default model (SmolLM2-135M-Instruct Q4_1 GGUF) into the models folder.
+    FetchModel(FetchArgs),
+    /// Generate text in-process (no server).
+    Generate(GenerateArgs),
+    /// Start the gRPC server.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Models folder.
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    pub models_dir: PathBuf,
+}
+
+/// Options shared by everything that loads the model.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file or a Hugging Face model directory. Default: the fetched SmolLM2 in the
+    /// models folder (fetched on first use).
+    #[arg(long, env = "MODSERVE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Models folder used when --model is not given.
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    pub models_dir: PathBuf,
+    /// Keep weights quantized (fast) or dequantize every tensor to float32 (reference parity).
+    #[arg(long, env = "MODSERVE_WEIGHTS", value_enum, default_value = "quantized")]
+    pub weights: WeightMode,
+    /// `cpu` or `cuda:N` (needs the `cuda` cargo feature).
+    #[arg(long, env = "MODSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "MODSERVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"])))]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Raw prompt text (no template).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Suppress end-of-sequence tokens until this many tokens were generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = disabled.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Report the K most likely tokens at every step.
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "MODSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Largest number of requests waiting for the model.
+    #[arg(long, env = "MODSERVE_MAX_QUEUED", default_value_t = 256)]
+    pub max_queued: usize,
+}
+
+/// Parses `cpu` / `cuda` / `cuda:N` into a candle device.
+pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
+    match s {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => anyhow::bail!("--device: expected `cpu` or `cuda:N`, got `{other}`"),
+        },
+    }
+}
+
+fn cuda(n: usize) -> anyhow::Result<candle_core::Device> {
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!("--device cuda:{n}: this binary was built without the `cuda` feature (cargo build --features cuda)");
+    }
+    Ok(candle_core::Device::new_cuda(n)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_requires_exactly_one_input() {
+        assert!(Cli::try_parse_from(["modserve", "generate"]).is_err());
+        assert!(Cli::try_parse_from(["modserve", "generate", "--prompt", "a", "--chat", "b"]).is_err());
+        let c = Cli::try_parse_from(["modserve", "generate", "--prompt-ids", "1,2,3", "--weights", "f32"]).unwrap();
+        match c.command {
+            Command::Generate(g) => {
+                assert_eq!(g.prompt_ids, Some(vec![1, 2, 3]));
+                assert_eq!(g.model.weights, WeightMode::F32);
+            }
+            _ => panic!("wrong subcommand"),
+        }
+    }
+
+    #[test]
+    fn device_parsing() {
+        assert!(matches!(parse_device("cpu").unwrap(), candle_core::Device::Cpu));
+        assert!(parse_device("gpu").unwrap_err().to_string().contains("--device"));
+    }
+}

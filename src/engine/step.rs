@@ -1,0 +1,80 @@
+//! One batch step: gather the next rows of every running sequence (a prefill chunk or one decode
+//! token each), run the model once over all of them, and hand each sequence its logits.
+//!
+//! Invariant: a sequence's KV cache and token state only change through [`run_step`]; sequences
+//! that finished are skipped.
+use candle_core::Tensor;
+
+use super::sequence::{Sequence, SequenceError, TokenEvent};
+use crate::model::linear::RowDeltas;
+use crate::model::llama::{Llama, SeqChunk};
+
+/// Errors of a batch step.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("model forward failed: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Sequence(#[from] SequenceError),
+}
+
+/// Runs one step over `seqs`. Returns, per sequence, the event of the token it generated (None
+/// when it only advanced its prefill or was already finished).
+pub fn run_step(
+    model: &Llama,
+    seqs: &mut [&mut Sequence],
+    prefill_chunk: usize,
+    deltas: &dyn RowDeltas,
+) -> Result<Vec<Option<TokenEvent>>, StepError> {
+    let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
+    let mut wants = Vec::with_capacity(seqs.len());
+    for s in seqs.iter() {
+        let input = s.next_input(prefill_chunk).to_vec();
+        wants.push(!input.is_empty() && s.pending_prompt() <= input.len());
+        inputs.push(input);
+    }
+    let mut events = vec![None; seqs.len()];
+    let mut chunks: Vec<SeqChunk<'_>> = Vec::new();
+    let mut active = Vec::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if inputs[i].is_empty() {
+            continue;
+        }
+        active.push(i);
+        chunks.push(SeqChunk { tokens: &inputs[i], cache: &mut s.cache, want_logits: wants[i] });
+    }
+    if chunks.is_empty() {
+        return Ok(events);
+    }
+    let logits = model.forward(&mut chunks, deltas)?;
+    drop(chunks);
+    let mut row = 0;
+    for &i in &active {
+        let needs_logits = seqs[i].consumed(inputs[i].len());
+        debug_assert_eq!(needs_logits, wants[i]);
+        if needs_logits {
+            let l = logits_row(&logits, row)?;
+            row += 1;
+            events[i] = Some(seqs[i].on_logits(&l)?);
+        }
+    }
+    Ok(events)
+}
+
+fn logits_row(logits: &Tensor, row: usize) -> candle_core::Result<Vec<f32>> {
+    logits.get(row)?.to_vec1::<f32>()
+}
+
+/// Runs `seqs` to completion, one step after another (the CLI and tests use this; the server's
+/// scheduler interleaves arrivals between steps instead).
+pub fn run_to_completion(
+    model: &Llama,
+    seqs: &mut [&mut Sequence],
+    prefill_chunk: usize,
+    deltas: &dyn RowDeltas,
+) -> Result<(), StepError> {
+    while seqs.iter().any(|s| s.finished().is_none()) {
+        run_step(model, seqs, prefill_chunk, deltas)?;
+    }
+    Ok(())
+}

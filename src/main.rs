@@ -1,0 +1,46 @@
+//! The `modserve` binary: parse the command line, set up logging and threads, dispatch.
+use clap::Parser;
+use modserve::config::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::FetchModel(a) => {
+            let p = modserve::fetch::fetch_model(&a.models_dir, &mut |m| eprintln!("{m}"))?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Generate(a) => {
+            modserve::runtime::set_threads(a.model.threads);
+            let model = modserve::runtime::load_model(&a.model)?;
+            let out = modserve::generate::run(&model, &a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!("{}", out.text);
+            }
+            Ok(())
+        }
+        Command::Serve(a) => {
+            modserve::runtime::set_threads(a.model.threads);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(modserve::api::serve(a))
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The linear layer of the decoder: the single seam where adapter deltas enter.
+//!
+//! `y = x W^T` runs once over every row of a batch step (base weights, quantized or f32), then the
+//! step's [`RowDeltas`] add each composition's deltas to its own rows. Invariant: the base weight is
+//! never mutated; a linear layer knows its [`LinearId`] so deltas can be looked up by (layer, proj).
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+use std::fmt;
+
+/// The seven adaptable projections of a Llama block, named as in Hugging Face / PEFT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The PEFT / Hugging Face module name (`q_proj`, ...).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// The parent module in a Hugging Face parameter name (`self_attn` or `mlp`).
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// Parses `q_proj`, `up_proj`, ...
+    pub fn from_hf_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+}
+
+/// Identifies one linear layer of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearId {
+    pub layer: usize,
+    pub proj: Proj,
+}
+
+impl LinearId {
+    /// Hugging Face parameter name of the weight, e.g. `model.layers.3.self_attn.q_proj.weight`.
+    pub fn hf_weight_name(&self) -> String {
+        format!("model.layers.{}.{}.{}.weight", self.layer, self.proj.hf_parent(), self.proj.hf_name())
+    }
+}
+
+impl fmt::Display for LinearId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layers.{}.{}", self.layer, self.proj.hf_name())
+    }
+}
+
+/// Adds per-composition deltas to the rows of a batch step. Implemented by the adapter layer;
+/// [`NoDeltas`] is the base model alone.
+pub trait RowDeltas {
+    /// `x`: the layer input rows `[n, in]`; `y`: the base output `[n, out]`. Returns `y` plus, for
+    /// every row, the deltas of that row's composition applied to that row's input.
+    fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor>;
+
+    /// Adds embedding-table deltas: `x` holds the embeddings `[n, hidden]` of the step's tokens
+    /// `ids` (all rows, batch order).
+    fn add_embedding_deltas(&self, _ids: &[u32], x: Tensor) -> Result<Tensor> {
+        Ok(x)
+    }
+
+    /// Adds output-head deltas: `x` `[k, hidden]` are the final hidden states of the chunks listed in
+    /// `chunks` (one row each, indices into the step's chunks), `y` their base logits.
+    fn add_lm_head_deltas(&self, _chunks: &[usize], _x: &Tensor, y: Tensor) -> Result<Tensor> {
+        Ok(y)
+    }
+}
+
+/// The empty composition: the base model alone.
+pub struct NoDeltas;
+
+impl RowDeltas for NoDeltas {
+    fn add_deltas(&self, _id: LinearId, _x: &Tensor, y: Tensor) -> Result<Tensor> {
+        Ok(y)
+    }
+}
+
+/// How base weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightMode {
+    /// Keep GGUF block-quantized weights and multiply with candle's quantized kernels.
+    Quantized,
+    /// Dequantize every tensor to float32 (the mode that matches the parity kit).
+    F32,
+}
+
+/// A base weight matrix `[out, in]`.
+pub enum BaseWeight {
+    Quantized(QMatMul),
+    Dense(Tensor),
+}
+
+impl BaseWeight {
+    /// Builds the weight in the requested mode from a (possibly quantized) tensor.
+    pub fn from_qtensor(q: QTensor, mode: WeightMode) -> Result<Self> {
+        match mode {
+            WeightMode::Quantized => Ok(Self::Quantized(QMatMul::from_qtensor(q)?)),
+            WeightMode::F32 => Ok(Self::Dense(q.dequantize(&q.device())?)),
+        }
+    }
+
+    /// Builds the weight from a dense tensor (Hugging Face checkpoints); `Quantized` mode stores it
+    /// as Q8_0 when the row length allows, else keeps it dense.
+    pub fn from_dense(w: Tensor, mode: WeightMode) -> Result<Self> {
+        let w = w.to_dtype(DType::F32)?;
+        match mode {
+            WeightMode::Quantized if w.dim(1)? % 32 == 0 => {
+                let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)?;
+                Ok(Self::Quantized(QMatMul::from_qtensor(q)?))
+            }
+            _ => Ok(Self::Dense(w)),
+        }
+    }
+
+    /// `x W^T` for `x` of shape `[n, in]`.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Quantized(q) => q.forward(x),
+            Self::Dense(w) => x.matmul(&w.t()?),
+        }
+    }
+
+    /// The weight as a dense f32 tensor `[out, in]` (dequantizing if needed).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
+            Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
+            Self::Dense(w) => Ok(w.clone()),
+        }
+    }
+}
+
+/// A projection of a decoder block: base weight plus the delta seam.
+pub struct Linear {
+    id: LinearId,
+    weight: BaseWeight,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    pub fn new(id: LinearId, weight: BaseWeight, out_dim: usize, in_dim: usize) -> Self {
+        Self { id, weight, in_dim, out_dim }
+    }
+
+    pub fn id(&self) -> LinearId {
+        self.id
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
+    }
+
+    pub fn weight(&self) -> &BaseWeight {
+        &self.weight
+    }
+
+    /// Base product for all rows, then each row's composition deltas.
+    pub fn forward(&self, x: &Tensor, deltas: &dyn RowDeltas) -> Result<Tensor> {
+        let y = self.weight.matmul_t(x)?;
+        deltas.add_deltas(self.id, x, y)
+    }
+}

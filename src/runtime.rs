@@ -1,0 +1,37 @@
+//! Process-level setup shared by every subcommand that runs the model: thread count, device,
+//! default-model resolution (fetching it on first use) and loading.
+use std::path::PathBuf;
+
+use crate::config::{parse_device, ModelArgs};
+use crate::model::load::{load, LoadOptions, LoadedModel};
+
+/// Sets the compute thread count. Must run before any compute thread pool starts.
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        // SAFETY-free in edition 2021; called at start-up before other threads exist.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+}
+
+/// The model path: `--model`, or the default model in the models folder (fetched if missing).
+pub fn resolve_model_path(args: &ModelArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.model {
+        anyhow::ensure!(p.exists(), "--model {}: no such file or directory", p.display());
+        return Ok(p.clone());
+    }
+    let path = crate::fetch::default_model_path(&args.models_dir);
+    if path.exists() {
+        return Ok(path);
+    }
+    Ok(crate::fetch::fetch_model(&args.models_dir, &mut |m| tracing::info!("{m}"))?)
+}
+
+/// Resolves and loads the model described by `args`.
+pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
+    let path = resolve_model_path(args)?;
+    let device = parse_device(&args.device)?;
+    let t0 = std::time::Instant::now();
+    let m = load(&path, &LoadOptions { weights: args.weights, device })?;
+    tracing::info!(path = %path.display(), weights = ?args.weights, secs = t0.elapsed().as_secs_f64(), "model loaded");
+    Ok(m)
+}

@@ -1,0 +1,25 @@
+//! Shared helpers for integration tests: locating the fetched reference model and the fixtures.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// The reference GGUF: `$MODSERVE_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf` in the
+/// crate. Panics (never skips) when it is missing: run `cargo run -- fetch-model` first
+/// (scripts/test.sh does).
+pub fn reference_model() -> PathBuf {
+    let p = std::env::var_os("MODSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(modserve::fetch::MODEL_FILE)
+    });
+    assert!(p.exists(), "reference model {} missing: run `cargo run -- fetch-model` (scripts/test.sh does)", p.display());
+    p
+}
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(rel)
+}
+
+/// The parity kit's `cases.json`.
+pub fn cases() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("parity/cases.json")).expect("cases.json fixture");
+    serde_json::from_str(&text).expect("cases.json parses")
+}

@@ -1,0 +1,127 @@
+//! Parity of the base model with Hugging Face transformers (float32 dequantized GGUF), from the
+//! reference kit copied into tests/fixtures/parity: next-token logits, top-5 ids and log-probs,
+//! and 16 greedy tokens for each of the kit's 3 prompts; plus the `generate` CLI contract.
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use modserve::engine::sequence::GenerateSpec;
+use modserve::engine::worker::{generate_blocking, EngineRequest, PromptInput};
+use modserve::model::kv_cache::SeqKvCache;
+use modserve::model::linear::{NoDeltas, WeightMode};
+use modserve::model::llama::SeqChunk;
+use modserve::model::load::{load, LoadOptions, LoadedModel};
+use modserve::model::sampling::{log_softmax, top_k_logprobs, SamplingParams};
+
+fn f32_model() -> LoadedModel {
+    load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).expect("model loads")
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn base_logits_top5_and_greedy_match_transformers() {
+    let cases = common::cases();
+    let case = &cases["cases"]["base"];
+    let model = f32_model();
+    let reference = candle_core::safetensors::load(common::fixture("parity/logits_base.safetensors"), &Device::Cpu).unwrap();
+    let ref_logits = &reference["logits"];
+    let prompts = cases["prompt_token_ids"].as_array().unwrap();
+    for (p, prompt) in prompts.iter().enumerate() {
+        let ids = ids_of(prompt);
+        let mut cache = SeqKvCache::new(&model.llama.cfg, ids.len(), &Device::Cpu).unwrap();
+        let out = model
+            .llama
+            .forward(&mut [SeqChunk { tokens: &ids, cache: &mut cache, want_logits: true }], &NoDeltas)
+            .unwrap();
+        let ours: Vec<f32> = out.get(0).unwrap().to_vec1().unwrap();
+        let theirs: Vec<f32> = ref_logits.get(p).unwrap().to_vec1().unwrap();
+        let scale = theirs.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 2e-3 * scale, "prompt {p}: max |logit diff| {diff} > 2e-3 * {scale}");
+        let top = top_k_logprobs(&log_softmax(&ours).unwrap(), 5);
+        let want_ids = ids_of(&case["top5_ids"][p]);
+        let got_ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+        assert_eq!(got_ids, want_ids, "prompt {p}: top-5 ids");
+        for (t, want) in top.iter().zip(case["top5_logprobs"][p].as_array().unwrap()) {
+            let want = want.as_f64().unwrap() as f32;
+            assert!((t.logprob - want).abs() <= 0.01, "prompt {p}: logprob {} vs {want}", t.logprob);
+        }
+    }
+    // Greedy continuations, all 3 prompts through the engine's request path.
+    let tok = model.tokenizer.clone().map(Arc::new);
+    for (p, prompt) in prompts.iter().enumerate() {
+        let req = EngineRequest {
+            prompt: PromptInput::TokenIds(ids_of(prompt)),
+            spec: GenerateSpec {
+                prompt_ids: vec![],
+                max_new_tokens: 16,
+                min_new_tokens: 16,
+                stop: vec![],
+                sampling: SamplingParams::default(),
+            },
+        };
+        // The reference generated exactly 16 tokens (EOS suppressed, as HF's min_new_tokens does);
+        // a prefill chunk of 7 also exercises chunked prefill.
+        let out = generate_blocking(&model, tok.clone(), model.eos_token_ids.clone().into(), req, 7).unwrap();
+        assert_eq!(out.token_ids, ids_of(&case["greedy"][p]), "prompt {p}: greedy tokens");
+    }
+}
+
+#[test]
+fn generate_cli_json_contract_and_quantized_chat_answer() {
+    let exe = env!("CARGO_BIN_EXE_modserve");
+    let model = common::reference_model();
+    let cases = common::cases();
+    let ids = ids_of(&cases["prompt_token_ids"][0]);
+    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(exe)
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt-ids", &ids_arg, "--max-new-tokens", "16", "--min-new-tokens", "16", "--top-logprobs", "5", "--weights", "f32", "--json", "--threads", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(ids_of(&v["prompt_ids"]), ids);
+    assert_eq!(ids_of(&v["token_ids"]), ids_of(&cases["cases"]["base"]["greedy"][0]));
+    let first = v["top_logprobs"][0].as_array().unwrap();
+    assert_eq!(first.len(), 5);
+    assert_eq!(first[0]["id"].as_u64().unwrap() as u32, ids_of(&cases["cases"]["base"]["top5_ids"][0])[0]);
+    assert!(v["text"].is_string());
+
+    // Quantized weights, chat template, plain-text output.
+    let out = std::process::Command::new(exe)
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--chat", "What is the capital of France?", "--max-new-tokens", "16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "answer was: {text}");
+}
+
+#[test]
+fn cli_rejects_bad_input_with_clear_errors() {
+    let exe = env!("CARGO_BIN_EXE_modserve");
+    let model = common::reference_model();
+    for (args, needle) in [
+        (vec!["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (vec!["--prompt", "hi", "--top-p", "0"], "top_p"),
+        (vec!["--prompt-ids", "1,999999"], "outside the vocabulary"),
+    ] {
+        let out = std::process::Command::new(exe)
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
