@@ -54,12 +54,32 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 }
 
+/// Where adapter modules live and how much of them stays resident.
+#[derive(Debug, Args, Clone)]
+pub struct AdapterArgs {
+    /// Folder holding adapter modules; module ids are paths inside it (nothing outside is reachable).
+    #[arg(long, env = "MODSERVE_ADAPTER_ROOT")]
+    pub adapter_root: Option<PathBuf>,
+    /// Byte budget of the hot adapter cache.
+    #[arg(long, env = "MODSERVE_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub adapter_cache_bytes: u64,
+}
+
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"])))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// Add a module's delta: `ID[@SCALE]` (ID is a module folder or file under --adapter-root;
+    /// its kind is detected; SCALE defaults to 1, may be negative). Repeatable.
+    #[arg(long = "delta", value_name = "ID[@SCALE]")]
+    pub deltas: Vec<String>,
+    /// Poly routing: `INVENTORY:TASK` (task id) or `INVENTORY:W1,W2,...` (explicit skill weights).
+    #[arg(long, value_name = "ID:TASK")]
+    pub route: Option<String>,
     /// Raw prompt text (no template).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -102,6 +122,8 @@ pub struct GenerateArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// gRPC listen address.
     #[arg(long, env = "MODSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,

@@ -1,12 +1,10 @@
 //! `modserve generate`: one generation in-process, through the same request path the server's
 //! model thread uses. Prints the text, or with `--json` one object:
 //! `{"prompt_ids":[..],"token_ids":[..],"text":"..","finish_reason":"..","top_logprobs":[[{"id":..,"logprob":..},..],..]}`.
-use std::sync::Arc;
-
+use crate::adapters::store::{parse_delta_ref, parse_route, CompositionSpec};
 use crate::config::GenerateArgs;
 use crate::engine::sequence::GenerateSpec;
-use crate::engine::worker::{generate_blocking, EngineRequest, PromptInput};
-use crate::model::load::LoadedModel;
+use crate::engine::worker::{generate_blocking, EngineContext, EngineRequest, PromptInput};
 use crate::model::sampling::{SamplingParams, TokenLogprob};
 
 /// The `--json` output.
@@ -35,17 +33,30 @@ pub fn request_from_args(args: &GenerateArgs) -> anyhow::Result<EngineRequest> {
         top_logprobs: args.top_logprobs,
     };
     sampling.validate()?;
+    let composition = CompositionSpec {
+        deltas: args.deltas.iter().map(|d| parse_delta_ref(d)).collect::<Result<_, _>>()?,
+        route: args.route.as_deref().map(parse_route).transpose()?,
+    };
+    if !composition.is_empty() && args.adapters.adapter_root.is_none() {
+        anyhow::bail!("--delta / --route need --adapter-root");
+    }
     Ok(EngineRequest {
         prompt,
-        spec: GenerateSpec { prompt_ids: Vec::new(), max_new_tokens: args.max_new_tokens, min_new_tokens: args.min_new_tokens, stop: args.stop.clone(), sampling },
+        spec: GenerateSpec {
+            prompt_ids: Vec::new(),
+            max_new_tokens: args.max_new_tokens,
+            min_new_tokens: args.min_new_tokens,
+            stop: args.stop.clone(),
+            sampling,
+        },
+        composition,
     })
 }
 
-/// Runs the generation described by `args` on `model`.
-pub fn run(model: &LoadedModel, args: &GenerateArgs) -> anyhow::Result<GenerateOutput> {
+/// Runs the generation described by `args` in `ctx`.
+pub fn run(ctx: &EngineContext, args: &GenerateArgs) -> anyhow::Result<GenerateOutput> {
     let req = request_from_args(args)?;
-    let tok = model.tokenizer.clone().map(Arc::new);
-    let out = generate_blocking(model, tok, model.eos_token_ids.clone().into(), req, args.prefill_chunk)?;
+    let out = generate_blocking(ctx, req, args.prefill_chunk)?;
     Ok(GenerateOutput {
         prompt_ids: out.prompt_ids,
         token_ids: out.token_ids,

@@ -28,8 +28,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(a) => {
             modserve::runtime::set_threads(a.model.threads);
-            let model = modserve::runtime::load_model(&a.model)?;
-            let out = modserve::generate::run(&model, &a)?;
+            modserve::generate::request_from_args(&a)?; // validate before loading anything
+            let ctx = modserve::runtime::build_context(&a.model, &a.adapters, true)?;
+            let out = modserve::generate::run(&ctx, &a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {

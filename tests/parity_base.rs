@@ -3,11 +3,9 @@
 //! and 16 greedy tokens for each of the kit's 3 prompts; plus the `generate` CLI contract.
 mod common;
 
-use std::sync::Arc;
-
 use candle_core::Device;
 use modserve::engine::sequence::GenerateSpec;
-use modserve::engine::worker::{generate_blocking, EngineRequest, PromptInput};
+use modserve::engine::worker::{generate_blocking, EngineContext, EngineRequest, PromptInput};
 use modserve::model::kv_cache::SeqKvCache;
 use modserve::model::linear::{NoDeltas, WeightMode};
 use modserve::model::llama::SeqChunk;
@@ -52,7 +50,7 @@ fn base_logits_top5_and_greedy_match_transformers() {
         }
     }
     // Greedy continuations, all 3 prompts through the engine's request path.
-    let tok = model.tokenizer.clone().map(Arc::new);
+    let ctx = EngineContext::new(model, None);
     for (p, prompt) in prompts.iter().enumerate() {
         let req = EngineRequest {
             prompt: PromptInput::TokenIds(ids_of(prompt)),
@@ -63,10 +61,11 @@ fn base_logits_top5_and_greedy_match_transformers() {
                 stop: vec![],
                 sampling: SamplingParams::default(),
             },
+            composition: Default::default(),
         };
         // The reference generated exactly 16 tokens (EOS suppressed, as HF's min_new_tokens does);
         // a prefill chunk of 7 also exercises chunked prefill.
-        let out = generate_blocking(&model, tok.clone(), model.eos_token_ids.clone().into(), req, 7).unwrap();
+        let out = generate_blocking(&ctx, req, 7).unwrap();
         assert_eq!(out.token_ids, ids_of(&case["greedy"][p]), "prompt {p}: greedy tokens");
     }
 }

@@ -143,7 +143,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 const PROMPT: [u32; 9] = [5, 17, 3, 88, 42, 42, 7, 60, 1];
 
-fn models() -> (tempfile::TempDir, Llama, Llama) {
+fn models() -> (tempfile::TempDir, std::sync::Arc<Llama>, std::sync::Arc<Llama>) {
     let dir = tempfile::tempdir().unwrap();
     let w = random_weights(7);
     save_hf(&dir.path().join("hf"), &w);

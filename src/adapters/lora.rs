@@ -166,9 +166,7 @@ pub(crate) fn load_adapter_tensors(dir: &Path) -> Result<(PathBuf, Vec<(String, 
 
 /// A tensor as float32, contiguous, erroring with the file and tensor name.
 pub(crate) fn to_f32(t: &Tensor, file: &Path, name: &str) -> Result<Tensor, AdapterError> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.contiguous())
-        .map_err(|e| malformed(file, format!("tensor `{name}`: {e}")))
+    t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(|e| malformed(file, format!("tensor `{name}`: {e}")))
 }
 
 /// How `target_modules` / `exclude_modules` name modules.
@@ -396,15 +394,20 @@ pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, Lo
             (None, None) => unreachable!("a module is recorded with at least one factor"),
         };
         let target = targets[&module];
-        let (out, inp) = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
+        let (out, inp) = base
+            .shape(target)
+            .ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
         let (a, b) = orient(to_f32(&a, &file, &an)?, to_f32(&b, &file, &bn)?, (out, inp), fifo, &file, (&an, &bn))?;
         let (ra, rb) = (a.dim(0)?, b.dim(1)?);
         if ra != rb {
             return Err(malformed(&file, format!("`{an}` has rank {ra} but `{bn}` has rank {rb}")));
         }
         let rank = cfg.rank_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.r);
-        if ra != rank {
-            return Err(malformed(&file, format!("`{module}` has rank {ra} but adapter_config.json gives r={rank} (r / rank_pattern)")));
+        if ra != rank || rank == 0 {
+            return Err(malformed(
+                &file,
+                format!("`{module}` has rank {ra} but adapter_config.json gives r={rank} (r / rank_pattern)"),
+            ));
         }
         let alpha = cfg.alpha_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.lora_alpha);
         let scaling = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
@@ -419,7 +422,8 @@ pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, Lo
         }
     }
     deltas.validate(base, &file)?;
-    let info = LoraInfo { rank: max_rank, alpha: cfg.lora_alpha, targets: names.into_iter().collect(), use_rslora: rslora };
+    let info =
+        LoraInfo { rank: max_rank, alpha: cfg.lora_alpha, targets: names.into_iter().collect(), use_rslora: rslora };
     Ok((deltas, info))
 }
 
@@ -441,7 +445,10 @@ fn orient(
     };
     let (Ok((ar, ac)), Ok((br, bc))) = (a.dims2(), b.dims2()) else {
         let (name, t) = if a.rank() != 2 { (an, &a) } else { (bn, &b) };
-        return Err(AdapterError::Malformed { path: file.into(), reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()) });
+        return Err(AdapterError::Malformed {
+            path: file.into(),
+            reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()),
+        });
     };
     if ac == inp && br == out {
         return Ok((a, b));
@@ -466,14 +473,22 @@ mod tests {
         assert_eq!(layer_index("lm_head"), None);
         let lit = TargetSpec::Literal("model.layers.0.self_attn.q_proj".into());
         assert!(lit.matches("model.layers.0.self_attn.q_proj") && !lit.matches("model.layers.0.self_attn.k_proj"));
-        assert!(TargetSpec::AllLinear.matches("model.layers.0.mlp.down_proj") && !TargetSpec::AllLinear.matches("lm_head"));
+        assert!(
+            TargetSpec::AllLinear.matches("model.layers.0.mlp.down_proj") && !TargetSpec::AllLinear.matches("lm_head")
+        );
     }
 
     #[test]
     fn tensor_names_parse_with_and_without_adapter_name() {
         let m = "model.layers.2.mlp.up_proj".to_string();
-        assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"), Some((m.clone(), Factor::A)));
-        assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"), Some((m, Factor::B)));
+        assert_eq!(
+            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"),
+            Some((m.clone(), Factor::A))
+        );
+        assert_eq!(
+            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
+            Some((m, Factor::B))
+        );
         assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.bias"), None);
         assert_eq!(parse_lora_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
     }

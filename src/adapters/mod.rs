@@ -5,10 +5,14 @@
 //!
 //! Invariant: everything a format produces is a validated, immutable [`delta::ModuleDeltas`];
 //! requests hold `Arc`s to the versions they pinned, so nothing changes under an in-flight request.
+pub mod apply;
+pub mod cache;
 pub mod delta;
 pub mod dense;
 pub mod error;
 pub mod lora;
 pub mod merge;
 pub mod poly;
+pub mod registry;
 pub mod sft;
+pub mod store;

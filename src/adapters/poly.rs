@@ -18,7 +18,9 @@ use serde_json::Value;
 
 use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
 use super::error::AdapterError;
-use super::lora::{check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector};
+use super::lora::{
+    check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector,
+};
 
 /// PyTorch's `EPS` of the Poly router.
 const EPS: f32 = 1e-12;
@@ -83,23 +85,16 @@ pub struct PolyInventory {
     layers: BTreeMap<Target, PolyLayer>,
 }
 
-#[derive(Default)]
-struct Parts {
-    a: Option<(String, Tensor)>,
-    b: Option<(String, Tensor)>,
-    logits: Option<(String, Tensor)>,
-}
+/// `poly_lora_A`, `poly_lora_B`, `poly_router.module_logits` of one module, with tensor names.
+type Parts = [Option<(String, Tensor)>; 3];
 
 /// `[base_model.model.]<module>.poly_lora_A[.<adapter>]` etc. -> (module, part index 0/1/2).
 fn parse_poly_name(name: &str) -> Option<(String, usize)> {
     let name = name.strip_prefix("base_model.model.").unwrap_or(name);
-    let tags = [
-        (".poly_lora_A", 0, ""),
-        (".poly_lora_B", 1, ""),
-        (".poly_router", 2, ".module_logits"),
-    ];
+    let tags = [(".poly_lora_A", 0, ""), (".poly_lora_B", 1, ""), (".poly_router", 2, ".module_logits")];
     tags.into_iter().find_map(|(tag, part, tail)| {
-        let i = name.find(&format!("{tag}."))
+        let i = name
+            .find(&format!("{tag}."))
             .or_else(|| (name.ends_with(tag) && tail.is_empty()).then(|| name.len() - tag.len()))?;
         let rest = &name[i + tag.len()..];
         let rest = rest.strip_suffix(tail)?;
@@ -112,7 +107,11 @@ fn parse_poly_name(name: &str) -> Option<(String, usize)> {
 fn check_finite(t: &Tensor, file: &Path, name: &str) -> Result<(), AdapterError> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
     match v.iter().find(|x| !x.is_finite()) {
-        Some(x) => Err(AdapterError::NonFinite { path: file.into(), tensor: name.into(), what: if x.is_nan() { "NaN" } else { "infinite" } }),
+        Some(x) => Err(AdapterError::NonFinite {
+            path: file.into(),
+            tensor: name.into(),
+            what: if x.is_nan() { "NaN" } else { "infinite" },
+        }),
         None => Ok(()),
     }
 }
@@ -142,8 +141,7 @@ pub fn load_peft_poly(dir: &Path, base: &BaseShapes) -> Result<PolyInventory, Ad
         let (module, part) = parse_poly_name(&name).ok_or_else(|| {
             malformed(&file, format!("unexpected tensor `{name}` (expected `<module>.poly_lora_A`, `.poly_lora_B`, `.poly_router.module_logits`)"))
         })?;
-        let p = parts.entry(module.clone()).or_default();
-        let slot = [&mut p.a, &mut p.b, &mut p.logits].into_iter().nth(part).expect("part index is 0..3");
+        let slot = &mut parts.entry(module.clone()).or_default()[part];
         if slot.is_some() {
             return Err(malformed(&file, format!("two tensors for the same part of module `{module}` (`{name}`)")));
         }
@@ -156,9 +154,11 @@ pub fn load_peft_poly(dir: &Path, base: &BaseShapes) -> Result<PolyInventory, Ad
     check_coverage(&sel, base, &parts.keys().cloned().collect::<BTreeSet<_>>(), &file)?;
     let (r, q, s, nt) = (cfg.r, cfg.n_splits, cfg.n_skills, cfg.n_tasks);
     let mut layers = BTreeMap::new();
-    for (module, p) in parts {
+    for (module, [pa, pb, pl]) in parts {
         let target = targets[&module];
-        let (out, inp) = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
+        let (out, inp) = base
+            .shape(target)
+            .ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
         if inp % q != 0 || out % q != 0 {
             return Err(malformed(&file, format!("n_splits={q} does not divide the {out}x{inp} weight of `{module}`")));
         }
@@ -171,9 +171,9 @@ pub fn load_peft_poly(dir: &Path, base: &BaseShapes) -> Result<PolyInventory, Ad
             check_finite(&t, &file, &name)?;
             Ok(t)
         };
-        let a = get(p.a, "poly_lora_A", vec![q, s, inp / q, r])?;
-        let b = get(p.b, "poly_lora_B", vec![q, s, r, out / q])?;
-        let logits = get(p.logits, "poly_router.module_logits", vec![nt, q * s])?.flatten_all()?.to_vec1::<f32>()?;
+        let a = get(pa, "poly_lora_A", vec![q, s, inp / q, r])?;
+        let b = get(pb, "poly_lora_B", vec![q, s, r, out / q])?;
+        let logits = get(pl, "poly_router.module_logits", vec![nt, q * s])?.flatten_all()?.to_vec1::<f32>()?;
         layers.insert(target, PolyLayer { a, b, logits });
     }
     Ok(PolyInventory { file, base: base.clone(), r, n_tasks: nt, n_skills: s, n_splits: q, layers })
@@ -218,22 +218,25 @@ impl PolyInventory {
     /// Mixes the skills of every layer for `routing` into low-rank deltas (see the module docs).
     pub fn mix(&self, routing: &Routing) -> Result<ModuleDeltas, AdapterError> {
         let k = self.n_splits * self.n_skills;
-        let fixed = match routing {
+        let (task, fixed) = match routing {
             Routing::Task(t) if *t < 0 || *t as u64 >= self.n_tasks as u64 => {
-                return Err(AdapterError::UnknownTask { module: self.file.display().to_string(), task: *t, n_tasks: self.n_tasks })
+                return Err(AdapterError::UnknownTask {
+                    module: self.file.display().to_string(),
+                    task: *t,
+                    n_tasks: self.n_tasks,
+                })
             }
-            Routing::Task(_) => None,
-            Routing::Weights(w) => Some(self.normalise(self.explicit_weights(w)?)),
+            Routing::Task(t) => (*t as usize, None),
+            Routing::Weights(w) => (0, Some(self.normalise(self.explicit_weights(w)?))),
         };
         let mut deltas = ModuleDeltas::default();
         for (target, layer) in &self.layers {
-            let w = match (&fixed, routing) {
-                (Some(w), _) => w.clone(),
-                (None, Routing::Task(t)) => {
-                    let row = &layer.logits[*t as usize * k..(*t as usize + 1) * k];
+            let w = match &fixed {
+                Some(w) => w.clone(),
+                None => {
+                    let row = &layer.logits[task * k..(task + 1) * k];
                     self.normalise(row.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect())
                 }
-                (None, Routing::Weights(_)) => unreachable!("explicit weights are always fixed"),
             };
             deltas.targets.insert(*target, self.mix_layer(*target, layer, w)?);
         }
@@ -244,7 +247,10 @@ impl PolyInventory {
     /// `w` `[n_splits * n_skills]` (normalised) -> `LowRank { a: A_t^T, b: B_t^T / r }`.
     fn mix_layer(&self, target: Target, layer: &PolyLayer, w: Vec<f32>) -> Result<MatrixDelta, AdapterError> {
         let (q, s, r) = (self.n_splits, self.n_skills, self.r);
-        let (out, inp) = self.base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: self.file.clone(), target: target.hf_name() })?;
+        let (out, inp) = self
+            .base
+            .shape(target)
+            .ok_or_else(|| AdapterError::UnknownTarget { path: self.file.clone(), target: target.hf_name() })?;
         let w = Tensor::from_vec(w, (q, s, 1, 1), &Device::Cpu)?;
         // [q, in/q, r] -> [in, r] (split q covers inputs q*in/q..) -> [r, in]
         let a = layer.a.broadcast_mul(&w)?.sum(1)?.reshape((inp, r))?.t()?.contiguous()?;
@@ -355,7 +361,9 @@ mod tests {
                 }
             }
         }
-        (0..q * dout).map(|o| (0..q * din).map(|i| (0..r).map(|k| at[i][k] * bt[k][o]).sum::<f32>() / r as f32).collect()).collect()
+        (0..q * dout)
+            .map(|o| (0..q * din).map(|i| (0..r).map(|k| at[i][k] * bt[k][o]).sum::<f32>() / r as f32).collect())
+            .collect()
     }
 
     fn assert_close(d: &MatrixDelta, want: &[Vec<f32>]) {
@@ -436,9 +444,18 @@ mod tests {
     fn names_parse_with_and_without_adapter_name() {
         let m = "model.layers.0.mlp.up_proj".to_string();
         assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_A"), Some((m.clone(), 0)));
-        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_B.default"), Some((m.clone(), 1)));
-        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.module_logits"), Some((m.clone(), 2)));
-        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.default.module_logits"), Some((m, 2)));
+        assert_eq!(
+            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_B.default"),
+            Some((m.clone(), 1))
+        );
+        assert_eq!(
+            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.module_logits"),
+            Some((m.clone(), 2))
+        );
+        assert_eq!(
+            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.default.module_logits"),
+            Some((m, 2))
+        );
         assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"), None);
     }
 
@@ -451,7 +468,10 @@ mod tests {
         let bytes = std::fs::read(&st).unwrap();
         std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
         let e = load_peft_poly(dir.path(), &base).unwrap_err();
-        assert!(matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"), "{e}");
+        assert!(
+            matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"),
+            "{e}"
+        );
         // 3 splits do not divide the 8 inputs.
         write_poly(dir.path(), 2, 3, 1, 1, None);
         let cfg = dir.path().join("adapter_config.json");

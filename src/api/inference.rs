@@ -3,6 +3,8 @@
 use tonic::{Code, Request, Response, Status};
 
 use super::status::status;
+use crate::adapters::poly::Routing;
+use crate::adapters::store::{CompositionSpec, DeltaRef};
 use crate::engine::sequence::GenerateSpec;
 use crate::engine::worker::{EngineHandle, EngineRequest, PromptInput};
 use crate::model::sampling::SamplingParams;
@@ -42,6 +44,20 @@ pub fn to_engine_request(r: pb::GenerateRequest) -> Result<EngineRequest, Status
         top_logprobs: r.top_logprobs as usize,
     };
     sampling.validate().map_err(|e| invalid(e.to_string()))?;
+    let composition = CompositionSpec {
+        deltas: r.deltas.into_iter().map(|d| DeltaRef { id: d.module_id, scale: d.scale }).collect(),
+        route: match r.route {
+            None => None,
+            Some(pb::PolyRoute { inventory_id, routing }) => Some((
+                inventory_id,
+                match routing {
+                    Some(pb::poly_route::Routing::TaskId(t)) => Routing::Task(t),
+                    Some(pb::poly_route::Routing::Weights(w)) => Routing::Weights(w.values),
+                    None => return Err(invalid("route needs a task_id or weights")),
+                },
+            )),
+        },
+    };
     let max_new_tokens = if r.max_new_tokens == 0 { DEFAULT_MAX_NEW_TOKENS } else { r.max_new_tokens as usize };
     Ok(EngineRequest {
         prompt,
@@ -52,6 +68,7 @@ pub fn to_engine_request(r: pb::GenerateRequest) -> Result<EngineRequest, Status
             stop: r.stop,
             sampling,
         },
+        composition,
     })
 }
 

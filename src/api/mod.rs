@@ -20,9 +20,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     health_reporter.set_service_status(INFERENCE_SERVICE, tonic_health::ServingStatus::NotServing).await;
 
     let model_args = args.model.clone();
+    let adapter_args = args.adapters.clone();
     let (handle, ready) = spawn_worker(
         WorkerConfig { max_queued: args.max_queued, prefill_chunk: 512 },
-        move || crate::runtime::load_model(&model_args),
+        // Until the Adapters service lands, module ids resolve as paths under the adapter root.
+        move || crate::runtime::build_context(&model_args, &adapter_args, true),
     )?;
     let reporter = health_reporter.clone();
     tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! string in its details (and as the `modserve-error-code` metadata entry).
 use tonic::{Code, Status};
 
+use crate::adapters::error::AdapterError;
 use crate::engine::worker::EngineError;
 
 /// Builds a status whose details hold the stable `code`.
@@ -19,8 +20,26 @@ impl From<EngineError> for Status {
             EngineError::QueueFull(_) => Code::ResourceExhausted,
             EngineError::NotReady => Code::Unavailable,
             EngineError::InvalidArgument(_) => Code::InvalidArgument,
+            EngineError::Adapter(a) => adapter_code(a),
             EngineError::Internal(_) => Code::Internal,
         };
         status(code, e.code(), e.to_string())
+    }
+}
+
+/// gRPC code of an adapter error: the caller named something missing (NOT_FOUND), asked for
+/// something malformed (INVALID_ARGUMENT), or named a module whose files are broken
+/// (FAILED_PRECONDITION: fix the module, not the request).
+pub fn adapter_code(e: &AdapterError) -> Code {
+    match e {
+        AdapterError::UnknownModule(_) | AdapterError::UnknownTask { .. } | AdapterError::Io { .. } => Code::NotFound,
+        AdapterError::BadPath { .. } | AdapterError::Composition(_) | AdapterError::WrongKind { .. } => Code::InvalidArgument,
+        AdapterError::Malformed { .. }
+        | AdapterError::Unsupported { .. }
+        | AdapterError::Shape { .. }
+        | AdapterError::NonFinite { .. }
+        | AdapterError::UnknownTarget { .. }
+        | AdapterError::Recipe { .. } => Code::FailedPrecondition,
+        AdapterError::Tensor(_) => Code::Internal,
     }
 }

@@ -6,6 +6,7 @@
 //! contain text that a stop string may later remove; once finished, a sequence takes no input.
 use std::sync::Arc;
 
+use crate::adapters::store::Composition;
 use crate::model::detok::IncrementalDecoder;
 use crate::model::kv_cache::SeqKvCache;
 use crate::model::sampling::{Sampled, Sampler, SamplingError, SamplingParams, TokenLogprob};
@@ -68,6 +69,8 @@ pub struct TokenEvent {
 pub struct Sequence {
     pub spec: GenerateSpec,
     pub cache: SeqKvCache,
+    /// The adapter deltas of this request (pinned until the sequence is dropped).
+    pub composition: Option<Arc<Composition>>,
     sampler: Sampler,
     detok: Option<IncrementalDecoder>,
     /// Prompt tokens already in the cache.
@@ -94,6 +97,7 @@ impl Sequence {
         let mut s = Self {
             spec,
             cache,
+            composition: None,
             sampler,
             detok,
             prefilled: 0,

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::sequence::{Sequence, SequenceError, TokenEvent};
-use crate::model::linear::RowDeltas;
+use crate::adapters::apply::BatchDeltas;
 use crate::model::llama::{Llama, SeqChunk};
 
 /// Errors of a batch step.
@@ -18,14 +18,9 @@ pub enum StepError {
     Sequence(#[from] SequenceError),
 }
 
-/// Runs one step over `seqs`. Returns, per sequence, the event of the token it generated (None
-/// when it only advanced its prefill or was already finished).
-pub fn run_step(
-    model: &Llama,
-    seqs: &mut [&mut Sequence],
-    prefill_chunk: usize,
-    deltas: &dyn RowDeltas,
-) -> Result<Vec<Option<TokenEvent>>, StepError> {
+/// Runs one step over `seqs`, each with its own composition. Returns, per sequence, the event of
+/// the token it generated (None when it only advanced its prefill or was already finished).
+pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], prefill_chunk: usize) -> Result<Vec<Option<TokenEvent>>, StepError> {
     let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
     let mut wants = Vec::with_capacity(seqs.len());
     for s in seqs.iter() {
@@ -34,19 +29,22 @@ pub fn run_step(
         inputs.push(input);
     }
     let mut events = vec![None; seqs.len()];
-    let mut chunks: Vec<SeqChunk<'_>> = Vec::new();
-    let mut active = Vec::new();
-    for (i, s) in seqs.iter_mut().enumerate() {
-        if inputs[i].is_empty() {
-            continue;
-        }
-        active.push(i);
-        chunks.push(SeqChunk { tokens: &inputs[i], cache: &mut s.cache, want_logits: wants[i] });
-    }
-    if chunks.is_empty() {
+    let active: Vec<usize> = (0..seqs.len()).filter(|&i| !inputs[i].is_empty()).collect();
+    if active.is_empty() {
         return Ok(events);
     }
-    let logits = model.forward(&mut chunks, deltas)?;
+    let comps: Vec<_> = active.iter().map(|&i| seqs[i].composition.clone()).collect();
+    let deltas = BatchDeltas::new(
+        active.iter().zip(&comps).map(|(&i, c)| (inputs[i].len(), c.as_deref())),
+        model.cfg.tie_word_embeddings,
+    );
+    let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(active.len());
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if !inputs[i].is_empty() {
+            chunks.push(SeqChunk { tokens: &inputs[i], cache: &mut s.cache, want_logits: wants[i] });
+        }
+    }
+    let logits = model.forward(&mut chunks, &deltas)?;
     drop(chunks);
     let mut row = 0;
     for &i in &active {
@@ -67,14 +65,9 @@ fn logits_row(logits: &Tensor, row: usize) -> candle_core::Result<Vec<f32>> {
 
 /// Runs `seqs` to completion, one step after another (the CLI and tests use this; the server's
 /// scheduler interleaves arrivals between steps instead).
-pub fn run_to_completion(
-    model: &Llama,
-    seqs: &mut [&mut Sequence],
-    prefill_chunk: usize,
-    deltas: &dyn RowDeltas,
-) -> Result<(), StepError> {
+pub fn run_to_completion(model: &Llama, seqs: &mut [&mut Sequence], prefill_chunk: usize) -> Result<(), StepError> {
     while seqs.iter().any(|s| s.finished().is_none()) {
-        run_step(model, seqs, prefill_chunk, deltas)?;
+        run_step(model, seqs, prefill_chunk)?;
     }
     Ok(())
 }

@@ -11,11 +11,28 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::sequence::{GenerateSpec, Sequence};
 use super::step::run_to_completion;
+use crate::adapters::error::AdapterError;
+use crate::adapters::store::{AdapterStore, CompositionSpec};
 use crate::model::chat::ChatMessage;
 use crate::model::kv_cache::SeqKvCache;
-use crate::model::linear::NoDeltas;
 use crate::model::load::LoadedModel;
 use crate::model::sampling::TokenLogprob;
+
+/// Everything the model thread owns: the model, its text front end and the adapter store.
+pub struct EngineContext {
+    pub model: LoadedModel,
+    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    pub eos: Arc<[u32]>,
+    pub adapters: Option<AdapterStore>,
+}
+
+impl EngineContext {
+    pub fn new(model: LoadedModel, adapters: Option<AdapterStore>) -> Self {
+        let tokenizer = model.tokenizer.clone().map(Arc::new);
+        let eos = model.eos_token_ids.clone().into();
+        Self { model, tokenizer, eos, adapters }
+    }
+}
 
 /// The prompt of a request, before tokenization.
 #[derive(Debug, Clone)]
@@ -31,6 +48,8 @@ pub struct EngineRequest {
     pub prompt: PromptInput,
     /// Everything but the prompt ids, which the engine fills in.
     pub spec: GenerateSpec,
+    /// Adapter deltas for this request alone.
+    pub composition: CompositionSpec,
 }
 
 /// A finished generation.
@@ -52,6 +71,8 @@ pub enum EngineError {
     NotReady,
     #[error("{0}")]
     InvalidArgument(String),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,6 +84,7 @@ impl EngineError {
             Self::QueueFull(_) => "queue_full",
             Self::NotReady => "not_ready",
             Self::InvalidArgument(_) => "invalid_argument",
+            Self::Adapter(e) => e.code(),
             Self::Internal(_) => "internal",
         }
     }
@@ -103,29 +125,27 @@ pub fn spawn_worker<F>(
     load: F,
 ) -> std::io::Result<(EngineHandle, oneshot::Receiver<Result<(), String>>)>
 where
-    F: FnOnce() -> anyhow::Result<LoadedModel> + Send + 'static,
+    F: FnOnce() -> anyhow::Result<EngineContext> + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Job>(cfg.max_queued.max(1));
     let (ready_tx, ready_rx) = oneshot::channel();
     let prefill_chunk = cfg.prefill_chunk;
     std::thread::Builder::new().name("modserve-model".into()).spawn(move || {
-        let model = match load() {
-            Ok(m) => {
+        let ctx = match load() {
+            Ok(c) => {
                 let _ = ready_tx.send(Ok(()));
-                m
+                c
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(format!("{e:#}")));
                 return;
             }
         };
-        let tokenizer = model.tokenizer.clone().map(Arc::new);
-        let eos: Arc<[u32]> = model.eos_token_ids.clone().into();
         while let Some((req, reply)) = rx.blocking_recv() {
             if reply.is_closed() {
                 continue;
             }
-            let out = generate_blocking(&model, tokenizer.clone(), eos.clone(), req, prefill_chunk);
+            let out = generate_blocking(&ctx, req, prefill_chunk);
             let _ = reply.send(out);
         }
     })?;
@@ -155,14 +175,17 @@ pub fn tokenize_prompt(model: &LoadedModel, prompt: &PromptInput) -> Result<Vec<
 }
 
 /// Runs one request to completion on the calling thread (the model thread, or the CLI).
-pub fn generate_blocking(
-    model: &LoadedModel,
-    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
-    eos: Arc<[u32]>,
-    req: EngineRequest,
-    prefill_chunk: usize,
-) -> Result<EngineResponse, EngineError> {
+pub fn generate_blocking(ctx: &EngineContext, req: EngineRequest, prefill_chunk: usize) -> Result<EngineResponse, EngineError> {
+    let model = &ctx.model;
     let cfg = &model.llama.cfg;
+    let composition = if req.composition.is_empty() {
+        None
+    } else {
+        let store = ctx.adapters.as_ref().ok_or_else(|| {
+            EngineError::InvalidArgument("this server has no adapter root; compositions are unavailable".into())
+        })?;
+        Some(Arc::new(store.resolve(&req.composition)?))
+    };
     let prompt_ids = tokenize_prompt(model, &req.prompt)?;
     if prompt_ids.is_empty() {
         return Err(EngineError::InvalidArgument("the prompt is empty".into()));
@@ -181,8 +204,10 @@ pub fn generate_blocking(
     spec.prompt_ids = prompt_ids.clone();
     let capacity = (prompt_ids.len() + spec.max_new_tokens).min(cfg.max_position_embeddings);
     let cache = SeqKvCache::new(cfg, capacity, model.llama.device()).map_err(|e| EngineError::Internal(e.to_string()))?;
-    let mut seq = Sequence::new(spec, cache, tokenizer, eos).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-    run_to_completion(&model.llama, &mut [&mut seq], prefill_chunk, &NoDeltas)
+    let mut seq = Sequence::new(spec, cache, ctx.tokenizer.clone(), ctx.eos.clone())
+        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    seq.composition = composition;
+    run_to_completion(&model.llama, &mut [&mut seq], prefill_chunk)
         .map_err(|e| EngineError::Internal(e.to_string()))?;
     Ok(EngineResponse {
         prompt_ids,

@@ -64,7 +64,7 @@ impl Default for LoadOptions {
 
 /// A loaded model with its text front end.
 pub struct LoadedModel {
-    pub llama: Llama,
+    pub llama: std::sync::Arc<Llama>,
     pub tokenizer: Option<tokenizers::Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     /// Token ids that end generation.
@@ -188,7 +188,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         .map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama, tokenizer: tok, chat_template, eos_token_ids, source: path.into() })
+    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template, eos_token_ids, source: path.into() })
 }
 
 /// Loads a Hugging Face directory: `config.json`, `model.safetensors` or shards, and optionally
@@ -269,7 +269,7 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
     let chat_template = read_hf_chat_template(dir)?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama, tokenizer: tok, chat_template, eos_token_ids, source: dir.into() })
+    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template, eos_token_ids, source: dir.into() })
 }
 
 fn read_hf_chat_template(dir: &Path) -> Result<Option<ChatTemplate>, LoadError> {

@@ -1,0 +1,170 @@
+//! Applying per-request compositions inside a batch step: the [`RowDeltas`] implementation.
+//!
+//! The base product `y = x W^T` has already run once for every row; here each chunk's rows get
+//! the deltas of that chunk's own composition only: low-rank as `(x A^T) B^T`, sparse as a CSR
+//! product whose cost scales with the non-zeros, dense as `x D^T`. Invariant: rows of a chunk
+//! without a composition (or whose composition does not touch the layer) are left exactly as the
+//! base computed them, so a request's result does not depend on its batch neighbours.
+use candle_core::{Result, Tensor};
+
+use super::delta::{MatrixDelta, Target};
+use super::store::Composition;
+use crate::model::linear::{LinearId, RowDeltas};
+
+/// The compositions of one batch step, by chunk.
+pub struct BatchDeltas<'a> {
+    /// `(first row, rows, composition)` per chunk, in the step's chunk order.
+    chunks: Vec<(usize, usize, Option<&'a Composition>)>,
+    /// Whether the output head shares the embedding matrix (embedding deltas then apply to it too).
+    tied: bool,
+}
+
+impl<'a> BatchDeltas<'a> {
+    /// `chunks`: rows and composition of every chunk, in order.
+    pub fn new(chunks: impl IntoIterator<Item = (usize, Option<&'a Composition>)>, tied: bool) -> Self {
+        let mut start = 0;
+        let chunks = chunks
+            .into_iter()
+            .map(|(len, c)| {
+                let s = start;
+                start += len;
+                (s, len, c.filter(|c| !c.parts.is_empty()))
+            })
+            .collect();
+        Self { chunks, tied }
+    }
+
+    /// Whether no chunk has a composition (the step is base-only).
+    pub fn is_empty(&self) -> bool {
+        self.chunks.iter().all(|c| c.2.is_none())
+    }
+
+    fn head_target(&self) -> Target {
+        if self.tied {
+            Target::Embedding
+        } else {
+            Target::LmHead
+        }
+    }
+}
+
+/// `scale * x M^T` for one delta matrix; `x: [n, in]` -> `[n, out]`.
+pub fn delta_product(m: &MatrixDelta, x: &Tensor, scale: f32) -> Result<Tensor> {
+    let s = scale as f64;
+    match m {
+        MatrixDelta::LowRank { a, b } => x.matmul(&a.t()?)?.matmul(&b.t()?)? * s,
+        MatrixDelta::Dense(d) => x.matmul(&d.t()?)? * s,
+        MatrixDelta::Sparse(sp) => {
+            let n = x.dim(0)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; n * sp.rows];
+            sp.add_matmul_t(&xv, n, &mut y, scale);
+            Tensor::from_vec(y, (n, sp.rows), x.device())
+        }
+    }
+}
+
+/// Sum over a composition's parts that touch `target` of `scale * x M^T`, or None.
+fn composition_product(c: &Composition, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+    let mut acc: Option<Tensor> = None;
+    for (deltas, scale) in &c.parts {
+        if let Some(m) = deltas.targets.get(&target) {
+            let d = delta_product(m, x, *scale)?;
+            acc = Some(match acc {
+                Some(a) => (a + d)?,
+                None => d,
+            });
+        }
+    }
+    Ok(acc)
+}
+
+impl RowDeltas for BatchDeltas<'_> {
+    fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let target = Target::Linear(id);
+        let mut pieces: Vec<Option<Tensor>> = Vec::with_capacity(self.chunks.len());
+        let mut any = false;
+        for &(start, len, comp) in &self.chunks {
+            let p = match comp {
+                Some(c) => composition_product(c, target, &x.narrow(0, start, len)?)?,
+                None => None,
+            };
+            any |= p.is_some();
+            pieces.push(p);
+        }
+        if !any {
+            return Ok(y);
+        }
+        let out = y.dim(1)?;
+        let full: Vec<Tensor> = pieces
+            .into_iter()
+            .zip(&self.chunks)
+            .map(|(p, &(_, len, _))| match p {
+                Some(t) => Ok(t),
+                None => Tensor::zeros((len, out), y.dtype(), y.device()),
+            })
+            .collect::<Result<_>>()?;
+        y + Tensor::cat(&full, 0)?
+    }
+
+    fn add_embedding_deltas(&self, ids: &[u32], x: Tensor) -> Result<Tensor> {
+        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&Target::Embedding))));
+        if !touched {
+            return Ok(x);
+        }
+        let (n, hidden) = x.dims2()?;
+        let mut add = vec![0f32; n * hidden];
+        for &(start, len, comp) in &self.chunks {
+            let Some(c) = comp else { continue };
+            for (deltas, scale) in &c.parts {
+                let Some(m) = deltas.targets.get(&Target::Embedding) else { continue };
+                for r in start..start + len {
+                    let row = &mut add[r * hidden..(r + 1) * hidden];
+                    let tok = ids[r] as usize;
+                    match m {
+                        MatrixDelta::Sparse(sp) => sp.add_row(tok, row, *scale),
+                        MatrixDelta::Dense(d) => {
+                            for (o, v) in row.iter_mut().zip(d.get(tok)?.to_vec1::<f32>()?) {
+                                *o += scale * v;
+                            }
+                        }
+                        MatrixDelta::LowRank { a, b } => {
+                            let v = b.get(tok)?.unsqueeze(0)?.matmul(a)?.squeeze(0)?.to_vec1::<f32>()?;
+                            for (o, v) in row.iter_mut().zip(v) {
+                                *o += scale * v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let add = Tensor::from_vec(add, (n, hidden), x.device())?;
+        x + add
+    }
+
+    fn add_lm_head_deltas(&self, chunks: &[usize], x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let target = self.head_target();
+        let mut rows = Vec::with_capacity(chunks.len());
+        let mut any = false;
+        for (k, &ci) in chunks.iter().enumerate() {
+            let p = match self.chunks.get(ci).and_then(|c| c.2) {
+                Some(c) => composition_product(c, target, &x.narrow(0, k, 1)?)?,
+                None => None,
+            };
+            any |= p.is_some();
+            rows.push(p);
+        }
+        if !any {
+            return Ok(y);
+        }
+        let vocab = y.dim(1)?;
+        let full: Vec<Tensor> = rows
+            .into_iter()
+            .map(|p| match p {
+                Some(t) => Ok(t),
+                None => Tensor::zeros((1, vocab), y.dtype(), y.device()),
+            })
+            .collect::<Result<_>>()?;
+        y + Tensor::cat(&full, 0)?
+    }
+}

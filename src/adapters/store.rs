@@ -1,0 +1,317 @@
+//! The adapter store: registry + hot cache + the base model's shapes and weights, turning a
+//! request's composition spec into pinned, immutable deltas.
+//!
+//! Invariants: a resolved [`Composition`] holds `Arc`s to every module version it uses, so those
+//! stay pinned (never evicted, never changed) until the request drops it; cache keys include the
+//! module's file fingerprint, so a file changed on disk is loaded as a new version while in-flight
+//! requests keep the old one; Poly mixtures are derived data cached per (inventory version, routing).
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use sha2::{Digest, Sha256};
+
+use super::cache::{ModuleCache, Weighted};
+use super::delta::{BaseShapes, ModuleDeltas, Target};
+use super::error::AdapterError;
+use super::poly::{PolyInventory, Routing};
+use super::registry::{fingerprint, ModuleKind, Registration, Registry};
+use crate::model::llama::Llama;
+
+/// Gives the dense float32 base weight `theta0` of a parameter (merges need it).
+pub type BaseWeightFn = Arc<dyn Fn(Target) -> Result<Tensor, AdapterError> + Send + Sync>;
+
+/// Largest number of components in one composition.
+pub const MAX_COMPONENTS: usize = 16;
+
+/// What a loaded module holds.
+pub enum ModuleData {
+    Deltas(Arc<ModuleDeltas>),
+    Poly(Arc<PolyInventory>),
+}
+
+/// An immutable, content-hashed version of a module.
+pub struct LoadedModule {
+    pub id: String,
+    pub kind: ModuleKind,
+    /// SHA-256 (hex, 16 chars) of the module's files, or of the derivation for Poly mixtures.
+    pub version: String,
+    pub data: ModuleData,
+    /// Largest LoRA rank, if low-rank.
+    pub rank: Option<usize>,
+}
+
+impl Weighted for LoadedModule {
+    fn bytes(&self) -> usize {
+        match &self.data {
+            ModuleData::Deltas(d) => d.bytes(),
+            ModuleData::Poly(p) => p.bytes(),
+        }
+    }
+}
+
+impl LoadedModule {
+    pub fn deltas(&self) -> Option<&Arc<ModuleDeltas>> {
+        match &self.data {
+            ModuleData::Deltas(d) => Some(d),
+            ModuleData::Poly(_) => None,
+        }
+    }
+}
+
+/// One `(module id, scale)` of a composition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaRef {
+    pub id: String,
+    pub scale: f32,
+}
+
+/// A request's composition: deltas with scales, plus an optional Poly routing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CompositionSpec {
+    pub deltas: Vec<DeltaRef>,
+    pub route: Option<(String, Routing)>,
+}
+
+impl CompositionSpec {
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty() && self.route.is_none()
+    }
+}
+
+/// Resolved deltas of one request: `W' = W + sum scale * delta`.
+pub struct Composition {
+    pub parts: Vec<(Arc<ModuleDeltas>, f32)>,
+    /// The module versions this request pins.
+    pub pinned: Vec<Arc<LoadedModule>>,
+    /// Identifies the composition (ids, versions, scales) for grouping and logs.
+    pub key: String,
+}
+
+/// Registry, cache and base model access.
+pub struct AdapterStore {
+    registry: Registry,
+    cache: ModuleCache<LoadedModule>,
+    base: BaseShapes,
+    base_weight: BaseWeightFn,
+}
+
+impl AdapterStore {
+    pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
+        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight }
+    }
+
+    /// A store over `model` (base weights read from it for merges).
+    pub fn for_model(registry: Registry, cache_bytes: usize, model: Arc<Llama>) -> Self {
+        let base = BaseShapes::new(model.cfg.clone());
+        let m = model.clone();
+        let f: BaseWeightFn = Arc::new(move |t: Target| base_weight_of(&m, t));
+        Self::new(registry, cache_bytes, base, f)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn cache(&self) -> &ModuleCache<LoadedModule> {
+        &self.cache
+    }
+
+    pub fn base(&self) -> &BaseShapes {
+        &self.base
+    }
+
+    /// The current version of module `id`, loading it if needed.
+    pub fn module(&self, id: &str) -> Result<Arc<LoadedModule>, AdapterError> {
+        let reg = self.registry.get(id)?;
+        let fp = fingerprint(&reg.path)?;
+        let key = format!("{id}#{}", short_hash(fp.as_bytes()));
+        self.cache.get_or_load(&key, || self.load(&reg))
+    }
+
+    fn load(&self, reg: &Registration) -> Result<LoadedModule, AdapterError> {
+        let version = content_hash(&reg.path)?;
+        let file = |name: &str| if reg.path.is_dir() { reg.path.join(name) } else { reg.path.clone() };
+        let (data, rank) = match reg.kind {
+            ModuleKind::Lora => {
+                let (d, info) = super::lora::load_peft_lora(&reg.path, &self.base)?;
+                (ModuleData::Deltas(Arc::new(d)), Some(info.rank))
+            }
+            ModuleKind::Poly => {
+                let p = super::poly::load_peft_poly(&reg.path, &self.base)?;
+                let r = p.rank();
+                (ModuleData::Poly(Arc::new(p)), Some(r))
+            }
+            ModuleKind::SparseDiff => {
+                (ModuleData::Deltas(Arc::new(super::sft::load_pytorch_diff(&file("pytorch_diff.bin"), &self.base)?)), None)
+            }
+            ModuleKind::SparseNative => (
+                ModuleData::Deltas(Arc::new(super::sft::load_sparse_safetensors(&file("sparse_delta.safetensors"), &self.base)?)),
+                None,
+            ),
+            ModuleKind::TaskVector => {
+                (ModuleData::Deltas(Arc::new(super::dense::load_task_vector(&file("task_vector.safetensors"), &self.base)?)), None)
+            }
+            ModuleKind::Merge => {
+                let recipe = super::merge::load_recipe(&file("recipe.json"))?;
+                let out = super::merge::merge(&recipe, &*self.base_weight, &self.base)?;
+                tracing::info!(module = %reg.id, report = ?out.report, "merged module built");
+                (ModuleData::Deltas(Arc::new(out.deltas)), None)
+            }
+        };
+        Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
+    }
+
+    /// The mixed LoRA of a Poly inventory for `routing` (cached per inventory version and routing).
+    pub fn poly_mix(&self, id: &str, routing: &Routing) -> Result<(Arc<LoadedModule>, Arc<LoadedModule>), AdapterError> {
+        let inv = self.module(id)?;
+        let ModuleData::Poly(p) = &inv.data else {
+            return Err(AdapterError::WrongKind { module: id.into(), kind: inv.kind.as_str(), usage: "as a Poly routing inventory" });
+        };
+        let rkey = match routing {
+            Routing::Task(t) => format!("task={t}"),
+            Routing::Weights(w) => format!("w={}", short_hash(format!("{w:?}").as_bytes())),
+        };
+        let key = format!("{id}#{}#{rkey}", inv.version);
+        let mix = self.cache.get_or_load(&key, || {
+            let d = p.mix(routing).map_err(|e| match e {
+                AdapterError::UnknownTask { task, n_tasks, .. } => AdapterError::UnknownTask { module: id.into(), task, n_tasks },
+                other => other,
+            })?;
+            Ok(LoadedModule {
+                id: format!("{id}[{rkey}]"),
+                kind: ModuleKind::Poly,
+                version: short_hash(key.as_bytes()),
+                data: ModuleData::Deltas(Arc::new(d)),
+                rank: Some(p.rank()),
+            })
+        })?;
+        Ok((inv, mix))
+    }
+
+    /// Resolves and pins a request's composition.
+    pub fn resolve(&self, spec: &CompositionSpec) -> Result<Composition, AdapterError> {
+        let n = spec.deltas.len() + spec.route.is_some() as usize;
+        if n > MAX_COMPONENTS {
+            return Err(AdapterError::Composition(format!("{n} components; the limit is {MAX_COMPONENTS}")));
+        }
+        let mut parts = Vec::with_capacity(n);
+        let mut pinned = Vec::with_capacity(n + 1);
+        let mut key = String::new();
+        for d in &spec.deltas {
+            if !d.scale.is_finite() {
+                return Err(AdapterError::Composition(format!("scale of `{}` is {} (must be finite)", d.id, d.scale)));
+            }
+            let m = self.module(&d.id)?;
+            let Some(deltas) = m.deltas() else {
+                return Err(AdapterError::WrongKind { module: d.id.clone(), kind: m.kind.as_str(), usage: "as a delta (route it with a task id)" });
+            };
+            parts.push((deltas.clone(), d.scale));
+            key.push_str(&format!("{}@{}#{};", d.id, d.scale, m.version));
+            pinned.push(m);
+        }
+        if let Some((id, routing)) = &spec.route {
+            let (inv, mix) = self.poly_mix(id, routing)?;
+            let deltas = mix.deltas().expect("a mixture holds deltas").clone();
+            parts.push((deltas, 1.0));
+            key.push_str(&format!("{}#{};", mix.id, inv.version));
+            pinned.push(inv);
+            pinned.push(mix);
+        }
+        Ok(Composition { parts, pinned, key })
+    }
+}
+
+/// Dense base weight of a parameter from the loaded model.
+pub fn base_weight_of(model: &Llama, t: Target) -> Result<Tensor, AdapterError> {
+    match t {
+        Target::Linear(id) => model
+            .linear(id)
+            .ok_or_else(|| AdapterError::Composition(format!("the base model has no {id}")))?
+            .weight()
+            .to_dense()
+            .map_err(AdapterError::tensor),
+        Target::Embedding => Ok(model.embed.clone()),
+        Target::LmHead => model.lm_head.to_dense().map_err(AdapterError::tensor),
+    }
+}
+
+fn short_hash(b: &[u8]) -> String {
+    hex::encode(&Sha256::digest(b)[..8])
+}
+
+/// SHA-256 over the module's files (names and contents, sorted by name).
+pub fn content_hash(path: &Path) -> Result<String, AdapterError> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).map_err(|e| AdapterError::Io { path: path.into(), reason: e.to_string() })? {
+            let p = e.map_err(|e| AdapterError::Io { path: path.into(), reason: e.to_string() })?.path();
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+    } else {
+        files.push(path.to_path_buf());
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        let mut r = std::fs::File::open(&f).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?;
+        std::io::copy(&mut r, &mut h).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?;
+    }
+    Ok(hex::encode(&h.finalize()[..8]))
+}
+
+/// Parses `ID[@SCALE]` (scale defaults to 1; the last `@` separates).
+pub fn parse_delta_ref(s: &str) -> Result<DeltaRef, AdapterError> {
+    let (id, scale) = match s.rsplit_once('@') {
+        Some((id, sc)) => {
+            let scale: f32 = sc.parse().map_err(|_| AdapterError::Composition(format!("`{s}`: scale `{sc}` is not a number")))?;
+            (id, scale)
+        }
+        None => (s, 1.0),
+    };
+    if id.is_empty() {
+        return Err(AdapterError::Composition(format!("`{s}`: empty module id")));
+    }
+    if !scale.is_finite() {
+        return Err(AdapterError::Composition(format!("`{s}`: scale must be finite")));
+    }
+    Ok(DeltaRef { id: id.into(), scale })
+}
+
+/// Parses `ID:TASK` (an integer task id) or `ID:W1,W2,...` (explicit routing weights).
+pub fn parse_route(s: &str) -> Result<(String, Routing), AdapterError> {
+    let (id, r) = s
+        .rsplit_once(':')
+        .ok_or_else(|| AdapterError::Composition(format!("`{s}`: expected INVENTORY:TASK or INVENTORY:W1,W2,...")))?;
+    if id.is_empty() {
+        return Err(AdapterError::Composition(format!("`{s}`: empty inventory id")));
+    }
+    if let Ok(t) = r.parse::<i64>() {
+        return Ok((id.into(), Routing::Task(t)));
+    }
+    let w: Result<Vec<f32>, _> = r.split(',').map(|x| x.trim().parse::<f32>()).collect();
+    match w {
+        Ok(w) if !w.is_empty() => Ok((id.into(), Routing::Weights(w))),
+        _ => Err(AdapterError::Composition(format!("`{s}`: `{r}` is neither a task id nor a list of weights"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_refs() {
+        assert_eq!(parse_delta_ref("a/b@-0.5").unwrap(), DeltaRef { id: "a/b".into(), scale: -0.5 });
+        assert_eq!(parse_delta_ref("lora").unwrap().scale, 1.0);
+        assert!(parse_delta_ref("x@nan").is_err());
+        assert!(parse_delta_ref("x@abc").is_err());
+        assert_eq!(parse_route("poly:2").unwrap(), ("poly".into(), Routing::Task(2)));
+        assert_eq!(parse_route("p:0.5,0.5").unwrap().1, Routing::Weights(vec![0.5, 0.5]));
+        assert!(parse_route("poly").is_err());
+        assert!(parse_route("poly:x").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! Every composition of the reference kit (tests/fixtures/parity, from HF transformers + PEFT)
+//! reproduced through the adapter store and the batch step: next-token logits, top-5 ids and
+//! log-probs, and 16 greedy tokens per prompt; then all cases together in ONE mixed batch must give
+//! the same tokens as each case alone.
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use modserve::adapters::apply::BatchDeltas;
+use modserve::adapters::poly::Routing;
+use modserve::adapters::registry::{AdapterRoot, Registry};
+use modserve::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use modserve::engine::sequence::{GenerateSpec, Sequence};
+use modserve::engine::step::run_to_completion;
+use modserve::model::kv_cache::SeqKvCache;
+use modserve::model::linear::WeightMode;
+use modserve::model::llama::SeqChunk;
+use modserve::model::load::{load, LoadOptions};
+use modserve::model::sampling::{log_softmax, top_k_logprobs, SamplingParams};
+
+fn d(id: &str, scale: f32) -> DeltaRef {
+    DeltaRef { id: id.into(), scale }
+}
+
+/// The kit's compositions, as this server expresses them.
+fn composition(case: &str) -> CompositionSpec {
+    let deltas = |v: Vec<DeltaRef>| CompositionSpec { deltas: v, route: None };
+    match case {
+        "base" => CompositionSpec::default(),
+        "lora_qv_r4" | "lora_all_r8" | "lora_all_r4_rslora" => deltas(vec![d(case, 1.0)]),
+        "compose_qv1_all05" => deltas(vec![d("lora_qv_r4", 1.0), d("lora_all_r8", 0.5)]),
+        "poly_task0" | "poly_task1" | "poly_task2" => {
+            let t: i64 = case[case.len() - 1..].parse().unwrap();
+            CompositionSpec { deltas: vec![], route: Some(("poly_qvup".into(), Routing::Task(t))) }
+        }
+        "sft_lang" => deltas(vec![d("sft_lang", 1.0)]),
+        "sft_lang_task" => deltas(vec![d("sft_lang", 1.0), d("sft_task", 1.0)]),
+        "sft_lang_task_lora_qv" => deltas(vec![d("sft_lang", 1.0), d("sft_task", 1.0), d("lora_qv_r4", 1.0)]),
+        "ewr" => deltas(vec![d("ewr", 1.0)]),
+        "task_arithmetic" => deltas(vec![
+            d("ewr/expert_task_vector.safetensors", 1.0),
+            d("ewr/anti_expert_task_vector.safetensors", -1.0),
+        ]),
+        other => panic!("case {other} has no composition mapping"),
+    }
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn every_kit_case_matches_transformers_alone_and_in_one_mixed_batch() {
+    let cases = common::cases();
+    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).unwrap();
+    let llama = model.llama.clone();
+    let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
+    let store = AdapterStore::for_model(registry, 1 << 30, llama.clone());
+    let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();
+    let names: Vec<String> = cases["cases"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(names.len(), 13, "the kit has 13 cases");
+    let tok = model.tokenizer.clone().map(Arc::new);
+    let eos: Arc<[u32]> = model.eos_token_ids.clone().into();
+    let mut batch: Vec<(String, usize, Sequence)> = Vec::new();
+    for name in &names {
+        let case = &cases["cases"][name];
+        let comp = Arc::new(store.resolve(&composition(name)).unwrap_or_else(|e| panic!("{name}: {e}")));
+        let reference = candle_core::safetensors::load(
+            common::fixture(&format!("parity/{}", case["logits_file"].as_str().unwrap())),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (p, ids) in prompts.iter().enumerate() {
+            // Logits after the full prompt.
+            let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), &Device::Cpu).unwrap();
+            let deltas = BatchDeltas::new([(ids.len(), Some(comp.as_ref()))], llama.cfg.tie_word_embeddings);
+            let out = llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &deltas).unwrap();
+            let ours: Vec<f32> = out.get(0).unwrap().to_vec1().unwrap();
+            let theirs: Vec<f32> = reference["logits"].get(p).unwrap().to_vec1().unwrap();
+            let scale = theirs.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 2e-3 * scale, "{name} prompt {p}: max |logit diff| {diff} > 2e-3 * {scale}");
+            let top = top_k_logprobs(&log_softmax(&ours).unwrap(), 5);
+            assert_eq!(top.iter().map(|t| t.id).collect::<Vec<_>>(), ids_of(&case["top5_ids"][p]), "{name} prompt {p}: top-5");
+            for (t, want) in top.iter().zip(case["top5_logprobs"][p].as_array().unwrap()) {
+                let want = want.as_f64().unwrap() as f32;
+                assert!((t.logprob - want).abs() <= 0.01, "{name} prompt {p}: logprob {} vs {want}", t.logprob);
+            }
+            // Greedy, alone.
+            let spec = GenerateSpec {
+                prompt_ids: ids.clone(),
+                max_new_tokens: 16,
+                min_new_tokens: 16,
+                stop: vec![],
+                sampling: SamplingParams::default(),
+            };
+            let mk = || {
+                let cache = SeqKvCache::new(&llama.cfg, ids.len() + 16, &Device::Cpu).unwrap();
+                let mut s = Sequence::new(spec.clone(), cache, tok.clone(), eos.clone()).unwrap();
+                s.composition = Some(comp.clone());
+                s
+            };
+            let mut solo = mk();
+            run_to_completion(&llama, &mut [&mut solo], 512).unwrap();
+            assert_eq!(solo.generated, ids_of(&case["greedy"][p]), "{name} prompt {p}: greedy tokens");
+            batch.push((name.clone(), p, mk()));
+        }
+    }
+    // All 39 (case, prompt) sequences in one batch of mixed compositions, prefill chunked by 8.
+    let mut refs: Vec<&mut Sequence> = batch.iter_mut().map(|(_, _, s)| s).collect();
+    run_to_completion(&llama, &mut refs, 8).unwrap();
+    for (name, p, s) in &batch {
+        assert_eq!(s.generated, ids_of(&cases["cases"][name]["greedy"][*p]), "{name} prompt {p}: greedy tokens in the mixed batch");
+    }
+}
+
+#[test]
+fn ewr_merged_delta_equals_the_kit_expectation() {
+    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).unwrap();
+    let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
+    let store = AdapterStore::for_model(registry, 1 << 30, model.llama.clone());
+    let m = store.module("ewr").unwrap();
+    let deltas = m.deltas().unwrap();
+    let expected = candle_core::safetensors::load(common::fixture("parity/ewr/expected_merged_delta.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(deltas.targets.len(), expected.len());
+    for (name, want) in &expected {
+        let t = modserve::adapters::delta::Target::from_hf_name(name).unwrap();
+        let got = deltas.targets[&t].to_dense().unwrap();
+        let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        let diff = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-5 * scale, "{name}: max diff {diff} vs scale {scale}");
+    }
+}
