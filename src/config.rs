@@ -127,9 +127,34 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "MODSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Largest number of requests waiting for the model.
+    /// Prometheus `/metrics` listen address (HTTP); empty to disable.
+    #[arg(long, env = "MODSERVE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: String,
+    /// Largest number of requests waiting for a running slot (more are RESOURCE_EXHAUSTED).
     #[arg(long, env = "MODSERVE_MAX_QUEUED", default_value_t = 256)]
     pub max_queued: usize,
+    /// Largest number of sequences generating at once.
+    #[arg(long, env = "MODSERVE_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Largest number of token rows in one batch step (decode tokens + prefill chunks).
+    #[arg(long, env = "MODSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Largest prefill chunk of one prompt per step.
+    #[arg(long, env = "MODSERVE_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
+    #[arg(long, env = "MODSERVE_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Log format.
+    #[arg(long, env = "MODSERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Parses `cpu` / `cuda` / `cuda:N` into a candle device.

@@ -1,11 +1,28 @@
-//! `modserve generate`: one generation in-process, through the same request path the server's
-//! model thread uses. Prints the text, or with `--json` one object:
-//! `{"prompt_ids":[..],"token_ids":[..],"text":"..","finish_reason":"..","top_logprobs":[[{"id":..,"logprob":..},..],..]}`.
-use crate::adapters::store::{parse_delta_ref, parse_route, CompositionSpec};
+//! `modserve generate`: one generation in-process, through the same engine the server runs
+//! (request preparation, the engine thread, the event stream). Prints the text, or with `--json`:
+//! `{"prompt_ids":[..],"token_ids":[..],"text":"..","finish_reason":"..","top_logprobs":[[{"id":..,"logprob":..},..],..],
+//! "timings":{"ttft_s":..,"decode_s":..,"decode_tokens_per_s":..}}`.
+use std::sync::Arc;
+
+use crate::adapters::store::{parse_delta_ref, parse_route, AdapterStore, CompositionSpec};
 use crate::config::GenerateArgs;
+use crate::engine::actor::{spawn_engine, EngineConfig};
+use crate::engine::output::Collected;
+use crate::engine::request::{EngineRequest, PromptInput, TextFrontEnd};
 use crate::engine::sequence::GenerateSpec;
-use crate::engine::worker::{generate_blocking, EngineContext, EngineRequest, PromptInput};
+use crate::model::load::LoadedModel;
 use crate::model::sampling::{SamplingParams, TokenLogprob};
+
+/// Wall-clock timings of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Request start to the first generated token (prefill + first step).
+    pub ttft_s: f64,
+    /// First generated token to the last.
+    pub decode_s: f64,
+    /// Tokens after the first, per second of `decode_s`.
+    pub decode_tokens_per_s: f64,
+}
 
 /// The `--json` output.
 #[derive(Debug, serde::Serialize)]
@@ -15,6 +32,7 @@ pub struct GenerateOutput {
     pub text: String,
     pub finish_reason: String,
     pub top_logprobs: Vec<Vec<TokenLogprob>>,
+    pub timings: Timings,
 }
 
 /// Builds the engine request for the command-line arguments.
@@ -50,18 +68,34 @@ pub fn request_from_args(args: &GenerateArgs) -> anyhow::Result<EngineRequest> {
             sampling,
         },
         composition,
+        deadline: None,
+        request_id: "cli".into(),
     })
 }
 
-/// Runs the generation described by `args` in `ctx`.
-pub fn run(ctx: &EngineContext, args: &GenerateArgs) -> anyhow::Result<GenerateOutput> {
+/// Runs the generation described by `args` on `model`.
+pub fn run(model: &LoadedModel, store: Option<&AdapterStore>, args: &GenerateArgs) -> anyhow::Result<GenerateOutput> {
     let req = request_from_args(args)?;
-    let out = generate_blocking(ctx, req, args.prefill_chunk)?;
+    let front = Arc::new(TextFrontEnd::from_model(model));
+    let prepared = front.prepare(store, req)?;
+    let prompt_ids = prepared.spec.prompt_ids.clone();
+    let cfg = EngineConfig { prefill_chunk: args.prefill_chunk, max_batch_tokens: args.prefill_chunk.max(1), ..Default::default() };
+    let engine = spawn_engine(model.llama.clone(), front, cfg)?;
+    let t0 = std::time::Instant::now();
+    let out = Collected::collect_blocking(engine.submit(prepared)?)?;
+    let total = t0.elapsed().as_secs_f64();
+    let f = out.finish.clone().expect("collect() guarantees a finish");
+    let decode_s = (total - f.ttft_s).max(0.0);
     Ok(GenerateOutput {
-        prompt_ids: out.prompt_ids,
+        prompt_ids,
         token_ids: out.token_ids,
         text: out.text,
-        finish_reason: out.finish_reason.to_string(),
+        finish_reason: f.reason.as_str().to_string(),
         top_logprobs: out.top_logprobs,
+        timings: Timings {
+            ttft_s: f.ttft_s,
+            decode_s,
+            decode_tokens_per_s: if decode_s > 0.0 { f.generated_tokens.saturating_sub(1) as f64 / decode_s } else { 0.0 },
+        },
     })
 }

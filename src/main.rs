@@ -29,8 +29,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => {
             modserve::runtime::set_threads(a.model.threads);
             modserve::generate::request_from_args(&a)?; // validate before loading anything
-            let ctx = modserve::runtime::build_context(&a.model, &a.adapters, true)?;
-            let out = modserve::generate::run(&ctx, &a)?;
+            let model = modserve::runtime::load_model(&a.model)?;
+            let store = modserve::runtime::open_adapter_store(&model, &a.adapters, true)?;
+            let out = modserve::generate::run(&model, store.as_ref(), &a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {

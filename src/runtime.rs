@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use crate::adapters::registry::{AdapterRoot, Registry};
 use crate::adapters::store::AdapterStore;
 use crate::config::{parse_device, AdapterArgs, ModelArgs};
-use crate::engine::worker::EngineContext;
 use crate::model::load::{load, LoadOptions, LoadedModel};
 
 /// Sets the compute thread count. Must run before any compute thread pool starts.
@@ -39,16 +38,14 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     Ok(m)
 }
 
-/// Loads the model and opens the adapter store (when an adapter root is configured).
+/// Opens the adapter store over `model` when an adapter root is configured.
 /// `auto_register`: module ids resolve as paths under the root without an explicit registration.
-pub fn build_context(model: &ModelArgs, adapters: &AdapterArgs, auto_register: bool) -> anyhow::Result<EngineContext> {
-    let m = load_model(model)?;
-    let store = match &adapters.adapter_root {
+pub fn open_adapter_store(model: &LoadedModel, adapters: &AdapterArgs, auto_register: bool) -> anyhow::Result<Option<AdapterStore>> {
+    Ok(match &adapters.adapter_root {
         Some(root) => {
             let registry = Registry::new(AdapterRoot::new(root)?, auto_register);
-            Some(AdapterStore::for_model(registry, adapters.adapter_cache_bytes as usize, m.llama.clone()))
+            Some(AdapterStore::for_model(registry, adapters.adapter_cache_bytes as usize, model.llama.clone()))
         }
         None => None,
-    };
-    Ok(EngineContext::new(m, store))
+    })
 }

@@ -5,7 +5,9 @@ mod common;
 
 use candle_core::Device;
 use modserve::engine::sequence::GenerateSpec;
-use modserve::engine::worker::{generate_blocking, EngineContext, EngineRequest, PromptInput};
+use modserve::engine::actor::{spawn_engine, EngineConfig};
+use modserve::engine::output::Collected;
+use modserve::engine::request::{EngineRequest, PromptInput, TextFrontEnd};
 use modserve::model::kv_cache::SeqKvCache;
 use modserve::model::linear::{NoDeltas, WeightMode};
 use modserve::model::llama::SeqChunk;
@@ -49,23 +51,33 @@ fn base_logits_top5_and_greedy_match_transformers() {
             assert!((t.logprob - want).abs() <= 0.01, "prompt {p}: logprob {} vs {want}", t.logprob);
         }
     }
-    // Greedy continuations, all 3 prompts through the engine's request path.
-    let ctx = EngineContext::new(model, None);
-    for (p, prompt) in prompts.iter().enumerate() {
-        let req = EngineRequest {
-            prompt: PromptInput::TokenIds(ids_of(prompt)),
-            spec: GenerateSpec {
-                prompt_ids: vec![],
-                max_new_tokens: 16,
-                min_new_tokens: 16,
-                stop: vec![],
-                sampling: SamplingParams::default(),
-            },
-            composition: Default::default(),
-        };
-        // The reference generated exactly 16 tokens (EOS suppressed, as HF's min_new_tokens does);
-        // a prefill chunk of 7 also exercises chunked prefill.
-        let out = generate_blocking(&ctx, req, 7).unwrap();
+    // Greedy continuations, all 3 prompts submitted together to the engine thread (one batch),
+    // with prefill chunks of 7 tokens.
+    let front = std::sync::Arc::new(TextFrontEnd::from_model(&model));
+    let cfg = EngineConfig { prefill_chunk: 7, max_batch_tokens: 16, ..Default::default() };
+    let engine = spawn_engine(model.llama.clone(), front.clone(), cfg).unwrap();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|prompt| {
+            let req = EngineRequest {
+                prompt: PromptInput::TokenIds(ids_of(prompt)),
+                spec: GenerateSpec {
+                    prompt_ids: vec![],
+                    max_new_tokens: 16,
+                    // The reference generated exactly 16 tokens (EOS suppressed, as HF's min_new_tokens does).
+                    min_new_tokens: 16,
+                    stop: vec![],
+                    sampling: SamplingParams::default(),
+                },
+                composition: Default::default(),
+                deadline: None,
+                request_id: "parity".into(),
+            };
+            engine.submit(front.prepare(None, req).unwrap()).unwrap()
+        })
+        .collect();
+    for (p, rx) in streams.into_iter().enumerate() {
+        let out = Collected::collect_blocking(rx).unwrap();
         assert_eq!(out.token_ids, ids_of(&case["greedy"][p]), "prompt {p}: greedy tokens");
     }
 }

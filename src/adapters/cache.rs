@@ -219,6 +219,11 @@ impl<V: Weighted> ModuleCache<V> {
         self.state.lock().expect("cache lock").entries.get(key).map(|e| e.value.clone())
     }
 
+    /// Whether any resident key starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.state.lock().expect("cache lock").entries.keys().any(|k| k.starts_with(prefix))
+    }
+
     /// Whether `key` is resident.
     pub fn contains(&self, key: &str) -> bool {
         self.state.lock().expect("cache lock").entries.contains_key(key)

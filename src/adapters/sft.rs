@@ -233,12 +233,14 @@ fn read_tensor<R: Read + std::io::Seek>(
     if n < 0 || offset < 0 || (n > 1 && step < 1) || numel < 0 {
         return Err(bad(format!("has an invalid layout (offset {offset}, size {n}, stride {step})")));
     }
-    let last = if n == 0 { offset } else { offset + (n - 1) * step + 1 };
+    let overflow = || bad(format!("has an invalid layout (offset {offset}, size {n}, stride {step})"));
+    let last = if n == 0 { Some(offset) } else { (n - 1).checked_mul(step).and_then(|x| x.checked_add(offset)).and_then(|x| x.checked_add(1)) };
+    let last = last.ok_or_else(overflow)?;
     if last > numel {
         return Err(bad(format!("reads past its storage ({last} > {numel} elements)")));
     }
     let bytes = read_entry(zip, &format!("{prefix}data/{key}"), path)?;
-    if (bytes.len() as i64) < numel * width {
+    if (bytes.len() as i64) < numel.checked_mul(width).ok_or_else(overflow)? {
         return Err(bad(format!("storage `{key}` is truncated ({} bytes for {numel} elements)", bytes.len())));
     }
     let at = |i: i64| -> usize { ((offset + i * step) * width) as usize };

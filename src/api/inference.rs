@@ -1,13 +1,25 @@
-//! The `modserve.v1.Inference` service: validates requests, converts them to engine requests and
-//! results back to protobuf. No model work happens here.
+//! The `modserve.v1.Inference` service: converts protobuf requests into engine requests (deadline
+//! from `grpc-timeout`), prepares them off the async threads (tokenization and adapter loading),
+//! submits them, and streams engine events back as chunks. Dropping the response stream (client
+//! cancel or disconnect) drops the event receiver, which the engine sees and frees the sequence.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
+use super::state::ServingState;
 use super::status::status;
 use crate::adapters::poly::Routing;
 use crate::adapters::store::{CompositionSpec, DeltaRef};
+use crate::engine::actor::{EventResult, FinishInfo, StreamEvent};
+use crate::engine::output::Collected;
+use crate::engine::request::{EngineRequest, PromptInput};
 use crate::engine::sequence::GenerateSpec;
-use crate::engine::worker::{EngineHandle, EngineRequest, PromptInput};
-use crate::model::sampling::SamplingParams;
+use crate::model::chat::ChatMessage;
+use crate::model::sampling::{SamplingParams, TokenLogprob};
 use crate::pb;
 
 /// Default `max_new_tokens` when the request leaves it at 0.
@@ -15,12 +27,26 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
 
 /// Service implementation.
 pub struct InferenceApi {
-    engine: EngineHandle,
+    state: Arc<ServingState>,
 }
 
 impl InferenceApi {
-    pub fn new(engine: EngineHandle) -> Self {
-        Self { engine }
+    pub fn new(state: Arc<ServingState>) -> Self {
+        Self { state }
+    }
+
+    async fn start(&self, metadata: &MetadataMap, r: pb::GenerateRequest) -> Result<tokio::sync::mpsc::Receiver<EventResult>, Status> {
+        let ready = self.state.accepting()?;
+        let req = to_engine_request(r, grpc_deadline(metadata))?;
+        let span = tracing::info_span!("request", request_id = %req.request_id, composition = ?req.composition);
+        let _g = span.enter();
+        let front = ready.front.clone();
+        let store = ready.store.clone();
+        let prepared = tokio::task::spawn_blocking(move || front.prepare(store.as_deref(), req))
+            .await
+            .map_err(|e| status(Code::Internal, "internal", e.to_string()))??;
+        let rx = ready.engine.submit(prepared)?;
+        Ok(rx)
     }
 }
 
@@ -28,13 +54,37 @@ fn invalid(msg: impl Into<String>) -> Status {
     status(Code::InvalidArgument, "invalid_argument", msg)
 }
 
-/// Converts a protobuf request into an engine request, validating sampling parameters.
-pub fn to_engine_request(r: pb::GenerateRequest) -> Result<EngineRequest, Status> {
+/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`) into a deadline.
+pub fn grpc_deadline(md: &MetadataMap) -> Option<Instant> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+/// Converts a protobuf request into an engine request, validating what needs no model.
+pub fn to_engine_request(r: pb::GenerateRequest, deadline: Option<Instant>) -> Result<EngineRequest, Status> {
+    use pb::generate_request::Prompt;
     let prompt = match r.prompt {
-        Some(pb::generate_request::Prompt::Text(t)) => PromptInput::Text(t),
-        Some(pb::generate_request::Prompt::TokenIds(ids)) => PromptInput::TokenIds(ids.ids),
-        Some(pb::generate_request::Prompt::ChatUser(u)) => PromptInput::ChatUser(u),
-        None => return Err(invalid("a prompt is required (text, token_ids or chat_user)")),
+        Some(Prompt::Text(t)) => PromptInput::Text(t),
+        Some(Prompt::TokenIds(ids)) => PromptInput::TokenIds(ids.ids),
+        Some(Prompt::ChatUser(u)) => PromptInput::ChatUser(u),
+        Some(Prompt::Chat(c)) => {
+            if c.messages.is_empty() {
+                return Err(invalid("chat needs at least one message"));
+            }
+            PromptInput::Chat(c.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
+        }
+        None => return Err(invalid("a prompt is required (text, token_ids, chat_user or chat)")),
     };
     let sampling = SamplingParams {
         temperature: r.temperature,
@@ -45,7 +95,11 @@ pub fn to_engine_request(r: pb::GenerateRequest) -> Result<EngineRequest, Status
     };
     sampling.validate().map_err(|e| invalid(e.to_string()))?;
     let composition = CompositionSpec {
-        deltas: r.deltas.into_iter().map(|d| DeltaRef { id: d.module_id, scale: d.scale }).collect(),
+        deltas: r
+            .deltas
+            .into_iter()
+            .map(|d| DeltaRef { scale: if d.scale == 0.0 && !d.scale_is_set { 1.0 } else { d.scale }, id: d.module_id })
+            .collect(),
         route: match r.route {
             None => None,
             Some(pb::PolyRoute { inventory_id, routing }) => Some((
@@ -69,26 +123,81 @@ pub fn to_engine_request(r: pb::GenerateRequest) -> Result<EngineRequest, Status
             sampling,
         },
         composition,
+        deadline,
+        request_id: if r.request_id.is_empty() { uuid_like() } else { r.request_id },
     })
+}
+
+fn uuid_like() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+fn top(v: Vec<TokenLogprob>) -> pb::TopLogprobs {
+    pb::TopLogprobs { entries: v.into_iter().map(|t| pb::TokenLogprob { id: t.id, logprob: t.logprob }).collect() }
+}
+
+fn usage_timings(f: &FinishInfo) -> (pb::Usage, pb::Timings) {
+    (
+        pb::Usage { prompt_tokens: f.prompt_tokens as u32, generated_tokens: f.generated_tokens as u32 },
+        pb::Timings { queue_seconds: f.queue_s, ttft_seconds: f.ttft_s, total_seconds: f.total_s },
+    )
+}
+
+fn to_chunk(ev: StreamEvent) -> pb::GenerateChunk {
+    match ev {
+        StreamEvent::Token { token, top: t, text } => pb::GenerateChunk {
+            text,
+            token_ids: vec![token.id],
+            logprobs: vec![token.logprob],
+            top_logprobs: if t.is_empty() { vec![] } else { vec![top(t)] },
+            ..Default::default()
+        },
+        StreamEvent::Finished(f) => {
+            let (usage, timings) = usage_timings(&f);
+            metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
+            pb::GenerateChunk {
+                finish_reason: f.reason.as_str().into(),
+                usage: Some(usage),
+                timings: Some(timings),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn count_error(s: Status) -> Status {
+    metrics::counter!("modserve_requests_total", "code" => format!("{:?}", s.code())).increment(1);
+    s
 }
 
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceApi {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let req = to_engine_request(request.into_inner())?;
-        let out = self.engine.generate(req).await?;
+        let (md, _, r) = request.into_parts();
+        let rx = self.start(&md, r).await.map_err(count_error)?;
+        let out = Collected::collect(rx).await.map_err(|e| count_error(e.into()))?;
+        let f = out.finish.expect("collect() guarantees a finish");
+        metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
+        let (usage, timings) = usage_timings(&f);
         Ok(Response::new(pb::GenerateResponse {
             text: out.text,
             token_ids: out.token_ids,
-            finish_reason: out.finish_reason.to_string(),
-            prompt_tokens: out.prompt_ids.len() as u32,
-            top_logprobs: out
-                .top_logprobs
-                .into_iter()
-                .map(|v| pb::TopLogprobs {
-                    entries: v.into_iter().map(|t| pb::TokenLogprob { id: t.id, logprob: t.logprob }).collect(),
-                })
-                .collect(),
+            finish_reason: f.reason.as_str().into(),
+            prompt_tokens: f.prompt_tokens as u32,
+            top_logprobs: out.top_logprobs.into_iter().filter(|t| !t.is_empty()).map(top).collect(),
+            logprobs: out.logprobs,
+            usage: Some(usage),
+            timings: Some(timings),
         }))
+    }
+
+    type GenerateStreamStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send + 'static>>;
+
+    async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (md, _, r) = request.into_parts();
+        let rx = self.start(&md, r).await.map_err(count_error)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

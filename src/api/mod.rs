@@ -1,56 +1,168 @@
-//! gRPC front end: the `Inference` service, `grpc.health.v1.Health` and server reflection.
+//! gRPC front end: `modserve.v1.Inference`, `modserve.v1.Adapters`, `grpc.health.v1.Health`, server
+//! reflection, and the Prometheus `/metrics` endpoint; plus the server lifecycle.
 //!
-//! Invariants: health reports NOT_SERVING until the model thread has loaded the model; requests
-//! reach the model only through the bounded channel of [`crate::engine::worker`], so a full queue is
-//! RESOURCE_EXHAUSTED rather than unbounded memory.
+//! Lifecycle invariants: the port is bound at once and health reports NOT_SERVING until the model
+//! is loaded; on SIGTERM/SIGINT health turns NOT_SERVING, new requests are refused (UNAVAILABLE),
+//! in-flight requests finish within `--drain-timeout`, then the process exits 0; a second signal
+//! exits at once.
+pub mod adapters;
 pub mod inference;
+pub mod state;
 pub mod status;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::adapters::registry::detect_kind;
+use crate::adapters::store::AdapterStore;
 use crate::config::ServeArgs;
-use crate::engine::worker::{spawn_worker, WorkerConfig};
+use crate::engine::actor::{spawn_engine, EngineConfig};
+use crate::engine::request::TextFrontEnd;
+use crate::pb::adapters_server::AdaptersServer;
 use crate::pb::inference_server::InferenceServer;
+use state::{Ready, ServingState};
 
 /// Service name reported by the health service for the inference API.
 pub const INFERENCE_SERVICE: &str = "modserve.v1.Inference";
 
-/// Starts the server and runs until SIGINT/SIGTERM.
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    health_reporter.set_service_status(INFERENCE_SERVICE, tonic_health::ServingStatus::NotServing).await;
+async fn set_health(h: &HealthReporter, s: ServingStatus) {
+    h.set_service_status("", s).await;
+    h.set_service_status(INFERENCE_SERVICE, s).await;
+}
 
-    let model_args = args.model.clone();
-    let adapter_args = args.adapters.clone();
-    let (handle, ready) = spawn_worker(
-        WorkerConfig { max_queued: args.max_queued, prefill_chunk: 512 },
-        // Until the Adapters service lands, module ids resolve as paths under the adapter root.
-        move || crate::runtime::build_context(&model_args, &adapter_args, true),
-    )?;
-    let reporter = health_reporter.clone();
-    tokio::spawn(async move {
-        match ready.await {
-            Ok(Ok(())) => {
-                reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                reporter.set_service_status(INFERENCE_SERVICE, tonic_health::ServingStatus::Serving).await;
-                tracing::info!("model ready: serving");
-            }
-            Ok(Err(e)) => tracing::error!("model failed to load: {e}"),
-            Err(_) => tracing::error!("model thread ended before loading"),
+/// Installs the Prometheus exporter with explicit histogram buckets and serves `/metrics` on `addr`.
+pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
+    if addr.is_empty() {
+        return Ok(());
+    }
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let addr: SocketAddr = addr.parse().map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+    let latency = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    let rows = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
+        .set_buckets_for_metric(Matcher::Full("modserve_batch_rows".into()), &rows)?
+        .install()?;
+    tracing::info!(%addr, "metrics on /metrics");
+    Ok(())
+}
+
+/// Registers every module folder found directly under the adapter root, by folder name.
+fn register_existing(store: &AdapterStore) {
+    let Ok(rd) = std::fs::read_dir(store.registry().root().path()) else { return };
+    for e in rd.flatten() {
+        let (Some(name), path) = (e.file_name().to_str().map(str::to_string), e.path()) else { continue };
+        if name.starts_with('.') || detect_kind(&path).is_err() {
+            continue;
         }
-    });
+        match store.registry().register(&name, None) {
+            Ok(r) => tracing::info!(module = %r.id, kind = r.kind.as_str(), "registered"),
+            Err(e) => tracing::warn!(module = %name, "not registered: {e}"),
+        }
+    }
+}
+
+/// Starts the server and runs until drained after SIGINT/SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    install_metrics(&args.metrics_listen)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let state = Arc::new(ServingState::default());
+
+    // Load in the background so health answers (NOT_SERVING) meanwhile.
+    {
+        let (state, health) = (state.clone(), health.clone());
+        let model_args = args.model.clone();
+        let adapter_args = args.adapters.clone();
+        let cfg = EngineConfig {
+            max_queued: args.max_queued,
+            max_running: args.max_running,
+            max_batch_tokens: args.max_batch_tokens,
+            prefill_chunk: args.prefill_chunk,
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Ready> {
+                let model = crate::runtime::load_model(&model_args)?;
+                let store = crate::runtime::open_adapter_store(&model, &adapter_args, false)?.map(Arc::new);
+                if let Some(s) = &store {
+                    register_existing(s);
+                }
+                let front = Arc::new(TextFrontEnd::from_model(&model));
+                let engine = spawn_engine(model.llama.clone(), front.clone(), cfg)?;
+                Ok(Ready { engine, front, store })
+            })
+            .await;
+            match loaded {
+                Ok(Ok(ready)) => {
+                    metrics::gauge!("modserve_model_load_seconds").set(t0.elapsed().as_secs_f64());
+                    state.set_ready(ready);
+                    if !state.is_draining() {
+                        set_health(&health, ServingStatus::Serving).await;
+                    }
+                    tracing::info!(secs = t0.elapsed().as_secs_f64(), "model ready: serving");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("model failed to load: {e:#}");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    tracing::error!("model loading panicked: {e}");
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    tonic::transport::Server::builder()
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening");
+    // Scripts and tests read this line to learn the port when --listen uses port 0.
+    println!("modserve listening on {local}");
+
+    let drain_timeout = Duration::from_secs(args.drain_timeout);
+    let shutdown = {
+        let (state, health) = (state.clone(), health.clone());
+        async move {
+            shutdown_signal().await;
+            tracing::info!(timeout_s = drain_timeout.as_secs(), "draining");
+            state.start_draining();
+            set_health(&health, ServingStatus::NotServing).await;
+            // A second signal exits at once.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            });
+            let deadline = Instant::now() + drain_timeout;
+            while Instant::now() < deadline {
+                let busy = state.ready().map(|r| r.engine.running() + r.engine.queued()).unwrap_or(0);
+                if busy == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::info!("drained");
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(inference::InferenceApi::new(handle)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal())
-        .await?;
+        .add_service(InferenceServer::new(inference::InferenceApi::new(state.clone())))
+        .add_service(AdaptersServer::new(adapters::AdaptersApi::new(state.clone())))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+    server.await?;
+    tracing::info!("server stopped");
     Ok(())
 }
 
@@ -70,5 +182,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown signal received");
 }

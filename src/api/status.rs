@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::adapters::error::AdapterError;
-use crate::engine::worker::EngineError;
+use crate::engine::request::EngineError;
 
 /// Builds a status whose details hold the stable `code`.
 pub fn status(code: Code, stable: &str, message: impl Into<String>) -> Status {
@@ -19,11 +19,19 @@ impl From<EngineError> for Status {
         let code = match &e {
             EngineError::QueueFull(_) => Code::ResourceExhausted,
             EngineError::NotReady => Code::Unavailable,
+            EngineError::DeadlineExceeded => Code::DeadlineExceeded,
+            EngineError::SlowClient => Code::Aborted,
             EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::Adapter(a) => adapter_code(a),
             EngineError::Internal(_) => Code::Internal,
         };
         status(code, e.code(), e.to_string())
+    }
+}
+
+impl From<AdapterError> for Status {
+    fn from(e: AdapterError) -> Self {
+        status(adapter_code(&e), e.code(), e.to_string())
     }
 }
 

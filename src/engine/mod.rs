@@ -1,5 +1,9 @@
-//! The generation engine: sequences, batch steps and (with the API issue) the scheduler actor that
-//! owns the model. Invariant: only the engine mutates KV caches and sequence state.
+//! The generation engine: request preparation, sequences, the batching policy, batch steps and
+//! the actor thread that owns the KV caches. Invariant: only the engine thread mutates KV caches
+//! and sequence state; everything reaching it is already validated.
+pub mod actor;
+pub mod output;
+pub mod request;
+pub mod scheduler;
 pub mod sequence;
 pub mod step;
-pub mod worker;

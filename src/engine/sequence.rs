@@ -34,6 +34,8 @@ pub enum FinishReason {
     Stop,
     /// The model's context (or the sequence's KV budget) is full.
     Context,
+    /// Stopped by an engine error (the client received the error instead).
+    Aborted,
 }
 
 impl FinishReason {
@@ -43,6 +45,7 @@ impl FinishReason {
             Self::Eos => "eos",
             Self::Stop => "stop",
             Self::Context => "context",
+            Self::Aborted => "aborted",
         }
     }
 }
@@ -113,6 +116,13 @@ impl Sequence {
             s.finish = Some(FinishReason::Length);
         }
         Ok(s)
+    }
+
+    /// Stops the sequence (after an engine error); it takes no more input.
+    pub fn abort(&mut self) {
+        if self.finish.is_none() {
+            self.finish = Some(FinishReason::Aborted);
+        }
     }
 
     pub fn finished(&self) -> Option<FinishReason> {

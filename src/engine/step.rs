@@ -18,13 +18,15 @@ pub enum StepError {
     Sequence(#[from] SequenceError),
 }
 
-/// Runs one step over `seqs`, each with its own composition. Returns, per sequence, the event of
-/// the token it generated (None when it only advanced its prefill or was already finished).
-pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], prefill_chunk: usize) -> Result<Vec<Option<TokenEvent>>, StepError> {
+/// Runs one step over `seqs`, each with its own composition; sequence `i` feeds at most
+/// `limits[i]` tokens (0 = sits this step out). Returns, per sequence, the event of the token it
+/// generated (None when it only advanced its prefill, sat out, or was already finished).
+pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> Result<Vec<Option<TokenEvent>>, StepError> {
+    assert_eq!(seqs.len(), limits.len(), "one limit per sequence");
     let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
     let mut wants = Vec::with_capacity(seqs.len());
-    for s in seqs.iter() {
-        let input = s.next_input(prefill_chunk).to_vec();
+    for (s, &limit) in seqs.iter().zip(limits) {
+        let input = if limit == 0 { Vec::new() } else { s.next_input(limit).to_vec() };
         wants.push(!input.is_empty() && s.pending_prompt() <= input.len());
         inputs.push(input);
     }
@@ -66,8 +68,9 @@ fn logits_row(logits: &Tensor, row: usize) -> candle_core::Result<Vec<f32>> {
 /// Runs `seqs` to completion, one step after another (the CLI and tests use this; the server's
 /// scheduler interleaves arrivals between steps instead).
 pub fn run_to_completion(model: &Llama, seqs: &mut [&mut Sequence], prefill_chunk: usize) -> Result<(), StepError> {
+    let limits = vec![prefill_chunk.max(1); seqs.len()];
     while seqs.iter().any(|s| s.finished().is_none()) {
-        run_step(model, seqs, prefill_chunk)?;
+        run_step(model, seqs, &limits)?;
     }
     Ok(())
 }

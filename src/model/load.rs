@@ -66,7 +66,7 @@ impl Default for LoadOptions {
 pub struct LoadedModel {
     pub llama: std::sync::Arc<Llama>,
     pub tokenizer: Option<tokenizers::Tokenizer>,
-    pub chat_template: Option<ChatTemplate>,
+    pub chat_template: Option<std::sync::Arc<ChatTemplate>>,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<u32>,
     pub source: PathBuf,
@@ -188,7 +188,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         .map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template, eos_token_ids, source: path.into() })
+    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template: chat_template.map(std::sync::Arc::new), eos_token_ids, source: path.into() })
 }
 
 /// Loads a Hugging Face directory: `config.json`, `model.safetensors` or shards, and optionally
@@ -269,7 +269,7 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
     let chat_template = read_hf_chat_template(dir)?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template, eos_token_ids, source: dir.into() })
+    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template: chat_template.map(std::sync::Arc::new), eos_token_ids, source: dir.into() })
 }
 
 fn read_hf_chat_template(dir: &Path) -> Result<Option<ChatTemplate>, LoadError> {

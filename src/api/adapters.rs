@@ -1,0 +1,142 @@
+//! The `modserve.v1.Adapters` service: registration, listing, description, merges, preloading and
+//! eviction of modules under the adapter root. Loading work runs on blocking threads, never on the
+//! engine thread; evicting or unregistering never disturbs in-flight requests (they hold pinned
+//! versions).
+use std::sync::Arc;
+
+use tonic::{Code, Request, Response, Status};
+
+use super::state::ServingState;
+use super::status::status;
+use crate::adapters::registry::Registration;
+use crate::adapters::store::{AdapterStore, LoadedModule, ModuleData};
+use crate::pb;
+
+/// Service implementation.
+pub struct AdaptersApi {
+    state: Arc<ServingState>,
+}
+
+impl AdaptersApi {
+    pub fn new(state: Arc<ServingState>) -> Self {
+        Self { state }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+}
+
+fn cache_prefix(id: &str) -> String {
+    format!("{id}#")
+}
+
+/// Describes a registration, with load details when `loaded` is given.
+pub fn module_info(store: &AdapterStore, reg: &Registration, loaded: Option<&LoadedModule>) -> pb::ModuleInfo {
+    let rel = reg.path.strip_prefix(store.registry().root().path()).unwrap_or(&reg.path);
+    let resident = store.cache().has_prefix(&cache_prefix(&reg.id));
+    let mut info = pb::ModuleInfo {
+        module_id: reg.id.clone(),
+        path: rel.display().to_string(),
+        kind: reg.kind.as_str().into(),
+        resident,
+        ..Default::default()
+    };
+    if let Some(m) = loaded {
+        use crate::adapters::cache::Weighted;
+        info.bytes = m.bytes() as u64;
+        info.version = m.version.clone();
+        info.rank = m.rank.unwrap_or(0) as u32;
+        match &m.data {
+            ModuleData::Deltas(d) => info.targets = d.targets.keys().map(|t| t.hf_name()).collect(),
+            ModuleData::Poly(p) => {
+                info.targets = p.targets().map(|t| t.hf_name()).collect();
+                info.poly_tasks = p.n_tasks() as u32;
+            }
+        }
+    }
+    info
+}
+
+#[tonic::async_trait]
+impl pb::adapters_server::Adapters for AdaptersApi {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::ModuleInfo>, Status> {
+        let store = self.state.store()?;
+        let r = request.into_inner();
+        blocking(move || {
+            let path = (!r.path.is_empty()).then_some(r.path.as_str());
+            let reg = store.registry().register(&r.module_id, path)?;
+            store.cache().evict_prefix(&cache_prefix(&reg.id));
+            Ok(Response::new(module_info(&store, &reg, None)))
+        })
+        .await
+    }
+
+    async fn unregister(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::UnregisterResponse>, Status> {
+        let store = self.state.store()?;
+        let id = request.into_inner().module_id;
+        store.registry().unregister(&id)?;
+        store.cache().evict_prefix(&cache_prefix(&id));
+        Ok(Response::new(pb::UnregisterResponse {}))
+    }
+
+    async fn list(&self, _request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let store = self.state.store()?;
+        let modules = store.registry().list().iter().map(|r| module_info(&store, r, None)).collect();
+        Ok(Response::new(pb::ListResponse { modules }))
+    }
+
+    async fn describe(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::ModuleInfo>, Status> {
+        let store = self.state.store()?;
+        let id = request.into_inner().module_id;
+        blocking(move || {
+            let reg = store.registry().get(&id)?;
+            let mut info = module_info(&store, &reg, None);
+            let resident = info.resident;
+            let m = store.module(&id)?;
+            info = module_info(&store, &reg, Some(&m));
+            info.resident = resident;
+            Ok(Response::new(info))
+        })
+        .await
+    }
+
+    async fn merge(&self, request: Request<pb::MergeRequest>) -> Result<Response<pb::ModuleInfo>, Status> {
+        let store = self.state.store()?;
+        let r = request.into_inner();
+        blocking(move || {
+            let reg = store.registry().register(&r.module_id, Some(&r.recipe_path))?;
+            if reg.kind != crate::adapters::registry::ModuleKind::Merge {
+                let _ = store.registry().unregister(&r.module_id);
+                return Err(status(Code::InvalidArgument, "merge_recipe", format!("{} is not a merge recipe", r.recipe_path)));
+            }
+            match store.module(&r.module_id) {
+                Ok(m) => Ok(Response::new(module_info(&store, &reg, Some(&m)))),
+                Err(e) => {
+                    let _ = store.registry().unregister(&r.module_id);
+                    Err(e.into())
+                }
+            }
+        })
+        .await
+    }
+
+    async fn preload(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::ModuleInfo>, Status> {
+        let store = self.state.store()?;
+        let id = request.into_inner().module_id;
+        blocking(move || {
+            let reg = store.registry().get(&id)?;
+            let m = store.module(&id)?;
+            Ok(Response::new(module_info(&store, &reg, Some(&m))))
+        })
+        .await
+    }
+
+    async fn evict(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::EvictResponse>, Status> {
+        let store = self.state.store()?;
+        let id = request.into_inner().module_id;
+        store.registry().get(&id)?;
+        let n = store.cache().evict_prefix(&cache_prefix(&id));
+        Ok(Response::new(pb::EvictResponse { evicted: n as u32 }))
+    }
+}

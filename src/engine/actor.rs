@@ -1,0 +1,397 @@
+//! The engine actor: one thread owns the model's KV caches and runs continuous batching.
+//!
+//! Requests arrive prepared (tokenized, validated, composition pinned) through a bounded channel
+//! (`max_queued`: a full queue is refused at once). Between steps the actor admits new requests up
+//! to `max_running`, drops sequences whose client went away (their KV memory is freed with them),
+//! fails those past their deadline, and plans the next step (decode tokens first, then chunked
+//! prefill, within `max_batch_tokens`). Every step runs the base model once over all rows, each
+//! sequence with its own composition.
+//!
+//! Invariants: the model thread never blocks on a client (events go through bounded per-request
+//! channels with `try_send`; a sequence whose client does not read is paused, and dropped after
+//! `slow_client_timeout`); a sequence is removed only after its final event was delivered or its
+//! client is gone; `EngineStats` always reflects the running set.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::request::{EngineError, PreparedRequest, TextFrontEnd};
+use super::scheduler::{plan_step, SeqState, StepBudget};
+use super::sequence::{FinishReason, Sequence};
+use super::step::run_step;
+use crate::model::kv_cache::SeqKvCache;
+use crate::model::llama::Llama;
+use crate::model::sampling::TokenLogprob;
+
+/// Sizing of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_queued: usize,
+    pub max_running: usize,
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
+    /// Events buffered per request before the sequence pauses.
+    pub stream_buffer: usize,
+    pub slow_client_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queued: 256,
+            max_running: 64,
+            max_batch_tokens: 512,
+            prefill_chunk: 256,
+            stream_buffer: 64,
+            slow_client_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why and how a generation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishInfo {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub queue_s: f64,
+    pub ttft_s: f64,
+    pub total_s: f64,
+}
+
+/// What a request's stream receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Token { token: TokenLogprob, top: Vec<TokenLogprob>, text: String },
+    Finished(FinishInfo),
+}
+
+/// One item of a request's stream.
+pub type EventResult = Result<StreamEvent, EngineError>;
+
+/// Live counters of the engine (tests, metrics, draining).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+    pub steps: AtomicU64,
+    pub cancelled: AtomicU64,
+}
+
+struct Submission {
+    req: PreparedRequest,
+    tx: mpsc::Sender<EventResult>,
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    stats: Arc<EngineStats>,
+    max_queued: usize,
+    stream_buffer: usize,
+}
+
+impl EngineHandle {
+    /// Enqueues a prepared request; returns its event stream. A full queue is refused at once.
+    pub fn submit(&self, req: PreparedRequest) -> Result<mpsc::Receiver<EventResult>, EngineError> {
+        let (tx, rx) = mpsc::channel(self.stream_buffer.max(2));
+        self.tx.try_send(Submission { req, tx }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                metrics::counter!("modserve_queue_rejections_total").increment(1);
+                EngineError::QueueFull(self.max_queued)
+            }
+            mpsc::error::TrySendError::Closed(_) => EngineError::NotReady,
+        })?;
+        metrics::gauge!("modserve_queue_depth").set(self.queued() as f64);
+        Ok(rx)
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Requests waiting for a running slot.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Running sequences.
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::Relaxed)
+    }
+}
+
+struct Active {
+    seq: Sequence,
+    tx: mpsc::Sender<EventResult>,
+    pending: VecDeque<EventResult>,
+    blocked_since: Option<Instant>,
+    received_at: Instant,
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    deadline: Option<Instant>,
+    kv_bytes: usize,
+    request_id: String,
+}
+
+enum Flush {
+    Done,
+    Blocked,
+    Closed,
+}
+
+impl Active {
+    fn flush(&mut self) -> Flush {
+        while let Some(ev) = self.pending.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.pending.push_front(ev);
+                    return Flush::Blocked;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Flush::Closed,
+            }
+        }
+        Flush::Done
+    }
+}
+
+/// Starts the engine thread over `llama`.
+pub fn spawn_engine(llama: Arc<Llama>, front: Arc<TextFrontEnd>, cfg: EngineConfig) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel::<Submission>(cfg.max_queued.max(1));
+    let stats = Arc::new(EngineStats::default());
+    let handle = EngineHandle { tx, stats: stats.clone(), max_queued: cfg.max_queued, stream_buffer: cfg.stream_buffer };
+    std::thread::Builder::new()
+        .name("modserve-engine".into())
+        .spawn(move || EngineLoop { llama, front, cfg, stats, running: Vec::new() }.run(rx))?;
+    Ok(handle)
+}
+
+struct EngineLoop {
+    llama: Arc<Llama>,
+    front: Arc<TextFrontEnd>,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+    running: Vec<Active>,
+}
+
+impl EngineLoop {
+    fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
+        let mut open = true;
+        loop {
+            if self.running.is_empty() {
+                if !open {
+                    break;
+                }
+                match rx.blocking_recv() {
+                    Some(s) => self.admit(s),
+                    None => break,
+                }
+            }
+            while open && self.running.len() < self.cfg.max_running.max(1) {
+                match rx.try_recv() {
+                    Ok(s) => self.admit(s),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            metrics::gauge!("modserve_queue_depth").set(rx.len() as f64);
+            self.housekeeping();
+            if !self.step() {
+                // Nothing runnable (all paused on slow clients): wait a little for them.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn admit(&mut self, s: Submission) {
+        let Submission { req, tx } = s;
+        let cfg = &self.llama.cfg;
+        let capacity = (req.spec.prompt_ids.len() + req.spec.max_new_tokens).min(cfg.max_position_embeddings);
+        let cache = match SeqKvCache::new(cfg, capacity, self.llama.device()) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.try_send(Err(EngineError::Internal(format!("KV cache allocation: {e}"))));
+                return;
+            }
+        };
+        let seq = match Sequence::new(req.spec, cache, self.front.tokenizer.clone(), self.front.eos.clone()) {
+            Ok(mut s) => {
+                s.composition = req.composition;
+                s
+            }
+            Err(e) => {
+                let _ = tx.try_send(Err(EngineError::InvalidArgument(e.to_string())));
+                return;
+            }
+        };
+        let kv_bytes = SeqKvCache::bytes(cfg, capacity);
+        self.stats.kv_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
+        let mut a = Active {
+            seq,
+            tx,
+            pending: VecDeque::new(),
+            blocked_since: None,
+            received_at: req.received_at,
+            scheduled_at: None,
+            first_token_at: None,
+            last_token_at: None,
+            deadline: req.deadline,
+            kv_bytes,
+            request_id: req.request_id,
+        };
+        if a.seq.finished().is_some() {
+            // max_new_tokens == 0: nothing to generate.
+            let info = finish_info(&a, Instant::now());
+            a.pending.push_back(Ok(StreamEvent::Finished(info)));
+        }
+        tracing::debug!(request_id = %a.request_id, "admitted");
+        self.running.push(a);
+        self.publish();
+    }
+
+    /// Delivers buffered events; removes finished, cancelled, expired and stuck sequences.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.slow_client_timeout;
+        let stats = self.stats.clone();
+        self.running.retain_mut(|a| {
+            let keep = match a.flush() {
+                Flush::Closed => {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("modserve_cancelled_total").increment(1);
+                    tracing::debug!(request_id = %a.request_id, "client went away: cancelled");
+                    false
+                }
+                Flush::Blocked => {
+                    let since = *a.blocked_since.get_or_insert(now);
+                    if now - since > timeout {
+                        tracing::warn!(request_id = %a.request_id, "client stopped reading: dropped");
+                        metrics::counter!("modserve_slow_client_drops_total").increment(1);
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Flush::Done => {
+                    a.blocked_since = None;
+                    if a.seq.finished().is_some() {
+                        false
+                    } else if a.tx.is_closed() {
+                        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("modserve_cancelled_total").increment(1);
+                        false
+                    } else if a.deadline.is_some_and(|d| now >= d) {
+                        let _ = a.tx.try_send(Err(EngineError::DeadlineExceeded));
+                        metrics::counter!("modserve_deadline_exceeded_total").increment(1);
+                        false
+                    } else {
+                        true
+                    }
+                }
+            };
+            if !keep {
+                stats.kv_bytes.fetch_sub(a.kv_bytes, Ordering::Relaxed);
+            }
+            keep
+        });
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        metrics::gauge!("modserve_running_sequences").set(self.running.len() as f64);
+        metrics::gauge!("modserve_kv_cache_bytes").set(self.stats.kv_bytes.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Plans and runs one batch step. Returns false if nothing could run.
+    fn step(&mut self) -> bool {
+        let states: Vec<SeqState> = self
+            .running
+            .iter()
+            .map(|a| SeqState {
+                pending_prompt: a.seq.pending_prompt(),
+                blocked: !a.pending.is_empty() || a.seq.finished().is_some(),
+            })
+            .collect();
+        let plan = plan_step(&states, StepBudget { max_batch_tokens: self.cfg.max_batch_tokens, prefill_chunk: self.cfg.prefill_chunk });
+        let rows: usize = plan.iter().sum();
+        if rows == 0 {
+            return false;
+        }
+        let t0 = Instant::now();
+        for (a, &p) in self.running.iter_mut().zip(&plan) {
+            if p > 0 && a.scheduled_at.is_none() {
+                a.scheduled_at = Some(t0);
+            }
+        }
+        let result = {
+            let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|a| &mut a.seq).collect();
+            run_step(&self.llama, &mut seqs, &plan)
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("modserve_batch_rows").record(rows as f64);
+        metrics::histogram!("modserve_step_seconds").record(t0.elapsed().as_secs_f64());
+        let now = Instant::now();
+        match result {
+            Ok(events) => {
+                let mut generated = 0u64;
+                for (a, ev) in self.running.iter_mut().zip(events) {
+                    let Some(ev) = ev else { continue };
+                    generated += 1;
+                    match a.last_token_at {
+                        None => {
+                            a.first_token_at = Some(now);
+                            metrics::histogram!("modserve_ttft_seconds").record((now - a.received_at).as_secs_f64());
+                        }
+                        Some(prev) => metrics::histogram!("modserve_inter_token_seconds").record((now - prev).as_secs_f64()),
+                    }
+                    a.last_token_at = Some(now);
+                    a.pending.push_back(Ok(StreamEvent::Token { token: ev.sampled.token, top: ev.sampled.top, text: ev.text_delta }));
+                    if ev.finished.is_some() {
+                        let info = finish_info(a, now);
+                        a.pending.push_back(Ok(StreamEvent::Finished(info)));
+                    }
+                    let _ = a.flush();
+                }
+                metrics::counter!("modserve_generated_tokens_total").increment(generated);
+            }
+            Err(e) => {
+                tracing::error!("batch step failed: {e}");
+                for (a, &p) in self.running.iter_mut().zip(&plan) {
+                    if p > 0 {
+                        a.pending.clear();
+                        let _ = a.tx.try_send(Err(EngineError::Internal(e.to_string())));
+                        a.seq_abort();
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Active {
+    /// Marks the sequence finished without a final event (after an error was sent).
+    fn seq_abort(&mut self) {
+        self.seq.abort();
+    }
+}
+
+fn finish_info(a: &Active, now: Instant) -> FinishInfo {
+    let start = a.received_at;
+    FinishInfo {
+        reason: a.seq.finished().unwrap_or(FinishReason::Length),
+        prompt_tokens: a.seq.spec.prompt_ids.len(),
+        generated_tokens: a.seq.generated.len(),
+        queue_s: a.scheduled_at.map(|s| (s - start).as_secs_f64()).unwrap_or(0.0),
+        ttft_s: a.first_token_at.map(|f| (f - start).as_secs_f64()).unwrap_or(0.0),
+        total_s: (now - start).as_secs_f64(),
+    }
+}
