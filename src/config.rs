@@ -24,6 +24,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Start the gRPC server.
     Serve(ServeArgs),
+    /// Load-test a running server over gRPC and print a JSON report.
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
+pub mod loadgen;
 pub mod runtime;
 pub mod model;
 
