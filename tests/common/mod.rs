@@ -23,3 +23,5 @@ pub fn cases() -> serde_json::Value {
     let text = std::fs::read_to_string(fixture("parity/cases.json")).expect("cases.json fixture");
     serde_json::from_str(&text).expect("cases.json parses")
 }
+
+pub mod server;

@@ -1,0 +1,93 @@
+//! Starts `modserve serve` as a child process on 127.0.0.1:0 and waits for it to be ready.
+#![allow(dead_code)]
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// A running server; killed on drop.
+pub struct TestServer {
+    pub child: Child,
+    pub url: String,
+    pub metrics_addr: String,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Spawns the server with `extra` flags; returns once the gRPC port is bound (not yet ready).
+pub fn spawn(extra: &[&str]) -> TestServer {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modserve"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &metrics_addr, "--threads", "2", "--model"])
+        .arg(super::reference_model())
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn modserve serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(addr) = line.strip_prefix("modserve listening on ") {
+            break format!("http://{addr}");
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    TestServer { child, url, metrics_addr }
+}
+
+/// Polls the health service until `modserve.v1.Inference` is SERVING (or panics after `timeout`).
+/// Returns the statuses seen, in order (deduplicated).
+pub async fn wait_serving(url: &str, timeout: Duration) -> Vec<i32> {
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let channel = tonic::transport::Channel::from_shared(url.to_string()).expect("url").connect().await;
+        if let Ok(mut h) = channel.map(HealthClient::new) {
+            if let Ok(r) = h.check(HealthCheckRequest { service: "modserve.v1.Inference".into() }).await {
+                let s = r.into_inner().status;
+                if seen.last() != Some(&s) {
+                    seen.push(s);
+                }
+                if s == ServingStatus::Serving as i32 {
+                    return seen;
+                }
+            }
+        }
+        assert!(t0.elapsed() < timeout, "server not SERVING after {timeout:?} (saw {seen:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GETs `/metrics` over plain HTTP/1.0.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Value of the first sample line of `name` (optionally with a label fragment) in an exposition.
+pub fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(label))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
