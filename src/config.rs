@@ -122,6 +122,12 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// TOML config file: keys are the flag names (`max_running = 32`); precedence file < env < flags.
+    #[arg(long, env = "MODSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (and where each value came from) and exit.
+    #[arg(long)]
+    pub print_config: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -150,6 +156,92 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "MODSERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// Errors in the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config file {path}: unknown key `{key}` (known: {known})")]
+    UnknownKey { path: PathBuf, key: String, known: String },
+    #[error("config file {path}: key `{key}` must be a string, number or boolean")]
+    BadValue { path: PathBuf, key: String },
+}
+
+/// The config file named by `--config FILE` / `--config=FILE` in `argv`, else `$MODSERVE_CONFIG`.
+pub fn config_path(argv: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("MODSERVE_CONFIG").map(PathBuf::from)
+}
+
+/// Environment variable names of the `serve` flags, by config key (`max_running` -> `MODSERVE_MAX_RUNNING`).
+fn serve_env_keys() -> Vec<(String, String)> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let serve = cmd.find_subcommand("serve").expect("serve subcommand");
+    serve
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| (a.get_id().as_str().to_string(), e.to_string_lossy().into_owned())))
+        .filter(|(id, _)| id != "config")
+        .collect()
+}
+
+/// Reads the TOML config file and exports each key as its `MODSERVE_*` variable unless the
+/// environment already sets it, so clap applies file < env < flags. Returns the variables set.
+pub fn apply_config_file(path: &std::path::Path) -> Result<Vec<String>, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError::Read { path: path.into(), reason: e.to_string() })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigFileError::Read { path: path.into(), reason: e.to_string() })?;
+    let keys = serve_env_keys();
+    let mut set = Vec::new();
+    for (key, value) in table {
+        let norm = key.replace('-', "_");
+        let Some((_, env)) = keys.iter().find(|(id, _)| *id == norm) else {
+            let known = keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(ConfigFileError::UnknownKey { path: path.into(), key, known });
+        };
+        let v = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => return Err(ConfigFileError::BadValue { path: path.into(), key }),
+        };
+        if std::env::var_os(env).is_none() {
+            // Single-threaded start-up: no other thread reads the environment yet.
+            std::env::set_var(env, v);
+            set.push(env.clone());
+        }
+    }
+    Ok(set)
+}
+
+/// The effective `serve` configuration as TOML, each line annotated with its source.
+pub fn effective_config(matches: &clap::ArgMatches, from_file: &[String]) -> String {
+    use clap::parser::ValueSource;
+    let Some(m) = matches.subcommand_matches("serve") else { return String::new() };
+    let mut out = String::new();
+    for (id, env) in serve_env_keys() {
+        let Some(vals) = m.get_raw(&id) else { continue };
+        let v: Vec<String> = vals.map(|v| v.to_string_lossy().into_owned()).collect();
+        let source = match m.value_source(&id) {
+            Some(ValueSource::CommandLine) => "flag",
+            Some(ValueSource::EnvVariable) if from_file.contains(&env) => "file",
+            Some(ValueSource::EnvVariable) => "env",
+            _ => "default",
+        };
+        out.push_str(&format!("{id} = {:?}  # {source} ({env})\n", v.join(",")));
+    }
+    out
 }
 
 /// Log output format.
@@ -194,6 +286,14 @@ mod tests {
             }
             _ => panic!("wrong subcommand"),
         }
+    }
+
+    #[test]
+    fn config_path_from_argv() {
+        let a: Vec<std::ffi::OsString> = ["modserve", "serve", "--config", "x.toml"].iter().map(Into::into).collect();
+        assert_eq!(config_path(&a), Some(PathBuf::from("x.toml")));
+        let a: Vec<std::ffi::OsString> = ["modserve", "serve", "--config=y.toml"].iter().map(Into::into).collect();
+        assert_eq!(config_path(&a), Some(PathBuf::from("y.toml")));
     }
 
     #[test]

@@ -1,15 +1,39 @@
-//! The `modserve` binary: parse the command line, set up logging and threads, dispatch.
-use clap::Parser;
-use modserve::config::{Cli, Command};
+//! The `modserve` binary: read the config file (serve), parse the command line, set up logging and
+//! threads, dispatch. Fatal errors print one line and exit 1.
+use clap::{CommandFactory, FromArgMatches};
+use modserve::config::{apply_config_file, config_path, effective_config, Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let is_serve = argv.get(1).is_some_and(|a| a == "serve");
+    let from_file = match config_path(&argv).filter(|_| is_serve) {
+        Some(p) => match apply_config_file(&p) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => Vec::new(),
+    };
+    let matches = Cli::command().get_matches_from(&argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_format == LogFormat::Json);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json_logs {
+        tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+    if let Command::Serve(a) = &cli.command {
+        if a.print_config {
+            print!("{}", effective_config(&matches, &from_file));
+            return std::process::ExitCode::SUCCESS;
+        }
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
