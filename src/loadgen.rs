@@ -543,7 +543,7 @@ fn round3(x: f64) -> f64 {
 /// What one request produced.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// Time the request was sent, relative to the measured window's start (warmup excluded).
+    /// When the request was sent.
     pub started: Instant,
     pub finished: Instant,
     pub result: Result<(), (String, String)>,

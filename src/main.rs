@@ -64,6 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Loadgen(a) => modserve::loadgen::run(a),
+        Command::Bench(a) => modserve::bench::run(a),
         Command::Serve(a) => {
             modserve::runtime::set_threads(a.model.threads);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

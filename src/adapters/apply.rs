@@ -79,9 +79,56 @@ fn composition_product(c: &Composition, target: Target, x: &Tensor) -> Result<Op
     Ok(acc)
 }
 
+/// Segments shorter than this use the per-row CPU kernels; longer ones (prefill) use GEMMs.
+const ROW_KERNEL_MAX_ROWS: usize = 8;
+
+impl BatchDeltas<'_> {
+    /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer
+    /// with per-row kernels (low-rank axpy, CSR), then a single add. Cost per row is
+    /// `r * (in + out)` for LoRA and `nnz` for sparse deltas, without per-module tensor ops.
+    fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let (n, in_dim) = x.dims2()?;
+        let out = y.dim(1)?;
+        let xh = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut dh = vec![0f32; n * out];
+        for &(start, len, comp) in &self.chunks {
+            let Some(c) = comp else { continue };
+            for (deltas, scale) in &c.parts {
+                let Some(m) = deltas.targets.get(&target) else { continue };
+                let rows = start..start + len;
+                match (m, deltas.host_low_rank(&target)) {
+                    (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
+                        for r in rows {
+                            h.add_row(&xh[r * in_dim..(r + 1) * in_dim], &mut dh[r * out..(r + 1) * out], *scale);
+                        }
+                    }
+                    (MatrixDelta::Sparse(sp), _) => {
+                        sp.add_matmul_t(&xh[start * in_dim..(start + len) * in_dim], len, &mut dh[start * out..(start + len) * out], *scale)
+                    }
+                    _ => {
+                        let d = delta_product(m, &x.narrow(0, start, len)?, *scale)?.flatten_all()?.to_vec1::<f32>()?;
+                        for (o, v) in dh[start * out..(start + len) * out].iter_mut().zip(d) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        }
+        let dh = Tensor::from_vec(dh, (n, out), y.device())?;
+        y + dh
+    }
+}
+
 impl RowDeltas for BatchDeltas<'_> {
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let target = Target::Linear(id);
+        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&target))));
+        if !touched {
+            return Ok(y);
+        }
+        if x.device().is_cpu() {
+            return self.add_deltas_cpu(target, x, y);
+        }
         let mut pieces: Vec<Option<Tensor>> = Vec::with_capacity(self.chunks.len());
         let mut any = false;
         for &(start, len, comp) in &self.chunks {

@@ -226,15 +226,93 @@ impl BaseShapes {
     }
 }
 
+/// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, r]` = A^T and `bt` `[r, out]` =
+/// B^T (scale folded), so both products are contiguous axpy loops that vectorise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLowRank {
+    pub rank: usize,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub at: Vec<f32>,
+    pub bt: Vec<f32>,
+}
+
+impl HostLowRank {
+    fn from_factors(a: &Tensor, b: &Tensor) -> Result<Self, AdapterError> {
+        let (rank, in_dim) = a.dims2()?;
+        let out_dim = b.dim(0)?;
+        let at = a.t()?.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let bt = b.t()?.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(Self { rank, in_dim, out_dim, at, bt })
+    }
+
+    /// `y += scale * (x A^T) B^T` for one row `x` (`in_dim`) into `y` (`out_dim`).
+    #[inline]
+    pub fn add_row(&self, x: &[f32], y: &mut [f32], scale: f32) {
+        let r = self.rank;
+        let mut t = [0f32; 64];
+        let mut tv;
+        let t: &mut [f32] = if r <= 64 {
+            &mut t[..r]
+        } else {
+            tv = vec![0f32; r];
+            &mut tv
+        };
+        for (xi, row) in x.iter().zip(self.at.chunks_exact(r)) {
+            if *xi != 0.0 {
+                for (tj, a) in t.iter_mut().zip(row) {
+                    *tj += xi * a;
+                }
+            }
+        }
+        for (tj, row) in t.iter().zip(self.bt.chunks_exact(self.out_dim)) {
+            let s = tj * scale;
+            for (yo, b) in y.iter_mut().zip(row) {
+                *yo += s * b;
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.at.len() + self.bt.len()) * 4
+    }
+}
+
 /// One module's deltas, by target.
 #[derive(Debug, Clone, Default)]
 pub struct ModuleDeltas {
     pub targets: BTreeMap<Target, MatrixDelta>,
+    /// CPU layout of the low-rank targets, built once by [`ModuleDeltas::prepare_host`].
+    host: std::sync::OnceLock<BTreeMap<Target, HostLowRank>>,
 }
 
 impl ModuleDeltas {
+    /// Resident bytes (tensors plus the CPU kernel layout once prepared).
     pub fn bytes(&self) -> usize {
-        self.targets.values().map(|d| d.bytes()).sum()
+        let host: usize = self.host.get().map(|h| h.values().map(HostLowRank::bytes).sum()).unwrap_or(0);
+        self.targets.values().map(|d| d.bytes()).sum::<usize>() + host
+    }
+
+    /// Builds the CPU kernel layout of the low-rank targets (idempotent; call off the engine thread).
+    pub fn prepare_host(&self) -> Result<(), AdapterError> {
+        if self.host.get().is_some() {
+            return Ok(());
+        }
+        let mut m = BTreeMap::new();
+        for (t, d) in &self.targets {
+            if let MatrixDelta::LowRank { a, b } = d {
+                if a.device().is_cpu() {
+                    m.insert(*t, HostLowRank::from_factors(a, b)?);
+                }
+            }
+        }
+        let _ = self.host.set(m);
+        Ok(())
+    }
+
+    /// The CPU layout of a low-rank target, if prepared.
+    pub fn host_low_rank(&self, t: &Target) -> Option<&HostLowRank> {
+        self.host.get()?.get(t)
     }
 
     /// Checks every target exists in the base model with the delta's shape and that all values

@@ -159,6 +159,9 @@ impl AdapterStore {
                 (ModuleData::Deltas(Arc::new(out.deltas)), None)
             }
         };
+        if let ModuleData::Deltas(d) = &data {
+            d.prepare_host()?;
+        }
         Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
     }
 
@@ -178,6 +181,7 @@ impl AdapterStore {
                 AdapterError::UnknownTask { task, n_tasks, .. } => AdapterError::UnknownTask { module: id.into(), task, n_tasks },
                 other => other,
             })?;
+            d.prepare_host()?;
             Ok(LoadedModule {
                 id: format!("{id}[{rkey}]"),
                 kind: ModuleKind::Poly,
