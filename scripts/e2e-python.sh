@@ -84,7 +84,7 @@ fi
 
 # A free port for /metrics (picked by binding port 0, then released).
 METRICS_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
-"$BIN" serve --listen 127.0.0.1:0 --metrics-listen "127.0.0.1:$METRICS_PORT" \
+NO_COLOR=1 "$BIN" serve --listen 127.0.0.1:0 --metrics-listen "127.0.0.1:$METRICS_PORT" \
   --adapter-root tests/fixtures/parity --model "$MODEL" --weights f32 --threads 2 \
   >"$WORK/server.out" 2>"$WORK/server.log" &
 SERVER_PID=$!
