@@ -158,6 +158,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "MODSERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// Errors in the configuration file.
@@ -244,6 +248,52 @@ pub fn effective_config(matches: &clap::ArgMatches, from_file: &[String]) -> Str
         out.push_str(&format!("{id} = {:?}  # {source} ({env})\n", v.join(",")));
     }
     out
+}
+
+/// Authentication and TLS.
+#[derive(Debug, Args, Clone)]
+pub struct SecurityArgs {
+    /// Bearer tokens, one per line: `TOKEN SCOPE[,SCOPE]` (scopes: inference, admin); `#` comments.
+    #[arg(long, env = "MODSERVE_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Serve without tokens on a non-loopback address (everyone gets every scope).
+    #[arg(long, env = "MODSERVE_INSECURE_ALLOW_ANONYMOUS")]
+    pub insecure_allow_anonymous: bool,
+    /// TLS certificate chain (PEM); enables TLS together with --tls-key.
+    #[arg(long, env = "MODSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "MODSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to (mutual TLS).
+    #[arg(long, env = "MODSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Per-request and per-module limits; exceeding one is INVALID_ARGUMENT naming the limit.
+#[derive(Debug, Args, Clone)]
+pub struct LimitArgs {
+    #[arg(long, env = "MODSERVE_MAX_PROMPT_TOKENS", default_value_t = 4096)]
+    pub max_prompt_tokens: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "MODSERVE_MAX_NEW_TOKENS_LIMIT", default_value_t = 2048)]
+    pub max_new_tokens_limit: usize,
+    #[arg(long, env = "MODSERVE_MAX_STOP_STRINGS", default_value_t = 8)]
+    pub max_stop_strings: usize,
+    #[arg(long, env = "MODSERVE_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
+    /// Largest encoded request message.
+    #[arg(long, env = "MODSERVE_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+    /// Largest number of components (deltas + route) in one composition.
+    #[arg(long, env = "MODSERVE_MAX_COMPONENTS", default_value_t = 16)]
+    pub max_components: usize,
+    /// Largest total file size of one adapter module.
+    #[arg(long, env = "MODSERVE_MAX_ADAPTER_FILE_BYTES", default_value_t = 2 << 30)]
+    pub max_adapter_file_bytes: u64,
+    /// Largest LoRA / Poly rank.
+    #[arg(long, env = "MODSERVE_MAX_ADAPTER_RANK", default_value_t = 256)]
+    pub max_adapter_rank: usize,
 }
 
 /// Log output format.

@@ -23,7 +23,8 @@
 //!   `cancelled`.
 //! * `--stream true` (default) uses `GenerateStream`: TTFT = time from sending the request to the
 //!   first chunk that carries a token, inter-token latency (ITL) = gaps between successive chunks
-//!   that carry tokens. `--stream false` uses unary `Generate`: TTFT = total latency, no ITL.
+//!   that carry tokens (as the client sees them: chunks that arrive in one read show gaps near
+//!   0). `--stream false` uses unary `Generate`: TTFT = total latency, no ITL.
 //! * Progress goes to stderr once per second; the report goes to stdout (and `--report FILE`).
 //!
 //! The target is any `http://host:port` URL; this project only ever points it at loopback / local
@@ -64,8 +65,10 @@
 //!
 //! `target, mode, concurrency, rate, stream, seed, warmup_s, duration_s, requests {ok, errors,
 //! dropped, cancelled}, errors_by_code {GRPC_CODE: n}, error_examples {GRPC_CODE: message},
-//! output_tokens, output_tokens_per_s, requests_per_s, ttft_ms, itl_ms, latency_ms` where each
-//! `*_ms` is `{count, mean, p50, p90, p99, min, max}` (null values when there are no samples).
+//! output_tokens, output_tokens_per_s, requests_per_s, ttft_ms, itl_ms, latency_ms, by_entry
+//! {NAME: {ok, errors, output_tokens}}` where each `*_ms` is `{count, mean, p50, p90, p99, min,
+//! max}` (null values when there are no samples). Error codes are gRPC code names, plus
+//! `INCOMPLETE` for a stream that ended without a finish_reason.
 //! Percentiles are exact nearest-rank values over all recorded samples of successful requests.
 //! `duration_s` runs from the start of the measured window to the end of its last request;
 //! `output_tokens` counts the generated tokens of successful requests only.
@@ -349,6 +352,11 @@ impl Mix {
         Ok(Mix { entries: file.entries, picker, zipf })
     }
 
+    /// Label of each entry: its `name`, or `entries[i]`.
+    pub fn entry_names(&self) -> Vec<String> {
+        self.entries.iter().enumerate().map(|(i, e)| e.name.clone().unwrap_or_else(|| format!("entries[{i}]"))).collect()
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -546,9 +554,19 @@ pub struct Outcome {
     /// When the request was sent.
     pub started: Instant,
     pub finished: Instant,
+    /// Index of the mix entry it was drawn from.
+    pub entry: usize,
     pub result: Result<(), (String, String)>,
     pub ttft: Option<Duration>,
     pub itl: Vec<Duration>,
+    pub output_tokens: u64,
+}
+
+/// Per-entry counters of the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EntryCounts {
+    pub ok: u64,
+    pub errors: u64,
     pub output_tokens: u64,
 }
 
@@ -581,6 +599,8 @@ pub struct Report {
     pub ttft_ms: Summary,
     pub itl_ms: Summary,
     pub latency_ms: Summary,
+    /// Counters per mix entry, keyed by the entry's `name` (or `entries[i]`).
+    pub by_entry: BTreeMap<String, EntryCounts>,
 }
 
 /// Run settings echoed in the report.
@@ -593,6 +613,8 @@ pub struct RunInfo {
     pub stream: bool,
     pub seed: u64,
     pub warmup: Duration,
+    /// Label of each mix entry (its `name`, or `entries[i]`).
+    pub entry_names: Vec<String>,
 }
 
 /// Builds the report from the measured outcomes; `window_start` is the start of the measured
@@ -604,10 +626,15 @@ pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelle
     let (mut ok, mut errors, mut tokens) = (0u64, 0u64, 0u64);
     let (mut ttft, mut itl, mut latency) = (Vec::new(), Vec::new(), Vec::new());
     let mut end = window_start;
+    let mut by_entry: BTreeMap<String, EntryCounts> = BTreeMap::new();
     for o in outcomes {
         end = end.max(o.finished);
+        let name = info.entry_names.get(o.entry).cloned().unwrap_or_else(|| format!("entries[{}]", o.entry));
+        let counts = by_entry.entry(name).or_default();
         match &o.result {
             Ok(()) => {
+                counts.ok += 1;
+                counts.output_tokens += o.output_tokens;
                 ok += 1;
                 tokens += o.output_tokens;
                 latency.push(ms(o.finished.saturating_duration_since(o.started)));
@@ -617,6 +644,7 @@ pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelle
                 itl.extend(o.itl.iter().map(|d| ms(*d)));
             }
             Err((code, msg)) => {
+                counts.errors += 1;
                 errors += 1;
                 *errors_by_code.entry(code.clone()).or_insert(0) += 1;
                 error_examples.entry(code.clone()).or_insert_with(|| msg.clone());
@@ -646,6 +674,7 @@ pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelle
         ttft_ms: summarize(&ttft),
         itl_ms: summarize(&itl),
         latency_ms: summarize(&latency),
+        by_entry,
     }
 }
 
@@ -720,7 +749,7 @@ impl Ctx {
     }
 
     /// Sends one request and records its outcome (if it started in the measured window).
-    async fn one(&self, req: pb::GenerateRequest) {
+    async fn one(&self, entry: usize, req: pb::GenerateRequest) {
         let started = Instant::now();
         let sh = &self.shared;
         sh.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -745,7 +774,7 @@ impl Ctx {
             sh.errors.fetch_add(1, Ordering::Relaxed);
         }
         if started >= self.window_start {
-            sh.outcomes.lock().unwrap().push(Outcome { started, finished, result, ttft, itl, output_tokens: tokens });
+            sh.outcomes.lock().unwrap().push(Outcome { started, finished, entry, result, ttft, itl, output_tokens: tokens });
         }
     }
 }
@@ -881,8 +910,8 @@ async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> anyhow::Resul
                         if ctx.shared.stop.load(Ordering::SeqCst) || !ctx.admit(Instant::now()) {
                             break;
                         }
-                        let (_, req) = ctx.mix.draw(&mut rng);
-                        ctx.one(req).await;
+                        let (entry, req) = ctx.mix.draw(&mut rng);
+                        ctx.one(entry, req).await;
                     }
                 });
             }
@@ -899,7 +928,7 @@ async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> anyhow::Resul
                     if shared.stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    let (_, req) = ctx.mix.draw(&mut rng);
+                    let (entry, req) = ctx.mix.draw(&mut rng);
                     let now = Instant::now();
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => {
@@ -908,7 +937,7 @@ async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> anyhow::Resul
                             }
                             let ctx = ctx.clone();
                             tokio::spawn(async move {
-                                ctx.one(req).await;
+                                ctx.one(entry, req).await;
                                 drop(permit);
                             });
                         }
@@ -948,6 +977,7 @@ async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> anyhow::Resul
         stream: args.stream,
         seed: args.seed,
         warmup: args.warmup,
+        entry_names: ctx.mix.entry_names(),
     };
     Ok(build_report(&info, &outcomes, shared.dropped.load(Ordering::Relaxed), cancelled, window_start, stopped))
 }
@@ -1130,6 +1160,7 @@ mod tests {
         let ok = |start: u64, end: u64, tokens: u64| Outcome {
             started: at(start),
             finished: at(end),
+            entry: 0,
             result: Ok(()),
             ttft: Some(Duration::from_millis(10)),
             itl: vec![Duration::from_millis(2); tokens.saturating_sub(1) as usize],
@@ -1138,12 +1169,13 @@ mod tests {
         let err = Outcome {
             started: at(0),
             finished: at(5),
+            entry: 1,
             result: Err(("RESOURCE_EXHAUSTED".into(), "queue full".into())),
             ttft: None,
             itl: vec![],
             output_tokens: 0,
         };
-        let info = RunInfo { target: "http://127.0.0.1:1".into(), mode: LoadMode::Closed, concurrency: 2, rate: None, stream: true, seed: 0, warmup: Duration::ZERO };
+        let info = RunInfo { target: "http://127.0.0.1:1".into(), mode: LoadMode::Closed, concurrency: 2, rate: None, stream: true, seed: 0, warmup: Duration::ZERO, entry_names: vec!["a".into()] };
         let r = build_report(&info, &[ok(0, 1000, 10), ok(500, 2000, 30), err.clone(), err], 3, 1, t, at(2000));
         assert_eq!(r.requests, RequestCounts { ok: 2, errors: 2, dropped: 3, cancelled: 1 });
         assert_eq!(r.errors_by_code.get("RESOURCE_EXHAUSTED"), Some(&2));
@@ -1155,6 +1187,8 @@ mod tests {
         assert_eq!(r.latency_ms.max, Some(1500.0));
         assert_eq!(r.itl_ms.count, 38);
         assert_eq!(r.ttft_ms.mean, Some(10.0));
+        assert_eq!(r.by_entry["a"], EntryCounts { ok: 2, errors: 0, output_tokens: 40 });
+        assert_eq!(r.by_entry["entries[1]"], EntryCounts { ok: 0, errors: 2, output_tokens: 0 });
         let json = serde_json::to_value(&r).unwrap();
         for key in ["target", "mode", "concurrency", "duration_s", "requests", "errors_by_code", "output_tokens", "output_tokens_per_s", "requests_per_s", "ttft_ms", "itl_ms", "latency_ms"] {
             assert!(json.get(key).is_some(), "{key}");

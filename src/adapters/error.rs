@@ -25,6 +25,8 @@ pub enum AdapterError {
     BadPath { id: String, reason: String },
     #[error("module `{module}` is a {kind}, which cannot be used {usage}")]
     WrongKind { module: String, kind: &'static str, usage: &'static str },
+    #[error("limit exceeded: {0}")]
+    Limit(String),
     #[error("invalid composition: {0}")]
     Composition(String),
     #[error("merge recipe {path}: {reason}")]
@@ -48,6 +50,7 @@ impl AdapterError {
             Self::BadPath { .. } => "adapter_path",
             Self::WrongKind { .. } => "adapter_kind",
             Self::Composition(_) => "invalid_composition",
+            Self::Limit(_) => "limit_exceeded",
             Self::Recipe { .. } => "merge_recipe",
             Self::Tensor(_) => "adapter_tensor",
         }

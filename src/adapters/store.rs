@@ -21,8 +21,19 @@ use crate::model::llama::Llama;
 /// Gives the dense float32 base weight `theta0` of a parameter (merges need it).
 pub type BaseWeightFn = Arc<dyn Fn(Target) -> Result<Tensor, AdapterError> + Send + Sync>;
 
-/// Largest number of components in one composition.
-pub const MAX_COMPONENTS: usize = 16;
+/// Limits on modules and compositions (exceeding one is `AdapterError::Limit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterLimits {
+    pub max_components: usize,
+    pub max_file_bytes: u64,
+    pub max_rank: usize,
+}
+
+impl Default for AdapterLimits {
+    fn default() -> Self {
+        Self { max_components: 16, max_file_bytes: 2 << 30, max_rank: 256 }
+    }
+}
 
 /// What a loaded module holds.
 pub enum ModuleData {
@@ -94,11 +105,17 @@ pub struct AdapterStore {
     cache: ModuleCache<LoadedModule>,
     base: BaseShapes,
     base_weight: BaseWeightFn,
+    limits: AdapterLimits,
 }
 
 impl AdapterStore {
     pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
-        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight }
+        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default() }
+    }
+
+    pub fn with_limits(mut self, limits: AdapterLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A store over `model` (base weights read from it for merges).
@@ -130,6 +147,13 @@ impl AdapterStore {
     }
 
     fn load(&self, reg: &Registration) -> Result<LoadedModule, AdapterError> {
+        let size = module_bytes(&reg.path)?;
+        if size > self.limits.max_file_bytes {
+            return Err(AdapterError::Limit(format!(
+                "module `{}` has {size} bytes of files; max_adapter_file_bytes is {}",
+                reg.id, self.limits.max_file_bytes
+            )));
+        }
         let version = content_hash(&reg.path)?;
         let file = |name: &str| if reg.path.is_dir() { reg.path.join(name) } else { reg.path.clone() };
         let (data, rank) = match reg.kind {
@@ -159,6 +183,9 @@ impl AdapterStore {
                 (ModuleData::Deltas(Arc::new(out.deltas)), None)
             }
         };
+        if let Some(r) = rank.filter(|&r| r > self.limits.max_rank) {
+            return Err(AdapterError::Limit(format!("module `{}` has rank {r}; max_adapter_rank is {}", reg.id, self.limits.max_rank)));
+        }
         if let ModuleData::Deltas(d) = &data {
             d.prepare_host()?;
         }
@@ -196,8 +223,8 @@ impl AdapterStore {
     /// Resolves and pins a request's composition.
     pub fn resolve(&self, spec: &CompositionSpec) -> Result<Composition, AdapterError> {
         let n = spec.deltas.len() + spec.route.is_some() as usize;
-        if n > MAX_COMPONENTS {
-            return Err(AdapterError::Composition(format!("{n} components; the limit is {MAX_COMPONENTS}")));
+        if n > self.limits.max_components {
+            return Err(AdapterError::Limit(format!("{n} components; max_components is {}", self.limits.max_components)));
         }
         let mut parts = Vec::with_capacity(n);
         let mut pinned = Vec::with_capacity(n + 1);
@@ -242,6 +269,22 @@ pub fn base_weight_of(model: &Llama, t: Target) -> Result<Tensor, AdapterError> 
 
 fn short_hash(b: &[u8]) -> String {
     hex::encode(&Sha256::digest(b)[..8])
+}
+
+/// Total size of a module's files.
+fn module_bytes(path: &Path) -> Result<u64, AdapterError> {
+    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: e.to_string() };
+    if !path.is_dir() {
+        return Ok(std::fs::metadata(path).map_err(io)?.len());
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(path).map_err(io)? {
+        let m = e.map_err(io)?.metadata().map_err(io)?;
+        if m.is_file() {
+            total += m.len();
+        }
+    }
+    Ok(total)
 }
 
 /// SHA-256 over the module's files (names and contents, sorted by name).

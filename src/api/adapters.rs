@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
+use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
 use crate::adapters::registry::Registration;
@@ -15,11 +16,12 @@ use crate::pb;
 /// Service implementation.
 pub struct AdaptersApi {
     state: Arc<ServingState>,
+    tokens: TokenSet,
 }
 
 impl AdaptersApi {
-    pub fn new(state: Arc<ServingState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<ServingState>, tokens: TokenSet) -> Self {
+        Self { state, tokens }
     }
 }
 
@@ -61,6 +63,7 @@ pub fn module_info(store: &AdapterStore, reg: &Registration, loaded: Option<&Loa
 #[tonic::async_trait]
 impl pb::adapters_server::Adapters for AdaptersApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::ModuleInfo>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
         let store = self.state.store()?;
         let r = request.into_inner();
         blocking(move || {
@@ -73,6 +76,7 @@ impl pb::adapters_server::Adapters for AdaptersApi {
     }
 
     async fn unregister(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::UnregisterResponse>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
         let store = self.state.store()?;
         let id = request.into_inner().module_id;
         store.registry().unregister(&id)?;
@@ -81,12 +85,14 @@ impl pb::adapters_server::Adapters for AdaptersApi {
     }
 
     async fn list(&self, _request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        self.tokens.check(&_request, Scope::Inference)?;
         let store = self.state.store()?;
         let modules = store.registry().list().iter().map(|r| module_info(&store, r, None)).collect();
         Ok(Response::new(pb::ListResponse { modules }))
     }
 
     async fn describe(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::ModuleInfo>, Status> {
+        self.tokens.check(&request, Scope::Inference)?;
         let store = self.state.store()?;
         let id = request.into_inner().module_id;
         blocking(move || {
@@ -102,6 +108,7 @@ impl pb::adapters_server::Adapters for AdaptersApi {
     }
 
     async fn merge(&self, request: Request<pb::MergeRequest>) -> Result<Response<pb::ModuleInfo>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
         let store = self.state.store()?;
         let r = request.into_inner();
         blocking(move || {
@@ -122,6 +129,7 @@ impl pb::adapters_server::Adapters for AdaptersApi {
     }
 
     async fn preload(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::ModuleInfo>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
         let store = self.state.store()?;
         let id = request.into_inner().module_id;
         blocking(move || {
@@ -133,6 +141,7 @@ impl pb::adapters_server::Adapters for AdaptersApi {
     }
 
     async fn evict(&self, request: Request<pb::ModuleRef>) -> Result<Response<pb::EvictResponse>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
         let store = self.state.store()?;
         let id = request.into_inner().module_id;
         store.registry().get(&id)?;

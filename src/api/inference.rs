@@ -10,6 +10,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
+use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
 use crate::adapters::poly::Routing;
@@ -28,11 +29,12 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
 /// Service implementation.
 pub struct InferenceApi {
     state: Arc<ServingState>,
+    tokens: TokenSet,
 }
 
 impl InferenceApi {
-    pub fn new(state: Arc<ServingState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<ServingState>, tokens: TokenSet) -> Self {
+        Self { state, tokens }
     }
 
     async fn start(&self, metadata: &MetadataMap, r: pb::GenerateRequest) -> Result<tokio::sync::mpsc::Receiver<EventResult>, Status> {
@@ -174,6 +176,7 @@ fn count_error(s: Status) -> Status {
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceApi {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
         let rx = self.start(&md, r).await.map_err(count_error)?;
         let out = Collected::collect(rx).await.map_err(|e| count_error(e.into()))?;
@@ -195,6 +198,7 @@ impl pb::inference_server::Inference for InferenceApi {
     type GenerateStreamStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send + 'static>>;
 
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
         let rx = self.start(&md, r).await.map_err(count_error)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));

@@ -6,6 +6,7 @@
 //! in-flight requests finish within `--drain-timeout`, then the process exits 0; a second signal
 //! exits at once.
 pub mod adapters;
+pub mod auth;
 pub mod inference;
 pub mod state;
 pub mod status;
@@ -18,10 +19,10 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::adapters::registry::detect_kind;
-use crate::adapters::store::AdapterStore;
+use crate::adapters::store::{AdapterLimits, AdapterStore};
 use crate::config::ServeArgs;
 use crate::engine::actor::{spawn_engine, EngineConfig};
-use crate::engine::request::TextFrontEnd;
+use crate::engine::request::{RequestLimits, TextFrontEnd};
 use crate::pb::adapters_server::AdaptersServer;
 use crate::pb::inference_server::InferenceServer;
 use state::{Ready, ServingState};
@@ -69,6 +70,16 @@ fn register_existing(store: &AdapterStore) {
 
 /// Starts the server and runs until drained after SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tokens = match &args.security.auth_tokens_file {
+        Some(p) => auth::TokenSet::from_file(p).map_err(|e| anyhow::anyhow!("--auth-tokens-file {e}"))?,
+        None => auth::TokenSet::default(),
+    };
+    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.security.insecure_allow_anonymous {
+        anyhow::bail!(
+            "refusing to serve {} without authentication: give --auth-tokens-file, listen on loopback, or pass --insecure-allow-anonymous",
+            args.listen
+        );
+    }
     install_metrics(&args.metrics_listen)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -79,6 +90,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (state, health) = (state.clone(), health.clone());
         let model_args = args.model.clone();
         let adapter_args = args.adapters.clone();
+        let limits = args.limits.clone();
         let cfg = EngineConfig {
             max_queued: args.max_queued,
             max_running: args.max_running,
@@ -90,11 +102,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let t0 = Instant::now();
             let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Ready> {
                 let model = crate::runtime::load_model(&model_args)?;
-                let store = crate::runtime::open_adapter_store(&model, &adapter_args, false)?.map(Arc::new);
+                let store = crate::runtime::open_adapter_store(&model, &adapter_args, false)?.map(|s| {
+                    Arc::new(s.with_limits(AdapterLimits {
+                        max_components: limits.max_components,
+                        max_file_bytes: limits.max_adapter_file_bytes,
+                        max_rank: limits.max_adapter_rank,
+                    }))
+                });
                 if let Some(s) = &store {
                     register_existing(s);
                 }
-                let front = Arc::new(TextFrontEnd::from_model(&model));
+                let front = Arc::new(TextFrontEnd::from_model(&model).with_limits(RequestLimits {
+                    max_prompt_tokens: limits.max_prompt_tokens,
+                    max_new_tokens: limits.max_new_tokens_limit,
+                    max_stop_strings: limits.max_stop_strings,
+                    max_stop_bytes: limits.max_stop_bytes,
+                }));
                 let engine = spawn_engine(model.llama.clone(), front.clone(), cfg)?;
                 Ok(Ready { engine, front, store })
             })
@@ -155,11 +178,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("drained");
         }
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.security.tls_cert, &args.security.tls_key) {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &args.security.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(tls)?;
+        tracing::info!(mutual = args.security.tls_client_ca.is_some(), "TLS enabled");
+    }
+    let max_bytes = args.limits.max_request_bytes;
+    let inference = InferenceServer::new(inference::InferenceApi::new(state.clone(), tokens.clone()))
+        .max_decoding_message_size(max_bytes);
+    let admin = AdaptersServer::new(adapters::AdaptersApi::new(state.clone(), tokens)).max_decoding_message_size(max_bytes);
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(inference::InferenceApi::new(state.clone())))
-        .add_service(AdaptersServer::new(adapters::AdaptersApi::new(state.clone())))
+        .add_service(inference)
+        .add_service(admin)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
     server.await?;
     tracing::info!("server stopped");

@@ -21,7 +21,7 @@ impl From<EngineError> for Status {
             EngineError::NotReady => Code::Unavailable,
             EngineError::DeadlineExceeded => Code::DeadlineExceeded,
             EngineError::SlowClient => Code::Aborted,
-            EngineError::InvalidArgument(_) => Code::InvalidArgument,
+            EngineError::InvalidArgument(_) | EngineError::Limit(_) => Code::InvalidArgument,
             EngineError::Adapter(a) => adapter_code(a),
             EngineError::Internal(_) => Code::Internal,
         };
@@ -41,7 +41,9 @@ impl From<AdapterError> for Status {
 pub fn adapter_code(e: &AdapterError) -> Code {
     match e {
         AdapterError::UnknownModule(_) | AdapterError::UnknownTask { .. } | AdapterError::Io { .. } => Code::NotFound,
-        AdapterError::BadPath { .. } | AdapterError::Composition(_) | AdapterError::WrongKind { .. } => Code::InvalidArgument,
+        AdapterError::BadPath { .. } | AdapterError::Composition(_) | AdapterError::WrongKind { .. } | AdapterError::Limit(_) => {
+            Code::InvalidArgument
+        }
         AdapterError::Malformed { .. }
         | AdapterError::Unsupported { .. }
         | AdapterError::Shape { .. }

@@ -1,9 +1,237 @@
-//! `modserve bench` (being written).
+//! `modserve bench`: in-process benchmark scenarios over one loaded model, printed as one markdown
+//! table (plus optional JSON).
+//!
+//! Every scenario drives the same engine (continuous batching, the server's defaults unless the
+//! flags say otherwise) with greedy requests that generate exactly their token budget. Adapters
+//! are written synthetically (seeded, realistic magnitudes, real on-disk formats) into the work
+//! dir and loaded through the adapter store, so the numbers include the real resolve and apply
+//! paths. Client-side timestamps: TTFT is from preparation (composition resolve) to the first
+//! token event, inter-token latency (ITL) is the gap between token events of one stream.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+mod drive;
+mod load;
+mod scenarios;
+mod stats;
+mod synth;
+
+use crate::adapters::delta::BaseShapes;
+use crate::adapters::registry::{AdapterRoot, Registry};
+use crate::adapters::store::AdapterStore;
+use crate::config::ModelArgs;
+use crate::engine::actor::{spawn_engine, EngineConfig, EngineHandle};
+use crate::engine::request::TextFrontEnd;
+use crate::model::load::LoadedModel;
+pub use stats::Row;
+
+/// Every scenario, in the order they run.
+pub const SCENARIOS: [&str; 8] = ["single", "base32", "lora32", "sft32", "poly32", "zipf1000", "coldload", "ttft_under_load"];
+
 /// Benchmark options.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Scenarios to run, comma-separated: single, base32, lora32, sft32, poly32, zipf1000 (also
+    /// reports `allhot`), coldload, ttft_under_load. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Tokens each request generates (single and the 32-stream scenarios).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Concurrent streams of the multi-stream scenarios (the `32` of their names).
+    #[arg(long, default_value_t = 32)]
+    pub streams: usize,
+    /// Requests of the zipf1000 / allhot closed loop (each min(32, --new-tokens) tokens).
+    #[arg(long, default_value_t = 256)]
+    pub zipf_requests: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where the synthetic adapters are written (kept, and reused by later runs). Default: a
+    /// temporary folder, removed afterwards.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Engine: largest prefill chunk of one prompt per step (server default).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Engine: largest number of token rows in one batch step (server default).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Seed of prompts, adapters and request sequences.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// What every scenario shares.
+pub struct Ctx {
+    pub model: LoadedModel,
+    pub front: Arc<TextFrontEnd>,
+    pub engine: EngineHandle,
+    pub cfg: EngineConfig,
+    pub work: PathBuf,
+    pub base: BaseShapes,
+    pub vocab: usize,
+    pub new_tokens: usize,
+    pub streams: usize,
+    pub zipf_requests: usize,
+    pub seed: u64,
+}
+
+impl Ctx {
+    /// A fresh adapter store over the work dir (ids are paths under it).
+    pub fn store(&self, cache_bytes: usize) -> anyhow::Result<AdapterStore> {
+        let registry = Registry::new(AdapterRoot::new(&self.work)?, true);
+        Ok(AdapterStore::for_model(registry, cache_bytes, self.model.llama.clone()))
+    }
+}
+
+/// Results so far, with the base-only throughputs later rows compare against.
+#[derive(Default)]
+pub struct Results {
+    pub rows: Vec<Row>,
+    /// tok/s of `base32` (the reference of the 32-stream adapter scenarios).
+    pub base_streams: Option<f64>,
+}
+
+fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
+    if args.scenarios.is_empty() {
+        return Ok(SCENARIOS.to_vec());
+    }
+    let mut want = Vec::new();
+    for s in &args.scenarios {
+        let s = s.trim();
+        let s = if s == "allhot" { "zipf1000" } else { s };
+        match SCENARIOS.iter().find(|n| **n == s) {
+            Some(n) => want.push(*n),
+            None => anyhow::bail!("--scenarios: unknown scenario `{s}` (known: {})", SCENARIOS.join(", ")),
+        }
+    }
+    // Run in the canonical order so the base-only references run before their comparisons.
+    Ok(SCENARIOS.iter().copied().filter(|n| want.contains(n)).collect())
+}
 
 /// Runs the benchmark.
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let scenarios = selected(&args)?;
+    anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
+    anyhow::ensure!(args.streams >= 2, "--streams must be at least 2");
+    anyhow::ensure!(args.prefill_chunk >= 1 && args.max_batch_tokens >= 1, "--prefill-chunk and --max-batch-tokens must be positive");
+    crate::runtime::set_threads(args.model.threads);
+    let (work, temporary) = match &args.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (std::env::temp_dir().join(format!("modserve-bench-{}", std::process::id())), true),
+    };
+    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir {}", work.display()))?;
+    let result = run_in(&args, &scenarios, work.clone());
+    if temporary {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    result
+}
+
+fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result<()> {
+    let t_all = Instant::now();
+    eprintln!("[bench] loading the model ({:?} weights) ...", args.model.weights);
+    let model = crate::runtime::load_model(&args.model)?;
+    let front = Arc::new(TextFrontEnd::from_model(&model));
+    let cfg = EngineConfig {
+        max_running: 64.max(args.streams),
+        max_queued: 256.max(args.streams * 2),
+        max_batch_tokens: args.max_batch_tokens,
+        prefill_chunk: args.prefill_chunk,
+        ..EngineConfig::default()
+    };
+    let engine = spawn_engine(model.llama.clone(), front.clone(), cfg.clone())?;
+    let base = BaseShapes::new(model.llama.cfg.clone());
+    let vocab = model.llama.cfg.vocab_size;
+    let ctx = Ctx {
+        model,
+        front,
+        engine,
+        cfg,
+        work,
+        base,
+        vocab,
+        new_tokens: args.new_tokens,
+        streams: args.streams,
+        zipf_requests: args.zipf_requests.max(1),
+        seed: args.seed,
+    };
+    scenarios::warmup(&ctx)?;
+    let mut res = Results::default();
+    for name in scenarios {
+        eprintln!("[bench] == {name} ==");
+        let t0 = Instant::now();
+        match *name {
+            "single" => scenarios::single(&ctx, &mut res)?,
+            "base32" => scenarios::base_streams(&ctx, &mut res)?,
+            "lora32" => scenarios::lora_streams(&ctx, &mut res)?,
+            "sft32" => scenarios::sft_streams(&ctx, &mut res)?,
+            "poly32" => scenarios::poly_streams(&ctx, &mut res)?,
+            "zipf1000" => load::zipf(&ctx, &mut res)?,
+            "coldload" => load::coldload(&ctx, &mut res)?,
+            "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,
+            other => unreachable!("unknown scenario {other}"),
+        }
+        drive::wait_idle(&ctx);
+        eprintln!("[bench]   {name} took {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    let threads = args.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
+    let header = format!(
+        "modserve bench: model {}, weights {:?}, threads {threads}, new_tokens {}, streams {}, prefill_chunk {}, max_batch_tokens {}, seed {} ({:.0} s total)",
+        ctx.model.source.display(),
+        args.model.weights,
+        args.new_tokens,
+        args.streams,
+        args.prefill_chunk,
+        args.max_batch_tokens,
+        args.seed,
+        t_all.elapsed().as_secs_f64()
+    );
+    println!("{header}\n");
+    print!("{}", stats::render_table(&res.rows));
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "model": ctx.model.source.display().to_string(),
+            "weights": format!("{:?}", args.model.weights).to_lowercase(),
+            "threads": args.model.threads,
+            "new_tokens": args.new_tokens,
+            "streams": args.streams,
+            "prefill_chunk": args.prefill_chunk,
+            "max_batch_tokens": args.max_batch_tokens,
+            "seed": args.seed,
+            "total_s": t_all.elapsed().as_secs_f64(),
+            "rows": res.rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("--json {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        b: BenchArgs,
+    }
+
+    #[test]
+    fn scenario_selection() {
+        let a = Cli::parse_from(["x"]).b;
+        assert_eq!(selected(&a).unwrap(), SCENARIOS.to_vec());
+        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens), (128, 32, 256, 512));
+        let a = Cli::parse_from(["x", "--scenarios", "lora32,single,allhot"]).b;
+        assert_eq!(selected(&a).unwrap(), vec!["single", "lora32", "zipf1000"]);
+        let a = Cli::parse_from(["x", "--scenarios", "nope"]).b;
+        assert!(selected(&a).unwrap_err().to_string().contains("unknown scenario `nope`"));
+    }
 }

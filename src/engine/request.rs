@@ -52,6 +52,8 @@ pub enum EngineError {
     NotReady,
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("limit exceeded: {0}")]
+    Limit(String),
     #[error("the request's deadline passed")]
     DeadlineExceeded,
     #[error("the client stopped reading the stream")]
@@ -69,6 +71,7 @@ impl EngineError {
             Self::QueueFull(_) => "queue_full",
             Self::NotReady => "not_ready",
             Self::InvalidArgument(_) => "invalid_argument",
+            Self::Limit(_) => "limit_exceeded",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::SlowClient => "slow_client",
             Self::Adapter(e) => e.code(),
@@ -77,8 +80,24 @@ impl EngineError {
     }
 }
 
+/// Per-request limits (exceeding one is INVALID_ARGUMENT, code `limit_exceeded`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestLimits {
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { max_prompt_tokens: 4096, max_new_tokens: 2048, max_stop_strings: 8, max_stop_bytes: 256 }
+    }
+}
+
 /// Tokenizer, chat template and limits: what turns prompts into ids.
 pub struct TextFrontEnd {
+    pub limits: RequestLimits,
     pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub eos: Arc<[u32]>,
@@ -94,7 +113,13 @@ impl TextFrontEnd {
             eos: m.eos_token_ids.clone().into(),
             vocab_size: m.llama.cfg.vocab_size,
             max_context: m.llama.cfg.max_position_embeddings,
+            limits: RequestLimits::default(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Token ids of a prompt.
@@ -126,7 +151,32 @@ impl TextFrontEnd {
     pub fn prepare(&self, store: Option<&AdapterStore>, req: EngineRequest) -> Result<PreparedRequest, EngineError> {
         let received_at = Instant::now();
         req.spec.sampling.validate().map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        let l = &self.limits;
+        if req.spec.max_new_tokens > l.max_new_tokens {
+            return Err(EngineError::Limit(format!(
+                "max_new_tokens {} exceeds max_new_tokens_limit {}",
+                req.spec.max_new_tokens, l.max_new_tokens
+            )));
+        }
+        if req.spec.stop.len() > l.max_stop_strings {
+            return Err(EngineError::Limit(format!("{} stop strings exceed max_stop_strings {}", req.spec.stop.len(), l.max_stop_strings)));
+        }
+        if let Some(s) = req.spec.stop.iter().find(|s| s.len() > l.max_stop_bytes) {
+            return Err(EngineError::Limit(format!("a stop string of {} bytes exceeds max_stop_bytes {}", s.len(), l.max_stop_bytes)));
+        }
+        if req.spec.stop.iter().any(|s| s.is_empty()) {
+            return Err(EngineError::InvalidArgument("stop strings must not be empty".into()));
+        }
+        if let PromptInput::Text(t) | PromptInput::ChatUser(t) = &req.prompt {
+            // Cheap guard before tokenizing: a token covers at least one byte.
+            if t.len() > l.max_prompt_tokens.saturating_mul(64) {
+                return Err(EngineError::Limit(format!("a prompt of {} bytes exceeds max_prompt_tokens {}", t.len(), l.max_prompt_tokens)));
+            }
+        }
         let ids = self.tokenize(&req.prompt)?;
+        if ids.len() > l.max_prompt_tokens {
+            return Err(EngineError::Limit(format!("the prompt has {} tokens; max_prompt_tokens is {}", ids.len(), l.max_prompt_tokens)));
+        }
         if ids.is_empty() {
             return Err(EngineError::InvalidArgument("the prompt is empty".into()));
         }

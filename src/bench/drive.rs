@@ -1,0 +1,237 @@
+//! Driving the in-process engine: prepared jobs submitted at once or in a closed loop, each stream
+//! read on its own thread, with client-side timestamps of every token.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+
+use super::stats::percentile;
+use super::Ctx;
+use crate::adapters::store::{AdapterStore, CompositionSpec};
+use crate::engine::actor::{EventResult, StreamEvent};
+use crate::engine::request::{EngineError, EngineRequest, PromptInput};
+use crate::engine::sequence::GenerateSpec;
+use crate::model::sampling::SamplingParams;
+
+/// One request of a scenario.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub new_tokens: usize,
+    pub composition: CompositionSpec,
+}
+
+/// What one request saw.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// Before preparation (composition resolution, maybe a module load) and submission.
+    pub start: Instant,
+    pub tokens: Vec<Instant>,
+    pub done: Instant,
+    pub error: Option<String>,
+}
+
+impl Trace {
+    pub fn ttft_ms(&self) -> Option<f64> {
+        self.tokens.first().map(|t| ms(*t - self.start))
+    }
+
+    pub fn gaps_ms(&self) -> impl Iterator<Item = f64> + '_ {
+        self.tokens.windows(2).map(|w| ms(w[1] - w[0]))
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Distinct prompts of 16..=32 random in-vocabulary ids (ids below 100 hold special tokens).
+pub fn prompts(n: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0000);
+    (0..n)
+        .map(|i| {
+            let len = 16 + (i * 7) % 17;
+            (0..len).map(|_| rng.random_range(100..vocab as u32)).collect()
+        })
+        .collect()
+}
+
+/// A random prompt of exactly `len` ids.
+pub fn long_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x10_0000);
+    (0..len).map(|_| rng.random_range(100..vocab as u32)).collect()
+}
+
+/// Greedy, exactly `new_tokens` tokens (end-of-sequence suppressed).
+pub fn request(job: &Job, id: String) -> EngineRequest {
+    EngineRequest {
+        prompt: PromptInput::TokenIds(job.prompt.clone()),
+        spec: GenerateSpec {
+            prompt_ids: Vec::new(),
+            max_new_tokens: job.new_tokens,
+            min_new_tokens: job.new_tokens,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+        },
+        composition: job.composition.clone(),
+        deadline: None,
+        request_id: id,
+    }
+}
+
+/// Prepares and submits one job; the receiver of its events.
+pub fn submit(ctx: &Ctx, store: Option<&AdapterStore>, job: &Job, id: String) -> Result<mpsc::Receiver<EventResult>, EngineError> {
+    let req = ctx.front.prepare(store, request(job, id))?;
+    ctx.engine.submit(req)
+}
+
+/// Reads a stream to its end, stamping every token.
+pub fn read(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
+    let mut t = Trace { start, tokens: Vec::new(), done: start, error: None };
+    let mut finished = false;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Ok(StreamEvent::Token { .. }) => t.tokens.push(Instant::now()),
+            Ok(StreamEvent::Finished(_)) => finished = true,
+            Err(e) => {
+                t.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if !finished && t.error.is_none() {
+        t.error = Some("stream ended without a final event".into());
+    }
+    t.done = Instant::now();
+    t
+}
+
+/// Prepares every job, then submits them all at once and reads each stream on its own thread.
+pub fn run_all_at_once(ctx: &Ctx, store: Option<&AdapterStore>, jobs: &[Job]) -> anyhow::Result<Vec<Trace>> {
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.iter().enumerate() {
+        prepared.push(ctx.front.prepare(store, request(j, format!("bench-{i}")))?);
+    }
+    let mut rxs = Vec::with_capacity(jobs.len());
+    for p in prepared {
+        let start = Instant::now();
+        rxs.push((start, ctx.engine.submit(p)?));
+    }
+    Ok(std::thread::scope(|s| {
+        let hs: Vec<_> = rxs.into_iter().map(|(start, rx)| s.spawn(move || read(start, rx))).collect();
+        hs.into_iter().map(|h| h.join().expect("reader thread")).collect()
+    }))
+}
+
+/// Closed loop: `concurrency` workers each take the next job, prepare (resolving its composition,
+/// loading modules on a miss), submit and read it, until all jobs ran.
+pub fn run_closed_loop(ctx: &Ctx, store: &AdapterStore, jobs: &[Job], concurrency: usize) -> Vec<Trace> {
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<(usize, Trace)>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    let progress = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..concurrency.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                let start = Instant::now();
+                let t = match submit(ctx, Some(store), job, format!("bench-{i}")) {
+                    Ok(rx) => read(start, rx),
+                    Err(e) => Trace { start, tokens: Vec::new(), done: Instant::now(), error: Some(e.to_string()) },
+                };
+                out.lock().expect("traces").push((i, t));
+                let n = progress.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % 64 == 0 || n == jobs.len() {
+                    eprintln!("[bench]   {n}/{} requests done", jobs.len());
+                }
+            });
+        }
+    });
+    let mut v = out.into_inner().expect("traces");
+    v.sort_by_key(|(i, _)| *i);
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Waits until the engine holds no request (after a scenario dropped or finished its streams).
+pub fn wait_idle(ctx: &Ctx) {
+    let t0 = Instant::now();
+    while (ctx.engine.running() > 0 || ctx.engine.queued() > 0) && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Aggregates of a set of traces.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub requests: usize,
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub tokens: usize,
+    pub wall_s: f64,
+    pub tok_s: f64,
+    pub ttft_p50: Option<f64>,
+    pub ttft_p99: Option<f64>,
+    pub itl_p50: Option<f64>,
+    pub itl_p99: Option<f64>,
+}
+
+/// Throughput over first start to last token; TTFT and inter-token percentiles over all streams.
+pub fn summarize(traces: &[Trace]) -> Summary {
+    let tokens: usize = traces.iter().map(|t| t.tokens.len()).sum();
+    let first = traces.iter().map(|t| t.start).min();
+    let last = traces.iter().filter_map(|t| t.tokens.last().copied()).max();
+    let wall_s = match (first, last) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let ttft: Vec<f64> = traces.iter().filter_map(Trace::ttft_ms).collect();
+    let gaps: Vec<f64> = traces.iter().flat_map(Trace::gaps_ms).collect();
+    let errors: Vec<&String> = traces.iter().filter_map(|t| t.error.as_ref()).collect();
+    Summary {
+        requests: traces.len(),
+        errors: errors.len(),
+        first_error: errors.first().map(|s| s.to_string()),
+        tokens,
+        wall_s,
+        tok_s: if wall_s > 0.0 { tokens as f64 / wall_s } else { 0.0 },
+        ttft_p50: percentile(&ttft, 50.0),
+        ttft_p99: percentile(&ttft, 99.0),
+        itl_p50: percentile(&gaps, 50.0),
+        itl_p99: percentile(&gaps, 99.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_distinct_and_sized() {
+        let p = prompts(32, 49152, 0);
+        assert_eq!(p.len(), 32);
+        assert!(p.iter().all(|x| (16..=32).contains(&x.len()) && x.iter().all(|&t| (100..49152).contains(&t))));
+        let distinct: std::collections::BTreeSet<_> = p.iter().collect();
+        assert_eq!(distinct.len(), 32);
+        assert_eq!(p, prompts(32, 49152, 0));
+        assert_eq!(long_prompt(256, 1000, 1).len(), 256);
+    }
+
+    #[test]
+    fn summary_of_traces() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let a = Trace { start: at(0), tokens: vec![at(100), at(110), at(130)], done: at(130), error: None };
+        let b = Trace { start: at(0), tokens: vec![at(200), at(210)], done: at(210), error: Some("x".into()) };
+        let s = summarize(&[a, b]);
+        assert_eq!((s.tokens, s.errors, s.requests), (5, 1, 2));
+        assert!((s.wall_s - 0.21).abs() < 1e-9);
+        assert!((s.tok_s - 5.0 / 0.21).abs() < 1e-6);
+        assert_eq!(s.ttft_p50.map(f64::round), Some(100.0));
+        assert_eq!(s.ttft_p99.map(f64::round), Some(200.0));
+        assert_eq!(s.itl_p99.map(f64::round), Some(20.0));
+        assert_eq!(s.itl_p50.map(f64::round), Some(10.0));
+    }
+}

@@ -1,0 +1,254 @@
+//! Scenarios about loading and latency: a Zipf-popular library of 1000 LoRAs behind a cache that
+//! holds 64 of them (against the same requests with everything hot), cold module loads, and the
+//! time to first token of a long prompt arriving while other streams decode.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::drive::{self, long_prompt, ms, prompts, Job};
+use super::scenarios::{ensure_loras, p50_p90, row, since_ms};
+use super::stats::{peak_rss_mb, percentile, Row, Zipf};
+use super::synth;
+use super::{Ctx, Results};
+use crate::adapters::cache::CacheSnapshot;
+use crate::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use crate::engine::actor::StreamEvent;
+use crate::model::linear::Proj;
+
+const LIBRARY: usize = 1000;
+const HOT: usize = 64;
+const ZIPF_CONCURRENCY: usize = 32;
+
+fn zipf_id(k: usize) -> String {
+    format!("zipf/m_{k:04}")
+}
+
+/// Writes the 1000 small LoRAs (r=8 on q_proj and v_proj, f16 files).
+fn ensure_library(ctx: &Ctx) -> anyhow::Result<()> {
+    let dir = ctx.work.join("zipf");
+    synth::ensure(&dir, "1000 PEFT LoRAs (r=8, q_proj+v_proj, f16)", || {
+        for k in 0..LIBRARY {
+            synth::write_lora(&ctx.work.join(zipf_id(k)), &ctx.base, &[Proj::Q, Proj::V], 8, synth::Elem::F16, ctx.seed.wrapping_mul(7919) + 10_000 + k as u64)?;
+            if (k + 1) % 250 == 0 {
+                eprintln!("[bench]   {}/{LIBRARY} written", k + 1);
+            }
+        }
+        Ok(())
+    })
+}
+
+fn delta_of(k: usize) -> CompositionSpec {
+    CompositionSpec { deltas: vec![DeltaRef { id: zipf_id(k), scale: 1.0 }], route: None }
+}
+
+fn diff(a: CacheSnapshot, b: CacheSnapshot) -> (u64, u64, u64, u64, u64) {
+    (b.hits - a.hits, b.misses - a.misses, b.loads - a.loads, b.evictions - a.evictions, b.refused - a.refused)
+}
+
+/// Runs the jobs closed-loop on `store`; returns the row and the cache activity during the run.
+fn zipf_run(ctx: &Ctx, name: &str, store: &AdapterStore, jobs: &[Job], base: Option<f64>, notes: &str) -> anyhow::Result<(Row, f64)> {
+    let before = store.cache().snapshot();
+    let traces = drive::run_closed_loop(ctx, store, jobs, ZIPF_CONCURRENCY);
+    let after = store.cache().snapshot();
+    let s = drive::summarize(&traces);
+    anyhow::ensure!(s.errors < s.requests, "{name}: every request failed: {}", s.first_error.unwrap_or_default());
+    let (hits, misses, loads, evictions, refused) = diff(before, after);
+    let rate = if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 };
+    let notes = format!(
+        "{notes}; cache hit rate {:.1}% ({hits} hits, {misses} misses, {loads} loads, {evictions} evictions{}), resident {:.0} MB",
+        rate * 100.0,
+        if refused > 0 { format!(", {refused} refused") } else { String::new() },
+        after.bytes as f64 / 1e6
+    );
+    Ok((row(name, ZIPF_CONCURRENCY, &s, base, notes), s.tok_s))
+}
+
+/// `zipf1000` + `allhot`: the same Zipf(1.0)-popular request sequence over 1000 LoRAs, closed loop
+/// with 32 streams, first with a cache of 64 modules (the 64 most popular preloaded, so it starts
+/// warm), then with every module preloaded.
+pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    ensure_library(ctx)?;
+    let new_tokens = ctx.new_tokens.min(32);
+    // Resident bytes of one module (tensors + CPU kernel layout).
+    let probe = ctx.store(usize::MAX / 2)?;
+    probe.module(&zipf_id(0))?;
+    let one = probe.cache().snapshot().bytes.max(1);
+    drop(probe);
+    let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0x21bf);
+    let zipf = Zipf::new(LIBRARY, 1.0);
+    let picks: Vec<usize> = (0..ctx.zipf_requests).map(|_| zipf.sample(&mut rng)).collect();
+    let distinct = picks.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let jobs: Vec<Job> = prompts(picks.len(), ctx.vocab, ctx.seed ^ 0x77)
+        .into_iter()
+        .zip(&picks)
+        .map(|(prompt, &k)| Job { prompt, new_tokens, composition: delta_of(k) })
+        .collect();
+    let shape = format!("{} requests x {new_tokens} tokens, {distinct} distinct modules", jobs.len());
+
+    // Base-only reference of the same request shapes.
+    eprintln!("[bench]   base-only reference: {shape} ...");
+    let base_jobs: Vec<Job> = jobs.iter().map(|j| Job { composition: CompositionSpec::default(), ..j.clone() }).collect();
+    let base_store = ctx.store(1 << 20)?;
+    let (mut base_row, base_tok_s) = zipf_run(ctx, "zipf_base", &base_store, &base_jobs, None, &format!("base-only reference of zipf1000: {shape}"))?;
+    base_row.ratio_to_base = Some(1.0);
+    base_row.notes = format!("base model only, same {shape} closed loop (the reference of zipf1000 / allhot)");
+    drive::wait_idle(ctx);
+
+    let budget = HOT * one + one / 2;
+    let store = ctx.store(budget)?;
+    let t0 = Instant::now();
+    for k in 0..HOT {
+        store.module(&zipf_id(k))?;
+    }
+    eprintln!("[bench]   zipf1000: {shape}, cache of {HOT} modules ({:.0} MB), top {HOT} preloaded in {:.1} s ...", budget as f64 / 1e6, t0.elapsed().as_secs_f64());
+    let mb = (one as f64) / 1e6;
+    let notes = format!(
+        "LoRA r=8 on q_proj+v_proj only (f16 files, {:.2} MB; {mb:.1} MB resident), Zipf(1.0) over {LIBRARY}, cache holds {HOT}; {shape}; vs base-only ratio is against zipf_base",
+        super::scenarios::dir_mb(&ctx.work.join(zipf_id(0)))
+    );
+    let (z_row, z_tok_s) = zipf_run(ctx, "zipf1000", &store, &jobs, Some(base_tok_s), &notes)?;
+    drop(store);
+    drive::wait_idle(ctx);
+
+    let store = ctx.store(LIBRARY * one + LIBRARY * one / 10)?;
+    let t0 = Instant::now();
+    for k in 0..LIBRARY {
+        store.module(&zipf_id(k))?;
+    }
+    let preload_s = t0.elapsed().as_secs_f64();
+    eprintln!("[bench]   allhot: all {LIBRARY} modules preloaded in {preload_s:.1} s ...");
+    let (h_row, h_tok_s) = zipf_run(ctx, "allhot", &store, &jobs, Some(base_tok_s), &format!("same requests, all {LIBRARY} modules resident (preloaded in {preload_s:.1} s)"))?;
+    let mut z_row = z_row;
+    z_row.notes = format!("zipf1000 / allhot tok/s = {:.2}; {}", z_tok_s / h_tok_s.max(1e-9), z_row.notes);
+    res.rows.push(base_row);
+    res.rows.push(z_row);
+    res.rows.push(h_row);
+    Ok(())
+}
+
+/// `coldload`: 20 loads of distinct r=8 all-projection LoRAs through `store.module(id)` into an
+/// empty cache (the files may be in the OS page cache).
+pub fn coldload(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    const N: usize = 20;
+    let ids = ensure_loras(ctx, N)?;
+    let store = ctx.store(8 << 30)?;
+    let mut times = Vec::with_capacity(N);
+    for id in &ids {
+        let t0 = Instant::now();
+        store.module(id)?;
+        times.push(since_ms(t0));
+    }
+    let (p50, p90) = p50_p90(&times);
+    let mb = super::scenarios::dir_mb(&ctx.work.join(&ids[0]));
+    res.rows.push(Row {
+        scenario: "coldload".into(),
+        streams: 0,
+        peak_rss_mb: peak_rss_mb(),
+        notes: format!(
+            "load of one PEFT LoRA (r=8, all 7 projections, f32, {mb:.1} MB) into an empty cache: p50 {:.1} ms, p90 {:.1} ms over {N} distinct ids (page cache warm)",
+            p50.unwrap_or(f64::NAN),
+            p90.unwrap_or(f64::NAN)
+        ),
+        ..Default::default()
+    });
+    Ok(())
+}
+
+/// `ttft_under_load`: N-1 streams decode; then one 256-token prompt arrives. Reports its TTFT and
+/// the largest gap between tokens of the decoding streams while it was prefilled.
+pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let n = ctx.streams - 1;
+    const PROBE_LEN: usize = 256;
+    let jobs: Vec<Job> = prompts(n, ctx.vocab, ctx.seed ^ 0x99)
+        .into_iter()
+        .map(|prompt| Job { prompt, new_tokens: 256, composition: CompositionSpec::default() })
+        .collect();
+    let stamps: Arc<Vec<Mutex<Vec<Instant>>>> = Arc::new((0..n).map(|_| Mutex::new(Vec::new())).collect());
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let mut rx = drive::submit(ctx, None, job, format!("decode-{i}"))?;
+        let (stamps, stop, ended) = (stamps.clone(), stop.clone(), ended.clone());
+        readers.push(std::thread::spawn(move || {
+            while let Some(ev) = rx.blocking_recv() {
+                if let Ok(StreamEvent::Token { .. }) = ev {
+                    stamps[i].lock().expect("stamps").push(Instant::now());
+                }
+                if ev.is_err() || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            ended.fetch_add(1, Ordering::Relaxed);
+            // Dropping `rx` cancels the sequence.
+        }));
+    }
+    let count = |i: usize| stamps[i].lock().expect("stamps").len();
+    let wait_until = |cond: &dyn Fn() -> bool, what: &str| -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while !cond() {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(300), "ttft_under_load: timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    };
+    eprintln!("[bench]   {n} streams decoding; waiting for steady state ...");
+    wait_until(&|| (0..n).all(|i| count(i) >= 4), "the decoding streams")?;
+    let probe = Job { prompt: long_prompt(PROBE_LEN, ctx.vocab, ctx.seed), new_tokens: 4, composition: CompositionSpec::default() };
+    let t_probe = Instant::now();
+    let mut rx = drive::submit(ctx, None, &probe, "probe".into())?;
+    let mut first = None;
+    while let Some(ev) = rx.blocking_recv() {
+        if let StreamEvent::Token { .. } = ev? {
+            first = Some(Instant::now());
+            break;
+        }
+    }
+    let first = first.ok_or_else(|| anyhow::anyhow!("ttft_under_load: the probe produced no token"))?;
+    drop(rx);
+    let marks: Vec<usize> = (0..n).map(count).collect();
+    wait_until(&|| (0..n).all(|i| count(i) >= marks[i] + 3) || ended.load(Ordering::Relaxed) > 0, "tokens after the probe")?;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    let ttft = ms(first - t_probe);
+    let (mut during, mut before, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    for s in stamps.iter() {
+        let v = s.lock().expect("stamps");
+        for w in v.windows(2).skip(2) {
+            let g = ms(w[1] - w[0]);
+            all.push(g);
+            if w[1] <= t_probe {
+                before.push(g);
+            } else if w[0] < first {
+                during.push(g);
+            }
+        }
+    }
+    let stall = during.iter().copied().fold(f64::NAN, f64::max);
+    let steady = percentile(&before, 50.0);
+    let verdict = if stall < 50.0 { "meets" } else { "misses" };
+    res.rows.push(Row {
+        scenario: "ttft_under_load".into(),
+        streams: n + 1,
+        tok_s: None,
+        ratio_to_base: None,
+        ttft_p50_ms: Some(ttft),
+        ttft_p99_ms: Some(ttft),
+        itl_p50_ms: percentile(&all, 50.0),
+        itl_p99_ms: percentile(&all, 99.0),
+        peak_rss_mb: peak_rss_mb(),
+        notes: format!(
+            "TTFT of a {PROBE_LEN}-token prompt arriving while {n} streams decode; largest decode gap while it prefilled {stall:.0} ms ({verdict} the < 50 ms target; steady ITL p50 before it {:.0} ms); prefill_chunk {}, max_batch_tokens {}",
+            steady.unwrap_or(f64::NAN),
+            ctx.cfg.prefill_chunk,
+            ctx.cfg.max_batch_tokens
+        ),
+        ..Default::default()
+    });
+    Ok(())
+}

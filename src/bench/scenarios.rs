@@ -1,0 +1,228 @@
+//! Throughput scenarios: one stream, and N concurrent streams on the base model, on N distinct
+//! LoRAs, on language+task sparse compositions and on one Poly inventory routed per task.
+use std::path::Path;
+use std::time::Instant;
+
+use super::drive::{self, ms, prompts, Job, Summary};
+use super::stats::{peak_rss_mb, percentile, Row};
+use super::synth::{self, PolyShape};
+use super::{Ctx, Results};
+use crate::adapters::poly::Routing;
+use crate::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use crate::model::linear::Proj;
+
+/// Cache budget of the stores that must hold everything (no eviction while measuring).
+const BIG_CACHE: usize = 8 << 30;
+
+/// Folder of the all-projection r=8 LoRAs shared by `lora32` and `coldload`.
+pub const LORA_DIR: &str = "lora_r8_all";
+
+/// One short generation so lazy initialisation does not land in the first measurement.
+pub fn warmup(ctx: &Ctx) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let jobs: Vec<Job> = prompts(2, ctx.vocab, ctx.seed.wrapping_add(99))
+        .into_iter()
+        .map(|prompt| Job { prompt, new_tokens: 4, composition: CompositionSpec::default() })
+        .collect();
+    let traces = drive::run_all_at_once(ctx, None, &jobs)?;
+    check(&drive::summarize(&traces), "warmup")?;
+    eprintln!("[bench] warm-up done in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn check(s: &Summary, what: &str) -> anyhow::Result<()> {
+    if s.errors == s.requests {
+        anyhow::bail!("{what}: every request failed; first error: {}", s.first_error.as_deref().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+fn error_note(s: &Summary) -> String {
+    match &s.first_error {
+        Some(e) => format!("; {} of {} requests FAILED (first: {e})", s.errors, s.requests),
+        None => String::new(),
+    }
+}
+
+/// A row from a summary (tok/s over the whole run).
+pub fn row(name: &str, streams: usize, s: &Summary, base: Option<f64>, notes: String) -> Row {
+    Row {
+        scenario: name.into(),
+        streams,
+        tok_s: Some(s.tok_s),
+        ratio_to_base: base.filter(|b| *b > 0.0).map(|b| s.tok_s / b),
+        ttft_p50_ms: s.ttft_p50,
+        ttft_p99_ms: s.ttft_p99,
+        itl_p50_ms: s.itl_p50,
+        itl_p99_ms: s.itl_p99,
+        peak_rss_mb: peak_rss_mb(),
+        notes: format!("{notes}{}", error_note(s)),
+        tokens: Some(s.tokens),
+        wall_s: Some(s.wall_s),
+    }
+}
+
+/// `single`: one greedy stream; tok/s counts decode only: (generated - 1) / (last - first token).
+pub fn single(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let prompt = prompts(1, ctx.vocab, ctx.seed).remove(0);
+    let job = Job { prompt, new_tokens: ctx.new_tokens, composition: CompositionSpec::default() };
+    let traces = drive::run_all_at_once(ctx, None, std::slice::from_ref(&job))?;
+    let s = drive::summarize(&traces);
+    check(&s, "single")?;
+    let t = &traces[0];
+    let decode = match (t.tokens.first(), t.tokens.last()) {
+        (Some(a), Some(b)) if t.tokens.len() > 1 && b > a => (t.tokens.len() - 1) as f64 / (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let mut r = row("single", 1, &s, None, format!("decode tok/s (TTFT excluded), {} new tokens", ctx.new_tokens));
+    r.tok_s = Some(decode);
+    r.ratio_to_base = Some(1.0);
+    res.rows.push(r);
+    Ok(())
+}
+
+/// Runs `comps.len()` streams submitted at once, one composition each.
+fn streams_row(ctx: &Ctx, name: &str, store: Option<&AdapterStore>, comps: Vec<CompositionSpec>, base: Option<f64>, notes: String) -> anyhow::Result<Row> {
+    let jobs: Vec<Job> = prompts(comps.len(), ctx.vocab, ctx.seed)
+        .into_iter()
+        .zip(comps)
+        .map(|(prompt, composition)| Job { prompt, new_tokens: ctx.new_tokens, composition })
+        .collect();
+    eprintln!("[bench]   {} streams x {} tokens ...", jobs.len(), ctx.new_tokens);
+    let traces = drive::run_all_at_once(ctx, store, &jobs)?;
+    let s = drive::summarize(&traces);
+    check(&s, name)?;
+    Ok(row(name, jobs.len(), &s, base, notes))
+}
+
+/// `base32`: N base-only streams; tok/s = all generated tokens / (first submit .. last token).
+pub fn base_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let r = streams_row(ctx, "base32", None, vec![CompositionSpec::default(); ctx.streams], None, "base model only; tok/s = all tokens / wall".into())?;
+    res.base_streams = r.tok_s;
+    let mut r = r;
+    r.ratio_to_base = Some(1.0);
+    res.rows.push(r);
+    Ok(())
+}
+
+/// Loads every module of `ids` (and Poly routings) into `store` before timing; returns seconds.
+fn preload(store: &AdapterStore, comps: &[CompositionSpec]) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    for c in comps {
+        store.resolve(c)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Writes LoRA `i` (r=8, all 7 projections, f32: ~10 MB on SmolLM2-135M) of the shared set.
+pub fn ensure_lora(ctx: &Ctx, i: usize) -> anyhow::Result<String> {
+    let id = format!("{LORA_DIR}/lora_{i:03}");
+    let dir = ctx.work.join(&id);
+    if !dir.exists() {
+        let tmp = ctx.work.join(format!("{id}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        synth::write_lora(&tmp, &ctx.base, &Proj::ALL, 8, synth::Elem::F32, ctx.seed.wrapping_mul(1000).wrapping_add(i as u64))?;
+        std::fs::rename(&tmp, &dir)?;
+    }
+    Ok(id)
+}
+
+/// Writes LoRAs `0..n` of the shared set, with progress.
+pub fn ensure_loras(ctx: &Ctx, n: usize) -> anyhow::Result<Vec<String>> {
+    let t0 = Instant::now();
+    let ids = (0..n).map(|i| ensure_lora(ctx, i)).collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!("[bench]   {n} PEFT LoRAs (r=8, all projections) ready in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(ids)
+}
+
+pub fn dir_mb(p: &Path) -> f64 {
+    std::fs::read_dir(p)
+        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum::<u64>())
+        .unwrap_or(0) as f64
+        / 1e6
+}
+
+/// `lora32`: N streams, each with its own PEFT LoRA (r=8 on all 7 projections), preloaded.
+pub fn lora_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let ids = ensure_loras(ctx, ctx.streams)?;
+    let comps: Vec<CompositionSpec> =
+        ids.iter().map(|id| CompositionSpec { deltas: vec![DeltaRef { id: id.clone(), scale: 1.0 }], route: None }).collect();
+    let store = ctx.store(BIG_CACHE)?;
+    let load_s = preload(&store, &comps)?;
+    let mb = dir_mb(&ctx.work.join(&ids[0]));
+    let notes = format!("{} distinct r=8 LoRAs on all 7 projections ({mb:.1} MB each), preloaded in {load_s:.1} s", ids.len());
+    let r = streams_row(ctx, "lora32", Some(&store), comps, res.base_streams, notes)?;
+    res.rows.push(r);
+    Ok(())
+}
+
+/// `sft32`: N streams, each `lang_i + task_j` of 4 language and 8 task sparse modules (0.5%
+/// density on all 7 projections of every layer, native sparse format).
+pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    const LANGS: usize = 4;
+    const TASKS: usize = 8;
+    const DENSITY: f64 = 0.005;
+    let dir = ctx.work.join("sft");
+    let mut nnz = 0;
+    synth::ensure(&dir, "4 language + 8 task sparse modules (0.5% density)", || {
+        for (kind, n, off) in [("lang", LANGS, 500u64), ("task", TASKS, 600)] {
+            for i in 0..n {
+                nnz = synth::write_sparse(&dir.join(format!("{kind}_{i}")), &ctx.base, &Proj::ALL, DENSITY, ctx.seed.wrapping_mul(1000) + off + i as u64)?;
+            }
+        }
+        Ok(())
+    })?;
+    let comps: Vec<CompositionSpec> = (0..ctx.streams)
+        .map(|s| CompositionSpec {
+            deltas: vec![
+                DeltaRef { id: format!("sft/lang_{}", (s / TASKS) % LANGS), scale: 1.0 },
+                DeltaRef { id: format!("sft/task_{}", s % TASKS), scale: 1.0 },
+            ],
+            route: None,
+        })
+        .collect();
+    let store = ctx.store(BIG_CACHE)?;
+    let load_s = preload(&store, &comps)?;
+    let mb = dir_mb(&dir.join("task_0"));
+    let nnz_note = if nnz > 0 { format!(", {nnz} non-zeros each") } else { String::new() };
+    let notes = format!("lang_i + task_j of {LANGS}+{TASKS} sparse modules, 0.5% of all 7 projections ({mb:.1} MB each{nnz_note}), preloaded in {load_s:.1} s");
+    let r = streams_row(ctx, "sft32", Some(&store), comps, res.base_streams, notes)?;
+    res.rows.push(r);
+    Ok(())
+}
+
+/// `poly32`: N streams on one Poly inventory (32 tasks, 8 skills, 2 splits, r=8, all 7
+/// projections), each routed by its own task id; the per-task mixtures are built before timing.
+pub fn poly_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let shape = PolyShape { n_tasks: 32, n_skills: 8, n_splits: 2, r: 8 };
+    let dir = ctx.work.join("poly").join("inv");
+    synth::ensure(&dir, "a Poly inventory (32 tasks, 8 skills, 2 splits, r=8)", || {
+        synth::write_poly(&dir, &ctx.base, &Proj::ALL, shape, ctx.seed.wrapping_mul(1000) + 700)
+    })?;
+    let comps: Vec<CompositionSpec> = (0..ctx.streams)
+        .map(|s| CompositionSpec { deltas: Vec::new(), route: Some(("poly/inv".into(), Routing::Task((s % shape.n_tasks) as i64))) })
+        .collect();
+    let store = ctx.store(BIG_CACHE)?;
+    let t0 = Instant::now();
+    store.module("poly/inv")?;
+    let inv_s = t0.elapsed().as_secs_f64();
+    let mix_s = preload(&store, &comps)?;
+    let notes = format!(
+        "one inventory ({:.0} MB; 32 tasks, 8 skills, 2 splits, r=8, all 7 projections), task id per stream; inventory load {inv_s:.1} s, {} mixtures {mix_s:.1} s, before timing",
+        dir_mb(&dir),
+        ctx.streams.min(shape.n_tasks)
+    );
+    let r = streams_row(ctx, "poly32", Some(&store), comps, res.base_streams, notes)?;
+    res.rows.push(r);
+    Ok(())
+}
+
+/// p50 / p90 of a list of durations in ms.
+pub fn p50_p90(v: &[f64]) -> (Option<f64>, Option<f64>) {
+    (percentile(v, 50.0), percentile(v, 90.0))
+}
+
+/// Elapsed ms since `t0`.
+pub fn since_ms(t0: Instant) -> f64 {
+    ms(t0.elapsed())
+}

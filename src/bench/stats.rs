@@ -1,0 +1,187 @@
+//! Pure helpers of the benchmark: percentiles, a seeded Zipf sampler, normal samples, peak RSS and
+//! the result table (markdown).
+use rand::Rng;
+
+/// Nearest-rank percentile of `samples` (any order): the smallest value with at least `p`% of the
+/// samples at or below it. `None` when there are no samples.
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// Zipf(s) over `0..n`: item `k` has weight `1 / (k+1)^s`. Sampled by inverting the CDF.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: usize, s: f64) -> Self {
+        assert!(n > 0, "Zipf over an empty set");
+        let mut cdf = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for k in 0..n {
+            acc += 1.0 / ((k + 1) as f64).powf(s);
+            cdf.push(acc);
+        }
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    pub fn sample(&self, rng: &mut impl Rng) -> usize {
+        let u: f64 = rng.random();
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// A standard normal sample (Box-Muller).
+pub fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Peak resident set size of this process so far (`VmHWM`), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&s)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One line of the result table.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub streams: usize,
+    pub tok_s: Option<f64>,
+    /// tok/s over the base-only run of the same shape in this run.
+    pub ratio_to_base: Option<f64>,
+    pub ttft_p50_ms: Option<f64>,
+    pub ttft_p99_ms: Option<f64>,
+    pub itl_p50_ms: Option<f64>,
+    pub itl_p99_ms: Option<f64>,
+    pub peak_rss_mb: Option<f64>,
+    pub notes: String,
+    /// Tokens generated and wall seconds of the measurement (JSON only).
+    pub tokens: Option<usize>,
+    pub wall_s: Option<f64>,
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "-".into(),
+    }
+}
+
+fn pair(a: Option<f64>, b: Option<f64>) -> String {
+    if a.is_none() && b.is_none() {
+        return "-".into();
+    }
+    format!("{} / {}", cell(a, 0), cell(b, 0))
+}
+
+/// The rows as a markdown table.
+pub fn render_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | streams | tok/s | ratio to base-only | TTFT p50/p99 ms | ITL p50/p99 ms | peak RSS MB | notes |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.streams,
+            cell(r.tok_s, 1),
+            cell(r.ratio_to_base, 2),
+            pair(r.ttft_p50_ms, r.ttft_p99_ms),
+            pair(r.itl_p50_ms, r.itl_p99_ms),
+            cell(r.peak_rss_mb, 0),
+            r.notes.replace('|', "\\|"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), Some(2.0));
+    }
+
+    #[test]
+    fn zipf_is_seeded_and_skewed() {
+        let z = Zipf::new(1000, 1.0);
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..5000).map(|_| z.sample(&mut rng)).collect::<Vec<_>>()
+        };
+        let a = draw(7);
+        assert_eq!(a, draw(7));
+        assert!(a.iter().all(|&k| k < 1000));
+        let count = |k| a.iter().filter(|&&x| x == k).count() as f64;
+        // P(0) = 1/H_1000 ~ 0.134; P(1) is half of it.
+        assert!((count(0) / 5000.0 - 0.134).abs() < 0.02, "{}", count(0));
+        assert!(count(0) > 1.5 * count(1));
+        let distinct: std::collections::BTreeSet<_> = a.iter().collect();
+        assert!(distinct.len() > 300);
+    }
+
+    #[test]
+    fn normal_has_unit_variance() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let v: Vec<f32> = (0..20000).map(|_| normal(&mut rng)).collect();
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+    }
+
+    #[test]
+    fn parses_vm_hwm() {
+        let s = "Name:\tx\nVmPeak:\t  900 kB\nVmHWM:\t   2048 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(s), Some(2.0));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert!(peak_rss_mb().is_some_and(|m| m > 0.0));
+    }
+
+    #[test]
+    fn renders_markdown() {
+        let rows = vec![
+            Row { scenario: "base32".into(), streams: 32, tok_s: Some(123.456), ratio_to_base: Some(1.0), ttft_p50_ms: Some(10.2), ttft_p99_ms: Some(20.9), ..Default::default() },
+            Row { scenario: "coldload".into(), notes: "a|b".into(), ..Default::default() },
+        ];
+        let t = render_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[2], "| base32 | 32 | 123.5 | 1.00 | 10 / 21 | - | - |  |");
+        assert!(lines[3].contains("a\\|b"));
+        assert!(lines.iter().all(|l| l.matches('|').count() - l.matches("\\|").count() == 9));
+    }
+}
