@@ -152,6 +152,12 @@ pub struct ServeArgs {
     /// Largest prefill chunk of one prompt per step.
     #[arg(long, env = "MODSERVE_PREFILL_CHUNK", default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Generated tokens buffered per stream before its sequence pauses for a slow reader.
+    #[arg(long, env = "MODSERVE_STREAM_BUFFER", default_value_t = 64)]
+    pub stream_buffer: usize,
+    /// Seconds a stream may stay unread (buffer full) before the request is dropped.
+    #[arg(long, env = "MODSERVE_SLOW_CLIENT_TIMEOUT", default_value_t = 30)]
+    pub slow_client_timeout: u64,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, env = "MODSERVE_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,

@@ -134,3 +134,38 @@ fn ewr_merged_delta_equals_the_kit_expectation() {
         assert!(diff <= 1e-5 * scale, "{name}: max diff {diff} vs scale {scale}");
     }
 }
+
+#[test]
+fn generate_cli_applies_deltas_and_routes() {
+    let cases = common::cases();
+    let ids: Vec<String> = ids_of(&cases["prompt_token_ids"][2]).iter().map(|i| i.to_string()).collect();
+    let root = common::fixture("parity");
+    for (flags, case) in [
+        (vec!["--delta", "lora_qv_r4", "--delta", "lora_all_r8@0.5"], "compose_qv1_all05"),
+        (vec!["--route", "poly_qvup:2"], "poly_task2"),
+        (vec!["--delta", "ewr/expert_task_vector.safetensors@1", "--delta", "ewr/anti_expert_task_vector.safetensors@-1"], "task_arithmetic"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_modserve"))
+            .args(["generate", "--weights", "f32", "--threads", "2", "--max-new-tokens", "16", "--min-new-tokens", "16", "--json", "--model"])
+            .arg(common::reference_model())
+            .arg("--adapter-root")
+            .arg(&root)
+            .args(["--prompt-ids", &ids.join(",")])
+            .args(&flags)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids_of(&v["token_ids"]), ids_of(&cases["cases"][case]["greedy"][2]), "{case}");
+    }
+    // A path outside the root is refused with a clear message.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modserve"))
+        .args(["generate", "--max-new-tokens", "2", "--prompt-ids", "1,2", "--delta", "../parity/lora_qv_r4", "--model"])
+        .arg(common::reference_model())
+        .arg("--adapter-root")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`..` is not allowed"));
+}

@@ -96,7 +96,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_running: args.max_running,
             max_batch_tokens: args.max_batch_tokens,
             prefill_chunk: args.prefill_chunk,
-            ..Default::default()
+            stream_buffer: args.stream_buffer,
+            slow_client_timeout: Duration::from_secs(args.slow_client_timeout),
         };
         tokio::spawn(async move {
             let t0 = Instant::now();
