@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
+use super::attention::{attention, AttnShape, RopeTables};
 use super::config::LlamaConfig;
 use super::kv_cache::SeqKvCache;
 use super::linear::{BaseWeight, Linear, LinearId, Proj, RowDeltas};
@@ -61,6 +62,7 @@ pub struct Llama {
     pub lm_head: BaseWeight,
     cos: Tensor,
     sin: Tensor,
+    rope: RopeTables,
     device: Device,
 }
 
@@ -82,7 +84,8 @@ impl Llama {
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
         let pos = Tensor::arange(0u32, max as u32, &device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
         let freqs = pos.matmul(&inv)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, cfg, embed, blocks, final_norm, lm_head, device })
+        let rope = RopeTables::new(cfg.head_dim, cfg.rope_theta, max);
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, rope, cfg, embed, blocks, final_norm, lm_head, device })
     }
 
     pub fn device(&self) -> &Device {
@@ -120,44 +123,30 @@ impl Llama {
         let n = ids.len();
         let id_tensor = Tensor::from_vec(ids.clone(), n, &self.device)?;
         let mut x = deltas.add_embedding_deltas(&ids, self.embed.index_select(&id_tensor, 0)?)?;
-        let masks = spans
-            .iter()
-            .map(|&(_, len, pos)| self.causal_mask(len, pos))
-            .collect::<Result<Vec<_>>>()?;
+        let masks = if self.device.is_cpu() {
+            Vec::new()
+        } else {
+            spans.iter().map(|&(_, len, pos)| self.causal_mask(len, pos)).collect::<Result<Vec<_>>>()?
+        };
         let eps = cfg.rms_norm_eps as f32;
         let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let group = cfg.group_size();
         let scale = 1.0 / (hd as f64).sqrt();
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.attn_norm, eps)?;
             let q = b.q.forward(&h, deltas)?;
             let k = b.k.forward(&h, deltas)?;
             let v = b.v.forward(&h, deltas)?;
-            let mut outs = Vec::with_capacity(spans.len());
-            for (ci, &(start, len, pos)) in spans.iter().enumerate() {
-                let cos = self.cos.narrow(0, pos, len)?;
-                let sin = self.sin.narrow(0, pos, len)?;
-                let qs = q.narrow(0, start, len)?.reshape((1, len, hq, hd))?;
-                let ks = k.narrow(0, start, len)?.reshape((1, len, hkv, hd))?;
-                let qs = candle_nn::rotary_emb::rope_thd(&qs.contiguous()?, &cos, &sin)?;
-                let ks = candle_nn::rotary_emb::rope_thd(&ks.contiguous()?, &cos, &sin)?;
-                // [len, heads, hd] -> [heads, len, hd]
-                let ks = ks.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-                let vs = v.narrow(0, start, len)?.reshape((len, hkv, hd))?.transpose(0, 1)?.contiguous()?;
-                let (kc, vc) = chunks[ci].cache.append(layer, &ks, &vs)?;
-                // Query heads h = kv * group + g share kv head `kv`: [hkv, group*len, hd].
-                let qs = qs.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((hkv, group * len, hd))?;
-                let att = (qs.matmul(&kc.t()?)? * scale)?;
-                let att = match &masks[ci] {
-                    Some(m) => att.broadcast_add(m)?,
-                    None => att,
-                };
-                let att = softmax_last_dim(&att)?;
-                let o = att.matmul(&vc)?; // [hkv, group*len, hd]
-                let o = o.reshape((hq, len, hd))?.transpose(0, 1)?.reshape((len, hq * hd))?;
-                outs.push(o);
-            }
-            let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+            let attn = if self.device.is_cpu() {
+                let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+                let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+                let vh = v.flatten_all()?.to_vec1::<f32>()?;
+                let mut caches: Vec<&mut SeqKvCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
+                let shape = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd };
+                let o = attention(layer, shape, &self.rope, &mut qh, &mut kh, &vh, &spans, &mut caches);
+                Tensor::from_vec(o, (n, hq * hd), &self.device)?
+            } else {
+                self.attention_tensors(layer, &q, &k, &v, &spans, &masks, chunks, scale)?
+            };
             x = (x + b.o.forward(&attn.contiguous()?, deltas)?)?;
             let h = rms_norm(&x, &b.mlp_norm, eps)?;
             let g = b.gate.forward(&h, deltas)?;
@@ -178,6 +167,50 @@ impl Llama {
         let x = rms_norm(&x, &self.final_norm, eps)?;
         let y = self.lm_head.matmul_t(&x)?;
         deltas.add_lm_head_deltas(&wanted, &x, y)
+    }
+
+    /// Attention with tensor ops per sequence (non-CPU devices).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tensors(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        spans: &[(usize, usize, usize)],
+        masks: &[Option<Tensor>],
+        chunks: &mut [SeqChunk<'_>],
+        scale: f64,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let group = cfg.group_size();
+        let mut outs = Vec::with_capacity(spans.len());
+        for (ci, &(start, len, pos)) in spans.iter().enumerate() {
+            let cos = self.cos.narrow(0, pos, len)?;
+            let sin = self.sin.narrow(0, pos, len)?;
+            let qs = q.narrow(0, start, len)?.reshape((1, len, hq, hd))?;
+            let ks = k.narrow(0, start, len)?.reshape((1, len, hkv, hd))?;
+            let qs = candle_nn::rotary_emb::rope_thd(&qs.contiguous()?, &cos, &sin)?;
+            let ks = candle_nn::rotary_emb::rope_thd(&ks.contiguous()?, &cos, &sin)?;
+            // [len, heads, hd] -> [heads, len, hd]
+            let ks = ks.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let vs = v.narrow(0, start, len)?.reshape((len, hkv, hd))?.transpose(0, 1)?.contiguous()?;
+            let (kc, vc) = chunks[ci].cache.append(layer, &ks, &vs)?;
+            // Query heads h = kv * group + g share kv head `kv`: [hkv, group*len, hd].
+            let qs = qs.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((hkv, group * len, hd))?;
+            let att = (qs.matmul(&kc.t()?)? * scale)?;
+            let att = match &masks[ci] {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = softmax_last_dim(&att)?;
+            let o = att.matmul(&vc)?; // [hkv, group*len, hd]
+            let o = o.reshape((hq, len, hd))?.transpose(0, 1)?.reshape((len, hq * hd))?;
+            outs.push(o);
+        }
+        let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+        Ok(attn)
     }
 
     /// Additive mask `[group*len, pos+len]` letting query `i` (at `pos+i`) see keys `0..=pos+i`;

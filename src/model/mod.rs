@@ -4,6 +4,7 @@
 //!
 //! Invariant: weights are stored in Hugging Face layout (q/k rows un-permuted from GGUF at load),
 //! so adapters written against HF parameter names apply without any permutation.
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod detok;
