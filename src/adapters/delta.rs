@@ -247,8 +247,25 @@ impl HostLowRank {
     }
 
     /// `y += scale * (x A^T) B^T` for one row `x` (`in_dim`) into `y` (`out_dim`).
-    #[inline]
     pub fn add_row(&self, x: &[f32], y: &mut [f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { self.add_row_avx2(x, y, scale) };
+            }
+        }
+        self.add_row_generic(x, y, scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn add_row_avx2(&self, x: &[f32], y: &mut [f32], scale: f32) {
+        self.add_row_generic(x, y, scale)
+    }
+
+    #[inline(always)]
+    fn add_row_generic(&self, x: &[f32], y: &mut [f32], scale: f32) {
         let r = self.rank;
         let mut t = [0f32; 64];
         let mut tv;

@@ -88,14 +88,19 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         .collect();
     let shape = format!("{} requests x {new_tokens} tokens, {distinct} distinct modules", jobs.len());
 
-    // Base-only reference of the same request shapes.
-    eprintln!("[bench]   base-only reference: {shape} ...");
-    let base_jobs: Vec<Job> = jobs.iter().map(|j| Job { composition: CompositionSpec::default(), ..j.clone() }).collect();
-    let base_store = ctx.store(1 << 20)?;
-    let (mut base_row, base_tok_s) = zipf_run(ctx, "zipf_base", &base_store, &base_jobs, None, &format!("base-only reference of zipf1000: {shape}"))?;
-    base_row.ratio_to_base = Some(1.0);
-    base_row.notes = format!("base model only, same {shape} closed loop (the reference of zipf1000 / allhot)");
-    drive::wait_idle(ctx);
+    // Base-only reference of the same request shapes (opt-in: one more run).
+    let mut base = None;
+    if ctx.zipf_base {
+        eprintln!("[bench]   base-only reference: {shape} ...");
+        let base_jobs: Vec<Job> = jobs.iter().map(|j| Job { composition: CompositionSpec::default(), ..j.clone() }).collect();
+        let base_store = ctx.store(1 << 20)?;
+        let (mut r, tok_s) = zipf_run(ctx, "zipf_base", &base_store, &base_jobs, None, "")?;
+        r.ratio_to_base = Some(1.0);
+        r.notes = format!("base model only, the same {shape} closed loop (reference of zipf1000 / allhot)");
+        res.rows.push(r);
+        base = Some(tok_s);
+        drive::wait_idle(ctx);
+    }
 
     let budget = HOT * one + one / 2;
     let store = ctx.store(budget)?;
@@ -106,10 +111,11 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     eprintln!("[bench]   zipf1000: {shape}, cache of {HOT} modules ({:.0} MB), top {HOT} preloaded in {:.1} s ...", budget as f64 / 1e6, t0.elapsed().as_secs_f64());
     let mb = (one as f64) / 1e6;
     let notes = format!(
-        "LoRA r=8 on q_proj+v_proj only (f16 files, {:.2} MB; {mb:.1} MB resident), Zipf(1.0) over {LIBRARY}, cache holds {HOT}; {shape}; vs base-only ratio is against zipf_base",
-        super::scenarios::dir_mb(&ctx.work.join(zipf_id(0)))
+        "LoRA r=8 on q_proj+v_proj only (f16 files, {:.2} MB; {mb:.1} MB resident), Zipf(1.0) over {LIBRARY}, cache holds {HOT} (top {HOT} preloaded); {shape}{}",
+        super::scenarios::dir_mb(&ctx.work.join(zipf_id(0))),
+        if base.is_some() { "; ratio column is against zipf_base" } else { "; ratio column needs --zipf-base" }
     );
-    let (z_row, z_tok_s) = zipf_run(ctx, "zipf1000", &store, &jobs, Some(base_tok_s), &notes)?;
+    let (z_row, z_tok_s) = zipf_run(ctx, "zipf1000", &store, &jobs, base, &notes)?;
     drop(store);
     drive::wait_idle(ctx);
 
@@ -120,10 +126,9 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     }
     let preload_s = t0.elapsed().as_secs_f64();
     eprintln!("[bench]   allhot: all {LIBRARY} modules preloaded in {preload_s:.1} s ...");
-    let (h_row, h_tok_s) = zipf_run(ctx, "allhot", &store, &jobs, Some(base_tok_s), &format!("same requests, all {LIBRARY} modules resident (preloaded in {preload_s:.1} s)"))?;
+    let (h_row, h_tok_s) = zipf_run(ctx, "allhot", &store, &jobs, base, &format!("same requests, all {LIBRARY} modules resident (preloaded in {preload_s:.1} s)"))?;
     let mut z_row = z_row;
     z_row.notes = format!("zipf1000 / allhot tok/s = {:.2}; {}", z_tok_s / h_tok_s.max(1e-9), z_row.notes);
-    res.rows.push(base_row);
     res.rows.push(z_row);
     res.rows.push(h_row);
     Ok(())
