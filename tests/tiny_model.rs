@@ -245,3 +245,35 @@ fn quantized_weights_match_quantized_llama_on_q8_0() {
     let d = max_abs_diff(&got, &reference);
     assert!(d < 1e-3, "quantized: ours vs quantized_llama differ by {d}");
 }
+
+#[test]
+fn auto_weights_use_dense_for_large_steps_and_quantized_for_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_weights(13);
+    let path = dir.path().join("q8.gguf");
+    save_gguf_as(&path, &w, candle_core::quantized::GgmlDType::Q8_0);
+    let load_as = |m| load(&path, &LoadOptions { weights: m, device: Device::Cpu }).unwrap().llama;
+    let (auto, f32m, quant) = (load_as(WeightMode::Auto), load_as(WeightMode::F32), load_as(WeightMode::Quantized));
+    // 9 rows: the float32 copy; the single-row output head: quantized (both as their own modes do).
+    let mut c1 = SeqKvCache::new(&auto.cfg, 10, auto.device()).unwrap();
+    let mut c2 = SeqKvCache::new(&f32m.cfg, 10, f32m.device()).unwrap();
+    let mut c3 = SeqKvCache::new(&quant.cfg, 10, quant.device()).unwrap();
+    let run = |m: &Llama, c: &mut SeqKvCache, t: &[u32]| -> Vec<f32> {
+        m.forward(&mut [SeqChunk { tokens: t, cache: c, want_logits: true }], &NoDeltas).unwrap().get(0).unwrap().to_vec1().unwrap()
+    };
+    let a = run(&auto, &mut c1, &PROMPT);
+    let f = run(&f32m, &mut c2, &PROMPT);
+    let q = run(&quant, &mut c3, &PROMPT);
+    // Only the one-row output head differs from f32 mode (8-bit activations): within 2% of the range.
+    let scale = f.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    assert!(max_abs_diff(&a, &f) < 0.02 * scale, "auto vs f32: {} (scale {scale})", max_abs_diff(&a, &f));
+    assert!(max_abs_diff(&a, &q) < 0.02 * scale, "auto vs quantized: {}", max_abs_diff(&a, &q));
+    // A one-row decode step runs the quantized kernels: identical to quantized mode given the same cache.
+    let mut c4 = SeqKvCache::new(&quant.cfg, 10, quant.device()).unwrap();
+    let mut c5 = SeqKvCache::new(&auto.cfg, 10, auto.device()).unwrap();
+    for t in PROMPT {
+        let x = run(&quant, &mut c4, &[t]);
+        let y = run(&auto, &mut c5, &[t]);
+        assert!(max_abs_diff(&x, &y) < 1e-5, "single-row steps must take the quantized path");
+    }
+}

@@ -106,12 +106,20 @@ pub enum WeightMode {
     Quantized,
     /// Dequantize every tensor to float32 (the mode that matches the parity kit).
     F32,
+    /// Hold both: quantized blocks for steps of few rows (memory-bound matrix-vector products),
+    /// float32 for larger batch steps (compute-bound GEMMs). About 5x the memory of `quantized`.
+    Auto,
 }
+
+/// Steps with at least this many rows use the float32 copy in `auto` mode.
+pub const AUTO_DENSE_MIN_ROWS: usize = 8;
 
 /// A base weight matrix `[out, in]`.
 pub enum BaseWeight {
     Quantized(QMatMul),
     Dense(Tensor),
+    /// `auto` mode: both forms of the same weight.
+    Both { q: QMatMul, dense: Tensor },
 }
 
 impl BaseWeight {
@@ -120,6 +128,10 @@ impl BaseWeight {
         match mode {
             WeightMode::Quantized => Ok(Self::Quantized(QMatMul::from_qtensor(q)?)),
             WeightMode::F32 => Ok(Self::Dense(q.dequantize(&q.device())?)),
+            WeightMode::Auto => {
+                let dense = q.dequantize(&q.device())?;
+                Ok(Self::Both { q: QMatMul::from_qtensor(q)?, dense })
+            }
         }
     }
 
@@ -132,6 +144,10 @@ impl BaseWeight {
                 let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)?;
                 Ok(Self::Quantized(QMatMul::from_qtensor(q)?))
             }
+            WeightMode::Auto if w.dim(1)? % 32 == 0 => {
+                let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)?;
+                Ok(Self::Both { q: QMatMul::from_qtensor(q)?, dense: w })
+            }
             _ => Ok(Self::Dense(w)),
         }
     }
@@ -141,6 +157,13 @@ impl BaseWeight {
         match self {
             Self::Quantized(q) => q.forward(x),
             Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Both { q, dense } => {
+                if x.dim(0)? >= AUTO_DENSE_MIN_ROWS {
+                    x.matmul(&dense.t()?)
+                } else {
+                    q.forward(x)
+                }
+            }
         }
     }
 
@@ -149,7 +172,7 @@ impl BaseWeight {
         match self {
             Self::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
             Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
-            Self::Dense(w) => Ok(w.clone()),
+            Self::Dense(w) | Self::Both { dense: w, .. } => Ok(w.clone()),
         }
     }
 }

@@ -110,7 +110,7 @@ fn unpermute_rows(q: QTensor, head_dim: usize, device: &Device) -> candle_core::
 fn reblock_for_speed(q: QTensor, mode: WeightMode) -> candle_core::Result<QTensor> {
     use candle_core::quantized::GgmlDType as G;
     let slow = matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1);
-    if mode != WeightMode::Quantized || !slow || !q.device().is_cpu() {
+    if mode == WeightMode::F32 || !slow || !q.device().is_cpu() {
         return Ok(q);
     }
     QTensor::quantize(&q.dequantize(&q.device())?, G::Q8_0)
@@ -148,6 +148,10 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         match opts.weights {
             WeightMode::F32 => BaseWeight::Dense(embed.clone()),
             WeightMode::Quantized => BaseWeight::from_qtensor(embed_q, WeightMode::Quantized).map_err(cd)?,
+            WeightMode::Auto => BaseWeight::Both {
+                q: candle_core::quantized::QMatMul::from_qtensor(embed_q).map_err(cd)?,
+                dense: embed.clone(),
+            },
         }
     } else {
         BaseWeight::from_qtensor(read("output.weight", &[cfg.vocab_size, h])?, opts.weights).map_err(cd)?
@@ -160,8 +164,15 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
                 Some(_) => unpermute_rows(q, hd, dev).map_err(cd)?,
                 None => q,
             };
-            let q = reblock_for_speed(q, opts.weights).map_err(cd)?;
-            let w = BaseWeight::from_qtensor(q, opts.weights).map_err(cd)?;
+            let w = match opts.weights {
+                // The float32 copy comes from the stored blocks, not the re-blocked ones.
+                WeightMode::Auto => {
+                    let dense = q.dequantize(dev).map_err(cd)?;
+                    let q = reblock_for_speed(q, opts.weights).map_err(cd)?;
+                    BaseWeight::Both { q: candle_core::quantized::QMatMul::from_qtensor(q).map_err(cd)?, dense }
+                }
+                mode => BaseWeight::from_qtensor(reblock_for_speed(q, mode).map_err(cd)?, mode).map_err(cd)?,
+            };
             Ok::<_, LoadError>(Linear::new(LinearId { layer: l, proj }, w, out, inp))
         };
         let (qd, kvd, ff) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size);
