@@ -139,6 +139,8 @@ impl LlamaConfig {
             eos_token_id: Option<Ids>,
             model_type: Option<String>,
             rope_scaling: Option<serde_json::Value>,
+            /// transformers >= 5 keeps `rope_theta` here.
+            rope_parameters: Option<serde_json::Value>,
         }
         let hf: Hf = serde_json::from_str(text)
             .map_err(|e| ConfigError::BadKey { key: "config.json".into(), reason: e.to_string() })?;
@@ -152,6 +154,17 @@ impl LlamaConfig {
                 return Err(ConfigError::Inconsistent(format!("rope_scaling {rs} is not supported")));
             }
         }
+        let mut rope_theta = hf.rope_theta;
+        if let Some(rp) = &hf.rope_parameters {
+            if let Some(t) = rp.get("rope_type").and_then(|t| t.as_str()) {
+                if t != "default" {
+                    return Err(ConfigError::Inconsistent(format!("rope_type `{t}` is not supported")));
+                }
+            }
+            if let Some(t) = rp.get("rope_theta").and_then(|t| t.as_f64()) {
+                rope_theta = Some(t);
+            }
+        }
         let cfg = Self {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -161,7 +174,7 @@ impl LlamaConfig {
             num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
             head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0) as f32,
+            rope_theta: rope_theta.unwrap_or(10_000.0) as f32,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             bos_token_id: hf.bos_token_id,
@@ -227,6 +240,21 @@ mod tests {
         assert_eq!(c.group_size(), 2);
         assert_eq!(c.eos_token_ids, vec![2, 3]);
         assert!(c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn reads_rope_theta_from_transformers_5_rope_parameters() {
+        let c = LlamaConfig::from_hf_json(
+            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
+                "num_attention_heads":4,"rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 100000.0);
+        let e = LlamaConfig::from_hf_json(
+            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
+                "num_attention_heads":4,"rope_parameters":{"rope_theta":1.0,"rope_type":"yarn"}}"#,
+        );
+        assert!(e.is_err());
     }
 
     #[test]
