@@ -56,6 +56,37 @@ struct State<V> {
     entries: HashMap<String, Entry<V>>,
     bytes: usize,
     tick: u64,
+    /// Entries evicted or unregistered while pinned: dropped as soon as nobody holds them.
+    doomed: std::collections::HashSet<String>,
+}
+
+impl<V> State<V> {
+    /// Drops doomed entries that are no longer pinned.
+    fn sweep(&mut self, stats: &CacheStats) {
+        if self.doomed.is_empty() {
+            return;
+        }
+        let free: Vec<String> = self
+            .doomed
+            .iter()
+            .filter(|k| self.entries.get(*k).is_none_or(|e| Arc::strong_count(&e.value) == 1))
+            .cloned()
+            .collect();
+        for k in free {
+            self.doomed.remove(&k);
+            if let Some(e) = self.entries.remove(&k) {
+                self.bytes -= e.bytes;
+                stats.evictions.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("modserve_adapter_cache_evictions_total").increment(1);
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        metrics::gauge!("modserve_adapter_cache_bytes").set(self.bytes as f64);
+        metrics::gauge!("modserve_adapter_cache_entries").set(self.entries.len() as f64);
+    }
 }
 
 type Cell<V> = Arc<OnceLock<Result<Arc<V>, AdapterError>>>;
@@ -72,7 +103,7 @@ impl<V: Weighted> ModuleCache<V> {
     pub fn new(budget_bytes: usize) -> Self {
         Self {
             budget: budget_bytes,
-            state: Mutex::new(State { entries: HashMap::new(), bytes: 0, tick: 0 }),
+            state: Mutex::new(State { entries: HashMap::new(), bytes: 0, tick: 0, doomed: Default::default() }),
             inflight: Mutex::new(HashMap::new()),
             stats: CacheStats::default(),
         }
@@ -135,8 +166,15 @@ impl<V: Weighted> ModuleCache<V> {
         result
     }
 
-    fn lookup(&self, key: &str) -> Option<Arc<V>> {
+    /// The state, with unpinned doomed entries swept.
+    fn state(&self) -> std::sync::MutexGuard<'_, State<V>> {
         let mut st = self.state.lock().expect("cache lock");
+        st.sweep(&self.stats);
+        st
+    }
+
+    fn lookup(&self, key: &str) -> Option<Arc<V>> {
+        let mut st = self.state();
         st.tick += 1;
         let tick = st.tick;
         st.entries.get_mut(key).map(|e| {
@@ -149,7 +187,7 @@ impl<V: Weighted> ModuleCache<V> {
     /// if it cannot fit.
     fn insert(&self, key: &str, value: Arc<V>) {
         let bytes = value.bytes();
-        let mut st = self.state.lock().expect("cache lock");
+        let mut st = self.state();
         if st.entries.contains_key(key) {
             return;
         }
@@ -182,8 +220,7 @@ impl<V: Weighted> ModuleCache<V> {
         let tick = st.tick;
         st.bytes += bytes;
         st.entries.insert(key.to_string(), Entry { value, bytes, last_used: tick });
-        metrics::gauge!("modserve_adapter_cache_bytes").set(st.bytes as f64);
-        metrics::gauge!("modserve_adapter_cache_entries").set(st.entries.len() as f64);
+        st.publish();
     }
 
     fn refuse(&self, st: &State<V>) {
@@ -192,45 +229,53 @@ impl<V: Weighted> ModuleCache<V> {
         tracing::warn!(resident = st.bytes, budget = self.budget, "adapter cache full of pinned modules; serving uncached");
     }
 
-    /// Drops `key` if it is not pinned. Returns whether it was removed.
+    /// Drops `key` now if it is not pinned, else as soon as the last request holding it finishes.
+    /// Returns whether it was removed now.
     pub fn evict(&self, key: &str) -> bool {
-        let mut st = self.state.lock().expect("cache lock");
+        let mut st = self.state();
         let pinned = st.entries.get(key).map(|e| Arc::strong_count(&e.value) > 1);
-        if pinned == Some(false) {
-            let e = st.entries.remove(key).expect("present");
-            st.bytes -= e.bytes;
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            return true;
+        match pinned {
+            Some(false) => {
+                let e = st.entries.remove(key).expect("present");
+                st.bytes -= e.bytes;
+                st.doomed.remove(key);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("modserve_adapter_cache_evictions_total").increment(1);
+                st.publish();
+                true
+            }
+            Some(true) => {
+                st.doomed.insert(key.to_string());
+                false
+            }
+            None => false,
         }
-        false
     }
 
-    /// Drops every unpinned entry whose key starts with `prefix` (all versions of a module).
+    /// Evicts every entry whose key starts with `prefix` (all versions of a module); pinned ones
+    /// go when released. Returns how many were removed now.
     pub fn evict_prefix(&self, prefix: &str) -> usize {
-        let keys: Vec<String> = {
-            let st = self.state.lock().expect("cache lock");
-            st.entries.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
-        };
+        let keys: Vec<String> = self.state().entries.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
         keys.iter().filter(|k| self.evict(k)).count()
     }
 
     /// The resident value of `key`, without touching LRU order or counters.
     pub fn peek(&self, key: &str) -> Option<Arc<V>> {
-        self.state.lock().expect("cache lock").entries.get(key).map(|e| e.value.clone())
+        self.state().entries.get(key).map(|e| e.value.clone())
     }
 
     /// Whether any resident key starts with `prefix`.
     pub fn has_prefix(&self, prefix: &str) -> bool {
-        self.state.lock().expect("cache lock").entries.keys().any(|k| k.starts_with(prefix))
+        self.state().entries.keys().any(|k| k.starts_with(prefix))
     }
 
     /// Whether `key` is resident.
     pub fn contains(&self, key: &str) -> bool {
-        self.state.lock().expect("cache lock").entries.contains_key(key)
+        self.state().entries.contains_key(key)
     }
 
     pub fn snapshot(&self) -> CacheSnapshot {
-        let st = self.state.lock().expect("cache lock");
+        let st = self.state();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheSnapshot {
             hits: l(&self.stats.hits),
@@ -277,9 +322,10 @@ mod tests {
         assert!(!c.contains("d"));
         assert_eq!(c.snapshot().refused, 1);
         assert!(c.snapshot().bytes <= 100);
-        assert!(!c.evict("a"), "pinned entries are not evicted explicitly either");
+        assert!(!c.evict("a"), "pinned entries are not evicted at once");
+        assert!(c.contains("a"), "still resident while pinned");
         drop(a);
-        assert!(c.evict("a"));
+        assert!(!c.contains("a"), "an evicted entry goes as soon as it is released");
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl AdapterStore {
     }
 
     fn load(&self, reg: &Registration) -> Result<LoadedModule, AdapterError> {
+        self.check_confined(reg)?;
         let size = module_bytes(&reg.path)?;
         if size > self.limits.max_file_bytes {
             return Err(AdapterError::Limit(format!(
@@ -190,6 +191,29 @@ impl AdapterStore {
             d.prepare_host()?;
         }
         Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
+    }
+
+    /// Every file of the module (following symlinks) must lie inside the adapter root.
+    fn check_confined(&self, reg: &Registration) -> Result<(), AdapterError> {
+        let root = self.registry.root().path();
+        let entries: Vec<std::path::PathBuf> = if reg.path.is_dir() {
+            std::fs::read_dir(&reg.path)
+                .map_err(|e| AdapterError::Io { path: reg.path.clone(), reason: e.to_string() })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect()
+        } else {
+            vec![reg.path.clone()]
+        };
+        for p in entries {
+            let real = p.canonicalize().map_err(|e| AdapterError::Io { path: p.clone(), reason: e.to_string() })?;
+            if !real.starts_with(root) {
+                return Err(AdapterError::BadPath {
+                    id: reg.id.clone(),
+                    reason: format!("{} links outside the adapter root", p.display()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The mixed LoRA of a Poly inventory for `routing` (cached per inventory version and routing).
@@ -279,7 +303,8 @@ fn module_bytes(path: &Path) -> Result<u64, AdapterError> {
     }
     let mut total = 0;
     for e in std::fs::read_dir(path).map_err(io)? {
-        let m = e.map_err(io)?.metadata().map_err(io)?;
+        // Follows symlinks: a linked file counts with its real size.
+        let m = std::fs::metadata(e.map_err(io)?.path()).map_err(io)?;
         if m.is_file() {
             total += m.len();
         }

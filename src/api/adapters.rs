@@ -112,6 +112,13 @@ impl pb::adapters_server::Adapters for AdaptersApi {
         let store = self.state.store()?;
         let r = request.into_inner();
         blocking(move || {
+            if store.registry().list().iter().any(|m| m.id == r.module_id) {
+                return Err(status(
+                    Code::AlreadyExists,
+                    "module_exists",
+                    format!("module `{}` is already registered; unregister it first or pick another id", r.module_id),
+                ));
+            }
             let reg = store.registry().register(&r.module_id, Some(&r.recipe_path))?;
             if reg.kind != crate::adapters::registry::ModuleKind::Merge {
                 let _ = store.registry().unregister(&r.module_id);

@@ -201,7 +201,37 @@ impl pb::inference_server::Inference for InferenceApi {
         self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
         let rx = self.start(&md, r).await.map_err(count_error)?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));
+        let stream = FinishGuard { inner: tokio_stream::wrappers::ReceiverStream::new(rx), ended: false }
+            .map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Ends a stream with an error when the engine closed it without a final event (the request was
+/// dropped as a slow client), instead of a silent, successful-looking end.
+struct FinishGuard {
+    inner: tokio_stream::wrappers::ReceiverStream<EventResult>,
+    /// A final event or an error went out.
+    ended: bool,
+}
+
+impl Stream for FinishGuard {
+    type Item = EventResult;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<EventResult>> {
+        use std::task::Poll;
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(ev)) => {
+                if matches!(ev, Ok(StreamEvent::Finished(_)) | Err(_)) {
+                    self.ended = true;
+                }
+                Poll::Ready(Some(ev))
+            }
+            Poll::Ready(None) if !self.ended => {
+                self.ended = true;
+                Poll::Ready(Some(Err(crate::engine::request::EngineError::SlowClient)))
+            }
+            other => other,
+        }
     }
 }

@@ -115,15 +115,15 @@ pub fn run_all_at_once(ctx: &Ctx, store: Option<&AdapterStore>, jobs: &[Job]) ->
     for (i, j) in jobs.iter().enumerate() {
         prepared.push(ctx.front.prepare(store, request(j, format!("bench-{i}")))?);
     }
-    let mut rxs = Vec::with_capacity(jobs.len());
-    for p in prepared {
-        let start = Instant::now();
-        rxs.push((start, ctx.engine.submit(p)?));
-    }
-    Ok(std::thread::scope(|s| {
-        let hs: Vec<_> = rxs.into_iter().map(|(start, rx)| s.spawn(move || read(start, rx))).collect();
-        hs.into_iter().map(|h| h.join().expect("reader thread")).collect()
-    }))
+    std::thread::scope(|s| {
+        let mut hs = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let start = Instant::now();
+            let rx = ctx.engine.submit(p)?;
+            hs.push(s.spawn(move || read(start, rx)));
+        }
+        Ok(hs.into_iter().map(|h| h.join().expect("reader thread")).collect())
+    })
 }
 
 /// Closed loop: `concurrency` workers each take the next job, prepare (resolving its composition,

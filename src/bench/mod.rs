@@ -176,6 +176,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     for name in scenarios {
         eprintln!("[bench] == {name} ==");
         let t0 = Instant::now();
+        let (cpu0, first_row) = (stats::cpu_seconds(), res.rows.len());
         match *name {
             "single" => scenarios::single(&ctx, &mut res)?,
             "base32" => scenarios::base_streams(&ctx, &mut res)?,
@@ -188,7 +189,15 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             other => unreachable!("unknown scenario {other}"),
         }
         drive::wait_idle(&ctx);
-        eprintln!("[bench]   {name} took {:.1} s", t0.elapsed().as_secs_f64());
+        let wall = t0.elapsed().as_secs_f64();
+        if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
+            // Fewer busy cores than --threads means other processes took CPU from this run.
+            let note = format!("[this scenario kept {:.2} cores busy on average]", (b - a) / wall.max(1e-9));
+            for r in &mut res.rows[first_row..] {
+                r.notes = format!("{} {note}", r.notes);
+            }
+        }
+        eprintln!("[bench]   {name} took {wall:.1} s");
     }
     let threads = args.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
     let header = format!(

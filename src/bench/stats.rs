@@ -63,6 +63,20 @@ fn parse_vm_hwm(status: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU seconds (user + system, all threads) this process used so far, from `/proc/self/stat`
+/// (clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn cpu_seconds() -> Option<f64> {
+    parse_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    // Fields after the `(comm)` field: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// One line of the result table.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Row {
@@ -169,6 +183,13 @@ mod tests {
         assert_eq!(parse_vm_hwm(s), Some(2.0));
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
         assert!(peak_rss_mb().is_some_and(|m| m > 0.0));
+    }
+
+    #[test]
+    fn parses_cpu_time() {
+        let s = "42 (mod serve) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 1 2 3";
+        assert_eq!(parse_cpu_seconds(s), Some(3.0));
+        assert!(cpu_seconds().is_some());
     }
 
     #[test]

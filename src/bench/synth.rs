@@ -226,6 +226,56 @@ mod tests {
         assert!(sparse_positions(&mut rng, 10, 0.0).is_empty());
     }
 
+    fn tiny_base() -> BaseShapes {
+        BaseShapes::new(crate::model::config::LlamaConfig {
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        })
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("modserve-bench-synth-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn written_modules_load_through_the_real_loaders() {
+        let base = tiny_base();
+        let d = tmp("lora");
+        write_lora(&d, &base, &Proj::ALL, 2, Elem::F16, 1).unwrap();
+        let (m, info) = crate::adapters::lora::load_peft_lora(&d, &base).unwrap();
+        assert_eq!((info.rank, m.targets.len()), (2, 14));
+        let d2 = tmp("poly");
+        let shape = PolyShape { n_tasks: 3, n_skills: 4, n_splits: 2, r: 2 };
+        write_poly(&d2, &base, &[Proj::Q, Proj::Down], shape, 2).unwrap();
+        let p = crate::adapters::poly::load_peft_poly(&d2, &base).unwrap();
+        assert_eq!((p.n_tasks(), p.n_skills(), p.n_splits(), p.rank()), (3, 4, 2, 2));
+        assert_eq!(p.mix(&crate::adapters::poly::Routing::Task(2)).unwrap().targets.len(), 4);
+        let d3 = tmp("sparse");
+        let nnz = write_sparse(&d3, &base, &Proj::ALL, 0.2, 3).unwrap();
+        let sp = crate::adapters::sft::load_sparse_safetensors(&d3.join("sparse_delta.safetensors"), &base).unwrap();
+        let got: usize = sp.targets.values().map(|t| match t {
+            MatrixDelta::Sparse(m) => m.nnz(),
+            _ => 0,
+        }).sum();
+        assert!(nnz > 0 && got == nnz);
+        for x in [d, d2, d3] {
+            let _ = std::fs::remove_dir_all(x);
+        }
+    }
+
     #[test]
     fn f16_encoding_round_trips() {
         let b = encode(&[1.5, -2.0], Elem::F16);

@@ -343,7 +343,17 @@ impl EngineLoop {
             Ok(events) => {
                 let mut generated = 0u64;
                 for (a, ev) in self.running.iter_mut().zip(events) {
-                    let Some(ev) = ev else { continue };
+                    let ev = match ev {
+                        None => continue,
+                        Some(Ok(ev)) => ev,
+                        Some(Err(e)) => {
+                            tracing::warn!(request_id = %a.request_id, "sequence failed: {e}");
+                            a.pending.clear();
+                            let _ = a.tx.try_send(Err(EngineError::InvalidArgument(e.to_string())));
+                            a.seq_abort();
+                            continue;
+                        }
+                    };
                     generated += 1;
                     match a.last_token_at {
                         None => {

@@ -21,7 +21,8 @@ pub enum StepError {
 /// Runs one step over `seqs`, each with its own composition; sequence `i` feeds at most
 /// `limits[i]` tokens (0 = sits this step out). Returns, per sequence, the event of the token it
 /// generated (None when it only advanced its prefill, sat out, or was already finished).
-pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> Result<Vec<Option<TokenEvent>>, StepError> {
+/// A sequence's own failure (e.g. sampling) is returned in its slot and does not fail the step.
+pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> Result<Vec<Option<Result<TokenEvent, SequenceError>>>, StepError> {
     assert_eq!(seqs.len(), limits.len(), "one limit per sequence");
     let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
     let mut wants = Vec::with_capacity(seqs.len());
@@ -30,7 +31,7 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
         wants.push(!input.is_empty() && s.pending_prompt() <= input.len());
         inputs.push(input);
     }
-    let mut events = vec![None; seqs.len()];
+    let mut events: Vec<Option<Result<TokenEvent, SequenceError>>> = (0..seqs.len()).map(|_| None).collect();
     let active: Vec<usize> = (0..seqs.len()).filter(|&i| !inputs[i].is_empty()).collect();
     if active.is_empty() {
         return Ok(events);
@@ -55,7 +56,7 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
         if needs_logits {
             let l = logits_row(&logits, row)?;
             row += 1;
-            events[i] = Some(seqs[i].on_logits(&l)?);
+            events[i] = Some(seqs[i].on_logits(&l));
         }
     }
     Ok(events)
@@ -70,7 +71,9 @@ fn logits_row(logits: &Tensor, row: usize) -> candle_core::Result<Vec<f32>> {
 pub fn run_to_completion(model: &Llama, seqs: &mut [&mut Sequence], prefill_chunk: usize) -> Result<(), StepError> {
     let limits = vec![prefill_chunk.max(1); seqs.len()];
     while seqs.iter().any(|s| s.finished().is_none()) {
-        run_step(model, seqs, &limits)?;
+        for ev in run_step(model, seqs, &limits)?.into_iter().flatten() {
+            ev?;
+        }
     }
     Ok(())
 }

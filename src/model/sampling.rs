@@ -104,12 +104,15 @@ impl Sampler {
     }
 
     fn sample_stochastic(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
-        let t = self.params.temperature;
-        let mut cands: Vec<(u32, f32)> = logits
+        // Scaled in f64 relative to the largest logit, so any temperature > 0 (even subnormal) gives
+        // finite values: the maximum maps to 0 and the rest to <= 0.
+        let t = self.params.temperature as f64;
+        let lmax = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut cands: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / t))
+            .map(|(i, &l)| (i as u32, (l as f64 - lmax) / t))
             .collect();
         if cands.is_empty() {
             return Err(SamplingError::NoFiniteLogit);
@@ -120,7 +123,7 @@ impl Sampler {
             cands.truncate(self.params.top_k);
         }
         let max = cands[0].1;
-        let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| (l - max).exp()).collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.params.top_p < 1.0 {
@@ -206,6 +209,14 @@ mod tests {
         allowed.truncate(5);
         assert!(a.iter().all(|t| allowed.contains(t)));
         assert!(a.iter().any(|t| *t != a[0]), "temperature 1 over 5 equal candidates should vary");
+    }
+
+    #[test]
+    fn subnormal_temperature_is_greedy_not_an_error() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-40, seed: 3, ..Default::default() }).unwrap();
+        for _ in 0..10 {
+            assert_eq!(s.sample(&[0.1, 0.5, 0.4]).unwrap().token.id, 1);
+        }
     }
 
     #[test]
