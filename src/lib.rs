@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod generate;
 pub mod loadgen;
 pub mod runtime;
+pub mod stats;
 pub mod model;
 
 /// Generated protobuf / gRPC code for `proto/modserve/v1`.

@@ -80,6 +80,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -438,54 +439,27 @@ fn build_request(e: &MixEntry, deltas: Vec<pb::DeltaRef>) -> pb::GenerateRequest
 // Random choices
 // ---------------------------------------------------------------------------------------------
 
-/// Picks an index with probability proportional to its weight (cumulative sums + binary search).
+/// Picks an index with probability proportional to its weight (rand's `WeightedIndex`; weights
+/// that are not finite and positive count as 0).
 #[derive(Debug, Clone)]
 pub struct WeightedPicker {
-    cumulative: Vec<f64>,
+    index: WeightedIndex<f64>,
 }
 
 impl WeightedPicker {
     /// None when no weight is positive.
     pub fn new(weights: &[f64]) -> Option<Self> {
-        let mut acc = 0.0;
-        let cumulative: Vec<f64> = weights
-            .iter()
-            .map(|w| {
-                acc += if w.is_finite() && *w > 0.0 { *w } else { 0.0 };
-                acc
-            })
-            .collect();
-        (acc > 0.0).then_some(Self { cumulative })
+        let clean = weights.iter().map(|w| if w.is_finite() && *w > 0.0 { *w } else { 0.0 });
+        WeightedIndex::new(clean).ok().map(|index| Self { index })
     }
 
     /// Draws one index; indexes of weight 0 are never drawn.
     pub fn pick(&self, rng: &mut impl Rng) -> usize {
-        let total = *self.cumulative.last().expect("non-empty");
-        let u = rng.random::<f64>() * total;
-        // First index whose cumulative weight exceeds u (zero-weight entries share their
-        // predecessor's cumulative value and so are skipped).
-        self.cumulative.partition_point(|c| *c <= u).min(self.cumulative.len() - 1)
+        self.index.sample(rng)
     }
 }
 
-/// Zipf(s) over ranks 0..n: P(rank k) proportional to 1 / (k+1)^s.
-#[derive(Debug, Clone)]
-pub struct Zipf {
-    picker: WeightedPicker,
-}
-
-impl Zipf {
-    pub fn new(n: usize, s: f64) -> Self {
-        assert!(n > 0, "Zipf over an empty set");
-        let weights: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-s)).collect();
-        Self { picker: WeightedPicker::new(&weights).expect("positive weights") }
-    }
-
-    /// Draws a 0-based rank.
-    pub fn sample(&self, rng: &mut impl Rng) -> usize {
-        self.picker.pick(rng)
-    }
-}
+pub use crate::stats::Zipf;
 
 /// Exponential inter-arrival gap of a Poisson process with `rate` events per second.
 pub fn exp_interarrival(rng: &mut impl Rng, rate: f64) -> Duration {
@@ -506,43 +480,7 @@ fn worker_seed(seed: u64, i: u64) -> u64 {
 // Statistics and report
 // ---------------------------------------------------------------------------------------------
 
-/// Summary of a set of samples in milliseconds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Summary {
-    pub count: usize,
-    pub mean: Option<f64>,
-    pub p50: Option<f64>,
-    pub p90: Option<f64>,
-    pub p99: Option<f64>,
-    pub min: Option<f64>,
-    pub max: Option<f64>,
-}
-
-/// Nearest-rank percentile of sorted samples: the smallest value with at least p% of the samples
-/// at or below it.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// Exact summary (sorts the samples).
-pub fn summarize(samples: &[f64]) -> Summary {
-    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    Summary {
-        count: v.len(),
-        mean: mean.map(round3),
-        p50: percentile(&v, 50.0).map(round3),
-        p90: percentile(&v, 90.0).map(round3),
-        p99: percentile(&v, 99.0).map(round3),
-        min: v.first().copied().map(round3),
-        max: v.last().copied().map(round3),
-    }
-}
+pub use crate::stats::{percentile, summarize, Summary};
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0

@@ -2,53 +2,16 @@
 //! the result table (markdown).
 use rand::Rng;
 
-/// Nearest-rank percentile of `samples` (any order): the smallest value with at least `p`% of the
-/// samples at or below it. `None` when there are no samples.
+/// Nearest-rank percentile of `samples` (any order); `None` when there are none.
 pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
-    if samples.is_empty() {
-        return None;
-    }
-    let mut v: Vec<f64> = samples.iter().copied().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    Some(v[rank.clamp(1, v.len()) - 1])
+    crate::stats::percentile(&crate::stats::sorted_finite(samples), p)
 }
 
-/// Zipf(s) over `0..n`: item `k` has weight `1 / (k+1)^s`. Sampled by inverting the CDF.
-#[derive(Debug, Clone)]
-pub struct Zipf {
-    cdf: Vec<f64>,
-}
+pub use crate::stats::Zipf;
 
-impl Zipf {
-    pub fn new(n: usize, s: f64) -> Self {
-        assert!(n > 0, "Zipf over an empty set");
-        let mut cdf = Vec::with_capacity(n);
-        let mut acc = 0.0;
-        for k in 0..n {
-            acc += 1.0 / ((k + 1) as f64).powf(s);
-            cdf.push(acc);
-        }
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Self { cdf }
-    }
-
-    pub fn sample(&self, rng: &mut impl Rng) -> usize {
-        let u: f64 = rng.random();
-        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
-    }
-}
-
-/// A standard normal sample (Box-Muller).
+/// A standard normal sample.
 pub fn normal(rng: &mut impl Rng) -> f32 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng)
 }
 
 /// Peak resident set size of this process so far (`VmHWM`), in MiB.
