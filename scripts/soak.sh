@@ -66,11 +66,16 @@ WARMUP_S=$(( TOTAL_S >= 120 ? 15 : 5 ))
 MODEL="${MODSERVE_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 [ -f "$MODEL" ] || { echo "soak: model $MODEL missing: run \`cargo run --release -- fetch-model\`" >&2; exit 2; }
 
-if [ "${SOAK_NO_BUILD:-0}" != 1 ]; then
-  echo "soak: building release" >&2
-  cargo build --release --quiet
+# SOAK_BIN: an already built binary (CI uses the test build); otherwise build release.
+if [ -n "${SOAK_BIN:-}" ]; then
+  BIN="$SOAK_BIN"
+else
+  if [ "${SOAK_NO_BUILD:-0}" != 1 ]; then
+    echo "soak: building release" >&2
+    cargo build --release --quiet
+  fi
+  BIN=target/release/modserve
 fi
-BIN=target/release/modserve
 
 WORK="${SOAK_WORK:-$(mktemp -d -t modserve-soak.XXXXXX)}"
 mkdir -p "$WORK"
