@@ -108,7 +108,7 @@ for t in "${targets[@]}"; do
   [ -n "$execs" ] || execs=$(sed -n 's/^#\([0-9]*\).*/\1/p' <<<"$last")
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
-  corp=$(sed -n 's/.* corp: \([0-9]*\/[0-9a-zA-Z]*\).*/\1/p' <<<"$last")
+  corp=$(sed -n 's/.* corp: \([0-9][0-9/a-zA-Z]*\).*/\1/p' <<<"$last")
   n=0
   for f in "$art"/crash-* "$art"/oom-* "$art"/timeout-* "$art"/leak-*; do
     [ -e "$f" ] || continue

@@ -87,33 +87,45 @@ impl BatchDeltas<'_> {
     /// with per-row kernels (low-rank axpy, CSR), then a single add. Cost per row is
     /// `r * (in + out)` for LoRA and `nnz` for sparse deltas, without per-module tensor ops.
     fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
         let (n, in_dim) = x.dims2()?;
         let out = y.dim(1)?;
         let xh = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dh = vec![0f32; n * out];
+        // Chunks own disjoint, consecutive row ranges: split the output once and work in parallel.
+        let mut slices: Vec<(usize, usize, &Composition, &mut [f32])> = Vec::with_capacity(self.chunks.len());
+        let mut rest: &mut [f32] = &mut dh;
+        let mut consumed = 0;
         for &(start, len, comp) in &self.chunks {
-            let Some(c) = comp else { continue };
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - consumed) * out);
+            let (mine, tail) = tail.split_at_mut(len * out);
+            rest = tail;
+            consumed = start + len;
+            if let Some(c) = comp {
+                slices.push((start, len, c, mine));
+            }
+        }
+        slices.into_par_iter().try_for_each(|(start, len, c, dst)| -> Result<()> {
+            let xs = &xh[start * in_dim..(start + len) * in_dim];
             for (deltas, scale) in &c.parts {
                 let Some(m) = deltas.targets.get(&target) else { continue };
-                let rows = start..start + len;
                 match (m, deltas.host_low_rank(&target)) {
                     (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
-                        for r in rows {
-                            h.add_row(&xh[r * in_dim..(r + 1) * in_dim], &mut dh[r * out..(r + 1) * out], *scale);
+                        for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
+                            h.add_row(xr, yr, *scale);
                         }
                     }
-                    (MatrixDelta::Sparse(sp), _) => {
-                        sp.add_matmul_t(&xh[start * in_dim..(start + len) * in_dim], len, &mut dh[start * out..(start + len) * out], *scale)
-                    }
+                    (MatrixDelta::Sparse(sp), _) => sp.add_matmul_t(xs, len, dst, *scale),
                     _ => {
                         let d = delta_product(m, &x.narrow(0, start, len)?, *scale)?.flatten_all()?.to_vec1::<f32>()?;
-                        for (o, v) in dh[start * out..(start + len) * out].iter_mut().zip(d) {
+                        for (o, v) in dst.iter_mut().zip(d) {
                             *o += v;
                         }
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         let dh = Tensor::from_vec(dh, (n, out), y.device())?;
         y + dh
     }

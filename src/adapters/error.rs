@@ -67,3 +67,12 @@ impl From<candle_core::Error> for AdapterError {
         Self::tensor(e)
     }
 }
+
+/// Runs a third-party parser (candle's pickle reader) that may panic on hostile input, turning a
+/// panic into `Malformed` for `path` instead of unwinding through the server.
+pub fn guard_parser<T>(path: &std::path::Path, what: &str, f: impl FnOnce() -> Result<T, AdapterError>) -> Result<T, AdapterError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(AdapterError::Malformed { path: path.into(), reason: format!("{what}: the parser rejected the input (panic)") }),
+    }
+}

@@ -154,8 +154,19 @@ pub(crate) fn load_adapter_tensors(dir: &Path) -> Result<(PathBuf, Vec<(String, 
     }
     let bin = dir.join("adapter_model.bin");
     if bin.is_file() {
-        let v = candle_core::pickle::read_all(&bin)
-            .map_err(|e| malformed(&bin, format!("not a readable PyTorch checkpoint: {e}")))?;
+        let file_len = std::fs::metadata(&bin).map_err(|e| AdapterError::Io { path: bin.clone(), reason: e.to_string() })?.len();
+        let v = super::error::guard_parser(&bin, "PyTorch checkpoint", || {
+            // Check the sizes the pickle claims before anything is allocated from them.
+            let infos = candle_core::pickle::read_pth_tensor_info(&bin, false, None)
+                .map_err(|e| malformed(&bin, format!("not a readable PyTorch checkpoint: {e}")))?;
+            for i in &infos {
+                let bytes = (i.layout.shape().elem_count() as u64).checked_mul(i.dtype.size_in_bytes() as u64);
+                if bytes.is_none_or(|b| b > file_len) {
+                    return Err(malformed(&bin, format!("tensor `{}` claims more data than the file holds", i.name)));
+                }
+            }
+            candle_core::pickle::read_all(&bin).map_err(|e| malformed(&bin, format!("not a readable PyTorch checkpoint: {e}")))
+        })?;
         return Ok((bin, v));
     }
     Err(AdapterError::Io {

@@ -69,11 +69,13 @@ pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas,
         .ok_or_else(|| malformed(path, "no `data.pkl` entry in the archive"))?;
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or("").to_string();
     let pickle = read_entry(&mut zip, &pkl, path)?;
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut std::io::Cursor::new(&pickle))
-        .map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))?;
-    let root = stack.finalize().map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))?;
+    let root = super::error::guard_parser(path, "pickle", || {
+        let mut stack = Stack::empty();
+        stack
+            .read_loop(&mut std::io::Cursor::new(&pickle))
+            .map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))?;
+        stack.finalize().map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))
+    })?;
     let body = dict_entry(root, "body").ok_or_else(|| malformed(path, "the pickled object has no `body` dict"))?;
     let Object::Dict(params) = body else { return Err(malformed(path, "`body` is not a dict")) };
 

@@ -147,6 +147,10 @@ impl AdapterStore {
     }
 
     fn load(&self, reg: &Registration) -> Result<LoadedModule, AdapterError> {
+        super::error::guard_parser(&reg.path, "module", || self.load_unguarded(reg))
+    }
+
+    fn load_unguarded(&self, reg: &Registration) -> Result<LoadedModule, AdapterError> {
         self.check_confined(reg)?;
         let size = module_bytes(&reg.path)?;
         if size > self.limits.max_file_bytes {
