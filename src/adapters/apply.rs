@@ -154,16 +154,7 @@ impl RowDeltas for BatchDeltas<'_> {
         if !any {
             return Ok(y);
         }
-        let out = y.dim(1)?;
-        let full: Vec<Tensor> = pieces
-            .into_iter()
-            .zip(&self.chunks)
-            .map(|(p, &(_, len, _))| match p {
-                Some(t) => Ok(t),
-                None => Tensor::zeros((len, out), y.dtype(), y.device()),
-            })
-            .collect::<Result<_>>()?;
-        y + Tensor::cat(&full, 0)?
+        add_row_blocks(y, pieces.into_iter().zip(self.chunks.iter().map(|c| c.1)))
     }
 
     fn add_embedding_deltas(&self, ids: &[u32], x: Tensor) -> Result<Tensor> {
@@ -216,14 +207,18 @@ impl RowDeltas for BatchDeltas<'_> {
         if !any {
             return Ok(y);
         }
-        let vocab = y.dim(1)?;
-        let full: Vec<Tensor> = rows
-            .into_iter()
-            .map(|p| match p {
-                Some(t) => Ok(t),
-                None => Tensor::zeros((1, vocab), y.dtype(), y.device()),
-            })
-            .collect::<Result<_>>()?;
-        y + Tensor::cat(&full, 0)?
+        add_row_blocks(y, rows.into_iter().map(|p| (p, 1)))
     }
+}
+
+/// `y +` the row blocks stacked in order; a missing block is that many rows of zeros.
+fn add_row_blocks(y: Tensor, blocks: impl Iterator<Item = (Option<Tensor>, usize)>) -> Result<Tensor> {
+    let width = y.dim(1)?;
+    let full: Vec<Tensor> = blocks
+        .map(|(p, rows)| match p {
+            Some(t) => Ok(t),
+            None => Tensor::zeros((rows, width), y.dtype(), y.device()),
+        })
+        .collect::<Result<_>>()?;
+    y + Tensor::cat(&full, 0)?
 }

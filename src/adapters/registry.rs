@@ -135,22 +135,29 @@ pub fn detect_kind(path: &Path) -> Result<ModuleKind, AdapterError> {
     })
 }
 
+/// The files of a module, sorted: the path itself, or the regular files (symlinks followed) directly
+/// inside its folder.
+pub fn module_files(path: &Path) -> Result<Vec<PathBuf>, AdapterError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: e.to_string() };
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(path).map_err(io)? {
+        let p = e.map_err(io)?.path();
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// Size, mtime and inode of every file of a module: changes when a file is swapped or edited.
 pub fn fingerprint(path: &Path) -> Result<String, AdapterError> {
     use std::os::unix::fs::MetadataExt;
     let io = |p: &Path, e: std::io::Error| AdapterError::Io { path: p.into(), reason: e.to_string() };
-    let mut files = Vec::new();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).map_err(|e| io(path, e))? {
-            let e = e.map_err(|e| io(path, e))?;
-            if e.path().is_file() {
-                files.push(e.path());
-            }
-        }
-    } else {
-        files.push(path.to_path_buf());
-    }
-    files.sort();
+    let files = module_files(path)?;
     let mut parts = Vec::with_capacity(files.len());
     for f in files {
         let m = std::fs::metadata(&f).map_err(|e| io(&f, e))?;

@@ -15,7 +15,7 @@ use super::cache::{ModuleCache, Weighted};
 use super::delta::{BaseShapes, ModuleDeltas, Target};
 use super::error::AdapterError;
 use super::poly::{PolyInventory, Routing};
-use super::registry::{fingerprint, ModuleKind, Registration, Registry};
+use super::registry::{fingerprint, module_files, ModuleKind, Registration, Registry};
 use crate::model::llama::Llama;
 
 /// Gives the dense float32 base weight `theta0` of a parameter (merges need it).
@@ -301,37 +301,18 @@ fn short_hash(b: &[u8]) -> String {
 
 /// Total size of a module's files.
 fn module_bytes(path: &Path) -> Result<u64, AdapterError> {
-    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: e.to_string() };
-    if !path.is_dir() {
-        return Ok(std::fs::metadata(path).map_err(io)?.len());
-    }
     let mut total = 0;
-    for e in std::fs::read_dir(path).map_err(io)? {
-        // Follows symlinks: a linked file counts with its real size.
-        let m = std::fs::metadata(e.map_err(io)?.path()).map_err(io)?;
-        if m.is_file() {
-            total += m.len();
-        }
+    // Symlinks followed: a linked file counts with its real size.
+    for f in module_files(path)? {
+        total += std::fs::metadata(&f).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?.len();
     }
     Ok(total)
 }
 
 /// SHA-256 over the module's files (names and contents, sorted by name).
 pub fn content_hash(path: &Path) -> Result<String, AdapterError> {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).map_err(|e| AdapterError::Io { path: path.into(), reason: e.to_string() })? {
-            let p = e.map_err(|e| AdapterError::Io { path: path.into(), reason: e.to_string() })?.path();
-            if p.is_file() {
-                files.push(p);
-            }
-        }
-    } else {
-        files.push(path.to_path_buf());
-    }
-    files.sort();
     let mut h = Sha256::new();
-    for f in files {
+    for f in module_files(path)? {
         h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
         let mut r = std::fs::File::open(&f).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?;
         std::io::copy(&mut r, &mut h).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?;
