@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::chat::ChatTemplate;
 use super::config::{ConfigError, LlamaConfig};
-use super::linear::{BaseWeight, Linear, LinearId, Proj, WeightMode};
+use super::linear::{BaseWeight, DenseWeight, Linear, LinearId, Proj, QuantWeight, WeightMode};
 use super::llama::{Block, Llama};
 use super::tokenizer;
 
@@ -146,11 +146,11 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
     let final_norm = read("output_norm.weight", &[h])?.dequantize(dev).map_err(cd)?;
     let lm_head = if cfg.tie_word_embeddings {
         match opts.weights {
-            WeightMode::F32 => BaseWeight::Dense(embed.clone()),
+            WeightMode::F32 => BaseWeight::Dense(DenseWeight::new(&embed).map_err(cd)?),
             WeightMode::Quantized => BaseWeight::from_qtensor(embed_q, WeightMode::Quantized).map_err(cd)?,
             WeightMode::Auto => BaseWeight::Both {
-                q: candle_core::quantized::QMatMul::from_qtensor(embed_q).map_err(cd)?,
-                dense: embed.clone(),
+                q: QuantWeight::new(embed_q).map_err(cd)?,
+                dense: DenseWeight::new(&embed).map_err(cd)?,
             },
         }
     } else {
@@ -167,9 +167,9 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
             let w = match opts.weights {
                 // The float32 copy comes from the stored blocks, not the re-blocked ones.
                 WeightMode::Auto => {
-                    let dense = q.dequantize(dev).map_err(cd)?;
+                    let dense = DenseWeight::new(&q.dequantize(dev).map_err(cd)?).map_err(cd)?;
                     let q = reblock_for_speed(q, opts.weights).map_err(cd)?;
-                    BaseWeight::Both { q: candle_core::quantized::QMatMul::from_qtensor(q).map_err(cd)?, dense }
+                    BaseWeight::Both { q: QuantWeight::new(q).map_err(cd)?, dense }
                 }
                 mode => BaseWeight::from_qtensor(reblock_for_speed(q, mode).map_err(cd)?, mode).map_err(cd)?,
             };

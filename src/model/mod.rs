@@ -12,5 +12,6 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod qgemm;
 pub mod sampling;
 pub mod tokenizer;
