@@ -7,9 +7,10 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET=60] [TARGET...]
 #
-# Every crash / timeout / out-of-memory input is copied to tests/fixtures/fuzz/<target>/ (crash-*
-# inputs are then replayed by `cargo test --test fuzz_regressions` on stable) and the script exits
-# 1 when any was found. Logs: fuzz/artifacts/<target>/fuzz.log.
+# Every crash / timeout / out-of-memory input is copied to tests/fixtures/fuzz/<target>/ (all are
+# then replayed by `cargo test --test fuzz_regressions` on stable; a timeout-* / oom-* input also
+# needs its expected refusal in that test's RESOURCE_REASONS) and the script exits 1 when any was
+# found. Logs: fuzz/artifacts/<target>/fuzz.log.
 #
 # Environment:
 #   FUZZ_SANITIZER  none (default: the code is safe Rust; panics and overflow checks are what the

@@ -284,6 +284,21 @@ fn build_root(root: &Path, outside: &Path) {
     // PROTO 2, BINUNICODE with a 4 GiB length and no payload.
     rewrite_zip(&diff, &root.join("sft_pickle_bomb/pytorch_diff.bin"), "data.pkl", |_| b"\x80\x02X\xff\xff\xff\xff".to_vec());
     rewrite_zip(&diff, &root.join("sft_truncated_storage/pytorch_diff.bin"), "/data/0", |b| b[..b.len() / 3].to_vec());
+    // Memo deep-copy bomb: `[]` memo-put, then 40 x (get, get, TUPLE2, put) doubles the memo'd
+    // object per round (candle deep-copies on each memo get/put: ~2^40 nodes).
+    rewrite_zip(&diff, &root.join("sft_memo_bomb/pytorch_diff.bin"), "data.pkl", |_| {
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        (0..40).for_each(|_| p.extend_from_slice(b"h\x00h\x00\x86q\x00"));
+        p.push(b'.');
+        p
+    });
+    // 200 000 nested 1-tuples: candle's recursive drop would overflow the stack (process abort).
+    rewrite_zip(&diff, &root.join("sft_deep_pickle/pytorch_diff.bin"), "data.pkl", |_| {
+        let mut p = b"\x80\x02N".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 200_000));
+        p.push(b'.');
+        p
+    });
 
     // --- Dense task vectors (top-level files are registered by file name) ----------------------------
     save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[10, 10], 26))], &root.join("tv_wrong_shape.safetensors"));
@@ -528,6 +543,8 @@ fn table() -> Vec<Case> {
     add("pytorch_diff.bin with a truncated pickle", gen(delta("sft_truncated_pickle")), e(MALFORMED));
     add("pytorch_diff.bin pickle claiming a 4 GiB string", gen(delta("sft_pickle_bomb")), e(MALFORMED));
     add("pytorch_diff.bin with a truncated storage", gen(delta("sft_truncated_storage")), e(MALFORMED));
+    add("pytorch_diff.bin with a memo deep-copy bomb pickle", gen(delta("sft_memo_bomb")), e(MALFORMED));
+    add("pytorch_diff.bin with a pickle nested 200 000 deep", gen(delta("sft_deep_pickle")), e(MALFORMED));
     add("task vector with a wrong shape", gen(delta("tv_wrong_shape.safetensors")), e(SHAPE));
     add("task vector with a NaN", gen(delta("tv_nan.safetensors")), e(NON_FINITE));
     add("recipe referencing a missing file", gen(delta("recipe_missing")), e(RECIPE));
@@ -633,7 +650,7 @@ const BAD_REGISTERED: &[&str] = &[
     "st_truncated", "st_garbage", "st_empty", "lora_bin_garbage", "lora_no_weights", "lora_wrong_shape", "lora_rank_mismatch",
     "lora_cfg_rank_mismatch", "lora_missing_b", "lora_missing_layers", "lora_nan", "lora_inf", "lora_foo_proj", "lora_layer_oob",
     "lora_regex_targets", "lora_dora", "lora_modules_to_save", "lora_rank128", "too_big", "too_big_via_link", "poly_bad_router", "sft_truncated",
-    "sft_not_zip", "sft_garbage_pickle", "sft_truncated_pickle", "sft_pickle_bomb", "sft_truncated_storage", "tv_wrong_shape.safetensors",
+    "sft_not_zip", "sft_garbage_pickle", "sft_truncated_pickle", "sft_pickle_bomb", "sft_truncated_storage", "sft_memo_bomb", "sft_deep_pickle", "tv_wrong_shape.safetensors",
     "tv_nan.safetensors", "recipe_missing", "recipe_dotdot", "recipe_nan_lambda", "recipe_string_lambda", "recipe_unknown_method",
     "recipe_bad_component", "recipe_symlink_out", "inner_symlink",
 ];

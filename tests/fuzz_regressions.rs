@@ -2,8 +2,10 @@
 //! reproducers) through the same harness the cargo-fuzz targets run (`fuzz/src/lib.rs`), on stable,
 //! as ordinary tests: no input may make a loader panic. `seed-ok-*` inputs must also be accepted by
 //! some loader of their target and `seed-err-*` inputs by none, so the harness stays meaningful.
-//! `timeout-*` / `oom-*` / `slow-unit-*` inputs (resource findings) are only replayed by the
-//! ignored `resource_findings_finish` test, so CI never hangs on them.
+//! `timeout-*` / `oom-*` / `slow-unit-*` inputs (resource findings) are replayed by
+//! `resource_findings_finish`, which also requires each to be refused quickly and for the reason
+//! listed in `RESOURCE_REASONS` (e.g. candle's memo deep-copy bomb, now refused by
+//! `modserve::adapters::pickle_guard` before candle parses anything).
 //!
 //! Regenerate the seed files (after changing the harness's builders) with
 //! `cargo test --test fuzz_regressions -- --ignored write_seed_files`.
@@ -129,32 +131,52 @@ fn every_target_has_its_seed_files() {
     }
 }
 
-/// Resource findings (`oom-*`, `timeout-*`, `slow-unit-*`): each must be refused within two
-/// seconds without a panic. Not run by default: until the underlying issue is fixed an input may
-/// abort the process (`oom-candle-huge-tensor-shape`: a 4 TiB allocation) or take seconds and GBs
-/// (`oom-candle-pickle-memo-bomb`: exponential memo copies). Run with
-/// `cargo test --test fuzz_regressions -- --ignored resource_findings_finish` once fixed.
+/// Why each resource finding must be refused: `(file name, text in every refusal of its loaders)`.
+const RESOURCE_REASONS: [(&str, &str); 2] = [
+    // ~200 bytes that memo-put and memo-get a growing tuple: candle deep-copies on every memo
+    // operation (GBs, minutes); `pickle_guard` counts the copies and refuses before parsing.
+    ("oom-candle-pickle-memo-bomb", "memo deep-copy bomb"),
+    // A 1M x 1M float tensor over a 256-byte storage: refused before anything is allocated.
+    ("oom-candle-huge-tensor-shape", "claims more data than the file holds"),
+];
+
+/// Resource findings (`oom-*`, `timeout-*`, `slow-unit-*`): each must be refused by every loader of
+/// its target, without a panic, within two seconds, with a `adapter_malformed` error that says why
+/// (`RESOURCE_REASONS`).
 #[test]
-#[ignore]
 fn resource_findings_finish() {
     let mut failures = Vec::new();
+    let mut seen = 0;
     for target in harness::TARGETS {
         for (name, data) in inputs(target, true) {
+            seen += 1;
             let t = std::time::Instant::now();
-            let r = catch_unwind(AssertUnwindSafe(|| harness::run(target, &data)));
+            let r = catch_unwind(AssertUnwindSafe(|| harness::run_explained(target, &data).expect("a known target")));
             let took = t.elapsed();
-            eprintln!(
-                "{target}/{name}: {:?} in {took:?}",
-                r.as_ref().map_err(|_| "panic")
-            );
-            if r.is_err() || took > std::time::Duration::from_secs(2) {
-                failures.push(format!(
-                    "{target}/{name}: {:?} in {took:?}",
-                    r.map_err(|_| "panic")
-                ));
+            eprintln!("{target}/{name}: {:?} in {took:?}", r.as_ref().map_err(|_| "panic"));
+            let fail = |why: String| format!("{target}/{name}: {why}");
+            let Ok((accepted, refusals)) = r else {
+                failures.push(fail("PANIC".into()));
+                continue;
+            };
+            if took > std::time::Duration::from_secs(2) {
+                failures.push(fail(format!("took {took:?}")));
+            }
+            if accepted != 0 || refusals.is_empty() {
+                failures.push(fail(format!("{accepted} loader(s) accepted it, {} refused it", refusals.len())));
+            }
+            let Some((_, reason)) = RESOURCE_REASONS.iter().find(|(n, _)| *n == name) else {
+                failures.push(fail("no expected reason in RESOURCE_REASONS".into()));
+                continue;
+            };
+            for refusal in &refusals {
+                if !refusal.starts_with("adapter_malformed: ") || !refusal.contains(reason) {
+                    failures.push(fail(format!("refused as `{refusal}`, expected adapter_malformed saying `{reason}`")));
+                }
             }
         }
     }
+    assert!(seen >= 4, "only {seen} resource findings under {}", fixtures().display());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

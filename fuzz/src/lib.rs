@@ -14,15 +14,22 @@
 //! - [`peft_config`]: bytes as `adapter_config.json` next to a valid LoRA (q_proj/v_proj, r=2)
 //!   -> `lora::load_peft_lora`, and next to a valid Poly inventory -> `poly::load_peft_poly` (+ mix).
 //! - [`peft_bin`]: bytes as `data.pkl` of a torch.save zip `adapter_model.bin` next to a valid LoRA
-//!   config -> `lora::load_peft_lora` (candle's pickle reader, `candle_core::pickle::read_all`).
+//!   config -> `lora::load_peft_lora` (`pickle_guard`'s pre-scan, then candle's pickle reader).
 //! - [`pickle_diff`]: bytes as `archive/data.pkl` of a zip with float / long / int storages
-//!   -> `sft::load_pytorch_diff`.
+//!   -> `sft::load_pytorch_diff` (`pickle_guard`, then candle).
+//!
+//! The pickle targets also check that a pickle `modserve::adapters::pickle_guard::scan` refuses is
+//! refused by the loader (the loaders never hand candle bytes the guard has not accepted). Every
+//! loader result goes through one counter that also records refusals, so [`run_explained`] can
+//! show why an input was refused (the replay checks resource findings are refused for the right
+//! reason).
 //! - [`pickle_bin`]: bytes as the whole `pytorch_diff.bin` -> `sft::load_pytorch_diff`.
 //! - [`merge_recipe`]: bytes as `recipe.json` in a folder of valid task vectors, Fisher files, a
 //!   native sparse delta, a composable-sft diff and a LoRA folder -> `merge::load_recipe` then
 //!   `merge::merge` with zero base weights.
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,7 +38,7 @@ use candle_core::{DType, Device, Tensor};
 use modserve::adapters::delta::{BaseShapes, Target};
 use modserve::adapters::error::AdapterError;
 use modserve::adapters::poly::Routing;
-use modserve::adapters::{dense, lora, merge, poly, sft};
+use modserve::adapters::{dense, lora, merge, pickle_guard, poly, sft};
 use modserve::model::config::LlamaConfig;
 use safetensors::Dtype;
 
@@ -58,6 +65,19 @@ pub fn run(name: &str, data: &[u8]) -> Option<usize> {
     })
 }
 
+thread_local! {
+    /// Refusals (`code: message`) of the loaders run on this thread since the last [`run_explained`].
+    static REFUSALS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`run`], also returning the refusals of the loaders it ran (`code: message`, in call order).
+pub fn run_explained(name: &str, data: &[u8]) -> Option<(usize, Vec<String>)> {
+    REFUSALS.with(|r| r.borrow_mut().clear());
+    let accepted = run(name, data);
+    let refusals = REFUSALS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    accepted.map(|n| (n, refusals))
+}
+
 /// The tiny base: q/o 32x32, k/v 16x32, gate/up 64x32, down 32x64, embeddings 64x32 (tied), two
 /// layers.
 pub fn tiny_base() -> BaseShapes {
@@ -82,8 +102,19 @@ pub fn tiny_base() -> BaseShapes {
 // Targets
 // ---------------------------------------------------------------------------------------------
 
+/// 1 for an accepted input; records a refusal for [`run_explained`].
 fn ok<T>(r: &Result<T, AdapterError>) -> usize {
+    if let Err(e) = r {
+        REFUSALS.with(|v| v.borrow_mut().push(format!("{}: {e}", e.code())));
+    }
     r.is_ok() as usize
+}
+
+/// A pickle the guard refuses must be refused by the loader that read it.
+fn guard_agrees<T>(pickle: &[u8], r: &Result<T, AdapterError>) {
+    if let Err(refusal) = pickle_guard::scan(pickle) {
+        assert!(r.is_err(), "a loader accepted a pickle the guard refuses ({refusal})");
+    }
 }
 
 /// Bytes as a safetensors file: dense task vector, Fisher file and native sparse delta loaders.
@@ -137,7 +168,9 @@ pub fn peft_bin(data: &[u8]) -> usize {
     let base = tiny_base();
     let dir = scratch().join("lora_bin");
     write(&dir.join("adapter_model.bin"), &torch_zip(data));
-    ok(&lora::load_peft_lora(&dir, &base))
+    let r = lora::load_peft_lora(&dir, &base);
+    guard_agrees(data, &r);
+    ok(&r)
 }
 
 /// Bytes as the `data.pkl` of a composable-sft `pytorch_diff.bin` (storages `0`..`2`).
@@ -145,7 +178,9 @@ pub fn pickle_diff(data: &[u8]) -> usize {
     let base = tiny_base();
     let p = scratch().join("pickle_diff.bin");
     write(&p, &torch_zip(data));
-    ok(&sft::load_pytorch_diff(&p, &base))
+    let r = sft::load_pytorch_diff(&p, &base);
+    guard_agrees(data, &r);
+    ok(&r)
 }
 
 /// Bytes as a whole `pytorch_diff.bin`.
@@ -164,7 +199,7 @@ pub fn merge_recipe(data: &[u8]) -> usize {
     write(&p, data);
     let recipe = match merge::load_recipe(&p) {
         Ok(r) => r,
-        Err(_) => return 0,
+        Err(e) => return ok::<()>(&Err(e)),
     };
     let zeros = |t: Target| -> Result<Tensor, AdapterError> {
         let (r, c) = tiny_base()

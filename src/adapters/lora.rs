@@ -154,25 +154,89 @@ pub(crate) fn load_adapter_tensors(dir: &Path) -> Result<(PathBuf, Vec<(String, 
     }
     let bin = dir.join("adapter_model.bin");
     if bin.is_file() {
-        let file_len = std::fs::metadata(&bin).map_err(|e| AdapterError::Io { path: bin.clone(), reason: e.to_string() })?.len();
-        let v = super::error::guard_parser(&bin, "PyTorch checkpoint", || {
-            // Check the sizes the pickle claims before anything is allocated from them.
-            let infos = candle_core::pickle::read_pth_tensor_info(&bin, false, None)
-                .map_err(|e| malformed(&bin, format!("not a readable PyTorch checkpoint: {e}")))?;
-            for i in &infos {
-                let bytes = (i.layout.shape().elem_count() as u64).checked_mul(i.dtype.size_in_bytes() as u64);
-                if bytes.is_none_or(|b| b > file_len) {
-                    return Err(malformed(&bin, format!("tensor `{}` claims more data than the file holds", i.name)));
-                }
-            }
-            candle_core::pickle::read_all(&bin).map_err(|e| malformed(&bin, format!("not a readable PyTorch checkpoint: {e}")))
-        })?;
+        let v = super::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
         return Ok((bin, v));
     }
     Err(AdapterError::Io {
         path: dir.into(),
         reason: "no adapter_model.safetensors or adapter_model.bin in the adapter folder".into(),
     })
+}
+
+/// Reads every tensor of a torch.save zip checkpoint (PEFT `adapter_model.bin`) the way candle's
+/// `pickle::read_all` does (every `*data.pkl` entry, a `__torch__.Module` unwrapped, dict entries
+/// built by `_rebuild_tensor_v2` kept, others skipped, contiguous or Fortran-ordered storages), but
+/// from one read of the archive: each pickle goes through [`super::pickle_guard::parse`] (pre-scan,
+/// then candle's reader on the very bytes scanned), and each tensor's claimed size is checked
+/// against its storage entry and the file before anything is allocated from it.
+fn read_pth(bin: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
+    use candle_core::pickle::Object;
+    use std::io::Read;
+    let bad = |reason: String| malformed(bin, format!("not a readable PyTorch checkpoint: {reason}"));
+    let file = std::fs::File::open(bin).map_err(|e| AdapterError::Io { path: bin.into(), reason: e.to_string() })?;
+    let file_len = file.metadata().map_err(|e| AdapterError::Io { path: bin.into(), reason: e.to_string() })?.len();
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(format!("not a zip archive ({e})")))?;
+    let pickles: Vec<String> = zip.file_names().filter(|n| n.ends_with("data.pkl")).map(String::from).collect();
+    // By name, the last entry of a name winning (as candle's map of tensor infos).
+    let mut infos = BTreeMap::new();
+    for entry in pickles {
+        let mut bytes = Vec::new();
+        zip.by_name(&entry)
+            .and_then(|mut f| f.read_to_end(&mut bytes).map_err(Into::into))
+            .map_err(|e| bad(format!("archive entry `{entry}`: {e}")))?;
+        let obj = match super::pickle_guard::parse(bin, &entry, &bytes)? {
+            Object::Build { callable, args } => match *callable {
+                Object::Reduce { callable, .. }
+                    if matches!(&*callable, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") =>
+                {
+                    *args
+                }
+                _ => continue,
+            },
+            obj => obj,
+        };
+        let Object::Dict(items) = obj else { continue };
+        let dir_name = PathBuf::from(entry.strip_suffix(".pkl").unwrap_or(&entry));
+        for (name, value) in items {
+            // candle skips an entry it cannot read as a tensor (and so do we, silently).
+            if let Ok(Some(info)) = value.into_tensor_info(name, &dir_name) {
+                infos.insert(info.name.clone(), info);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let layout = &info.layout;
+        let dims = layout.dims().to_vec();
+        let fortran = layout.is_fortran_contiguous();
+        if !layout.is_contiguous() && !fortran {
+            return Err(bad(format!("tensor `{name}` has a non-contiguous layout (size {dims:?}, stride {:?})", layout.stride())));
+        }
+        let mut f = zip.by_name(&info.path).map_err(|e| bad(format!("tensor `{name}`: storage `{}`: {e}", info.path)))?;
+        let start = layout.start_offset() as u64;
+        let n = dims.iter().try_fold(info.dtype.size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64));
+        let n = match n.filter(|&n| start.checked_add(n).is_some_and(|end| end <= f.size() && end <= file_len)) {
+            Some(n) => n,
+            None => return Err(malformed(bin, format!("tensor `{name}` claims more data than the file holds"))),
+        };
+        std::io::copy(&mut f.by_ref().take(start), &mut std::io::sink()).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let mut buf = Vec::with_capacity(n as usize);
+        f.take(n).read_to_end(&mut buf).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if buf.len() as u64 != n {
+            return Err(malformed(bin, format!("tensor `{name}`: its storage `{}` is truncated", info.path)));
+        }
+        let t = if dims.len() > 1 && fortran {
+            // Stored column-major: read as the reversed shape, then transpose back (as candle does).
+            let reversed: Vec<usize> = dims.iter().rev().copied().collect();
+            let order: Vec<usize> = (0..dims.len()).rev().collect();
+            Tensor::from_raw_buffer(&buf, info.dtype, &reversed, &Device::Cpu).and_then(|t| t.permute(order))
+        } else {
+            Tensor::from_raw_buffer(&buf, info.dtype, &dims, &Device::Cpu)
+        };
+        let t = t.map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        out.push((name, t));
+    }
+    Ok(out)
 }
 
 /// A tensor as float32, contiguous, erroring with the file and tensor name.

@@ -12,6 +12,7 @@ pub mod dense;
 pub mod error;
 pub mod lora;
 pub mod merge;
+pub mod pickle_guard;
 pub mod poly;
 pub mod registry;
 pub mod sft;

@@ -3,9 +3,10 @@
 //! Two formats become a [`ModuleDeltas`] of `MatrixDelta::Sparse` (CSR by output row):
 //! - composable-sft's `pytorch_diff.bin`: `torch.save({"body": {name: {"size": torch.Size,
 //!   "index_steps": [int...], "values": tensor}}})`, a zip whose `*/data.pkl` is read with
-//!   `candle_core::pickle` (no Python). Flat indices are the running sum of `index_steps`, with the
-//!   FIRST dimension varying fastest (`row = flat % rows`, `col = flat / rows` for a 2-D weight);
-//!   values are a float32 storage in `*/data/<key>`.
+//!   `candle_core::pickle` (no Python) once [`super::pickle_guard`]'s pre-scan accepts it. Flat
+//!   indices are the running sum of `index_steps`, with the FIRST dimension varying fastest
+//!   (`row = flat % rows`, `col = flat / rows` for a 2-D weight); values are a float32 storage
+//!   in `*/data/<key>`.
 //! - the native `modserve-sparse-v1` safetensors format (`NAME.indices` row-major flat indices,
 //!   `NAME.values` f32, shapes in `__metadata__`; see docs/ADAPTER_FORMATS.md), written by
 //!   [`save_sparse_safetensors`] / [`convert_pytorch_diff`].
@@ -17,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::Path;
 
-use candle_core::pickle::{Object, Stack};
+use candle_core::pickle::Object;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -69,13 +70,8 @@ pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas,
         .ok_or_else(|| malformed(path, "no `data.pkl` entry in the archive"))?;
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or("").to_string();
     let pickle = read_entry(&mut zip, &pkl, path)?;
-    let root = super::error::guard_parser(path, "pickle", || {
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut std::io::Cursor::new(&pickle))
-            .map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))?;
-        stack.finalize().map_err(|e| malformed(path, format!("corrupt pickle `{pkl}`: {e}")))
-    })?;
+    // Scanned for memo deep-copy bombs, deep nesting and truncation before candle parses it.
+    let root = super::pickle_guard::parse(path, &pkl, &pickle)?;
     let body = dict_entry(root, "body").ok_or_else(|| malformed(path, "the pickled object has no `body` dict"))?;
     let Object::Dict(params) = body else { return Err(malformed(path, "`body` is not a dict")) };
 
