@@ -28,6 +28,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Load-test a running server over gRPC and print a JSON report.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Convert a composable-sft pytorch_diff.bin to the native sparse format (a module folder).
+    ConvertSft(crate::convert::ConvertSftArgs),
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ pub mod adapters;
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod engine;
 pub mod fetch;
 pub mod generate;

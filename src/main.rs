@@ -64,6 +64,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Loadgen(a) => modserve::loadgen::run(a),
+        Command::ConvertSft(a) => {
+            let (path, s) = modserve::convert::run(&a)?;
+            println!("wrote {}: {} parameters, {} non-zeros", path.display(), s.params, s.nnz);
+            Ok(())
+        }
         Command::Bench(a) => modserve::bench::run(a),
         Command::Serve(a) => {
             modserve::runtime::set_threads(a.model.threads);

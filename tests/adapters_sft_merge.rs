@@ -258,6 +258,88 @@ fn kit_sft_task_matches_the_file_and_converts_losslessly() {
     assert_eq!(load_delta(dir.path(), &base).unwrap().targets.len(), 140);
 }
 
+/// A model folder holding only SmolLM2-135M's `config.json` (the shapes of [`smollm2_base`]).
+fn smollm2_config_dir(dir: &Path) -> PathBuf {
+    let cfg = serde_json::json!({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn convert_sft_cli_writes_a_module_with_the_same_deltas() {
+    let base = smollm2_base();
+    let src = common::fixture("parity/sft_lang/pytorch_diff.bin");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_config_dir(&tmp.path().join("model"));
+    let convert = |input: &Path, out: &Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modserve"))
+            .arg("convert-sft")
+            .args(["--input".as_ref(), input.as_os_str(), "--output".as_ref(), out.as_os_str(), "--model".as_ref(), model.as_os_str()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let out = tmp.path().join("sft_lang_native");
+    let o = convert(&src, &out, &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("211 parameters, 587293 non-zeros"), "{}", text(&o.stdout));
+    assert_eq!(file_names(&out), ["sparse_delta.safetensors"]);
+    // The converted module folder (through the generic module loader) holds exactly the deltas
+    // of the .bin loaded directly, embeddings included.
+    let direct = load_pytorch_diff(&src, &base).unwrap();
+    let converted = load_delta(&out, &base).unwrap();
+    assert_eq!(converted.targets.keys().collect::<Vec<_>>(), direct.targets.keys().collect::<Vec<_>>());
+    assert!(direct.targets.contains_key(&Target::Embedding));
+    for t in direct.targets.keys() {
+        assert_eq!(sparse(&converted, *t), sparse(&direct, *t), "{t:?}");
+    }
+
+    // An existing output is kept unless --force.
+    let o = convert(&src, &out, &[]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--force"), "{}", text(&o.stderr));
+    let o = convert(&common::fixture("parity/sft_task/pytorch_diff.bin"), &out, &["--force"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(load_sparse_safetensors(&out.join("sparse_delta.safetensors"), &base).unwrap().targets.len(), 140);
+
+    // A refused diff (a memo deep-copy bomb pickle) writes nothing and says why.
+    let bomb = tmp.path().join("bomb.bin");
+    let mut pkl = b"\x80\x02]q\x00".to_vec();
+    (0..40).for_each(|_| pkl.extend_from_slice(b"h\x00h\x00\x86q\x00"));
+    pkl.push(b'.');
+    write_diff(&bomb, &[], Some(pkl));
+    let bad_out = tmp.path().join("bomb_native");
+    let o = convert(&bomb, &bad_out, &[]);
+    assert!(!o.status.success() && text(&o.stderr).contains("memo deep-copy bomb"), "{}", text(&o.stderr));
+    assert!(!bad_out.exists(), "{:?}", file_names(&bad_out));
+}
+
+#[test]
+fn kit_pickles_are_far_inside_the_pickle_guard_limits() {
+    use modserve::adapters::pickle_guard::{scan, MAX_COPIED_NODES, MAX_DEPTH};
+    use std::io::Read;
+    for m in ["sft_lang", "sft_task"] {
+        let mut z = zip::ZipArchive::new(std::fs::File::open(common::fixture(&format!("parity/{m}/pytorch_diff.bin"))).unwrap()).unwrap();
+        let mut pkl = Vec::new();
+        z.by_name("pytorch_diff/data.pkl").unwrap().read_to_end(&mut pkl).unwrap();
+        let s = scan(&pkl).unwrap();
+        assert!(s.copied_nodes * 100 < MAX_COPIED_NODES && s.depth * 10 <= MAX_DEPTH, "{m}: {s:?}");
+    }
+}
+
 #[test]
 fn kit_sfts_merge_by_task_arithmetic_and_stay_sparse() {
     let dir = tempfile::tempdir().unwrap();
