@@ -4,6 +4,7 @@
 //! Invariant: a sequence's KV cache and token state only change through [`run_step`]; sequences
 //! that finished are skipped.
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::sequence::{Sequence, SequenceError, TokenEvent};
 use crate::adapters::apply::BatchDeltas;
@@ -49,21 +50,40 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
     }
     let logits = model.forward(&mut chunks, &deltas)?;
     drop(chunks);
-    let mut row = 0;
+    let mut sampling: Vec<usize> = Vec::with_capacity(active.len());
     for &i in &active {
         let needs_logits = seqs[i].consumed(inputs[i].len());
         debug_assert_eq!(needs_logits, wants[i]);
         if needs_logits {
-            let l = logits_row(&logits, row)?;
-            row += 1;
-            events[i] = Some(seqs[i].on_logits(&l));
+            sampling.push(i);
         }
+    }
+    if sampling.is_empty() {
+        return Ok(events);
+    }
+    // Sequences sample in parallel: each owns its sampler, and a vocabulary-wide pass per row
+    // (normaliser, argmax) costs as much as a layer at batch 32.
+    let rows = logits_rows(&logits)?;
+    let mut work: Vec<(usize, &mut Sequence, &[f32])> = Vec::with_capacity(sampling.len());
+    let mut next = sampling.iter().peekable();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            let row = work.len();
+            work.push((i, &mut **s, &rows[row]));
+        }
+    }
+    let results: Vec<(usize, Result<TokenEvent, SequenceError>)> =
+        work.into_par_iter().map(|(i, s, l)| (i, s.on_logits(l))).collect();
+    for (i, r) in results {
+        events[i] = Some(r);
     }
     Ok(events)
 }
 
-fn logits_row(logits: &Tensor, row: usize) -> candle_core::Result<Vec<f32>> {
-    logits.get(row)?.to_vec1::<f32>()
+/// The logits tensor `[rows, vocab]` as one host vector per row.
+fn logits_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()
 }
 
 /// Runs `seqs` to completion, one step after another (the CLI and tests use this; the server's

@@ -262,6 +262,26 @@ impl Linear {
         &self.weight
     }
 
+    /// [`Linear::forward`] of several layers reading the same input (q/k/v, gate/up): when all
+    /// hold int8-packed weights, their base products run as one parallel dispatch.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor, deltas: &dyn RowDeltas) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<&PackedQ8>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                BaseWeight::Quantized(QuantWeight::Int8(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        match packed {
+            Some(ps) if x.device().is_cpu() => PackedQ8::matmul_t_many(&ps, x)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| deltas.add_deltas(l.id, x, y))
+                .collect(),
+            _ => layers.iter().map(|l| l.forward(x, deltas)).collect(),
+        }
+    }
+
     /// Base product for all rows, then each row's composition deltas.
     pub fn forward(&self, x: &Tensor, deltas: &dyn RowDeltas) -> Result<Tensor> {
         let y = self.weight.matmul_t(x)?;

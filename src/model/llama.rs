@@ -133,9 +133,9 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.attn_norm, eps)?;
-            let q = b.q.forward(&h, deltas)?;
-            let k = b.k.forward(&h, deltas)?;
-            let v = b.v.forward(&h, deltas)?;
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&b.q, &b.k, &b.v], &h, deltas)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q/k/v: three outputs expected".into()))?;
             let attn = if self.device.is_cpu() {
                 let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
                 let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
@@ -149,8 +149,9 @@ impl Llama {
             };
             x = (x + b.o.forward(&attn.contiguous()?, deltas)?)?;
             let h = rms_norm(&x, &b.mlp_norm, eps)?;
-            let g = b.gate.forward(&h, deltas)?;
-            let u = b.up.forward(&h, deltas)?;
+            let [g, u]: [Tensor; 2] = Linear::forward_many(&[&b.gate, &b.up], &h, deltas)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
             let m = (candle_nn::ops::silu(&g)? * u)?;
             x = (x + b.down.forward(&m, deltas)?)?;
         }

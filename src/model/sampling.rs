@@ -93,14 +93,16 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, SamplingError> {
-        let logprobs = log_softmax(logits)?;
+        // One pass for the normaliser; logprobs are only formed for the tokens reported.
+        let lse = log_sum_exp(logits)?;
         let id = if self.params.temperature == 0.0 {
-            argmax(&logprobs)
+            argmax(logits)
         } else {
             self.sample_stochastic(logits)?
         };
-        let top = top_k_logprobs(&logprobs, self.params.top_logprobs);
-        Ok(Sampled { token: TokenLogprob { id, logprob: logprobs[id as usize] }, top })
+        let mut top = top_k_logprobs(logits, self.params.top_logprobs);
+        top.iter_mut().for_each(|t| t.logprob -= lse);
+        Ok(Sampled { token: TokenLogprob { id, logprob: logits[id as usize] - lse }, top })
     }
 
     fn sample_stochastic(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
@@ -144,14 +146,19 @@ impl Sampler {
     }
 }
 
-/// Log-softmax in f32 with an f64 normaliser.
-pub fn log_softmax(logits: &[f32]) -> Result<Vec<f32>, SamplingError> {
+/// `log(sum(exp(logits)))` over the finite logits: f32 exponentials, f64 sum.
+pub fn log_sum_exp(logits: &[f32]) -> Result<f32, SamplingError> {
     let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return Err(SamplingError::NoFiniteLogit);
     }
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
+    Ok(max + sum.ln() as f32)
+}
+
+/// Log-softmax in f32 with an f64 normaliser.
+pub fn log_softmax(logits: &[f32]) -> Result<Vec<f32>, SamplingError> {
+    let lse = log_sum_exp(logits)?;
     Ok(logits.iter().map(|&l| l - lse).collect())
 }
 
