@@ -7,7 +7,7 @@
 //! base computed them, so a request's result does not depend on its batch neighbours.
 use candle_core::{Result, Tensor};
 
-use super::delta::{MatrixDelta, Target};
+use super::delta::{MatrixDelta, SparseMatrix, Target};
 use super::store::Composition;
 use crate::model::linear::{LinearId, RowDeltas};
 
@@ -83,15 +83,18 @@ fn composition_product(c: &Composition, target: Target, x: &Tensor) -> Result<Op
 const ROW_KERNEL_MAX_ROWS: usize = 8;
 
 impl BatchDeltas<'_> {
-    /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer
-    /// with per-row kernels (low-rank axpy, CSR), then a single add. Cost per row is
-    /// `r * (in + out)` for LoRA and `nnz` for sparse deltas, without per-module tensor ops.
+    /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer,
+    /// then a single add. Sparse deltas first, grouped by module ([`add_sparse_grouped`]): each
+    /// module's non-zeros are read once per step for all rows using it. Then low-rank and dense
+    /// deltas per chunk (per-row kernels for decode rows, GEMMs for prefill segments). Per row, the
+    /// order of additions depends only on its own composition, never on its neighbours.
     fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
         use rayon::prelude::*;
         let (n, in_dim) = x.dims2()?;
         let out = y.dim(1)?;
         let xh = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dh = vec![0f32; n * out];
+        add_sparse_grouped(&self.chunks, target, &xh, in_dim, &mut dh, out);
         // Chunks own disjoint, consecutive row ranges: split the output once and work in parallel.
         let mut slices: Vec<(usize, usize, &Composition, &mut [f32])> = Vec::with_capacity(self.chunks.len());
         let mut rest: &mut [f32] = &mut dh;
@@ -102,7 +105,10 @@ impl BatchDeltas<'_> {
             rest = tail;
             consumed = start + len;
             if let Some(c) = comp {
-                slices.push((start, len, c, mine));
+                let dense_parts = c.parts.iter().any(|(d, _)| d.targets.get(&target).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_))));
+                if dense_parts {
+                    slices.push((start, len, c, mine));
+                }
             }
         }
         slices.into_par_iter().try_for_each(|(start, len, c, dst)| -> Result<()> {
@@ -110,12 +116,12 @@ impl BatchDeltas<'_> {
             for (deltas, scale) in &c.parts {
                 let Some(m) = deltas.targets.get(&target) else { continue };
                 match (m, deltas.host_low_rank(&target)) {
+                    (MatrixDelta::Sparse(_), _) => {} // done above
                     (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
                         for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
                             h.add_row(xr, yr, *scale);
                         }
                     }
-                    (MatrixDelta::Sparse(sp), _) => sp.add_matmul_t(xs, len, dst, *scale),
                     _ => {
                         let d = delta_product(m, &x.narrow(0, start, len)?, *scale)?.flatten_all()?.to_vec1::<f32>()?;
                         for (o, v) in dst.iter_mut().zip(d) {
@@ -130,6 +136,150 @@ impl BatchDeltas<'_> {
         y + dh
     }
 }
+
+/// Output rows of the weight per sparse task.
+const SPARSE_ROW_BLOCK: usize = 64;
+/// Batch rows per register tile of the grouped sparse kernel.
+const SPARSE_TILE: usize = 8;
+
+/// Adds every sparse delta of `target` to `dh` (`[n, out]`), reading each module's non-zeros
+/// once for all the batch rows that use it. For each (row, weight row) the value is
+/// `scale * sum_i v_i x[c_i]` accumulated in CSR order, exactly as [`SparseMatrix::add_matmul_t`]
+/// computes it, and a row's sparse parts are added in its composition's order.
+fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: Target, xh: &[f32], in_dim: usize, dh: &mut [f32], out: usize) {
+    use rayon::prelude::*;
+    // Distinct sparse matrices of the step, each with the batch rows that use it.
+    let mut groups: Vec<(&SparseMatrix, Vec<usize>)> = Vec::new();
+    // Per batch row: its sparse parts as (group, index of the row in the group, scale), in order.
+    let mut row_parts: Vec<(usize, Vec<(usize, usize, f32)>)> = Vec::new();
+    for &(start, len, comp) in chunks {
+        let Some(c) = comp else { continue };
+        let parts: Vec<(&SparseMatrix, f32)> = c
+            .parts
+            .iter()
+            .filter_map(|(d, s)| match d.targets.get(&target) {
+                Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
+                _ => None,
+            })
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        for row in start..start + len {
+            let mut mine = Vec::with_capacity(parts.len());
+            for &(sp, scale) in &parts {
+                let g = match groups.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
+                    Some(g) => g,
+                    None => {
+                        groups.push((sp, Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                mine.push((g, groups[g].1.len(), scale));
+                groups[g].1.push(row);
+            }
+            row_parts.push((row, mine));
+        }
+    }
+    if groups.is_empty() {
+        return;
+    }
+    // Each group's input rows, transposed in tiles of SPARSE_TILE rows: [tile][in][SPARSE_TILE].
+    let xt: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|(_, rows)| {
+            let tiles = rows.len().div_ceil(SPARSE_TILE);
+            let mut t = vec![0f32; tiles * in_dim * SPARSE_TILE];
+            for (j, &row) in rows.iter().enumerate() {
+                let (tile, lane) = (j / SPARSE_TILE, j % SPARSE_TILE);
+                let base = tile * in_dim * SPARSE_TILE;
+                for (c, &v) in xh[row * in_dim..(row + 1) * in_dim].iter().enumerate() {
+                    t[base + c * SPARSE_TILE + lane] = v;
+                }
+            }
+            t
+        })
+        .collect();
+    let dst = SendPtr(dh.as_mut_ptr());
+    (0..out.div_ceil(SPARSE_ROW_BLOCK)).into_par_iter().for_each(|blk| {
+        let dst = &dst;
+        let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
+        let w = r1 - r0;
+        // Unscaled products of every group for this block: [group][tile][w][SPARSE_TILE].
+        let prods: Vec<Vec<f32>> = groups
+            .iter()
+            .zip(&xt)
+            .map(|((sp, rows), xt)| {
+                let tiles = rows.len().div_ceil(SPARSE_TILE);
+                let mut p = vec![0f32; tiles * w * SPARSE_TILE];
+                for (tile, pt) in p.chunks_exact_mut(w * SPARSE_TILE).enumerate() {
+                    let xt = &xt[tile * in_dim * SPARSE_TILE..(tile + 1) * in_dim * SPARSE_TILE];
+                    csr_rows_tile(sp, r0, r1, xt, pt);
+                }
+                p
+            })
+            .collect();
+        for (row, parts) in &row_parts {
+            // SAFETY: this task alone writes columns r0..r1 of every row; rows are distinct.
+            let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
+            for &(g, j, scale) in parts {
+                let (tile, lane) = (j / SPARSE_TILE, j % SPARSE_TILE);
+                let pt = &prods[g][tile * w * SPARSE_TILE..(tile + 1) * w * SPARSE_TILE];
+                for (i, y) in yr.iter_mut().enumerate() {
+                    *y += scale * pt[i * SPARSE_TILE + lane];
+                }
+            }
+        }
+    });
+}
+
+/// For weight rows `r0..r1` of `sp`: `out[r - r0][l] = sum_i v_i * xt[c_i][l]` against a tile
+/// of [`SPARSE_TILE`] transposed input rows (`xt`: `[in][SPARSE_TILE]`), in CSR order.
+fn csr_rows_tile(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32], out: &mut [f32]) {
+    assert_eq!(out.len(), (r1 - r0) * SPARSE_TILE);
+    assert_eq!(xt.len(), sp.cols * SPARSE_TILE);
+    assert!(r1 < sp.row_ptr.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features; CSR offsets and column indices are in range
+            // (checked when the matrix was built: every column < sp.cols) and `xt` holds sp.cols
+            // columns of SPARSE_TILE lanes.
+            return unsafe { csr_rows_tile_avx2(sp, r0, r1, xt, out) };
+        }
+    }
+    for (r, o) in (r0..r1).zip(out.chunks_exact_mut(SPARSE_TILE)) {
+        let (s, e) = (sp.row_ptr[r] as usize, sp.row_ptr[r + 1] as usize);
+        for (&v, &c) in sp.values[s..e].iter().zip(&sp.col_idx[s..e]) {
+            let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
+            for (a, xv) in o.iter_mut().zip(xc) {
+                *a = v.mul_add(*xv, *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn csr_rows_tile_avx2(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(SPARSE_TILE == 8);
+    let (xp, vals, cols) = (xt.as_ptr(), sp.values.as_ptr(), sp.col_idx.as_ptr());
+    for r in r0..r1 {
+        let (s, e) = (*sp.row_ptr.get_unchecked(r) as usize, *sp.row_ptr.get_unchecked(r + 1) as usize);
+        let mut acc = _mm256_setzero_ps();
+        for i in s..e {
+            let x = _mm256_loadu_ps(xp.add(*cols.add(i) as usize * SPARSE_TILE));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*vals.add(i)), x, acc);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add((r - r0) * SPARSE_TILE), acc);
+    }
+}
+
+/// The step's delta buffer shared by the sparse tasks (each writes its own column block).
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
 
 impl RowDeltas for BatchDeltas<'_> {
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
@@ -221,4 +371,72 @@ fn add_row_blocks(y: Tensor, blocks: impl Iterator<Item = (Option<Tensor>, usize
         })
         .collect::<Result<_>>()?;
     y + Tensor::cat(&full, 0)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::delta::ModuleDeltas;
+    use crate::model::linear::Proj;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use std::sync::Arc;
+
+    fn sparse(rng: &mut StdRng, rows: usize, cols: usize, nnz: usize) -> SparseMatrix {
+        let flat: Vec<u64> = (0..nnz).map(|_| rng.random_range(0..(rows * cols) as u64)).collect();
+        let vals: Vec<f32> = (0..nnz).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        SparseMatrix::from_flat(rows, cols, &flat, &vals).unwrap()
+    }
+
+    fn comp(parts: &[(&Arc<ModuleDeltas>, f32)]) -> Composition {
+        Composition { parts: parts.iter().map(|(m, s)| (Arc::clone(m), *s)).collect(), pinned: Vec::new(), key: String::new() }
+    }
+
+    /// The grouped kernel equals the per-row CSR product, and a row's result does not depend on
+    /// its batch neighbours (bit for bit).
+    #[test]
+    fn grouped_sparse_equals_per_row_and_is_batch_independent() {
+        let (out, inp) = (150, 70);
+        let target = Target::Linear(LinearId { layer: 0, proj: Proj::Q });
+        let mut rng = StdRng::seed_from_u64(11);
+        let mods: Vec<Arc<ModuleDeltas>> = (0..3)
+            .map(|i| {
+                let mut m = ModuleDeltas::default();
+                m.targets.insert(target, MatrixDelta::Sparse(sparse(&mut rng, out, inp, 300 + 200 * i)));
+                Arc::new(m)
+            })
+            .collect();
+        let a = comp(&[(&mods[0], 1.0), (&mods[1], 0.5)]);
+        let b = comp(&[(&mods[1], -1.0)]);
+        let c = comp(&[(&mods[2], 2.0), (&mods[0], 1.0)]);
+        // chunks: A (1 row), B (prefill of 11 rows: more than one tile), none, C, A again.
+        let chunks: Vec<(usize, usize, Option<&Composition>)> =
+            vec![(0, 1, Some(&a)), (1, 11, Some(&b)), (12, 1, None), (13, 1, Some(&c)), (14, 1, Some(&a))];
+        let n = 15;
+        let mut x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let row0 = x[..inp].to_vec();
+        x[14 * inp..15 * inp].copy_from_slice(&row0);
+        let mut dh = vec![0f32; n * out];
+        add_sparse_grouped(&chunks, target, &x, inp, &mut dh, out);
+        // Reference: per row, parts in order, with the plain CSR kernel.
+        for &(start, len, comp) in &chunks {
+            for r in start..start + len {
+                let mut want = vec![0f32; out];
+                if let Some(c) = comp {
+                    for (m, s) in &c.parts {
+                        let Some(MatrixDelta::Sparse(sp)) = m.targets.get(&target) else { unreachable!() };
+                        sp.add_matmul_t(&x[r * inp..(r + 1) * inp], 1, &mut want, *s);
+                    }
+                }
+                for (g, w) in dh[r * out..(r + 1) * out].iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "row {r}: {g} vs {w}");
+                }
+            }
+        }
+        assert_eq!(dh[..out], dh[14 * out..15 * out], "same input and composition, different neighbours");
+        assert!(dh[12 * out..13 * out].iter().all(|v| *v == 0.0), "a row without a composition is untouched");
+        // Alone in its own batch: bit-identical to its row in the mixed batch.
+        let mut alone = vec![0f32; out];
+        add_sparse_grouped(&[(0, 1, Some(&c))], target, &x[13 * inp..14 * inp], inp, &mut alone, out);
+        assert_eq!(alone[..], dh[13 * out..14 * out]);
+    }
 }
