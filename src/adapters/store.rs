@@ -106,11 +106,19 @@ pub struct AdapterStore {
     base: BaseShapes,
     base_weight: BaseWeightFn,
     limits: AdapterLimits,
+    /// Hold low-rank factors as f16 in the CPU kernels (set for block-quantized base weights).
+    half_factors: bool,
 }
 
 impl AdapterStore {
     pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
-        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default() }
+        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default(), half_factors: false }
+    }
+
+    /// Low-rank factors of modules loaded from now on are held as f16 in the CPU kernels.
+    pub fn with_half_factors(mut self, half: bool) -> Self {
+        self.half_factors = half;
+        self
     }
 
     pub fn with_limits(mut self, limits: AdapterLimits) -> Self {
@@ -123,7 +131,9 @@ impl AdapterStore {
         let base = BaseShapes::new(model.cfg.clone());
         let m = model.clone();
         let f: BaseWeightFn = Arc::new(move |t: Target| base_weight_of(&m, t));
-        Self::new(registry, cache_bytes, base, f)
+        // An 8-bit base: f16 adapter factors are far finer than the weights they adjust.
+        let half = matches!(model.lm_head, crate::model::linear::BaseWeight::Quantized(_));
+        Self::new(registry, cache_bytes, base, f).with_half_factors(half)
     }
 
     pub fn registry(&self) -> &Registry {
@@ -192,7 +202,7 @@ impl AdapterStore {
             return Err(AdapterError::Limit(format!("module `{}` has rank {r}; max_adapter_rank is {}", reg.id, self.limits.max_rank)));
         }
         if let ModuleData::Deltas(d) = &data {
-            d.prepare_host()?;
+            d.prepare_host(self.half_factors)?;
         }
         Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
     }
@@ -236,7 +246,7 @@ impl AdapterStore {
                 AdapterError::UnknownTask { task, n_tasks, .. } => AdapterError::UnknownTask { module: id.into(), task, n_tasks },
                 other => other,
             })?;
-            d.prepare_host()?;
+            d.prepare_host(self.half_factors)?;
             Ok(LoadedModule {
                 id: format!("{id}[{rkey}]"),
                 kind: ModuleKind::Poly,
