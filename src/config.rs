@@ -154,6 +154,13 @@ pub struct ServeArgs {
     /// Largest prefill chunk of one prompt per step.
     #[arg(long, env = "MODSERVE_PREFILL_CHUNK", default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Stall-free batching: while sequences decode, a step takes only as many prefill rows as
+    /// add at most this many milliseconds to it (sized from measured step costs, planned at 80%
+    /// of it; at least one row, so prompts always progress). Bounds the inter-token stall of
+    /// decoding streams when long prompts arrive, at the cost of their TTFT. 0 = off (full
+    /// prefill chunks).
+    #[arg(long, env = "MODSERVE_MAX_DECODE_STALL_MS", default_value_t = 50)]
+    pub max_decode_stall_ms: u64,
     /// Generated tokens buffered per stream before its sequence pauses for a slow reader.
     #[arg(long, env = "MODSERVE_STREAM_BUFFER", default_value_t = 64)]
     pub stream_buffer: usize,

@@ -32,13 +32,21 @@ fn line<'a>(text: &'a str, key: &str) -> &'a str {
 #[test]
 fn config_precedence_is_file_then_env_then_flags() {
     let file = "max_running = 7\nmax_queued = 9\nmax-batch-tokens = 100\nlisten = \"127.0.0.1:1234\"\n";
-    let (ok, out, err) = print_config(file, &[("MODSERVE_MAX_QUEUED", "11"), ("MODSERVE_MAX_RUNNING", "8")], &["--max-running", "5"]);
+    let env = [("MODSERVE_MAX_QUEUED", "11"), ("MODSERVE_MAX_RUNNING", "8"), ("MODSERVE_MAX_DECODE_STALL_MS", "20")];
+    let (ok, out, err) = print_config(file, &env, &["--max-running", "5"]);
     assert!(ok, "{err}");
     assert!(line(&out, "max_running").starts_with("max_running = \"5\"  # flag"), "{out}");
     assert!(line(&out, "max_queued").starts_with("max_queued = \"11\"  # env"), "{out}");
     assert!(line(&out, "max_batch_tokens").starts_with("max_batch_tokens = \"100\"  # file"), "{out}");
     assert!(line(&out, "listen").contains("127.0.0.1:1234"), "{out}");
     assert!(line(&out, "prefill_chunk").contains("# default"), "{out}");
+    assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"20\"  # env (MODSERVE_MAX_DECODE_STALL_MS)"), "{out}");
+    let (ok, out, err) = print_config("max_decode_stall_ms = 0\n", &[], &[]);
+    assert!(ok, "{err}");
+    assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"0\"  # file"), "{out}");
+    let (ok, out, err) = print_config("", &[], &[]);
+    assert!(ok, "{err}");
+    assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"50\"  # default"), "{out}");
 }
 
 #[test]

@@ -96,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_running: args.max_running,
             max_batch_tokens: args.max_batch_tokens,
             prefill_chunk: args.prefill_chunk,
+            max_decode_stall: crate::engine::actor::decode_stall(args.max_decode_stall_ms),
             stream_buffer: args.stream_buffer,
             slow_client_timeout: Duration::from_secs(args.slow_client_timeout),
         };

@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Engine: largest number of token rows in one batch step (server default).
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,
+    /// Engine: latency (ms) prefill rows may add to a step that carries decode tokens; 0 = off
+    /// (server default).
+    #[arg(long, default_value_t = 50)]
+    pub max_decode_stall_ms: u64,
     /// Seed of prompts, adapters and request sequences.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -152,6 +156,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
         max_queued: 256.max(args.streams * 2),
         max_batch_tokens: args.max_batch_tokens,
         prefill_chunk: args.prefill_chunk,
+        max_decode_stall: crate::engine::actor::decode_stall(args.max_decode_stall_ms),
         ..EngineConfig::default()
     };
     let engine = spawn_engine(model.llama.clone(), front.clone(), cfg.clone())?;
@@ -201,13 +206,14 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     }
     let threads = args.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
     let header = format!(
-        "modserve bench: model {}, weights {:?}, threads {threads}, new_tokens {}, streams {}, prefill_chunk {}, max_batch_tokens {}, seed {} ({:.0} s total; host load average {load_before} before, {} after, on {} CPUs)",
+        "modserve bench: model {}, weights {:?}, threads {threads}, new_tokens {}, streams {}, prefill_chunk {}, max_batch_tokens {}, max_decode_stall_ms {}, seed {} ({:.0} s total; host load average {load_before} before, {} after, on {} CPUs)",
         ctx.model.source.display(),
         args.model.weights,
         args.new_tokens,
         args.streams,
         args.prefill_chunk,
         args.max_batch_tokens,
+        args.max_decode_stall_ms,
         args.seed,
         t_all.elapsed().as_secs_f64(),
         loadavg(),
@@ -224,6 +230,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             "streams": args.streams,
             "prefill_chunk": args.prefill_chunk,
             "max_batch_tokens": args.max_batch_tokens,
+            "max_decode_stall_ms": args.max_decode_stall_ms,
             "seed": args.seed,
             "total_s": t_all.elapsed().as_secs_f64(),
             "loadavg_before": load_before,
@@ -255,7 +262,7 @@ mod tests {
     fn scenario_selection() {
         let a = Cli::parse_from(["x"]).b;
         assert_eq!(selected(&a).unwrap(), SCENARIOS.to_vec());
-        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens), (128, 32, 256, 512));
+        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 50));
         let a = Cli::parse_from(["x", "--scenarios", "lora32,single,allhot"]).b;
         assert_eq!(selected(&a).unwrap(), vec!["single", "lora32", "zipf1000"]);
         let a = Cli::parse_from(["x", "--scenarios", "nope"]).b;

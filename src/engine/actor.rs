@@ -4,8 +4,9 @@
 //! (`max_queued`: a full queue is refused at once). Between steps the actor admits new requests up
 //! to `max_running`, drops sequences whose client went away (their KV memory is freed with them),
 //! fails those past their deadline, and plans the next step (decode tokens first, then chunked
-//! prefill, within `max_batch_tokens`). Every step runs the base model once over all rows, each
-//! sequence with its own composition.
+//! prefill, within `max_batch_tokens`; while sequences decode, the prefill rows of a step are
+//! limited to what measured step costs allow within `max_decode_stall`). Every step runs the base
+//! model once over all rows, each sequence with its own composition.
 //!
 //! Invariants: the model thread never blocks on a client (events go through bounded per-request
 //! channels with `try_send`; a sequence whose client does not read is paused, and dropped after
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::request::{EngineError, PreparedRequest, TextFrontEnd};
-use super::scheduler::{plan_step, SeqState, StepBudget};
+use super::scheduler::{chunk_keys, plan_step, SeqState, StepBudget, StepCostModel};
 use super::sequence::{FinishReason, Sequence};
 use super::step::run_step;
 use crate::model::kv_cache::SeqKvCache;
@@ -33,6 +34,10 @@ pub struct EngineConfig {
     pub max_running: usize,
     pub max_batch_tokens: usize,
     pub prefill_chunk: usize,
+    /// Latency that prefill rows may add to a step that also carries decode tokens (sized by
+    /// [`StepCostModel`] from measured step costs; at least one prefill row per step). None: no
+    /// limit beyond `max_batch_tokens` / `prefill_chunk`.
+    pub max_decode_stall: Option<Duration>,
     /// Events buffered per request before the sequence pauses.
     pub stream_buffer: usize,
     pub slow_client_timeout: Duration,
@@ -45,10 +50,16 @@ impl Default for EngineConfig {
             max_running: 64,
             max_batch_tokens: 512,
             prefill_chunk: 256,
+            max_decode_stall: Some(Duration::from_millis(50)),
             stream_buffer: 64,
             slow_client_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// `--max-decode-stall-ms` as [`EngineConfig::max_decode_stall`] (0 = off).
+pub fn decode_stall(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 /// Why and how a generation ended.
@@ -168,7 +179,7 @@ pub fn spawn_engine(llama: Arc<Llama>, front: Arc<TextFrontEnd>, cfg: EngineConf
     let handle = EngineHandle { tx, stats: stats.clone(), max_queued: cfg.max_queued, stream_buffer: cfg.stream_buffer };
     std::thread::Builder::new()
         .name("modserve-engine".into())
-        .spawn(move || EngineLoop { llama, front, cfg, stats, running: Vec::new() }.run(rx))?;
+        .spawn(move || EngineLoop { llama, front, cfg, stats, running: Vec::new(), cost: StepCostModel::default() }.run(rx))?;
     Ok(handle)
 }
 
@@ -178,6 +189,8 @@ struct EngineLoop {
     cfg: EngineConfig,
     stats: Arc<EngineStats>,
     running: Vec<Active>,
+    /// Measured step costs; size the prefill share of decode steps.
+    cost: StepCostModel,
 }
 
 impl EngineLoop {
@@ -320,7 +333,11 @@ impl EngineLoop {
                 blocked: !a.pending.is_empty() || a.seq.finished().is_some(),
             })
             .collect();
-        let plan = plan_step(&states, StepBudget { max_batch_tokens: self.cfg.max_batch_tokens, prefill_chunk: self.cfg.prefill_chunk });
+        // The oldest runnable prompt's position sizes the chunk (later prompts start lower).
+        let first_pos = self.running.iter().zip(&states).find(|(_, s)| !s.blocked && s.pending_prompt > 0).map_or(0, |(a, _)| a.seq.cache.len());
+        let prefill_rows_with_decodes = self.cost.prefill_rows(self.cfg.max_decode_stall, first_pos);
+        let budget = StepBudget { max_batch_tokens: self.cfg.max_batch_tokens, prefill_chunk: self.cfg.prefill_chunk, prefill_rows_with_decodes };
+        let plan = plan_step(&states, budget);
         let rows: usize = plan.iter().sum();
         if rows == 0 {
             return false;
@@ -335,9 +352,39 @@ impl EngineLoop {
             let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|a| &mut a.seq).collect();
             run_step(&self.llama, &mut seqs, &plan)
         };
+        let step_s = t0.elapsed().as_secs_f64();
+        let (mut prefill_rows, mut prefill_keys) = (0, 0);
+        for ((a, s), &n) in self.running.iter().zip(&states).zip(&plan) {
+            if s.pending_prompt > 0 && n > 0 {
+                prefill_rows += n;
+                // After a successful step the cache advanced by `n`.
+                prefill_keys += chunk_keys(a.seq.cache.len().saturating_sub(n), n);
+            }
+        }
+        let prefill_cost = self.cost.prefill_cost();
+        tracing::trace!(
+            rows,
+            prefill_rows,
+            prefill_cap = prefill_rows_with_decodes,
+            first_pos,
+            row_ms = prefill_cost.map(|c| c.row_s * 1e3),
+            key_us = prefill_cost.map(|c| c.key_s * 1e6),
+            step_ms = step_s * 1e3,
+            "step"
+        );
+        if result.is_ok() {
+            self.cost.observe(rows - prefill_rows, prefill_rows, prefill_keys, step_s);
+        }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("modserve_batch_rows").record(rows as f64);
-        metrics::histogram!("modserve_step_seconds").record(t0.elapsed().as_secs_f64());
+        metrics::histogram!("modserve_step_seconds").record(step_s);
+        if let Some(c) = prefill_cost {
+            metrics::gauge!("modserve_prefill_row_cost_seconds").set(c.row_s);
+            metrics::gauge!("modserve_prefill_key_cost_seconds").set(c.key_s);
+        }
+        if self.cfg.max_decode_stall.is_some() {
+            metrics::gauge!("modserve_decode_step_prefill_rows").set(prefill_rows_with_decodes.min(self.cfg.max_batch_tokens) as f64);
+        }
         let now = Instant::now();
         match result {
             Ok(events) => {
