@@ -252,13 +252,57 @@ impl HostLowRank {
     fn from_factors(a: &Tensor, b: &Tensor, half: bool) -> Result<Self, AdapterError> {
         let (rank, in_dim) = a.dims2()?;
         let out_dim = b.dim(0)?;
-        let at = a.t()?.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let bt = b.t()?.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out]. The tensors are read in
+        // place and transposed through a reused scratch buffer: on the cold-load path, fresh
+        // temporary pages cost more than the copies themselves.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, AdapterError> {
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let (storage, layout) = t.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(c) => {
+                    let v = c.as_slice::<f32>()?;
+                    Ok(f(&v[layout.start_offset()..layout.start_offset() + t.elem_count()]))
+                }
+                _ => {
+                    drop(storage);
+                    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+                }
+            }
+        }
+        fn transposed<T: Clone>(v: &[f32], rows: usize, cols: usize, zero: T, convert: impl Fn(&[f32], &mut [T])) -> Vec<T> {
+            SCRATCH.with(|s| {
+                let mut t = s.borrow_mut();
+                t.clear();
+                t.resize(rows * cols, 0.0);
+                for (r, row) in v.chunks_exact(cols).enumerate() {
+                    for (c, &x) in row.iter().enumerate() {
+                        t[c * rows + r] = x;
+                    }
+                }
+                let mut out = vec![zero; rows * cols];
+                convert(&t, &mut out);
+                if t.capacity() > 16 << 20 {
+                    *t = Vec::new();
+                }
+                out
+            })
+        }
         let factors = if half {
-            let h = |v: Vec<f32>| v.into_iter().map(half::f16::from_f32).collect();
-            HostFactors::F16 { at: h(at), bt: h(bt) }
+            use half::slice::HalfFloatSliceExt;
+            let cv = |src: &[f32], dst: &mut [half::f16]| dst.convert_from_f32_slice(src);
+            HostFactors::F16 {
+                at: with_f32(a, |v| transposed(v, rank, in_dim, half::f16::ZERO, cv))?,
+                bt: with_f32(b, |v| transposed(v, out_dim, rank, half::f16::ZERO, cv))?,
+            }
         } else {
-            HostFactors::F32 { at, bt }
+            let cv = |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src);
+            HostFactors::F32 {
+                at: with_f32(a, |v| transposed(v, rank, in_dim, 0.0, cv))?,
+                bt: with_f32(b, |v| transposed(v, out_dim, rank, 0.0, cv))?,
+            }
         };
         Ok(Self { rank, in_dim, out_dim, factors })
     }

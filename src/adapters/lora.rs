@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
 use super::error::AdapterError;
+use super::store::ModuleBytes;
 use crate::model::linear::{LinearId, Proj};
 
 /// Summary of a loaded LoRA adapter (listings, logs).
@@ -144,8 +145,13 @@ fn given(v: &Option<Value>) -> Option<&Value> {
 
 /// Loads `adapter_model.safetensors` (else `adapter_model.bin`) of `dir` as CPU tensors; returns
 /// the file used. Truncated or corrupt files are `Malformed` errors naming the file.
-pub(crate) fn load_adapter_tensors(dir: &Path) -> Result<(PathBuf, Vec<(String, Tensor)>), AdapterError> {
+pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Result<(PathBuf, Vec<(String, Tensor)>), AdapterError> {
     let st = dir.join("adapter_model.safetensors");
+    if let Some(bytes) = read.and_then(|r| r.get(&st)) {
+        let map = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| malformed(&st, format!("not a readable safetensors file: {e}")))?;
+        return Ok((st, map.into_iter().collect()));
+    }
     if st.is_file() {
         let bytes = std::fs::read(&st).map_err(|e| AdapterError::Io { path: st.clone(), reason: e.to_string() })?;
         let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -403,6 +409,11 @@ fn foreign_tensor(name: &str, file: &Path) -> AdapterError {
 
 /// Loads a PEFT LoRA adapter folder; every error names the file and the problem.
 pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
+    load_peft_lora_from(dir, base, None)
+}
+
+/// [`load_peft_lora`], parsing the tensor file from `read` when it holds its bytes.
+pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBytes>) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: LoraConfig = read_config(&cfg_path)?;
     match cfg.peft_type.as_deref() {
@@ -441,7 +452,7 @@ pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, Lo
         OneOrMany::One(i) => vec![i],
         OneOrMany::Many(v) => v,
     });
-    let (file, tensors) = load_adapter_tensors(dir)?;
+    let (file, tensors) = load_adapter_tensors(dir, read)?;
     let mut pairs: BTreeMap<String, [Option<(String, Tensor)>; 2]> = BTreeMap::new();
     for (name, t) in tensors {
         let (module, f) = parse_lora_name(&name).ok_or_else(|| foreign_tensor(&name, &file))?;

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
 use super::error::AdapterError;
+use super::store::ModuleBytes;
 use super::lora::{
     check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector,
 };
@@ -118,6 +119,11 @@ fn check_finite(t: &Tensor, file: &Path, name: &str) -> Result<(), AdapterError>
 
 /// Loads a PEFT Poly adapter folder (`adapter_config.json` + `adapter_model.safetensors`/`.bin`).
 pub fn load_peft_poly(dir: &Path, base: &BaseShapes) -> Result<PolyInventory, AdapterError> {
+    load_peft_poly_from(dir, base, None)
+}
+
+/// [`load_peft_poly`], parsing the tensor file from `read` when it holds its bytes.
+pub fn load_peft_poly_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBytes>) -> Result<PolyInventory, AdapterError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: PolyConfig = read_config(&cfg_path)?;
     match cfg.peft_type.as_deref() {
@@ -135,7 +141,7 @@ pub fn load_peft_poly(dir: &Path, base: &BaseShapes) -> Result<PolyInventory, Ad
         return Err(malformed(&cfg_path, "r, n_tasks, n_skills and n_splits must all be positive"));
     }
     let sel = Selector::new(&cfg.target_modules, &cfg.exclude_modules, &cfg_path)?;
-    let (file, tensors) = load_adapter_tensors(dir)?;
+    let (file, tensors) = load_adapter_tensors(dir, read)?;
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     for (name, t) in tensors {
         let (module, part) = parse_poly_name(&name).ok_or_else(|| {
