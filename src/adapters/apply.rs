@@ -89,15 +89,24 @@ impl BatchDeltas<'_> {
     /// deltas per chunk (per-row kernels for decode rows, GEMMs for prefill segments). Per row, the
     /// order of additions depends only on its own composition, never on its neighbours.
     fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        use rayon::prelude::*;
         let (n, in_dim) = x.dims2()?;
         let out = y.dim(1)?;
         let xh = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dh = vec![0f32; n * out];
-        add_sparse_grouped(&self.chunks, target, &xh, in_dim, &mut dh, out);
+        self.accumulate_host(target, &xh, in_dim, &mut dh, out)?;
+        let dh = Tensor::from_vec(dh, (n, out), y.device())?;
+        y + dh
+    }
+
+    /// Adds every chunk's deltas of `target` for the rows `xh` (`[n, in_dim]`, host) into `dh`
+    /// (`[n, out]`, host): sparse parts first, then low-rank and dense parts, per row in its
+    /// composition's order.
+    fn accumulate_host(&self, target: Target, xh: &[f32], in_dim: usize, dh: &mut [f32], out: usize) -> Result<()> {
+        use rayon::prelude::*;
+        add_sparse_grouped(&self.chunks, target, xh, in_dim, dh, out);
         // Chunks own disjoint, consecutive row ranges: split the output once and work in parallel.
         let mut slices: Vec<(usize, usize, &Composition, &mut [f32])> = Vec::with_capacity(self.chunks.len());
-        let mut rest: &mut [f32] = &mut dh;
+        let mut rest: &mut [f32] = dh;
         let mut consumed = 0;
         for &(start, len, comp) in &self.chunks {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - consumed) * out);
@@ -123,7 +132,8 @@ impl BatchDeltas<'_> {
                         }
                     }
                     _ => {
-                        let d = delta_product(m, &x.narrow(0, start, len)?, *scale)?.flatten_all()?.to_vec1::<f32>()?;
+                        let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
+                        let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
                         for (o, v) in dst.iter_mut().zip(d) {
                             *o += v;
                         }
@@ -131,9 +141,7 @@ impl BatchDeltas<'_> {
                 }
             }
             Ok(())
-        })?;
-        let dh = Tensor::from_vec(dh, (n, out), y.device())?;
-        y + dh
+        })
     }
 }
 
@@ -282,6 +290,15 @@ unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 impl RowDeltas for BatchDeltas<'_> {
+    fn add_deltas_host(&self, id: LinearId, x: &[f32], n: usize, y: &mut [f32]) -> Result<bool> {
+        let target = Target::Linear(id);
+        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&target))));
+        if touched && n > 0 {
+            self.accumulate_host(target, x, x.len() / n, y, y.len() / n)?;
+        }
+        Ok(true)
+    }
+
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let target = Target::Linear(id);
         let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&target))));

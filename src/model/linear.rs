@@ -78,6 +78,13 @@ pub trait RowDeltas {
     /// every row, the deltas of that row's composition applied to that row's input.
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor>;
 
+    /// Host-memory form of [`RowDeltas::add_deltas`] for CPU kernels that produce `y` in a host
+    /// buffer: adds the deltas of `n` rows `x` (`[n, in]`) into `y` (`[n, out]`) in place and
+    /// returns true, or returns false (nothing touched) when only the tensor form is supported.
+    fn add_deltas_host(&self, _id: LinearId, _x: &[f32], _n: usize, _y: &mut [f32]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Adds embedding-table deltas: `x` holds the embeddings `[n, hidden]` of the step's tokens
     /// `ids` (all rows, batch order).
     fn add_embedding_deltas(&self, _ids: &[u32], x: Tensor) -> Result<Tensor> {
@@ -97,6 +104,10 @@ pub struct NoDeltas;
 impl RowDeltas for NoDeltas {
     fn add_deltas(&self, _id: LinearId, _x: &Tensor, y: Tensor) -> Result<Tensor> {
         Ok(y)
+    }
+
+    fn add_deltas_host(&self, _id: LinearId, _x: &[f32], _n: usize, _y: &mut [f32]) -> Result<bool> {
+        Ok(true)
     }
 }
 
@@ -273,17 +284,33 @@ impl Linear {
             })
             .collect();
         match packed {
-            Some(ps) if x.device().is_cpu() => PackedQ8::matmul_t_many(&ps, x)?
-                .into_iter()
-                .zip(layers)
-                .map(|(y, l)| deltas.add_deltas(l.id, x, y))
-                .collect(),
+            Some(ps) if x.device().is_cpu() => {
+                // Base products and deltas both in host buffers: one tensor per output at the end.
+                let (m, k) = x.dims2()?;
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let (storage, layout) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("int8 matmul: input is not on the CPU");
+                };
+                let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
+                let ys = PackedQ8::matmul_host_many(&ps, xs, m)?;
+                let mut outs = Vec::with_capacity(layers.len());
+                for ((mut y, l), p) in ys.into_iter().zip(layers).zip(&ps) {
+                    let handled = deltas.add_deltas_host(l.id, xs, m, &mut y)?;
+                    let t = Tensor::from_vec(y, (m, p.dims().0), x.device())?;
+                    outs.push(if handled { t } else { deltas.add_deltas(l.id, &x, t)? });
+                }
+                Ok(outs)
+            }
             _ => layers.iter().map(|l| l.forward(x, deltas)).collect(),
         }
     }
 
     /// Base product for all rows, then each row's composition deltas.
     pub fn forward(&self, x: &Tensor, deltas: &dyn RowDeltas) -> Result<Tensor> {
+        if matches!(self.weight, BaseWeight::Quantized(QuantWeight::Int8(_))) && x.device().is_cpu() {
+            return Ok(Self::forward_many(&[self], x, deltas)?.pop().expect("one output"));
+        }
         let y = self.weight.matmul_t(x)?;
         deltas.add_deltas(self.id, x, y)
     }

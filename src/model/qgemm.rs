@@ -153,6 +153,17 @@ impl PackedQ8 {
         ws.iter().zip(ys).map(|(w, y)| Tensor::from_vec(y, (m, w.n), &Device::Cpu)).collect()
     }
 
+    /// `x W_i^T` for every weight on host slices (`x` `[m, k]`), one host vector per weight.
+    pub fn matmul_host_many(ws: &[&PackedQ8], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        if let Some(w) = ws.iter().find(|w| w.k * m != x.len()) {
+            candle_core::bail!("int8 matmul: {} inputs for {m} rows of {} columns", x.len(), w.k);
+        }
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+        let mut outs: Vec<(&PackedQ8, &mut [f32])> = ws.iter().copied().zip(ys.iter_mut().map(|y| y.as_mut_slice())).collect();
+        Self::matmul_into_many(&mut outs, x, m);
+        Ok(ys)
+    }
+
     /// `y[m, n] = x[m, k] W^T` on slices.
     pub fn matmul_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
         Self::matmul_into_many(&mut [(self, y)], x, m)
