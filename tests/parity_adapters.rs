@@ -10,7 +10,7 @@ use candle_core::Device;
 use modserve::adapters::apply::BatchDeltas;
 use modserve::adapters::poly::Routing;
 use modserve::adapters::registry::{AdapterRoot, Registry};
-use modserve::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use modserve::adapters::store::{AdapterStore, Composition, CompositionSpec, DeltaRef};
 use modserve::engine::sequence::{GenerateSpec, Sequence};
 use modserve::engine::step::run_to_completion;
 use modserve::model::kv_cache::SeqKvCache;
@@ -50,36 +50,74 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
+/// The reference model loaded in `weights` mode, an adapter store over the kit's modules, and the
+/// kit's prompts and case names.
+struct Kit {
+    cases: serde_json::Value,
+    model: modserve::model::load::LoadedModel,
+    store: AdapterStore,
+    prompts: Vec<Vec<u32>>,
+    names: Vec<String>,
+}
+
+impl Kit {
+    fn load(weights: WeightMode) -> Self {
+        let cases = common::cases();
+        let model = load(&common::reference_model(), &LoadOptions { weights, device: Device::Cpu }).unwrap();
+        let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
+        let store = AdapterStore::for_model(registry, 1 << 30, model.llama.clone());
+        let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();
+        let names: Vec<String> = cases["cases"].as_object().unwrap().keys().cloned().collect();
+        Kit { cases, model, store, prompts, names }
+    }
+
+    /// The kit's resolved composition of case `name`.
+    fn composition(&self, name: &str) -> Arc<Composition> {
+        Arc::new(self.store.resolve(&composition(name)).unwrap_or_else(|e| panic!("{name}: {e}")))
+    }
+
+    /// The kit's (transformers + PEFT) next-token logits of case `name`, one row per prompt.
+    fn reference_logits(&self, name: &str) -> Vec<Vec<f32>> {
+        let file = self.cases["cases"][name]["logits_file"].as_str().unwrap();
+        let t = candle_core::safetensors::load(common::fixture(&format!("parity/{file}")), &Device::Cpu).unwrap();
+        (0..self.prompts.len()).map(|p| t["logits"].get(p).unwrap().to_vec1().unwrap()).collect()
+    }
+
+    /// Our next-token logits after the whole prompt `ids`, with `comp` applied.
+    fn logits(&self, comp: Option<&Composition>, ids: &[u32]) -> Vec<f32> {
+        let llama = &self.model.llama;
+        let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), &Device::Cpu).unwrap();
+        let deltas = BatchDeltas::new([(ids.len(), comp)], llama.cfg.tie_word_embeddings);
+        let out = llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &deltas).unwrap();
+        out.get(0).unwrap().to_vec1().unwrap()
+    }
+
+    /// A greedy sequence over `ids` that generates exactly `new` tokens with `comp`.
+    fn sequence(&self, ids: &[u32], new: usize, comp: &Arc<Composition>) -> Sequence {
+        let spec = GenerateSpec { prompt_ids: ids.to_vec(), max_new_tokens: new, min_new_tokens: new, stop: vec![], sampling: SamplingParams::default() };
+        let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, &Device::Cpu).unwrap();
+        let tok = self.model.tokenizer.clone().map(Arc::new);
+        let mut s = Sequence::new(spec, cache, tok, self.model.eos_token_ids.clone().into()).unwrap();
+        s.composition = Some(comp.clone());
+        s
+    }
+}
+
 #[test]
 fn every_kit_case_matches_transformers_alone_and_in_one_mixed_batch() {
-    let cases = common::cases();
-    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).unwrap();
-    let llama = model.llama.clone();
-    let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
-    let store = AdapterStore::for_model(registry, 1 << 30, llama.clone());
-    let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();
-    let names: Vec<String> = cases["cases"].as_object().unwrap().keys().cloned().collect();
-    assert_eq!(names.len(), 13, "the kit has 13 cases");
-    let tok = model.tokenizer.clone().map(Arc::new);
-    let eos: Arc<[u32]> = model.eos_token_ids.clone().into();
+    let kit = Kit::load(WeightMode::F32);
+    assert_eq!(kit.names.len(), 13, "the kit has 13 cases");
     let mut batch: Vec<(String, usize, Sequence)> = Vec::new();
-    for name in &names {
-        let case = &cases["cases"][name];
-        let comp = Arc::new(store.resolve(&composition(name)).unwrap_or_else(|e| panic!("{name}: {e}")));
-        let reference = candle_core::safetensors::load(
-            common::fixture(&format!("parity/{}", case["logits_file"].as_str().unwrap())),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for (p, ids) in prompts.iter().enumerate() {
+    for name in &kit.names {
+        let case = &kit.cases["cases"][name];
+        let comp = kit.composition(name);
+        let reference = kit.reference_logits(name);
+        for (p, ids) in kit.prompts.iter().enumerate() {
             // Logits after the full prompt.
-            let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), &Device::Cpu).unwrap();
-            let deltas = BatchDeltas::new([(ids.len(), Some(comp.as_ref()))], llama.cfg.tie_word_embeddings);
-            let out = llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &deltas).unwrap();
-            let ours: Vec<f32> = out.get(0).unwrap().to_vec1().unwrap();
-            let theirs: Vec<f32> = reference["logits"].get(p).unwrap().to_vec1().unwrap();
+            let ours = kit.logits(Some(comp.as_ref()), ids);
+            let theirs = &reference[p];
             let scale = theirs.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(diff <= 2e-3 * scale, "{name} prompt {p}: max |logit diff| {diff} > 2e-3 * {scale}");
             let top = top_k_logprobs(&log_softmax(&ours).unwrap(), 5);
             assert_eq!(top.iter().map(|t| t.id).collect::<Vec<_>>(), ids_of(&case["top5_ids"][p]), "{name} prompt {p}: top-5");
@@ -88,30 +126,17 @@ fn every_kit_case_matches_transformers_alone_and_in_one_mixed_batch() {
                 assert!((t.logprob - want).abs() <= 0.01, "{name} prompt {p}: logprob {} vs {want}", t.logprob);
             }
             // Greedy, alone.
-            let spec = GenerateSpec {
-                prompt_ids: ids.clone(),
-                max_new_tokens: 16,
-                min_new_tokens: 16,
-                stop: vec![],
-                sampling: SamplingParams::default(),
-            };
-            let mk = || {
-                let cache = SeqKvCache::new(&llama.cfg, ids.len() + 16, &Device::Cpu).unwrap();
-                let mut s = Sequence::new(spec.clone(), cache, tok.clone(), eos.clone()).unwrap();
-                s.composition = Some(comp.clone());
-                s
-            };
-            let mut solo = mk();
-            run_to_completion(&llama, &mut [&mut solo], 512).unwrap();
+            let mut solo = kit.sequence(ids, 16, &comp);
+            run_to_completion(&kit.model.llama, &mut [&mut solo], 512).unwrap();
             assert_eq!(solo.generated, ids_of(&case["greedy"][p]), "{name} prompt {p}: greedy tokens");
-            batch.push((name.clone(), p, mk()));
+            batch.push((name.clone(), p, kit.sequence(ids, 16, &comp)));
         }
     }
     // All 39 (case, prompt) sequences in one batch of mixed compositions, prefill chunked by 8.
     let mut refs: Vec<&mut Sequence> = batch.iter_mut().map(|(_, _, s)| s).collect();
-    run_to_completion(&llama, &mut refs, 8).unwrap();
+    run_to_completion(&kit.model.llama, &mut refs, 8).unwrap();
     for (name, p, s) in &batch {
-        assert_eq!(s.generated, ids_of(&cases["cases"][name]["greedy"][*p]), "{name} prompt {p}: greedy tokens in the mixed batch");
+        assert_eq!(s.generated, ids_of(&kit.cases["cases"][name]["greedy"][*p]), "{name} prompt {p}: greedy tokens in the mixed batch");
     }
 }
 
@@ -181,45 +206,21 @@ fn generate_cli_applies_deltas_and_routes() {
 /// same prefill chunking (a row's result does not depend on its neighbours).
 #[test]
 fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
-    let cases = common::cases();
-    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::Quantized, device: Device::Cpu }).unwrap();
-    let llama = model.llama.clone();
-    let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
-    let store = AdapterStore::for_model(registry, 1 << 30, llama.clone());
-    let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();
-    let names: Vec<String> = cases["cases"].as_object().unwrap().keys().cloned().collect();
-    let logits_of = |comp: Option<&modserve::adapters::store::Composition>, ids: &[u32]| -> Vec<f32> {
-        let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), &Device::Cpu).unwrap();
-        let deltas = BatchDeltas::new([(ids.len(), comp)], llama.cfg.tie_word_embeddings);
-        let out = llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &deltas).unwrap();
-        out.get(0).unwrap().to_vec1().unwrap()
-    };
+    let kit = Kit::load(WeightMode::Quantized);
     let l2 = |v: &[f32]| v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
-    let base_logits: Vec<Vec<f32>> = prompts.iter().map(|ids| logits_of(None, ids)).collect();
-    let ref_base_file = candle_core::safetensors::load(
-        common::fixture(&format!("parity/{}", cases["cases"]["base"]["logits_file"].as_str().unwrap())),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ref_base: Vec<Vec<f32>> = (0..prompts.len()).map(|p| ref_base_file["logits"].get(p).unwrap().to_vec1().unwrap()).collect();
-    let tok = model.tokenizer.clone().map(Arc::new);
-    let eos: Arc<[u32]> = model.eos_token_ids.clone().into();
+    let base_logits: Vec<Vec<f32>> = kit.prompts.iter().map(|ids| kit.logits(None, ids)).collect();
+    let ref_base = kit.reference_logits("base");
     const CHUNK: usize = 8;
     let mut checked_effects = 0;
     let mut batch: Vec<(String, usize, Vec<u32>, Sequence)> = Vec::new();
-    for name in &names {
-        let case = &cases["cases"][name];
-        let comp = Arc::new(store.resolve(&composition(name)).unwrap_or_else(|e| panic!("{name}: {e}")));
-        let reference = candle_core::safetensors::load(
-            common::fixture(&format!("parity/{}", case["logits_file"].as_str().unwrap())),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for (p, ids) in prompts.iter().enumerate() {
-            let theirs: Vec<f32> = reference["logits"].get(p).unwrap().to_vec1().unwrap();
-            let ours = logits_of(Some(comp.as_ref()), ids);
+    for name in &kit.names {
+        let case = &kit.cases["cases"][name];
+        let comp = kit.composition(name);
+        let reference = kit.reference_logits(name);
+        for (p, ids) in kit.prompts.iter().enumerate() {
+            let ours = kit.logits(Some(comp.as_ref()), ids);
             // The composition's effect on the logits (its logits minus the base's), ours vs the kit's.
-            let effect_theirs: Vec<f32> = theirs.iter().zip(&ref_base[p]).map(|(a, b)| a - b).collect();
+            let effect_theirs: Vec<f32> = reference[p].iter().zip(&ref_base[p]).map(|(a, b)| a - b).collect();
             let effect_ours: Vec<f32> = ours.iter().zip(&base_logits[p]).map(|(a, b)| a - b).collect();
             let diff: Vec<f32> = effect_ours.iter().zip(&effect_theirs).map(|(a, b)| a - b).collect();
             let size = l2(&effect_theirs);
@@ -230,21 +231,14 @@ fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
             }
             let top: Vec<u32> = top_k_logprobs(&log_softmax(&ours).unwrap(), 5).iter().map(|t| t.id).collect();
             assert!(top.contains(&ids_of(&case["top5_ids"][p])[0]), "{name} prompt {p}: kit top-1 not in our top-5 {top:?}");
-            let spec = GenerateSpec { prompt_ids: ids.clone(), max_new_tokens: 12, min_new_tokens: 12, stop: vec![], sampling: SamplingParams::default() };
-            let mk = || {
-                let cache = SeqKvCache::new(&llama.cfg, ids.len() + 12, &Device::Cpu).unwrap();
-                let mut s = Sequence::new(spec.clone(), cache, tok.clone(), eos.clone()).unwrap();
-                s.composition = Some(comp.clone());
-                s
-            };
-            let mut solo = mk();
-            run_to_completion(&llama, &mut [&mut solo], CHUNK).unwrap();
-            batch.push((name.clone(), p, solo.generated.clone(), mk()));
+            let mut solo = kit.sequence(ids, 12, &comp);
+            run_to_completion(&kit.model.llama, &mut [&mut solo], CHUNK).unwrap();
+            batch.push((name.clone(), p, solo.generated.clone(), kit.sequence(ids, 12, &comp)));
         }
     }
     assert!(checked_effects >= 11, "only {checked_effects} large effects checked");
     let mut refs: Vec<&mut Sequence> = batch.iter_mut().map(|(_, _, _, s)| s).collect();
-    run_to_completion(&llama, &mut refs, CHUNK).unwrap();
+    run_to_completion(&kit.model.llama, &mut refs, CHUNK).unwrap();
     for (name, p, solo, s) in &batch {
         assert_eq!(&s.generated, solo, "{name} prompt {p}: mixed batch differs from alone");
     }

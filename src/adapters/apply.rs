@@ -39,6 +39,11 @@ impl<'a> BatchDeltas<'a> {
         self.chunks.iter().all(|c| c.2.is_none())
     }
 
+    /// Whether any chunk's composition has a delta for `target`.
+    fn touches(&self, target: &Target) -> bool {
+        self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(target))))
+    }
+
     fn head_target(&self) -> Target {
         if self.tied {
             Target::Embedding
@@ -292,7 +297,7 @@ unsafe impl Send for SendPtr {}
 impl RowDeltas for BatchDeltas<'_> {
     fn add_deltas_host(&self, id: LinearId, x: &[f32], n: usize, y: &mut [f32]) -> Result<bool> {
         let target = Target::Linear(id);
-        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&target))));
+        let touched = self.touches(&target);
         if touched && n > 0 {
             self.accumulate_host(target, x, x.len() / n, y, y.len() / n)?;
         }
@@ -301,7 +306,7 @@ impl RowDeltas for BatchDeltas<'_> {
 
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let target = Target::Linear(id);
-        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&target))));
+        let touched = self.touches(&target);
         if !touched {
             return Ok(y);
         }
@@ -325,7 +330,7 @@ impl RowDeltas for BatchDeltas<'_> {
     }
 
     fn add_embedding_deltas(&self, ids: &[u32], x: Tensor) -> Result<Tensor> {
-        let touched = self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(&Target::Embedding))));
+        let touched = self.touches(&Target::Embedding);
         if !touched {
             return Ok(x);
         }

@@ -50,29 +50,19 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
     }
     let logits = model.forward(&mut chunks, &deltas)?;
     drop(chunks);
-    let mut sampling: Vec<usize> = Vec::with_capacity(active.len());
+    let mut needs = vec![false; seqs.len()];
     for &i in &active {
-        let needs_logits = seqs[i].consumed(inputs[i].len());
-        debug_assert_eq!(needs_logits, wants[i]);
-        if needs_logits {
-            sampling.push(i);
-        }
+        needs[i] = seqs[i].consumed(inputs[i].len());
+        debug_assert_eq!(needs[i], wants[i]);
     }
-    if sampling.is_empty() {
+    if !needs.contains(&true) {
         return Ok(events);
     }
     // Sequences sample in parallel: each owns its sampler, and a vocabulary-wide pass per row
-    // (normaliser, argmax) costs as much as a layer at batch 32.
+    // (normaliser, argmax) costs as much as a layer at batch 32. Logits rows follow batch order.
     let rows = logits_rows(&logits)?;
-    let mut work: Vec<(usize, &mut Sequence, &[f32])> = Vec::with_capacity(sampling.len());
-    let mut next = sampling.iter().peekable();
-    for (i, s) in seqs.iter_mut().enumerate() {
-        if next.peek() == Some(&&i) {
-            next.next();
-            let row = work.len();
-            work.push((i, &mut **s, &rows[row]));
-        }
-    }
+    let work: Vec<(usize, &mut Sequence, &[f32])> =
+        seqs.iter_mut().enumerate().filter(|(i, _)| needs[*i]).zip(&rows).map(|((i, s), l)| (i, &mut **s, l.as_slice())).collect();
     let results: Vec<(usize, Result<TokenEvent, SequenceError>)> =
         work.into_par_iter().map(|(i, s, l)| (i, s.on_logits(l))).collect();
     for (i, r) in results {

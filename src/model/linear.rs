@@ -6,7 +6,7 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::qgemm::PackedQ8;
+use super::qgemm::{with_host_f32, PackedQ8};
 use std::fmt;
 
 /// The seven adaptable projections of a Llama block, named as in Hugging Face / PEFT.
@@ -286,19 +286,19 @@ impl Linear {
         match packed {
             Some(ps) if x.device().is_cpu() => {
                 // Base products and deltas both in host buffers: one tensor per output at the end.
-                let (m, k) = x.dims2()?;
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let (storage, layout) = x.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    candle_core::bail!("int8 matmul: input is not on the CPU");
-                };
-                let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
-                let ys = PackedQ8::matmul_host_many(&ps, xs, m)?;
+                let (m, _) = x.dims2()?;
+                let ys = with_host_f32(x, |xs| {
+                    let mut ys = PackedQ8::matmul_host_many(&ps, xs, m)?;
+                    let mut handled = Vec::with_capacity(ys.len());
+                    for (y, l) in ys.iter_mut().zip(layers) {
+                        handled.push(deltas.add_deltas_host(l.id, xs, m, y)?);
+                    }
+                    Ok(ys.into_iter().zip(handled).collect::<Vec<_>>())
+                })?;
                 let mut outs = Vec::with_capacity(layers.len());
-                for ((mut y, l), p) in ys.into_iter().zip(layers).zip(&ps) {
-                    let handled = deltas.add_deltas_host(l.id, xs, m, &mut y)?;
+                for (((y, handled), l), p) in ys.into_iter().zip(layers).zip(&ps) {
                     let t = Tensor::from_vec(y, (m, p.dims().0), x.device())?;
-                    outs.push(if handled { t } else { deltas.add_deltas(l.id, &x, t)? });
+                    outs.push(if handled { t } else { deltas.add_deltas(l.id, x, t)? });
                 }
                 Ok(outs)
             }

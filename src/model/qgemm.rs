@@ -128,32 +128,15 @@ impl PackedQ8 {
 
     /// `x W^T` for `x` `[m, k]` (f32, CPU).
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(Self::matmul_t_many(&[self], x)?.pop().expect("one output"))
+        let (m, _) = x.dims2()?;
+        let y = with_host_f32(x, |xs| Self::matmul_host_many(&[self], xs, m))?.pop().expect("one output");
+        Tensor::from_vec(y, (m, self.n), &Device::Cpu)
     }
 
-    /// `x W_i^T` for every weight (all with `k` inputs), quantizing `x` once and running all
-    /// panels of all weights in one parallel region (q/k/v or gate/up of a block: one dispatch
-    /// instead of three or two, which matters for a single stream).
-    pub fn matmul_t_many(ws: &[&PackedQ8], x: &Tensor) -> Result<Vec<Tensor>> {
-        let (m, k) = x.dims2()?;
-        if let Some(w) = ws.iter().find(|w| w.k != k) {
-            candle_core::bail!("int8 matmul: input has {k} columns, weight expects {}", w.k);
-        }
-        let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("int8 matmul: input is not on the CPU");
-            };
-            let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
-            let mut outs: Vec<(&PackedQ8, &mut [f32])> = ws.iter().copied().zip(ys.iter_mut().map(|y| y.as_mut_slice())).collect();
-            Self::matmul_into_many(&mut outs, xs, m);
-        }
-        ws.iter().zip(ys).map(|(w, y)| Tensor::from_vec(y, (m, w.n), &Device::Cpu)).collect()
-    }
-
-    /// `x W_i^T` for every weight on host slices (`x` `[m, k]`), one host vector per weight.
+    /// `x W_i^T` for every weight (all with `k` inputs) on host slices (`x` `[m, k]`), one host
+    /// vector per weight: `x` is quantized once and all panels of all weights run in one parallel
+    /// region (q/k/v or gate/up of a block: one dispatch instead of three or two, which matters
+    /// for a single stream).
     pub fn matmul_host_many(ws: &[&PackedQ8], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
         if let Some(w) = ws.iter().find(|w| w.k * m != x.len()) {
             candle_core::bail!("int8 matmul: {} inputs for {m} rows of {} columns", x.len(), w.k);
@@ -162,11 +145,6 @@ impl PackedQ8 {
         let mut outs: Vec<(&PackedQ8, &mut [f32])> = ws.iter().copied().zip(ys.iter_mut().map(|y| y.as_mut_slice())).collect();
         Self::matmul_into_many(&mut outs, x, m);
         Ok(ys)
-    }
-
-    /// `y[m, n] = x[m, k] W^T` on slices.
-    pub fn matmul_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        Self::matmul_into_many(&mut [(self, y)], x, m)
     }
 
     fn matmul_into_many(outs: &mut [(&PackedQ8, &mut [f32])], x: &[f32], m: usize) {
@@ -205,6 +183,18 @@ impl PackedQ8 {
             }
         });
     }
+}
+
+/// Runs `f` on the values of a CPU tensor as one host f32 slice (row-major), without a copy when
+/// it already is contiguous f32.
+pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor");
+    };
+    let start = layout.start_offset();
+    f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
 }
 
 /// Raw output pointer shared by the panel tasks (each writes disjoint columns).
