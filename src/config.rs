@@ -159,7 +159,7 @@ pub struct ServeArgs {
     /// of it; at least one row, so prompts always progress). Bounds the inter-token stall of
     /// decoding streams when long prompts arrive, at the cost of their TTFT. 0 = off (full
     /// prefill chunks).
-    #[arg(long, env = "MODSERVE_MAX_DECODE_STALL_MS", default_value_t = 50)]
+    #[arg(long, env = "MODSERVE_MAX_DECODE_STALL_MS", default_value_t = crate::engine::actor::DEFAULT_MAX_DECODE_STALL_MS)]
     pub max_decode_stall_ms: u64,
     /// Generated tokens buffered per stream before its sequence pauses for a slow reader.
     #[arg(long, env = "MODSERVE_STREAM_BUFFER", default_value_t = 64)]

@@ -151,7 +151,7 @@ impl BatchDeltas<'_> {
 }
 
 /// Output rows of the weight per sparse task.
-const SPARSE_ROW_BLOCK: usize = 64;
+const SPARSE_ROW_BLOCK: usize = 192;
 /// Batch rows per register tile of the grouped sparse kernel.
 const SPARSE_TILE: usize = 8;
 
@@ -278,6 +278,15 @@ unsafe fn csr_rows_tile_avx2(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32]
     use std::arch::x86_64::*;
     const _: () = assert!(SPARSE_TILE == 8);
     let (xp, vals, cols) = (xt.as_ptr(), sp.values.as_ptr(), sp.col_idx.as_ptr());
+    // The segment is short (a few KB) and its matrix differs from the previous call's, so the
+    // hardware prefetcher has no stream to follow yet: request every line of it up front.
+    let (s0, s1) = (*sp.row_ptr.get_unchecked(r0) as usize, *sp.row_ptr.get_unchecked(r1) as usize);
+    let mut i = s0;
+    while i < s1 {
+        _mm_prefetch::<_MM_HINT_T0>(cols.add(i) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(vals.add(i) as *const i8);
+        i += 16;
+    }
     for r in r0..r1 {
         let (s, e) = (*sp.row_ptr.get_unchecked(r) as usize, *sp.row_ptr.get_unchecked(r + 1) as usize);
         let mut acc = _mm256_setzero_ps();

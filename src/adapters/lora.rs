@@ -148,15 +148,13 @@ fn given(v: &Option<Value>) -> Option<&Value> {
 pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Result<(PathBuf, Vec<(String, Tensor)>), AdapterError> {
     let st = dir.join("adapter_model.safetensors");
     if let Some(bytes) = read.and_then(|r| r.get(&st)) {
-        let map = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-            .map_err(|e| malformed(&st, format!("not a readable safetensors file: {e}")))?;
-        return Ok((st, map.into_iter().collect()));
+        let tensors = safetensors_from_buffer(bytes, &st)?;
+        return Ok((st, tensors));
     }
     if st.is_file() {
         let bytes = std::fs::read(&st).map_err(|e| AdapterError::Io { path: st.clone(), reason: e.to_string() })?;
-        let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| malformed(&st, format!("not a readable safetensors file: {e}")))?;
-        return Ok((st, map.into_iter().collect()));
+        let tensors = safetensors_from_buffer(&bytes, &st)?;
+        return Ok((st, tensors));
     }
     let bin = dir.join("adapter_model.bin");
     if bin.is_file() {
@@ -167,6 +165,22 @@ pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Re
         path: dir.into(),
         reason: "no adapter_model.safetensors or adapter_model.bin in the adapter folder".into(),
     })
+}
+
+/// Every tensor of a safetensors buffer, converted to CPU tensors in parallel (what candle's
+/// `load_buffer` does one tensor after another; a cold load waits on it), in file order.
+fn safetensors_from_buffer(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
+    use candle_core::safetensors::Load;
+    use rayon::prelude::*;
+    let bad = |e: String| malformed(path, format!("not a readable safetensors file: {e}"));
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let views = st.tensors();
+    let loaded: Vec<candle_core::Result<Tensor>> = views.par_iter().map(|(_, v)| v.load(&Device::Cpu)).collect();
+    views
+        .into_iter()
+        .zip(loaded)
+        .map(|((name, _), t)| t.map(|t| (name, t)).map_err(|e| bad(e.to_string())))
+        .collect()
 }
 
 /// Reads every tensor of a torch.save zip checkpoint (PEFT `adapter_model.bin`) the way candle's
@@ -469,8 +483,9 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     check_coverage(&sel, base, &pairs.keys().cloned().collect(), &file)?;
     let fifo = cfg.fan_in_fan_out == Some(true);
     let rslora = cfg.use_rslora == Some(true);
-    let (mut deltas, mut max_rank, mut names) = (ModuleDeltas::default(), 0, BTreeSet::new());
-    for (module, [a, b]) in pairs {
+    // Each module's factors are checked and scaled in parallel (a cold load waits on this); the
+    // first failing module in name order is reported, as a sequential loop would.
+    let one = |(module, [a, b]): (String, [Option<(String, Tensor)>; 2])| -> Result<(Target, usize, Tensor, Tensor), AdapterError> {
         let (an, a, bn, b) = match (a, b) {
             (Some((an, a)), Some((bn, b))) => (an, a, bn, b),
             (Some((have, _)), None) | (None, Some((have, _))) => {
@@ -498,6 +513,15 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         let alpha = cfg.alpha_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.lora_alpha);
         let scaling = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let b = (b * scaling)?.contiguous()?;
+        Ok((target, rank, a, b))
+    };
+    let built: Vec<Result<(Target, usize, Tensor, Tensor), AdapterError>> = {
+        use rayon::prelude::*;
+        pairs.into_iter().collect::<Vec<_>>().into_par_iter().map(one).collect()
+    };
+    let (mut deltas, mut max_rank, mut names) = (ModuleDeltas::default(), 0, BTreeSet::new());
+    for r in built {
+        let (target, rank, a, b) = r?;
         max_rank = max_rank.max(rank);
         names.insert(match target {
             Target::Linear(id) => id.proj.hf_name().to_string(),

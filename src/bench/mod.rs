@@ -70,7 +70,7 @@ pub struct BenchArgs {
     pub max_batch_tokens: usize,
     /// Engine: latency (ms) prefill rows may add to a step that carries decode tokens; 0 = off
     /// (server default).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = crate::engine::actor::DEFAULT_MAX_DECODE_STALL_MS)]
     pub max_decode_stall_ms: u64,
     /// Seed of prompts, adapters and request sequences.
     #[arg(long, default_value_t = 0)]
@@ -262,7 +262,7 @@ mod tests {
     fn scenario_selection() {
         let a = Cli::parse_from(["x"]).b;
         assert_eq!(selected(&a).unwrap(), SCENARIOS.to_vec());
-        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 50));
+        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 40));
         let a = Cli::parse_from(["x", "--scenarios", "lora32,single,allhot"]).b;
         assert_eq!(selected(&a).unwrap(), vec!["single", "lora32", "zipf1000"]);
         let a = Cli::parse_from(["x", "--scenarios", "nope"]).b;
