@@ -220,7 +220,9 @@ impl EngineLoop {
             }
             metrics::gauge!("modserve_queue_depth").set(rx.len() as f64);
             self.housekeeping();
-            if !self.step() {
+            // The step runs on a rayon worker, so its parallel kernels fork and join within the
+            // pool instead of waking this thread after each one (hundreds per step).
+            if !rayon::scope(|_| self.step()) {
                 // Nothing runnable (all paused on slow clients): wait a little for them.
                 std::thread::sleep(Duration::from_millis(2));
             }
