@@ -106,18 +106,19 @@ pub struct AdapterStore {
     base: BaseShapes,
     base_weight: BaseWeightFn,
     limits: AdapterLimits,
-    /// Hold low-rank factors as f16 in the CPU kernels (set for block-quantized base weights).
-    half_factors: bool,
+    /// Hold rank-8 low-rank factors as 8-bit blocks in the CPU kernels (set for an int8 base).
+    compact_factors: bool,
 }
 
 impl AdapterStore {
     pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
-        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default(), half_factors: false }
+        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default(), compact_factors: false }
     }
 
-    /// Low-rank factors of modules loaded from now on are held as f16 in the CPU kernels.
-    pub fn with_half_factors(mut self, half: bool) -> Self {
-        self.half_factors = half;
+    /// Rank-8 low-rank factors of modules loaded from now on are held as 8-bit blocks in the CPU
+    /// kernels.
+    pub fn with_compact_factors(mut self, compact: bool) -> Self {
+        self.compact_factors = compact;
         self
     }
 
@@ -131,9 +132,10 @@ impl AdapterStore {
         let base = BaseShapes::new(model.cfg.clone());
         let m = model.clone();
         let f: BaseWeightFn = Arc::new(move |t: Target| base_weight_of(&m, t));
-        // An 8-bit base: f16 adapter factors are far finer than the weights they adjust.
-        let half = matches!(model.lm_head, crate::model::linear::BaseWeight::Quantized(_));
-        Self::new(registry, cache_bytes, base, f).with_half_factors(half)
+        // An 8-bit base run by the VNNI kernel: 8-bit adapter factors in the same kind of kernel
+        // (their error is far below the base's own quantization error).
+        let compact = matches!(model.lm_head, crate::model::linear::BaseWeight::Quantized(_)) && crate::model::qgemm::available();
+        Self::new(registry, cache_bytes, base, f).with_compact_factors(compact)
     }
 
     pub fn registry(&self) -> &Registry {
@@ -211,7 +213,7 @@ impl AdapterStore {
         let parse_ms = t_parse.elapsed().as_secs_f64() * 1e3;
         let t_prep = std::time::Instant::now();
         if let ModuleData::Deltas(d) = &data {
-            d.prepare_host(self.half_factors)?;
+            d.prepare_host(self.compact_factors)?;
         }
         let prepare_ms = t_prep.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(module = %reg.id, hash_ms, parse_ms, prepare_ms, "module loaded");
@@ -257,7 +259,7 @@ impl AdapterStore {
                 AdapterError::UnknownTask { task, n_tasks, .. } => AdapterError::UnknownTask { module: id.into(), task, n_tasks },
                 other => other,
             })?;
-            d.prepare_host(self.half_factors)?;
+            d.prepare_host(self.compact_factors)?;
             Ok(LoadedModule {
                 id: format!("{id}[{rkey}]"),
                 kind: ModuleKind::Poly,
