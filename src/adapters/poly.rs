@@ -235,16 +235,27 @@ impl PolyInventory {
             Routing::Task(t) => (*t as usize, None),
             Routing::Weights(w) => (0, Some(self.normalise(self.explicit_weights(w)?))),
         };
+        // Layers are mixed in parallel (the first request of a new routing waits on this); the
+        // first failing layer in order is reported.
+        use rayon::prelude::*;
+        let mixed: Vec<Result<(Target, MatrixDelta), AdapterError>> = self
+            .layers
+            .par_iter()
+            .map(|(target, layer)| {
+                let w = match &fixed {
+                    Some(w) => w.clone(),
+                    None => {
+                        let row = &layer.logits[task * k..(task + 1) * k];
+                        self.normalise(row.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect())
+                    }
+                };
+                Ok((*target, self.mix_layer(*target, layer, w)?))
+            })
+            .collect();
         let mut deltas = ModuleDeltas::default();
-        for (target, layer) in &self.layers {
-            let w = match &fixed {
-                Some(w) => w.clone(),
-                None => {
-                    let row = &layer.logits[task * k..(task + 1) * k];
-                    self.normalise(row.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect())
-                }
-            };
-            deltas.targets.insert(*target, self.mix_layer(*target, layer, w)?);
+        for m in mixed {
+            let (target, d) = m?;
+            deltas.targets.insert(target, d);
         }
         deltas.validate(&self.base, &self.file)?;
         Ok(deltas)
