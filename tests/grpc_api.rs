@@ -231,3 +231,63 @@ async fn overload_cancellation_and_deadlines() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A storm of concurrent requests that fail fast (unknown module) against a server logging at
+/// debug level: every request must end with NOT_FOUND and the server must not panic. A tracing
+/// span guard held across the request's await once made tracing-subscriber panic ("tried to
+/// clone a span that already closed") about once per 20,000 such requests, and the client saw
+/// CANCELLED; this sends about 100,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_storm_leaves_no_panic_in_the_server_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let root = dir.path().join("adapters");
+    std::fs::create_dir(&root).unwrap();
+    let server = common::server::spawn_logging(&["--adapter-root", root.to_str().unwrap()], Some("debug"), log);
+    wait_serving(&server.url, Duration::from_secs(120)).await;
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let url = server.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = InferenceClient::connect(url).await.unwrap();
+            let mut codes = std::collections::BTreeMap::new();
+            for i in 0..3000 {
+                let req = pb::GenerateRequest {
+                    prompt: Some(pb::generate_request::Prompt::Text("hi".into())),
+                    max_new_tokens: 2,
+                    deltas: vec![delta(&format!("missing_{w}_{i}"), 1.0)],
+                    ..Default::default()
+                };
+                let code = match client.generate_stream(req).await {
+                    Ok(s) => {
+                        let mut s = s.into_inner();
+                        let mut code = Code::Ok;
+                        while let Some(c) = s.next().await {
+                            if let Err(e) = c {
+                                code = e.code();
+                            }
+                        }
+                        code
+                    }
+                    Err(e) => e.code(),
+                };
+                *codes.entry(format!("{code:?}")).or_insert(0usize) += 1;
+            }
+            codes
+        }));
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    for t in tasks {
+        for (c, n) in t.await.unwrap() {
+            *codes.entry(c).or_insert(0usize) += n;
+        }
+    }
+    drop(server);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    if let Some(at) = text.find("panicked") {
+        let tail: String = text[at..].chars().take(1500).collect();
+        panic!("the server panicked (client codes {codes:?}): {tail}");
+    }
+    assert_eq!(codes.keys().collect::<Vec<_>>(), vec!["NotFound"], "{codes:?}");
+}

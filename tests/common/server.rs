@@ -29,13 +29,20 @@ pub fn free_port() -> u16 {
 
 /// Spawns the server with `extra` flags; returns once the gRPC port is bound (not yet ready).
 pub fn spawn(extra: &[&str]) -> TestServer {
+    spawn_logging(extra, None, Stdio::inherit())
+}
+
+/// [`spawn`] with the server's stderr (its log) sent to `stderr`, at `RUST_LOG` = `filter` if
+/// given.
+pub fn spawn_logging(extra: &[&str], filter: Option<&str>, stderr: impl Into<Stdio>) -> TestServer {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_modserve"))
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &metrics_addr, "--threads", "2", "--model"])
         .arg(super::reference_model())
         .args(extra)
+        .envs(filter.map(|f| ("RUST_LOG", f)))
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn modserve serve");
     let stdout = child.stdout.take().unwrap();
