@@ -247,4 +247,24 @@ mod tests {
             assert!(err.contains(e), "{err}");
         }
     }
+
+    /// `log_sum_exp` (f32 exponentials, f64 sum) against an f64 reference, on short and
+    /// vocabulary-sized rows and rows with -inf entries.
+    #[test]
+    fn log_sum_exp_matches_an_f64_reference() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        for n in [1usize, 7, 8, 9, 31, 1000, 49152] {
+            let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0f32..25.0)).collect();
+            if n > 8 {
+                v[3] = f32::NEG_INFINITY;
+                v[n - 1] = f32::NEG_INFINITY;
+            }
+            let max = v.iter().copied().filter(|x| x.is_finite()).fold(f64::NEG_INFINITY, |m, x| m.max(x as f64));
+            let want = max + v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let got = log_sum_exp(&v).unwrap() as f64;
+            assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "n={n}: {got} vs {want}");
+        }
+        assert!(log_sum_exp(&[f32::NEG_INFINITY; 9]).is_err());
+    }
 }
