@@ -352,7 +352,7 @@ impl HostLowRank {
                     unsafe { rank8_f32_avx2(x, y, scale, at, bt) };
                     return;
                 }
-                HostFactors::Int8 { a4, sa, b8, sb } if vnni_available() => {
+                HostFactors::Int8 { a4, sa, b8, sb } if crate::model::qgemm::available() => {
                     // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                     // documented on HostFactors::Int8 for these widths.
                     unsafe { rank8_vnni(x, y, scale, a4, sa, b8, sb) };
@@ -405,11 +405,6 @@ impl HostLowRank {
             HostFactors::Int8 { a4, sa, b8, sb } => a4.len() + b8.len() + (sa.len() + sb.len()) * 4,
         }
     }
-}
-
-/// Whether the compact kernel's instructions are there (those of the base's int8 kernel).
-fn vnni_available() -> bool {
-    crate::model::qgemm::available()
 }
 
 /// Rank-8 row kernel, f32 factors: four independent accumulators for `x A^T`, then one pass over

@@ -517,7 +517,7 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     };
     let built: Vec<Result<(Target, usize, Tensor, Tensor), AdapterError>> = {
         use rayon::prelude::*;
-        pairs.into_iter().collect::<Vec<_>>().into_par_iter().map(one).collect()
+        pairs.into_par_iter().map(one).collect()
     };
     let (mut deltas, mut max_rank, mut names) = (ModuleDeltas::default(), 0, BTreeSet::new());
     for r in built {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
-use tracing::Instrument;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
@@ -42,14 +41,13 @@ impl InferenceApi {
         let ready = self.state.accepting()?;
         let req = to_engine_request(r, grpc_deadline(metadata))?;
         let span = tracing::info_span!("request", request_id = %req.request_id, composition = ?req.composition);
-        // Instrumented, not entered: a guard held across the await below stayed entered on the
-        // worker thread while other requests ran there, and tracing-subscriber then panicked
-        // ("tried to clone a span that already closed") under concurrent load.
+        // Entered only around synchronous work: a guard held across the await below stayed
+        // entered on the worker thread while other requests ran there, and tracing-subscriber
+        // then panicked ("tried to clone a span that already closed") under concurrent load.
         let front = ready.front.clone();
         let store = ready.store.clone();
         let prepare = span.clone();
         let prepared = tokio::task::spawn_blocking(move || prepare.in_scope(|| front.prepare(store.as_deref(), req)))
-            .instrument(span.clone())
             .await
             .map_err(|e| status(Code::Internal, "internal", e.to_string()))??;
         let rx = span.in_scope(|| ready.engine.submit(prepared))?;
