@@ -7,7 +7,7 @@
 //! base computed them, so a request's result does not depend on its batch neighbours.
 use candle_core::{Result, Tensor};
 
-use super::delta::{MatrixDelta, SparseMatrix, Target};
+use super::delta::{MatrixDelta, SparseMatrix, Target, SPARSE_ROW_BLOCK};
 use super::store::Composition;
 use crate::model::linear::{LinearId, RowDeltas};
 
@@ -150,9 +150,6 @@ impl BatchDeltas<'_> {
     }
 }
 
-/// Output rows of the weight per sparse task (192 with the segment prefetch in
-/// `csr_rows_tile_avx2`: kernel samples 719-754 against 775-955 for 64 rows without it).
-const SPARSE_ROW_BLOCK: usize = 192;
 /// Batch rows per register tile of the grouped sparse kernel.
 const SPARSE_TILE: usize = 8;
 
@@ -202,14 +199,10 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
     let xt: Vec<Vec<f32>> = groups
         .iter()
         .map(|(_, rows)| {
-            let tiles = rows.len().div_ceil(SPARSE_TILE);
-            let mut t = vec![0f32; tiles * in_dim * SPARSE_TILE];
-            for (j, &row) in rows.iter().enumerate() {
-                let (tile, lane) = (j / SPARSE_TILE, j % SPARSE_TILE);
-                let base = tile * in_dim * SPARSE_TILE;
-                for (c, &v) in xh[row * in_dim..(row + 1) * in_dim].iter().enumerate() {
-                    t[base + c * SPARSE_TILE + lane] = v;
-                }
+            let mut t = vec![0f32; rows.len().div_ceil(SPARSE_TILE) * in_dim * SPARSE_TILE];
+            for (tile, dst) in rows.chunks(SPARSE_TILE).zip(t.chunks_exact_mut(in_dim * SPARSE_TILE)) {
+                let src: Vec<&[f32]> = tile.iter().map(|&r| &xh[r * in_dim..(r + 1) * in_dim]).collect();
+                interleave_rows(&src, dst);
             }
             t
         })
@@ -219,16 +212,17 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
         let dst = &dst;
         let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
         let w = r1 - r0;
-        // Unscaled products of every group for this block: [group][tile][w][SPARSE_TILE].
+        let mut scratch = vec![0f32; w * SPARSE_TILE];
+        // Unscaled products of every group for this block, lane-major: [group][tile][SPARSE_TILE][w].
         let prods: Vec<Vec<f32>> = groups
             .iter()
             .zip(&xt)
             .map(|((sp, rows), xt)| {
                 let tiles = rows.len().div_ceil(SPARSE_TILE);
-                let mut p = vec![0f32; tiles * w * SPARSE_TILE];
-                for (tile, pt) in p.chunks_exact_mut(w * SPARSE_TILE).enumerate() {
+                let mut p = vec![0f32; tiles * SPARSE_TILE * w];
+                for (tile, pt) in p.chunks_exact_mut(SPARSE_TILE * w).enumerate() {
                     let xt = &xt[tile * in_dim * SPARSE_TILE..(tile + 1) * in_dim * SPARSE_TILE];
-                    csr_rows_tile(sp, r0, r1, xt, pt);
+                    sparse_block_tile(sp, blk, xt, &mut scratch, pt);
                 }
                 p
             })
@@ -238,32 +232,40 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
             let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
             for &(g, j, scale) in parts {
                 let (tile, lane) = (j / SPARSE_TILE, j % SPARSE_TILE);
-                let pt = &prods[g][tile * w * SPARSE_TILE..(tile + 1) * w * SPARSE_TILE];
-                for (i, y) in yr.iter_mut().enumerate() {
-                    *y += scale * pt[i * SPARSE_TILE + lane];
+                let pl = &prods[g][(tile * SPARSE_TILE + lane) * w..][..w];
+                for (y, p) in yr.iter_mut().zip(pl) {
+                    *y += scale * p;
                 }
             }
         }
     });
 }
 
-/// For weight rows `r0..r1` of `sp`: `out[r - r0][l] = sum_i v_i * xt[c_i][l]` against a tile
-/// of [`SPARSE_TILE`] transposed input rows (`xt`: `[in][SPARSE_TILE]`), in CSR order.
-fn csr_rows_tile(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32], out: &mut [f32]) {
-    assert_eq!(out.len(), (r1 - r0) * SPARSE_TILE);
+/// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
+/// `out[l][r - r0] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
+/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in CSR order. `scratch`
+/// holds `w * SPARSE_TILE` values (the row-major products before they are split by lane).
+fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32], out: &mut [f32]) {
+    let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(sp.rows));
+    let w = r1 - r0;
+    assert_eq!(out.len(), w * SPARSE_TILE);
+    assert_eq!(scratch.len(), w * SPARSE_TILE);
     assert_eq!(xt.len(), sp.cols * SPARSE_TILE);
-    assert!(r1 < sp.row_ptr.len());
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features; CSR offsets and column indices are in range
-            // (checked when the matrix was built: every column < sp.cols) and `xt` holds sp.cols
-            // columns of SPARSE_TILE lanes.
-            return unsafe { csr_rows_tile_avx2(sp, r0, r1, xt, out) };
+            // SAFETY: the CPU has the features; the schedule lists every row of the block once
+            // (built with the matrix from the same `row_ptr`), CSR offsets and column indices are
+            // in range (checked when the matrix was built: every column < sp.cols), and `xt`
+            // holds sp.cols columns of SPARSE_TILE lanes.
+            unsafe { sparse_block_tile_avx2(sp, blk, xt, scratch) };
+            deinterleave_lanes(scratch, out);
+            return;
         }
     }
-    for (r, o) in (r0..r1).zip(out.chunks_exact_mut(SPARSE_TILE)) {
+    for (r, o) in (r0..r1).zip(scratch.chunks_exact_mut(SPARSE_TILE)) {
         let (s, e) = (sp.row_ptr[r] as usize, sp.row_ptr[r + 1] as usize);
+        o.fill(0.0);
         for (&v, &c) in sp.values[s..e].iter().zip(&sp.col_idx[s..e]) {
             let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
             for (a, xv) in o.iter_mut().zip(xc) {
@@ -271,14 +273,19 @@ fn csr_rows_tile(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32], out: &mut 
             }
         }
     }
+    deinterleave_lanes(scratch, out);
 }
 
+/// The products of block `blk`, row-major (`scratch[(r - r0) * SPARSE_TILE + l]`), visiting rows
+/// in the matrix's schedule: runs of equal length, each through a loop with a fixed trip count.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn csr_rows_tile_avx2(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32], out: &mut [f32]) {
+unsafe fn sparse_block_tile_avx2(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32]) {
     use std::arch::x86_64::*;
     const _: () = assert!(SPARSE_TILE == 8);
-    let (xp, vals, cols) = (xt.as_ptr(), sp.values.as_ptr(), sp.col_idx.as_ptr());
+    let r0 = blk * SPARSE_ROW_BLOCK;
+    let r1 = (r0 + SPARSE_ROW_BLOCK).min(sp.rows);
+    let (vals, cols) = (sp.values.as_ptr(), sp.col_idx.as_ptr());
     // The segment is short (a few KB) and its matrix differs from the previous call's, so the
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
     let (s0, s1) = (*sp.row_ptr.get_unchecked(r0) as usize, *sp.row_ptr.get_unchecked(r1) as usize);
@@ -288,14 +295,153 @@ unsafe fn csr_rows_tile_avx2(sp: &SparseMatrix, r0: usize, r1: usize, xt: &[f32]
         _mm_prefetch::<_MM_HINT_T0>(vals.add(i) as *const i8);
         i += 16;
     }
-    for r in r0..r1 {
-        let (s, e) = (*sp.row_ptr.get_unchecked(r) as usize, *sp.row_ptr.get_unchecked(r + 1) as usize);
-        let mut acc = _mm256_setzero_ps();
-        for i in s..e {
-            let x = _mm256_loadu_ps(xp.add(*cols.add(i) as usize * SPARSE_TILE));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(*vals.add(i)), x, acc);
+    let k = Kern { row_ptr: sp.row_ptr.as_ptr().add(r0), cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
+    let (order, runs) = sp.schedule().block(blk);
+    let mut at = 0;
+    for &(len, n) in runs {
+        let rows = order.get_unchecked(at..at + n as usize);
+        at += n as usize;
+        macro_rules! fixed {
+            ($($l:literal)*) => {
+                match len {
+                    $($l => k.rows_fixed::<$l>(rows),)*
+                    _ => k.rows_any(rows, len as usize),
+                }
+            };
         }
-        _mm256_storeu_ps(out.as_mut_ptr().add((r - r0) * SPARSE_TILE), acc);
+        fixed!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+    }
+}
+
+/// Raw views of one sparse block-tile product (see [`sparse_block_tile_avx2`]).
+#[cfg(target_arch = "x86_64")]
+struct Kern {
+    /// `row_ptr` from the block's first row.
+    row_ptr: *const u32,
+    cols: *const u32,
+    vals: *const f32,
+    xt: *const f32,
+    out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kern {
+    /// Rows (indices within the block) that all hold exactly `L` non-zeros.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows_fixed<const L: usize>(&self, rows: &[u16]) {
+        use std::arch::x86_64::*;
+        for &r in rows {
+            let s = *self.row_ptr.add(r as usize) as usize;
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..L {
+                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(s + i) as usize * SPARSE_TILE));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(s + i)), x, acc);
+            }
+            _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
+        }
+    }
+
+    /// Rows that all hold `len` non-zeros, `len` known only at run time.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_any(&self, rows: &[u16], len: usize) {
+        use std::arch::x86_64::*;
+        for &r in rows {
+            let s = *self.row_ptr.add(r as usize) as usize;
+            let mut acc = _mm256_setzero_ps();
+            for i in s..s + len {
+                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(i) as usize * SPARSE_TILE));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(i)), x, acc);
+            }
+            _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
+        }
+    }
+}
+
+/// `dst[c * SPARSE_TILE + l] = src[l][c]`: up to [`SPARSE_TILE`] rows of equal length interleaved
+/// column by column (`dst`: `[len][SPARSE_TILE]`; lanes without a source row are zero).
+fn interleave_rows(src: &[&[f32]], dst: &mut [f32]) {
+    assert!(src.len() <= SPARSE_TILE);
+    let n = dst.len() / SPARSE_TILE;
+    assert!(src.iter().all(|r| r.len() == n) && dst.len() == n * SPARSE_TILE);
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        let zeros = [0f32; SPARSE_TILE];
+        while c0 + SPARSE_TILE <= n {
+            let rows: [*const f32; SPARSE_TILE] =
+                std::array::from_fn(|l| src.get(l).map_or(zeros.as_ptr(), |r| r[c0..].as_ptr()));
+            // SAFETY: the CPU has AVX; each row pointer has SPARSE_TILE readable values from c0
+            // (c0 + SPARSE_TILE <= n, or the zero row), and dst holds n * SPARSE_TILE values.
+            unsafe { transpose8(rows, dst[c0 * SPARSE_TILE..].as_mut_ptr(), SPARSE_TILE) };
+            c0 += SPARSE_TILE;
+        }
+    }
+    for c in c0..n {
+        for l in 0..SPARSE_TILE {
+            dst[c * SPARSE_TILE + l] = src.get(l).map_or(0.0, |r| r[c]);
+        }
+    }
+}
+
+/// `dst[l][i] = src[i * SPARSE_TILE + l]`: the inverse of [`interleave_rows`] for one tile
+/// (`src`: `[w][SPARSE_TILE]`, `dst`: `[SPARSE_TILE][w]`).
+fn deinterleave_lanes(src: &[f32], dst: &mut [f32]) {
+    let w = src.len() / SPARSE_TILE;
+    assert!(src.len() == w * SPARSE_TILE && dst.len() == src.len());
+    let mut i0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        while i0 + SPARSE_TILE <= w {
+            let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|i| src[(i0 + i) * SPARSE_TILE..].as_ptr());
+            // SAFETY: the CPU has AVX; each source row holds SPARSE_TILE values; the stores go to
+            // dst[l * w + i0..][..SPARSE_TILE] with i0 + SPARSE_TILE <= w.
+            unsafe { transpose8(rows, dst[i0..].as_mut_ptr(), w) };
+            i0 += SPARSE_TILE;
+        }
+    }
+    for i in i0..w {
+        for l in 0..SPARSE_TILE {
+            dst[l * w + i] = src[i * SPARSE_TILE + l];
+        }
+    }
+}
+
+/// 8x8 transpose: reads 8 consecutive values from each `rows[i]` and writes column `j` of that
+/// block as 8 consecutive values at `dst + j * dst_stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i]));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let cols = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (j, c) in cols.into_iter().enumerate() {
+        _mm256_storeu_ps(dst.add(j * dst_stride), c);
     }
 }
 
@@ -305,13 +451,27 @@ unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 impl RowDeltas for BatchDeltas<'_> {
-    fn add_deltas_host(&self, id: LinearId, x: &[f32], n: usize, y: &mut [f32]) -> Result<bool> {
-        let target = Target::Linear(id);
-        let touched = self.touches(&target);
-        if touched && n > 0 {
-            self.accumulate_host(target, x, x.len() / n, y, y.len() / n)?;
+    fn host_deltas(&self, ids: &[LinearId], x: &[f32], n: usize, outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {
+        use rayon::prelude::*;
+        if n == 0 {
+            return Ok(Some(vec![None; ids.len()]));
         }
-        Ok(true)
+        let in_dim = x.len() / n;
+        // Every layer's deltas in one parallel region (nested inside the caller's join).
+        let dhs = ids
+            .par_iter()
+            .zip(outs)
+            .map(|(&id, &out)| -> Result<Option<Vec<f32>>> {
+                let target = Target::Linear(id);
+                if !self.touches(&target) {
+                    return Ok(None);
+                }
+                let mut dh = vec![0f32; n * out];
+                self.accumulate_host(target, x, in_dim, &mut dh, out)?;
+                Ok(Some(dh))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(dhs))
     }
 
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
@@ -427,13 +587,16 @@ mod tests {
     /// its batch neighbours (bit for bit).
     #[test]
     fn grouped_sparse_equals_per_row_and_is_batch_independent() {
-        let (out, inp) = (150, 70);
+        // Two blocks and a tail of 8-lane transposes on both sides; rows of 0 to about 40
+        // non-zeros (fixed-length and run-time-length kernel loops).
+        let (out, inp) = (SPARSE_ROW_BLOCK + 150, 70);
         let target = Target::Linear(LinearId { layer: 0, proj: Proj::Q });
         let mut rng = StdRng::seed_from_u64(11);
-        let mods: Vec<Arc<ModuleDeltas>> = (0..3)
-            .map(|i| {
+        let mods: Vec<Arc<ModuleDeltas>> = [300, 1500, 6000]
+            .into_iter()
+            .map(|nnz| {
                 let mut m = ModuleDeltas::default();
-                m.targets.insert(target, MatrixDelta::Sparse(sparse(&mut rng, out, inp, 300 + 200 * i)));
+                m.targets.insert(target, MatrixDelta::Sparse(sparse(&mut rng, out, inp, nnz)));
                 Arc::new(m)
             })
             .collect();
@@ -470,5 +633,30 @@ mod tests {
         let mut alone = vec![0f32; out];
         add_sparse_grouped(&[(0, 1, Some(&c))], target, &x[13 * inp..14 * inp], inp, &mut alone, out);
         assert_eq!(alone[..], dh[13 * out..14 * out]);
+    }
+
+    /// The 8-lane interleave and its inverse against plain index arithmetic, on lengths with and
+    /// without a remainder and tiles with fewer than 8 rows.
+    #[test]
+    fn lane_interleaving_round_trips() {
+        for (rows, n) in [(8, 16), (3, 21), (8, 7), (1, 8), (5, 0)] {
+            let src: Vec<Vec<f32>> = (0..rows).map(|r| (0..n).map(|c| (r * 1000 + c) as f32).collect()).collect();
+            let refs: Vec<&[f32]> = src.iter().map(|r| r.as_slice()).collect();
+            let mut inter = vec![f32::NAN; n * SPARSE_TILE];
+            interleave_rows(&refs, &mut inter);
+            for c in 0..n {
+                for l in 0..SPARSE_TILE {
+                    let want = if l < rows { src[l][c] } else { 0.0 };
+                    assert_eq!(inter[c * SPARSE_TILE + l], want, "rows {rows} n {n} c {c} l {l}");
+                }
+            }
+            let mut back = vec![f32::NAN; n * SPARSE_TILE];
+            deinterleave_lanes(&inter, &mut back);
+            for l in 0..SPARSE_TILE {
+                for c in 0..n {
+                    assert_eq!(back[l * n + c], inter[c * SPARSE_TILE + l]);
+                }
+            }
+        }
     }
 }

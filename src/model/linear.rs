@@ -72,17 +72,20 @@ impl fmt::Display for LinearId {
 }
 
 /// Adds per-composition deltas to the rows of a batch step. Implemented by the adapter layer;
-/// [`NoDeltas`] is the base model alone.
-pub trait RowDeltas {
+/// [`NoDeltas`] is the base model alone. `Sync`: the host deltas of a step are computed on the
+/// thread pool while the base product runs.
+pub trait RowDeltas: Sync {
     /// `x`: the layer input rows `[n, in]`; `y`: the base output `[n, out]`. Returns `y` plus, for
     /// every row, the deltas of that row's composition applied to that row's input.
     fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor>;
 
-    /// Host-memory form of [`RowDeltas::add_deltas`] for CPU kernels that produce `y` in a host
-    /// buffer: adds the deltas of `n` rows `x` (`[n, in]`) into `y` (`[n, out]`) in place and
-    /// returns true, or returns false (nothing touched) when only the tensor form is supported.
-    fn add_deltas_host(&self, _id: LinearId, _x: &[f32], _n: usize, _y: &mut [f32]) -> Result<bool> {
-        Ok(false)
+    /// Host-memory form of [`RowDeltas::add_deltas`] for several layers reading the same `n` rows
+    /// `x` (`[n, in]`): per layer `ids[i]` (output width `outs[i]`), the deltas of every row's
+    /// composition as a fresh `[n, outs[i]]` buffer, or None where no row has one. It depends on
+    /// `x` alone, never on the base output, so it may run while the base product does. Returns
+    /// None when only the tensor form is supported.
+    fn host_deltas(&self, _ids: &[LinearId], _x: &[f32], _n: usize, _outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {
+        Ok(None)
     }
 
     /// Adds embedding-table deltas: `x` holds the embeddings `[n, hidden]` of the step's tokens
@@ -106,8 +109,8 @@ impl RowDeltas for NoDeltas {
         Ok(y)
     }
 
-    fn add_deltas_host(&self, _id: LinearId, _x: &[f32], _n: usize, _y: &mut [f32]) -> Result<bool> {
-        Ok(true)
+    fn host_deltas(&self, ids: &[LinearId], _x: &[f32], _n: usize, _outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {
+        Ok(Some(vec![None; ids.len()]))
     }
 }
 
@@ -285,22 +288,32 @@ impl Linear {
             .collect();
         match packed {
             Some(ps) if x.device().is_cpu() => {
-                // Base products and deltas both in host buffers: one tensor per output at the end.
+                // Base products and deltas both in host buffers, computed side by side on the pool
+                // (the deltas depend on `x` alone): one fork-join for the whole group of layers,
+                // and the memory-bound delta kernels overlap the compute-bound base GEMM.
                 let (m, _) = x.dims2()?;
-                let ys = with_host_f32(x, |xs| {
-                    let mut ys = PackedQ8::matmul_host_many(&ps, xs, m)?;
-                    let mut handled = Vec::with_capacity(ys.len());
-                    for (y, l) in ys.iter_mut().zip(layers) {
-                        handled.push(deltas.add_deltas_host(l.id, xs, m, y)?);
-                    }
-                    Ok(ys.into_iter().zip(handled).collect::<Vec<_>>())
+                let ids: Vec<LinearId> = layers.iter().map(|l| l.id).collect();
+                let outs: Vec<usize> = ps.iter().map(|p| p.dims().0).collect();
+                let (ys, dhs) = with_host_f32(x, |xs| {
+                    let (ys, dhs) =
+                        rayon::join(|| PackedQ8::matmul_host_many(&ps, xs, m), || deltas.host_deltas(&ids, xs, m, &outs));
+                    Ok((ys?, dhs?))
                 })?;
-                let mut outs = Vec::with_capacity(layers.len());
-                for (((y, handled), l), p) in ys.into_iter().zip(layers).zip(&ps) {
-                    let t = Tensor::from_vec(y, (m, p.dims().0), x.device())?;
-                    outs.push(if handled { t } else { deltas.add_deltas(l.id, x, t)? });
+                let mut res = Vec::with_capacity(layers.len());
+                for (i, (mut y, l)) in ys.into_iter().zip(layers).enumerate() {
+                    let dh = match &dhs {
+                        Some(d) => d[i].as_deref(),
+                        None => None,
+                    };
+                    if let Some(dh) = dh {
+                        for (a, d) in y.iter_mut().zip(dh) {
+                            *a += d;
+                        }
+                    }
+                    let t = Tensor::from_vec(y, (m, outs[i]), x.device())?;
+                    res.push(if dhs.is_some() { t } else { deltas.add_deltas(l.id, x, t)? });
                 }
-                Ok(outs)
+                Ok(res)
             }
             _ => layers.iter().map(|l| l.forward(x, deltas)).collect(),
         }
