@@ -7,7 +7,7 @@
 //! base computed them, so a request's result does not depend on its batch neighbours.
 use candle_core::{Result, Tensor};
 
-use super::delta::{MatrixDelta, SparseMatrix, Target, SPARSE_ROW_BLOCK};
+use super::delta::{MatrixDelta, SparseBlock, SparseMatrix, Target, SPARSE_ROW_BLOCK};
 use super::store::Composition;
 use crate::model::linear::{LinearId, RowDeltas};
 
@@ -155,7 +155,7 @@ const SPARSE_TILE: usize = 8;
 
 /// Adds every sparse delta of `target` to `dh` (`[n, out]`), reading each module's non-zeros
 /// once for all the batch rows that use it. For each (row, weight row) the value is
-/// `scale * sum_i v_i x[c_i]` accumulated in CSR order, exactly as [`SparseMatrix::add_matmul_t`]
+/// `scale * sum_i v_i x[c_i]` accumulated in column order, as [`SparseMatrix::add_matmul_t`]
 /// computes it, and a row's sparse parts are added in its composition's order.
 fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: Target, xh: &[f32], in_dim: usize, dh: &mut [f32], out: usize) {
     use rayon::prelude::*;
@@ -217,7 +217,13 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
         let prods: Vec<Vec<f32>> = groups
             .iter()
             .zip(&xt)
-            .map(|((sp, rows), xt)| {
+            .enumerate()
+            .map(|(g, ((sp, rows), xt))| {
+                // The next group's segment is requested a whole group's work ahead (this one's was
+                // requested one ahead, or is requested now by the kernel itself).
+                if let Some((next, _)) = groups.get(g + 1) {
+                    prefetch_block_l2(next, blk);
+                }
                 let tiles = rows.len().div_ceil(SPARSE_TILE);
                 let mut p = vec![0f32; tiles * SPARSE_TILE * w];
                 for (tile, pt) in p.chunks_exact_mut(SPARSE_TILE * w).enumerate() {
@@ -243,7 +249,7 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
 
 /// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
 /// `out[l][r - r0] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
-/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in CSR order. `scratch`
+/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in column order. `scratch`
 /// holds `w * SPARSE_TILE` values (the row-major products before they are split by lane).
 fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32], out: &mut [f32]) {
     let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(sp.rows));
@@ -251,55 +257,75 @@ fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f
     assert_eq!(out.len(), w * SPARSE_TILE);
     assert_eq!(scratch.len(), w * SPARSE_TILE);
     assert_eq!(xt.len(), sp.cols * SPARSE_TILE);
+    let b = sp.block(blk);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features; the schedule lists every row of the block once
-            // (built with the matrix from the same `row_ptr`), CSR offsets and column indices are
-            // in range (checked when the matrix was built: every column < sp.cols), and `xt`
-            // holds sp.cols columns of SPARSE_TILE lanes.
-            unsafe { sparse_block_tile_avx2(sp, blk, xt, scratch) };
+            assert!(b.order.iter().all(|&i| (i as usize) < w));
+            // SAFETY: the CPU has the features; the block's runs cover its entries (built with
+            // the matrix) and its order names rows of the block (checked above); column indices
+            // are < sp.cols (checked when the matrix was built) and `xt` holds sp.cols columns of
+            // SPARSE_TILE lanes.
+            unsafe { sparse_block_tile_avx2(&b, xt, scratch) };
             deinterleave_lanes(scratch, out);
             return;
         }
     }
-    for (r, o) in (r0..r1).zip(scratch.chunks_exact_mut(SPARSE_TILE)) {
-        let (s, e) = (sp.row_ptr[r] as usize, sp.row_ptr[r + 1] as usize);
-        o.fill(0.0);
-        for (&v, &c) in sp.values[s..e].iter().zip(&sp.col_idx[s..e]) {
-            let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
-            for (a, xv) in o.iter_mut().zip(xc) {
-                *a = v.mul_add(*xv, *a);
+    let mut e = 0;
+    let mut rows = b.order.iter();
+    for &(len, n) in b.runs {
+        for &i in rows.by_ref().take(n as usize) {
+            let o = &mut scratch[i as usize * SPARSE_TILE..][..SPARSE_TILE];
+            o.fill(0.0);
+            for (&v, &c) in b.values[e..e + len as usize].iter().zip(&b.col_idx[e..e + len as usize]) {
+                let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
+                for (a, xv) in o.iter_mut().zip(xc) {
+                    *a = v.mul_add(*xv, *a);
+                }
             }
+            e += len as usize;
         }
     }
     deinterleave_lanes(scratch, out);
 }
 
-/// The products of block `blk`, row-major (`scratch[(r - r0) * SPARSE_TILE + l]`), visiting rows
-/// in the matrix's schedule: runs of equal length, each through a loop with a fixed trip count.
+/// Asks for the column indices and values of block `blk` of `sp` to be brought into L2.
+fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let b = sp.block(blk);
+        for i in (0..b.values.len()).step_by(16) {
+            // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(b.col_idx.as_ptr().add(i) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(b.values.as_ptr().add(i) as *const i8);
+            }
+        }
+    }
+}
+
+/// The products of one block, row-major (`scratch[i * SPARSE_TILE + l]` for row `i` of the
+/// block), streaming its entries front to back: runs of equal length, each through a loop with
+/// a fixed trip count.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sparse_block_tile_avx2(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32]) {
+unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut [f32]) {
     use std::arch::x86_64::*;
     const _: () = assert!(SPARSE_TILE == 8);
-    let r0 = blk * SPARSE_ROW_BLOCK;
-    let r1 = (r0 + SPARSE_ROW_BLOCK).min(sp.rows);
-    let (vals, cols) = (sp.values.as_ptr(), sp.col_idx.as_ptr());
-    // The segment is short (a few KB) and its matrix differs from the previous call's, so the
+    let (cols, vals) = (b.col_idx.as_ptr(), b.values.as_ptr());
+    // The block is short (a few KB) and its matrix differs from the previous call's, so the
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
-    let (s0, s1) = (*sp.row_ptr.get_unchecked(r0) as usize, *sp.row_ptr.get_unchecked(r1) as usize);
-    let mut i = s0;
-    while i < s1 {
+    let mut i = 0;
+    while i < b.values.len() {
         _mm_prefetch::<_MM_HINT_T0>(cols.add(i) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(vals.add(i) as *const i8);
         i += 16;
     }
-    let k = Kern { row_ptr: sp.row_ptr.as_ptr().add(r0), cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
-    let (order, runs) = sp.schedule().block(blk);
+    let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
     let mut at = 0;
-    for &(len, n) in runs {
-        let rows = order.get_unchecked(at..at + n as usize);
+    for &(len, n) in b.runs {
+        let rows = b.order.get_unchecked(at..at + n as usize);
         at += n as usize;
         macro_rules! fixed {
             ($($l:literal)*) => {
@@ -313,11 +339,10 @@ unsafe fn sparse_block_tile_avx2(sp: &SparseMatrix, blk: usize, xt: &[f32], scra
     }
 }
 
-/// Raw views of one sparse block-tile product (see [`sparse_block_tile_avx2`]).
+/// A cursor over one block's entries for [`sparse_block_tile_avx2`].
 #[cfg(target_arch = "x86_64")]
 struct Kern {
-    /// `row_ptr` from the block's first row.
-    row_ptr: *const u32,
+    /// The next entry.
     cols: *const u32,
     vals: *const f32,
     xt: *const f32,
@@ -326,33 +351,35 @@ struct Kern {
 
 #[cfg(target_arch = "x86_64")]
 impl Kern {
-    /// Rows (indices within the block) that all hold exactly `L` non-zeros.
+    /// The next `rows.len()` rows (indices within the block), `L` entries each.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn rows_fixed<const L: usize>(&self, rows: &[u16]) {
+    unsafe fn rows_fixed<const L: usize>(&mut self, rows: &[u16]) {
         use std::arch::x86_64::*;
         for &r in rows {
-            let s = *self.row_ptr.add(r as usize) as usize;
             let mut acc = _mm256_setzero_ps();
             for i in 0..L {
-                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(s + i) as usize * SPARSE_TILE));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(s + i)), x, acc);
+                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(i) as usize * SPARSE_TILE));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(i)), x, acc);
             }
+            self.cols = self.cols.add(L);
+            self.vals = self.vals.add(L);
             _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
         }
     }
 
-    /// Rows that all hold `len` non-zeros, `len` known only at run time.
+    /// The next rows, `len` entries each, `len` known only at run time.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_any(&self, rows: &[u16], len: usize) {
+    unsafe fn rows_any(&mut self, rows: &[u16], len: usize) {
         use std::arch::x86_64::*;
         for &r in rows {
-            let s = *self.row_ptr.add(r as usize) as usize;
             let mut acc = _mm256_setzero_ps();
-            for i in s..s + len {
+            for i in 0..len {
                 let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(i) as usize * SPARSE_TILE));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(i)), x, acc);
             }
+            self.cols = self.cols.add(len);
+            self.vals = self.vals.add(len);
             _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
         }
     }

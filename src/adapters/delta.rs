@@ -14,66 +14,41 @@ use super::error::AdapterError;
 use crate::model::config::LlamaConfig;
 use crate::model::linear::{LinearId, Proj};
 
-/// A sparse matrix `[rows, cols]` in CSR order by row (for a linear weight, rows are outputs).
+/// A sparse matrix `[rows, cols]` by row (for a linear weight, rows are outputs), laid out in the
+/// order the batched kernel reads it: block after block of [`SPARSE_ROW_BLOCK`] rows, within a
+/// block the rows in runs of equal length (longest first, ascending index within a run, empty rows
+/// last), within a row by column. The kernel then streams each block's non-zeros front to back
+/// with a fixed trip count per run: rows of a few non-zeros each (0.5% of 576 columns is about 3)
+/// made a row-by-row loop mispredict its exit on almost every row, and jump around in memory.
+/// A row's own sum is unchanged by the layout: its non-zeros are still visited by column.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparseMatrix {
     pub rows: usize,
     pub cols: usize,
-    /// `row_ptr[r]..row_ptr[r+1]` index `col_idx` / `values` for row `r`.
-    pub row_ptr: Vec<u32>,
-    pub col_idx: Vec<u32>,
-    pub values: Vec<f32>,
-    /// The order in which the batched kernel visits the rows (derived from `row_ptr`).
-    schedule: RowSchedule,
-}
-
-/// Rows per block of the batched sparse kernel: its unit of parallel work and of scheduling.
-pub const SPARSE_ROW_BLOCK: usize = 192;
-
-/// Per block of [`SPARSE_ROW_BLOCK`] rows, the rows grouped by length (longest first, ascending
-/// row index within a length; empty rows last). Rows of a few non-zeros each (0.5% of 576 columns is
-/// about 3) make a row-by-row loop mispredict its exit on almost every row; in runs of equal
-/// length the kernel's inner loop has a fixed trip count. A row's own sum is unchanged: its
-/// non-zeros are still visited in CSR order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowSchedule {
-    /// Row index within its block, block after block, in visiting order.
+    col_idx: Vec<u32>,
+    values: Vec<f32>,
+    /// Per row, its first entry in `col_idx` / `values` and its length.
+    spans: Vec<(u32, u32)>,
+    /// Row index within its block, block after block, in layout order.
     order: Vec<u16>,
     /// `(length, rows)` runs, block after block.
     runs: Vec<(u32, u32)>,
-    /// Per block, where its rows start in `order` and its runs in `runs` (one extra end entry).
-    starts: Vec<(u32, u32)>,
+    /// Per block, where it starts in `order`, `runs` and the entries (one extra end entry).
+    starts: Vec<(u32, u32, u32)>,
 }
 
-impl RowSchedule {
-    fn new(row_ptr: &[u32]) -> Self {
-        let rows = row_ptr.len() - 1;
-        let len = |r: usize| row_ptr[r + 1] - row_ptr[r];
-        let mut s = RowSchedule { order: Vec::new(), runs: Vec::new(), starts: vec![(0, 0)] };
-        for r0 in (0..rows).step_by(SPARSE_ROW_BLOCK) {
-            let r1 = (r0 + SPARSE_ROW_BLOCK).min(rows);
-            let mut local: Vec<u16> = (0..(r1 - r0) as u16).collect();
-            local.sort_by_key(|&i| std::cmp::Reverse(len(r0 + i as usize)));
-            let mut runs: Vec<(u32, u32)> = Vec::new();
-            for &i in &local {
-                let l = len(r0 + i as usize);
-                match runs.last_mut() {
-                    Some((rl, n)) if *rl == l => *n += 1,
-                    _ => runs.push((l, 1)),
-                }
-            }
-            s.order.extend(local);
-            s.runs.extend(runs);
-            s.starts.push((s.order.len() as u32, s.runs.len() as u32));
-        }
-        s
-    }
+/// Rows per block of the batched sparse kernel: its unit of parallel work and of layout.
+pub const SPARSE_ROW_BLOCK: usize = 192;
 
-    /// Block `b`'s visiting order (row indices within the block) and its `(length, rows)` runs.
-    pub fn block(&self, b: usize) -> (&[u16], &[(u32, u32)]) {
-        let ((o0, u0), (o1, u1)) = (self.starts[b], self.starts[b + 1]);
-        (&self.order[o0 as usize..o1 as usize], &self.runs[u0 as usize..u1 as usize])
-    }
+/// One block of a [`SparseMatrix`] as the kernel reads it.
+pub struct SparseBlock<'a> {
+    /// Row indices within the block, in layout order.
+    pub order: &'a [u16],
+    /// `(length, rows)`: the next `rows` rows of `order` hold `length` entries each.
+    pub runs: &'a [(u32, u32)],
+    /// The block's entries, row after row in `order`.
+    pub col_idx: &'a [u32],
+    pub values: &'a [f32],
 }
 
 impl SparseMatrix {
@@ -81,6 +56,9 @@ impl SparseMatrix {
     pub fn from_flat(rows: usize, cols: usize, flat: &[u64], values: &[f32]) -> Result<Self, String> {
         if flat.len() != values.len() {
             return Err(format!("{} indices but {} values", flat.len(), values.len()));
+        }
+        if cols > u32::MAX as usize || flat.len() > u32::MAX as usize {
+            return Err(format!("a {rows}x{cols} sparse matrix with {} entries is too large", flat.len()));
         }
         let total = (rows as u64) * (cols as u64);
         let mut entries: Vec<(u64, f32)> = Vec::with_capacity(flat.len());
@@ -91,34 +69,84 @@ impl SparseMatrix {
             entries.push((f, v));
         }
         entries.sort_unstable_by_key(|e| e.0);
+        // CSR by row first (duplicates summed), then the kernel layout.
         let mut row_ptr = vec![0u32; rows + 1];
-        let mut col_idx = Vec::with_capacity(entries.len());
-        let mut vals: Vec<f32> = Vec::with_capacity(entries.len());
+        let mut csr: Vec<(u32, f32)> = Vec::with_capacity(entries.len());
         let mut last: Option<u64> = None;
         for (f, v) in entries {
             if last == Some(f) {
-                *vals.last_mut().expect("a previous entry") += v;
+                csr.last_mut().expect("a previous entry").1 += v;
                 continue;
             }
             last = Some(f);
             row_ptr[(f / cols as u64) as usize + 1] += 1;
-            col_idx.push((f % cols as u64) as u32);
-            vals.push(v);
+            csr.push(((f % cols as u64) as u32, v));
         }
         for r in 0..rows {
             row_ptr[r + 1] += row_ptr[r];
         }
-        let schedule = RowSchedule::new(&row_ptr);
-        Ok(Self { rows, cols, row_ptr, col_idx, values: vals, schedule })
-    }
-
-    /// The kernel's visiting order of the rows, per block of [`SPARSE_ROW_BLOCK`] rows.
-    pub fn schedule(&self) -> &RowSchedule {
-        &self.schedule
+        let len = |r: usize| row_ptr[r + 1] - row_ptr[r];
+        let mut m = SparseMatrix {
+            rows,
+            cols,
+            col_idx: Vec::with_capacity(csr.len()),
+            values: Vec::with_capacity(csr.len()),
+            spans: vec![(0, 0); rows],
+            order: Vec::with_capacity(rows),
+            runs: Vec::new(),
+            starts: vec![(0, 0, 0)],
+        };
+        for r0 in (0..rows).step_by(SPARSE_ROW_BLOCK) {
+            let r1 = (r0 + SPARSE_ROW_BLOCK).min(rows);
+            let mut local: Vec<u16> = (0..(r1 - r0) as u16).collect();
+            local.sort_by_key(|&i| std::cmp::Reverse(len(r0 + i as usize)));
+            let first_run = m.runs.len();
+            for &i in &local {
+                let r = r0 + i as usize;
+                let l = len(r);
+                let block_runs = &mut m.runs[first_run..];
+                match block_runs.last_mut() {
+                    Some((rl, n)) if *rl == l => *n += 1,
+                    _ => m.runs.push((l, 1)),
+                }
+                m.spans[r] = (m.col_idx.len() as u32, l);
+                for &(c, v) in &csr[row_ptr[r] as usize..row_ptr[r + 1] as usize] {
+                    m.col_idx.push(c);
+                    m.values.push(v);
+                }
+            }
+            m.order.extend(local);
+            m.starts.push((m.order.len() as u32, m.runs.len() as u32, m.col_idx.len() as u32));
+        }
+        Ok(m)
     }
 
     pub fn nnz(&self) -> usize {
         self.values.len()
+    }
+
+    /// Row `r`'s column indices (ascending) and values.
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let (s, n) = self.spans[r];
+        let (s, e) = (s as usize, (s + n) as usize);
+        (&self.col_idx[s..e], &self.values[s..e])
+    }
+
+    /// Every stored value, in layout order.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Block `b` (rows `b * SPARSE_ROW_BLOCK..`) in the kernel's layout.
+    pub fn block(&self, b: usize) -> SparseBlock<'_> {
+        let ((o0, u0, e0), (o1, u1, e1)) = (self.starts[b], self.starts[b + 1]);
+        let (e0, e1) = (e0 as usize, e1 as usize);
+        SparseBlock {
+            order: &self.order[o0 as usize..o1 as usize],
+            runs: &self.runs[u0 as usize..u1 as usize],
+            col_idx: &self.col_idx[e0..e1],
+            values: &self.values[e0..e1],
+        }
     }
 
     /// `y[k, r] += scale * sum_c M[r, c] * x[k, c]` for host row-major buffers.
@@ -126,25 +154,25 @@ impl SparseMatrix {
         for k in 0..n {
             let xr = &x[k * self.cols..(k + 1) * self.cols];
             let yr = &mut y[k * self.rows..(k + 1) * self.rows];
-            for r in 0..self.rows {
-                let (s, e) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
-                if s == e {
+            for (r, yv) in yr.iter_mut().enumerate() {
+                let (cols, vals) = self.row(r);
+                if cols.is_empty() {
                     continue;
                 }
                 let mut acc = 0f32;
-                for i in s..e {
-                    acc += self.values[i] * xr[self.col_idx[i] as usize];
+                for (&c, &v) in cols.iter().zip(vals) {
+                    acc += v * xr[c as usize];
                 }
-                yr[r] += scale * acc;
+                *yv += scale * acc;
             }
         }
     }
 
     /// `out += scale * M[row, :]` (embedding lookup of one row).
     pub fn add_row(&self, row: usize, out: &mut [f32], scale: f32) {
-        let (s, e) = (self.row_ptr[row] as usize, self.row_ptr[row + 1] as usize);
-        for i in s..e {
-            out[self.col_idx[i] as usize] += scale * self.values[i];
+        let (cols, vals) = self.row(row);
+        for (&c, &v) in cols.iter().zip(vals) {
+            out[c as usize] += scale * v;
         }
     }
 
@@ -157,9 +185,16 @@ impl SparseMatrix {
         d
     }
 
+    /// The matrix times `s`.
+    pub fn scaled(&self, s: f32) -> Self {
+        let mut m = self.clone();
+        m.values.iter_mut().for_each(|v| *v *= s);
+        m
+    }
+
     pub fn bytes(&self) -> usize {
-        let sched = self.schedule.order.len() * 2 + (self.schedule.runs.len() + self.schedule.starts.len()) * 8;
-        self.row_ptr.len() * 4 + self.col_idx.len() * 4 + self.values.len() * 4 + sched
+        let layout = self.spans.len() * 8 + self.order.len() * 2 + self.runs.len() * 8 + self.starts.len() * 12;
+        self.col_idx.len() * 4 + self.values.len() * 4 + layout
     }
 }
 
@@ -205,11 +240,7 @@ impl MatrixDelta {
     pub fn scaled(&self, s: f32) -> Result<Self, AdapterError> {
         Ok(match self {
             Self::LowRank { a, b } => Self::LowRank { a: a.clone(), b: (b * s as f64)? },
-            Self::Sparse(m) => {
-                let mut m = m.clone();
-                m.values.iter_mut().for_each(|v| *v *= s);
-                Self::Sparse(m)
-            }
+            Self::Sparse(m) => Self::Sparse(m.scaled(s)),
             Self::Dense(d) => Self::Dense((d * s as f64)?),
         })
     }
@@ -675,7 +706,7 @@ fn check_finite(d: &MatrixDelta, path: &Path, name: &str) -> Result<(), AdapterE
     let bad = |v: &[f32]| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" });
     let host = |t: &Tensor| crate::model::qgemm::with_host_f32(t, |v| Ok(bad(v)));
     let found = match d {
-        MatrixDelta::Sparse(s) => bad(&s.values),
+        MatrixDelta::Sparse(s) => bad(s.values()),
         MatrixDelta::Dense(t) => host(t)?,
         MatrixDelta::LowRank { a, b } => host(a)?.or(host(b)?),
     };
@@ -741,33 +772,50 @@ mod tests {
         assert!(SparseMatrix::from_flat(2, 3, &[6], &[1.0]).is_err());
     }
 
-    /// The kernel's schedule visits every row of each block exactly once, in runs of rows that
-    /// really have the run's length, longest first.
+    /// The kernel layout holds every row of each block exactly once, in runs of rows that
+    /// really have the run's length, longest first, and each row's entries equal the CSR
+    /// matrix's (checked against the dense copy built entry by entry).
     #[test]
-    fn row_schedule_covers_each_block_in_runs_of_equal_length() {
+    fn kernel_layout_covers_each_block_in_runs_of_equal_length() {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(5);
         for (rows, cols, nnz) in [(1, 7, 3), (SPARSE_ROW_BLOCK, 9, 40), (2 * SPARSE_ROW_BLOCK + 37, 50, 3000), (500, 3, 0)] {
             let flat: Vec<u64> = (0..nnz).map(|_| rng.random_range(0..(rows * cols) as u64)).collect();
-            let m = SparseMatrix::from_flat(rows, cols, &flat, &vec![1.0; nnz]).unwrap();
+            let vals: Vec<f32> = (0..nnz).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let m = SparseMatrix::from_flat(rows, cols, &flat, &vals).unwrap();
+            let mut dense = vec![0f32; rows * cols];
+            for (&f, &v) in flat.iter().zip(&vals) {
+                dense[f as usize] += v;
+            }
+            let mut seen_entries = 0;
             for b in 0..rows.div_ceil(SPARSE_ROW_BLOCK) {
                 let r0 = b * SPARSE_ROW_BLOCK;
                 let w = (rows - r0).min(SPARSE_ROW_BLOCK);
-                let (order, runs) = m.schedule().block(b);
-                let mut seen: Vec<u16> = order.to_vec();
+                let blk = m.block(b);
+                let mut seen: Vec<u16> = blk.order.to_vec();
                 seen.sort_unstable();
                 assert_eq!(seen, (0..w as u16).collect::<Vec<_>>(), "block {b} of {rows} rows");
-                assert_eq!(runs.iter().map(|r| r.1 as usize).sum::<usize>(), w);
-                assert!(runs.windows(2).all(|p| p[0].0 > p[1].0), "runs longest first, one per length: {runs:?}");
-                let mut k = 0;
-                for &(len, n) in runs {
-                    for &i in &order[k..k + n as usize] {
+                assert_eq!(blk.runs.iter().map(|r| r.1 as usize).sum::<usize>(), w);
+                assert!(blk.runs.windows(2).all(|p| p[0].0 > p[1].0), "runs longest first, one per length: {:?}", blk.runs);
+                let (mut k, mut e) = (0, 0);
+                for &(len, n) in blk.runs {
+                    for &i in &blk.order[k..k + n as usize] {
                         let r = r0 + i as usize;
-                        assert_eq!(m.row_ptr[r + 1] - m.row_ptr[r], len);
+                        let (cols_r, vals_r) = (&blk.col_idx[e..e + len as usize], &blk.values[e..e + len as usize]);
+                        assert_eq!((cols_r, vals_r), m.row(r));
+                        assert!(cols_r.windows(2).all(|c| c[0] < c[1]));
+                        let want: Vec<(u32, f32)> =
+                            (0..cols).filter(|&c| dense[r * cols + c] != 0.0).map(|c| (c as u32, dense[r * cols + c])).collect();
+                        let got: Vec<(u32, f32)> = cols_r.iter().copied().zip(vals_r.iter().copied()).collect();
+                        assert_eq!(got, want, "row {r}");
+                        e += len as usize;
                     }
                     k += n as usize;
                 }
+                assert_eq!(e, blk.col_idx.len());
+                seen_entries += e;
             }
+            assert_eq!(seen_entries, m.nnz());
         }
     }
 

@@ -340,17 +340,19 @@ pub fn save_sparse_safetensors(path: &Path, deltas: &ModuleDeltas) -> Result<(),
         shapes.insert(name.clone(), vec![m.rows, m.cols]);
         let small = (m.rows as u64) * (m.cols as u64) <= u32::MAX as u64 + 1;
         let mut idx = Vec::with_capacity(m.nnz() * if small { 4 } else { 8 });
+        let mut vals: Vec<u8> = Vec::with_capacity(m.nnz() * 4);
         for r in 0..m.rows {
-            for i in m.row_ptr[r] as usize..m.row_ptr[r + 1] as usize {
-                let f = r as u64 * m.cols as u64 + m.col_idx[i] as u64;
+            let (cols, values) = m.row(r);
+            for (&c, v) in cols.iter().zip(values) {
+                let f = r as u64 * m.cols as u64 + c as u64;
                 if small {
                     idx.extend_from_slice(&(f as u32).to_le_bytes());
                 } else {
                     idx.extend_from_slice(&(f as i64).to_le_bytes());
                 }
+                vals.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let vals: Vec<u8> = m.values.iter().flat_map(|v| v.to_le_bytes()).collect();
         buffers.push((format!("{name}.indices"), if small { Dtype::U32 } else { Dtype::I64 }, vec![m.nnz()], idx));
         buffers.push((format!("{name}.values"), Dtype::F32, vec![m.nnz()], vals));
     }
