@@ -14,9 +14,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const LAYERS: usize = 30;
 const ROWS: usize = 32;
 const DENSITY: f64 = 0.005;
@@ -47,6 +44,7 @@ fn module(rng: &mut StdRng) -> Arc<ModuleDeltas> {
 }
 
 fn main() {
+    modserve::runtime::keep_freed_memory();
     // SPARSE_KERNEL_SHARED=1: one language and one task module for every row (5 MB, in cache).
     let shared = std::env::var("SPARSE_KERNEL_SHARED").is_ok_and(|v| v == "1");
     let (nl, nt) = if shared { (1, 1) } else { (4, 8) };

@@ -3,12 +3,8 @@
 use clap::{CommandFactory, FromArgMatches};
 use modserve::config::{apply_config_file, config_path, effective_config, Cli, Command, LogFormat};
 
-/// mimalloc: the batch step allocates and frees the same few buffer sizes (hundreds of KB) many
-/// times per decode step; glibc trimmed and re-faulted those pages on every step.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
+    modserve::runtime::keep_freed_memory();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let is_serve = argv.get(1).is_some_and(|a| a == "serve");
     let from_file = match config_path(&argv).filter(|_| is_serve) {
