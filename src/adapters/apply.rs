@@ -161,23 +161,18 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
     use rayon::prelude::*;
     // Distinct sparse matrices of the step, each with the batch rows that use it.
     let mut groups: Vec<(&SparseMatrix, Vec<usize>)> = Vec::new();
-    // Per batch row: its sparse parts as (group, index of the row in the group, scale), in order.
-    let mut row_parts: Vec<(usize, Vec<(usize, usize, f32)>)> = Vec::new();
+    // Every (batch row, group, index of the row in the group, scale), rows in order and a row's
+    // parts in its composition's order.
+    let mut row_parts: Vec<(usize, usize, usize, f32)> = Vec::new();
+    let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
     for &(start, len, comp) in chunks {
         let Some(c) = comp else { continue };
-        let parts: Vec<(&SparseMatrix, f32)> = c
-            .parts
-            .iter()
-            .filter_map(|(d, s)| match d.targets.get(&target) {
-                Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
-                _ => None,
-            })
-            .collect();
-        if parts.is_empty() {
-            continue;
-        }
+        parts.clear();
+        parts.extend(c.parts.iter().filter_map(|(d, s)| match d.targets.get(&target) {
+            Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
+            _ => None,
+        }));
         for row in start..start + len {
-            let mut mine = Vec::with_capacity(parts.len());
             for &(sp, scale) in &parts {
                 let g = match groups.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
                     Some(g) => g,
@@ -186,65 +181,82 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: T
                         groups.len() - 1
                     }
                 };
-                mine.push((g, groups[g].1.len(), scale));
+                row_parts.push((row, g, groups[g].1.len(), scale));
                 groups[g].1.push(row);
             }
-            row_parts.push((row, mine));
         }
     }
     if groups.is_empty() {
         return;
     }
-    // Each group's input rows, transposed in tiles of SPARSE_TILE rows: [tile][in][SPARSE_TILE].
-    let xt: Vec<Vec<f32>> = groups
+    // Each group's tiles of SPARSE_TILE input rows, transposed ([in][SPARSE_TILE] per tile), one
+    // buffer for all: group g's tiles start at tile tile0[g].
+    let tile0: Vec<usize> = groups
         .iter()
-        .map(|(_, rows)| {
-            let mut t = vec![0f32; rows.len().div_ceil(SPARSE_TILE) * in_dim * SPARSE_TILE];
-            for (tile, dst) in rows.chunks(SPARSE_TILE).zip(t.chunks_exact_mut(in_dim * SPARSE_TILE)) {
-                let src: Vec<&[f32]> = tile.iter().map(|&r| &xh[r * in_dim..(r + 1) * in_dim]).collect();
-                interleave_rows(&src, dst);
-            }
-            t
+        .scan(0, |acc, (_, rows)| {
+            let t = *acc;
+            *acc += rows.len().div_ceil(SPARSE_TILE);
+            Some(t)
         })
         .collect();
+    let tiles: usize = groups.iter().map(|(_, rows)| rows.len().div_ceil(SPARSE_TILE)).sum();
+    let tile_len = in_dim * SPARSE_TILE;
+    let mut xt = vec![0f32; tiles * tile_len];
+    let mut src: Vec<&[f32]> = Vec::with_capacity(SPARSE_TILE);
+    let mut dst_tiles = xt.chunks_exact_mut(tile_len);
+    for (_, rows) in &groups {
+        for tile in rows.chunks(SPARSE_TILE) {
+            src.clear();
+            src.extend(tile.iter().map(|&r| &xh[r * in_dim..(r + 1) * in_dim]));
+            interleave_rows(&src, dst_tiles.next().expect("one buffer tile per group tile"));
+        }
+    }
     let dst = SendPtr(dh.as_mut_ptr());
     (0..out.div_ceil(SPARSE_ROW_BLOCK)).into_par_iter().for_each(|blk| {
         let dst = &dst;
         let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
         let w = r1 - r0;
         let mut scratch = vec![0f32; w * SPARSE_TILE];
-        // Unscaled products of every group for this block, lane-major: [group][tile][SPARSE_TILE][w].
-        let prods: Vec<Vec<f32>> = groups
-            .iter()
-            .zip(&xt)
-            .enumerate()
-            .map(|(g, ((sp, rows), xt))| {
-                // The next group's segment is requested a whole group's work ahead (this one's was
-                // requested one ahead, or is requested now by the kernel itself).
-                if let Some((next, _)) = groups.get(g + 1) {
-                    prefetch_block_l2(next, blk);
-                }
-                let tiles = rows.len().div_ceil(SPARSE_TILE);
-                let mut p = vec![0f32; tiles * SPARSE_TILE * w];
-                for (tile, pt) in p.chunks_exact_mut(SPARSE_TILE * w).enumerate() {
-                    let xt = &xt[tile * in_dim * SPARSE_TILE..(tile + 1) * in_dim * SPARSE_TILE];
-                    sparse_block_tile(sp, blk, xt, &mut scratch, pt);
-                }
-                p
-            })
-            .collect();
-        for (row, parts) in &row_parts {
-            // SAFETY: this task alone writes columns r0..r1 of every row; rows are distinct.
-            let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
-            for &(g, j, scale) in parts {
-                let (tile, lane) = (j / SPARSE_TILE, j % SPARSE_TILE);
-                let pl = &prods[g][(tile * SPARSE_TILE + lane) * w..][..w];
-                for (y, p) in yr.iter_mut().zip(pl) {
-                    *y += scale * p;
-                }
+        // Unscaled products of every group tile for this block, lane-major: [tile][SPARSE_TILE][w].
+        let mut prods = vec![0f32; tiles * SPARSE_TILE * w];
+        let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
+        for (g, (sp, rows)) in groups.iter().enumerate() {
+            // The next group's block is requested a whole group's work ahead (this one's was
+            // requested one ahead, or is requested now by the kernel itself).
+            if let Some((next, _)) = groups.get(g + 1) {
+                prefetch_block_l2(next, blk);
+            }
+            for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
+                sparse_block_tile(sp, blk, xt, &mut scratch, pt);
             }
         }
+        for &(row, g, j, scale) in &row_parts {
+            // SAFETY: this task alone writes columns r0..r1 of every row; rows are distinct.
+            let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
+            let (tile, lane) = (tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
+            add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
+        }
     });
+}
+
+/// `y += scale * p`, element by element (a multiply, then an add).
+fn add_scaled(y: &mut [f32], p: &[f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx")]
+        unsafe fn avx(y: &mut [f32], p: &[f32], scale: f32) {
+            for (y, p) in y.iter_mut().zip(p) {
+                *y += scale * p;
+            }
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX.
+            return unsafe { avx(y, p, scale) };
+        }
+    }
+    for (y, p) in y.iter_mut().zip(p) {
+        *y += scale * p;
+    }
 }
 
 /// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
@@ -391,18 +403,12 @@ fn interleave_rows(src: &[&[f32]], dst: &mut [f32]) {
     assert!(src.len() <= SPARSE_TILE);
     let n = dst.len() / SPARSE_TILE;
     assert!(src.iter().all(|r| r.len() == n) && dst.len() == n * SPARSE_TILE);
+    #[allow(unused_mut)]
     let mut c0 = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
-        let zeros = [0f32; SPARSE_TILE];
-        while c0 + SPARSE_TILE <= n {
-            let rows: [*const f32; SPARSE_TILE] =
-                std::array::from_fn(|l| src.get(l).map_or(zeros.as_ptr(), |r| r[c0..].as_ptr()));
-            // SAFETY: the CPU has AVX; each row pointer has SPARSE_TILE readable values from c0
-            // (c0 + SPARSE_TILE <= n, or the zero row), and dst holds n * SPARSE_TILE values.
-            unsafe { transpose8(rows, dst[c0 * SPARSE_TILE..].as_mut_ptr(), SPARSE_TILE) };
-            c0 += SPARSE_TILE;
-        }
+        // SAFETY: the CPU has AVX; the lengths were checked above.
+        c0 = unsafe { interleave_avx(src, n, dst) };
     }
     for c in c0..n {
         for l in 0..SPARSE_TILE {
@@ -416,16 +422,12 @@ fn interleave_rows(src: &[&[f32]], dst: &mut [f32]) {
 fn deinterleave_lanes(src: &[f32], dst: &mut [f32]) {
     let w = src.len() / SPARSE_TILE;
     assert!(src.len() == w * SPARSE_TILE && dst.len() == src.len());
+    #[allow(unused_mut)]
     let mut i0 = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
-        while i0 + SPARSE_TILE <= w {
-            let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|i| src[(i0 + i) * SPARSE_TILE..].as_ptr());
-            // SAFETY: the CPU has AVX; each source row holds SPARSE_TILE values; the stores go to
-            // dst[l * w + i0..][..SPARSE_TILE] with i0 + SPARSE_TILE <= w.
-            unsafe { transpose8(rows, dst[i0..].as_mut_ptr(), w) };
-            i0 += SPARSE_TILE;
-        }
+        // SAFETY: the CPU has AVX; the lengths were checked above.
+        i0 = unsafe { deinterleave_avx(src, w, dst) };
     }
     for i in i0..w {
         for l in 0..SPARSE_TILE {
@@ -434,10 +436,42 @@ fn deinterleave_lanes(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// [`interleave_rows`] for whole 8x8 blocks; returns the columns done. `src` rows hold `n`
+/// values and `dst` `n * SPARSE_TILE`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn interleave_avx(src: &[&[f32]], n: usize, dst: &mut [f32]) -> usize {
+    let zeros = [0f32; SPARSE_TILE];
+    let mut c0 = 0;
+    while c0 + SPARSE_TILE <= n {
+        // Each row pointer has SPARSE_TILE readable values from c0 (or is the zero row).
+        let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|l| src.get(l).map_or(zeros.as_ptr(), |r| r.as_ptr().add(c0)));
+        transpose8(rows, dst.as_mut_ptr().add(c0 * SPARSE_TILE), SPARSE_TILE);
+        c0 += SPARSE_TILE;
+    }
+    c0
+}
+
+/// [`deinterleave_lanes`] for whole 8x8 blocks; returns the rows done (`src`: `[w][SPARSE_TILE]`,
+/// `dst` the same size).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn deinterleave_avx(src: &[f32], w: usize, dst: &mut [f32]) -> usize {
+    let mut i0 = 0;
+    while i0 + SPARSE_TILE <= w {
+        let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|i| src.as_ptr().add((i0 + i) * SPARSE_TILE));
+        // The stores go to dst[l * w + i0..][..SPARSE_TILE] with i0 + SPARSE_TILE <= w.
+        transpose8(rows, dst.as_mut_ptr().add(i0), w);
+        i0 += SPARSE_TILE;
+    }
+    i0
+}
+
 /// 8x8 transpose: reads 8 consecutive values from each `rows[i]` and writes column `j` of that
 /// block as 8 consecutive values at `dst + j * dst_stride`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
+#[inline]
 unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
     use std::arch::x86_64::*;
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i]));
