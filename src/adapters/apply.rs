@@ -310,8 +310,10 @@ fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
         for i in (0..b.values.len()).step_by(16) {
             // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
             unsafe {
-                _mm_prefetch::<_MM_HINT_T1>(b.col_idx.as_ptr().add(i) as *const i8);
                 _mm_prefetch::<_MM_HINT_T1>(b.values.as_ptr().add(i) as *const i8);
+                if i % 32 == 0 {
+                    _mm_prefetch::<_MM_HINT_T1>(b.col_idx.as_ptr().add(i) as *const i8);
+                }
             }
         }
     }
@@ -330,8 +332,10 @@ unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut 
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
     let mut i = 0;
     while i < b.values.len() {
-        _mm_prefetch::<_MM_HINT_T0>(cols.add(i) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(vals.add(i) as *const i8);
+        if i % 32 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(cols.add(i) as *const i8);
+        }
         i += 16;
     }
     let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
@@ -355,7 +359,7 @@ unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut 
 #[cfg(target_arch = "x86_64")]
 struct Kern {
     /// The next entry.
-    cols: *const u32,
+    cols: *const u16,
     vals: *const f32,
     xt: *const f32,
     out: *mut f32,

@@ -367,7 +367,7 @@ pub(crate) mod tests {
         // 2 of 6 non-zero: 2 * 3 = 6 is not < 6 -> dense; 1 of 6 -> sparse.
         assert!(matches!(exact_form(2, 3, &[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]).unwrap(), MatrixDelta::Dense(_)));
         match exact_form(2, 3, &[0.0, 0.0, 0.0, 0.0, 2.0, 0.0]).unwrap() {
-            MatrixDelta::Sparse(s) => assert_eq!((s.nnz(), s.row(0), s.row(1)), (1, (&[][..], &[][..]), (&[1u32][..], &[2.0f32][..]))),
+            MatrixDelta::Sparse(s) => assert_eq!((s.nnz(), s.row(0), s.row(1)), (1, (&[][..], &[][..]), (&[1u16][..], &[2.0f32][..]))),
             other => panic!("{other:?}"),
         }
         let v = [0.5, -3.0, 2.0, -2.0, 0.1];
