@@ -98,49 +98,57 @@ impl BatchDeltas<'_> {
         let out = y.dim(1)?;
         let xh = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dh = vec![0f32; n * out];
-        self.accumulate_host(target, &xh, in_dim, &mut dh, out)?;
+        self.accumulate_host(&mut [(target, out, &mut dh)], &xh, in_dim)?;
         let dh = Tensor::from_vec(dh, (n, out), y.device())?;
         y + dh
     }
 
-    /// Adds every chunk's deltas of `target` for the rows `xh` (`[n, in_dim]`, host) into `dh`
-    /// (`[n, out]`, host): sparse parts first, then low-rank and dense parts, per row in its
-    /// composition's order.
-    fn accumulate_host(&self, target: Target, xh: &[f32], in_dim: usize, dh: &mut [f32], out: usize) -> Result<()> {
+    /// Adds every chunk's deltas of each target for the rows `xh` (`[n, in_dim]`, host) into that
+    /// target's `dh` (`[n, out]`, host): sparse parts first (grouped by module across rows, see
+    /// [`add_sparse_grouped`]), then low-rank and dense parts per chunk, each row in its
+    /// composition's order. A chunk's rows go through all targets back to back (q, k and v of one
+    /// row read one adapter's factors in a row), chunks in parallel.
+    fn accumulate_host(&self, targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) -> Result<()> {
         use rayon::prelude::*;
-        add_sparse_grouped(&self.chunks, target, xh, in_dim, dh, out);
-        // Chunks own disjoint, consecutive row ranges: split the output once and work in parallel.
-        let mut slices: Vec<(usize, usize, &Composition, &mut [f32])> = Vec::with_capacity(self.chunks.len());
-        let mut rest: &mut [f32] = dh;
+        targets.par_iter_mut().for_each(|(t, out, dh)| add_sparse_grouped(&self.chunks, *t, xh, in_dim, dh, *out));
+        // Chunks own disjoint, consecutive row ranges: split every output once, by chunk.
+        let mut tasks: Vec<(usize, usize, &Composition, Vec<(Target, usize, &mut [f32])>)> = Vec::with_capacity(self.chunks.len());
+        let mut rests: Vec<(Target, usize, &mut [f32])> = targets.iter_mut().map(|(t, out, dh)| (*t, *out, &mut **dh)).collect();
         let mut consumed = 0;
         for &(start, len, comp) in &self.chunks {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - consumed) * out);
-            let (mine, tail) = tail.split_at_mut(len * out);
-            rest = tail;
-            consumed = start + len;
-            if let Some(c) = comp {
-                let dense_parts = c.parts.iter().any(|(d, _)| d.targets.get(&target).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_))));
-                if dense_parts {
-                    slices.push((start, len, c, mine));
+            let mut mine = Vec::new();
+            for (t, out, rest) in rests.iter_mut() {
+                let (_, tail) = std::mem::take(rest).split_at_mut((start - consumed) * *out);
+                let (piece, tail) = tail.split_at_mut(len * *out);
+                *rest = tail;
+                let non_sparse = comp.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.get(t).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_)))));
+                if non_sparse {
+                    mine.push((*t, *out, piece));
                 }
             }
+            consumed = start + len;
+            if let (Some(c), false) = (comp, mine.is_empty()) {
+                tasks.push((start, len, c, mine));
+            }
         }
-        slices.into_par_iter().try_for_each(|(start, len, c, dst)| -> Result<()> {
+        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| -> Result<()> {
             let xs = &xh[start * in_dim..(start + len) * in_dim];
-            for (deltas, scale) in &c.parts {
-                let Some(m) = deltas.targets.get(&target) else { continue };
-                match (m, deltas.host_low_rank(&target)) {
-                    (MatrixDelta::Sparse(_), _) => {} // done above
-                    (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
-                        for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
-                            h.add_row(xr, yr, *scale);
+            for (target, out, dst) in outs {
+                for (deltas, scale) in &c.parts {
+                    let Some(m) = deltas.targets.get(&target) else { continue };
+                    match (m, deltas.host_low_rank(&target)) {
+                        (MatrixDelta::Sparse(_), _) => {} // done above
+                        (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
+                            for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
+                                h.add_row(xr, yr, *scale);
+                            }
                         }
-                    }
-                    _ => {
-                        let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
-                        let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
-                        for (o, v) in dst.iter_mut().zip(d) {
-                            *o += v;
+                        _ => {
+                            let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
+                            let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
+                            for (o, v) in dst.iter_mut().zip(d) {
+                                *o += v;
+                            }
                         }
                     }
                 }
@@ -517,25 +525,22 @@ unsafe impl Send for SendPtr {}
 
 impl RowDeltas for BatchDeltas<'_> {
     fn host_deltas(&self, ids: &[LinearId], x: &[f32], n: usize, outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {
-        use rayon::prelude::*;
         if n == 0 {
             return Ok(Some(vec![None; ids.len()]));
         }
         let in_dim = x.len() / n;
-        // Every layer's deltas in one parallel region (nested inside the caller's join).
-        let dhs = ids
-            .par_iter()
+        // Every touched layer's deltas in one call (nested inside the caller's join).
+        let mut dhs: Vec<Option<Vec<f32>>> =
+            ids.iter().zip(outs).map(|(&id, &out)| self.touches(&Target::Linear(id)).then(|| vec![0f32; n * out])).collect();
+        let mut targets: Vec<(Target, usize, &mut [f32])> = ids
+            .iter()
             .zip(outs)
-            .map(|(&id, &out)| -> Result<Option<Vec<f32>>> {
-                let target = Target::Linear(id);
-                if !self.touches(&target) {
-                    return Ok(None);
-                }
-                let mut dh = vec![0f32; n * out];
-                self.accumulate_host(target, x, in_dim, &mut dh, out)?;
-                Ok(Some(dh))
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .zip(dhs.iter_mut())
+            .filter_map(|((&id, &out), dh)| dh.as_mut().map(|dh| (Target::Linear(id), out, dh.as_mut_slice())))
+            .collect();
+        if !targets.is_empty() {
+            self.accumulate_host(&mut targets, x, in_dim)?;
+        }
         Ok(Some(dhs))
     }
 

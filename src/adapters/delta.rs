@@ -612,7 +612,11 @@ unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32]
             return;
         }
         let dt = tmax / 127.0;
-        let tq: [i8; 8] = std::array::from_fn(|j| (tv[j] / dt).round().clamp(-127.0, 127.0) as i8);
+        // Rounded half away from zero by a cast, as `q8` does (`f32::round` is a libm call).
+        let tq: [i8; 8] = std::array::from_fn(|j| {
+            let v = tv[j] / dt;
+            ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8
+        });
         let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
         let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
         let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
