@@ -55,10 +55,10 @@ fn sparse(d: &ModuleDeltas, t: Target) -> &SparseMatrix {
     }
 }
 
-/// Value at (row, col) of a CSR matrix (0 when absent).
+/// Value at (row, col) of a sparse matrix (0 when absent).
 fn at(s: &SparseMatrix, row: usize, col: usize) -> f32 {
-    let (a, b) = (s.row_ptr[row] as usize, s.row_ptr[row + 1] as usize);
-    (a..b).find(|&i| s.col_idx[i] as usize == col).map_or(0.0, |i| s.values[i])
+    let (cols, vals) = s.row(row);
+    cols.iter().position(|&c| c as usize == col).map_or(0.0, |i| vals[i])
 }
 
 // ----- a minimal torch.save writer (pickle protocol 2 in a zip), as composable-sft produces -----
@@ -218,18 +218,18 @@ fn kit_sft_lang_matches_the_file() {
     assert_eq!(e.nnz(), 56_623);
     assert_eq!(at(e, 0, 193) as f64, -0.060573648661375046); // flat row-major 193
     assert_eq!(at(e, 49151, 415) as f64, -0.006736934185028076); // row-major 28311391
-    let sum: f64 = e.values.iter().map(|v| *v as f64).sum();
+    let sum: f64 = e.values().iter().map(|v| *v as f64).sum();
     assert!((sum - 80.47744418913135).abs() < 1e-6, "{sum}");
     let q = sparse(&d, lin(0, Proj::Q));
     assert_eq!(q.nnz(), 1658);
     assert_eq!(at(q, 0, 210) as f64, 0.1183842197060585);
-    assert!((q.values.iter().map(|v| *v as f64).sum::<f64>() + 2.1782718545291573).abs() < 1e-6);
+    assert!((q.values().iter().map(|v| *v as f64).sum::<f64>() + 2.1782718545291573).abs() < 1e-6);
     let down = sparse(&d, lin(29, Proj::Down));
     assert_eq!(down.nnz(), 4423);
     assert_eq!((at(down, 0, 66) as f64, at(down, 575, 1339) as f64), (0.42543825507164, 0.3304571509361267));
     let gate = sparse(&d, lin(15, Proj::Gate));
     assert_eq!((gate.nnz(), at(gate, 0, 361) as f64), (4423, 0.04689214006066322));
-    assert!((gate.values.iter().map(|v| *v as f64).sum::<f64>() - 17.98271327758266).abs() < 1e-6);
+    assert!((gate.values().iter().map(|v| *v as f64).sum::<f64>() - 17.98271327758266).abs() < 1e-6);
 }
 
 #[test]
