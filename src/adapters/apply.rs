@@ -110,7 +110,7 @@ impl BatchDeltas<'_> {
     /// row read one adapter's factors in a row), chunks in parallel.
     fn accumulate_host(&self, targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) -> Result<()> {
         use rayon::prelude::*;
-        targets.par_iter_mut().for_each(|(t, out, dh)| add_sparse_grouped(&self.chunks, *t, xh, in_dim, dh, *out));
+        add_sparse_grouped(&self.chunks, targets, xh, in_dim);
         // Chunks own disjoint, consecutive row ranges: split every output once, by chunk.
         let mut tasks: Vec<(usize, usize, &Composition, Vec<(Target, usize, &mut [f32])>)> = Vec::with_capacity(self.chunks.len());
         let mut rests: Vec<(Target, usize, &mut [f32])> = targets.iter_mut().map(|(t, out, dh)| (*t, *out, &mut **dh)).collect();
@@ -161,85 +161,136 @@ impl BatchDeltas<'_> {
 /// Batch rows per register tile of the grouped sparse kernel.
 const SPARSE_TILE: usize = 8;
 
-/// Adds every sparse delta of `target` to `dh` (`[n, out]`), reading each module's non-zeros
-/// once for all the batch rows that use it. For each (row, weight row) the value is
-/// `scale * sum_i v_i x[c_i]` accumulated in column order, as [`SparseMatrix::add_matmul_t`]
-/// computes it, and a row's sparse parts are added in its composition's order.
-fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], target: Target, xh: &[f32], in_dim: usize, dh: &mut [f32], out: usize) {
-    use rayon::prelude::*;
-    // Distinct sparse matrices of the step, each with the batch rows that use it.
-    let mut groups: Vec<(&SparseMatrix, Vec<usize>)> = Vec::new();
-    // Every (batch row, group, index of the row in the group, scale), rows in order and a row's
-    // parts in its composition's order.
-    let mut row_parts: Vec<(usize, usize, usize, f32)> = Vec::new();
-    let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
-    for &(start, len, comp) in chunks {
-        let Some(c) = comp else { continue };
-        parts.clear();
-        parts.extend(c.parts.iter().filter_map(|(d, s)| match d.targets.get(&target) {
-            Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
-            _ => None,
-        }));
-        for row in start..start + len {
-            for &(sp, scale) in &parts {
-                let g = match groups.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
-                    Some(g) => g,
-                    None => {
-                        groups.push((sp, Vec::new()));
-                        groups.len() - 1
-                    }
-                };
-                row_parts.push((row, g, groups[g].1.len(), scale));
-                groups[g].1.push(row);
+/// One target's sparse work in a step: the distinct sparse matrices with the batch rows that use
+/// each, and every row's parts.
+struct SparsePlan<'a> {
+    /// Distinct sparse matrices of the step, each with the batch rows that use it.
+    groups: Vec<(&'a SparseMatrix, Vec<usize>)>,
+    /// Every (batch row, group, index of the row in the group, scale), rows in order and a row's
+    /// parts in its composition's order.
+    row_parts: Vec<(usize, usize, usize, f32)>,
+}
+
+impl<'a> SparsePlan<'a> {
+    fn new(chunks: &[(usize, usize, Option<&'a Composition>)], target: Target) -> Option<Self> {
+        let mut plan = SparsePlan { groups: Vec::new(), row_parts: Vec::new() };
+        let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
+        for &(start, len, comp) in chunks {
+            let Some(c) = comp else { continue };
+            parts.clear();
+            parts.extend(c.parts.iter().filter_map(|(d, s)| match d.targets.get(&target) {
+                Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
+                _ => None,
+            }));
+            for row in start..start + len {
+                for &(sp, scale) in &parts {
+                    let g = match plan.groups.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
+                        Some(g) => g,
+                        None => {
+                            plan.groups.push((sp, Vec::new()));
+                            plan.groups.len() - 1
+                        }
+                    };
+                    plan.row_parts.push((row, g, plan.groups[g].1.len(), scale));
+                    plan.groups[g].1.push(row);
+                }
             }
         }
+        (!plan.groups.is_empty()).then_some(plan)
     }
-    if groups.is_empty() {
-        return;
+
+    /// Tiles of [`SPARSE_TILE`] rows per group, in group order.
+    fn tiles(&self) -> impl Iterator<Item = usize> + '_ {
+        self.groups.iter().map(|(_, rows)| rows.len().div_ceil(SPARSE_TILE))
     }
-    // Each group's tiles of SPARSE_TILE input rows, transposed ([in][SPARSE_TILE] per tile), one
-    // buffer for all: group g's tiles start at tile tile0[g].
-    let tile0: Vec<usize> = groups
-        .iter()
-        .scan(0, |acc, (_, rows)| {
-            let t = *acc;
-            *acc += rows.len().div_ceil(SPARSE_TILE);
-            Some(t)
-        })
-        .collect();
-    let tiles: usize = groups.iter().map(|(_, rows)| rows.len().div_ceil(SPARSE_TILE)).sum();
+
+    /// Whether the groups hold the same rows in the same order (their transposed inputs agree).
+    fn same_rows(&self, other: &SparsePlan<'_>) -> bool {
+        self.groups.len() == other.groups.len() && self.groups.iter().zip(&other.groups).all(|(a, b)| a.1 == b.1)
+    }
+}
+
+/// The groups' input rows transposed in tiles of [`SPARSE_TILE`] rows (`[in][SPARSE_TILE]` per
+/// tile, groups in order, lanes without a row zero).
+fn transposed_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize) -> Vec<f32> {
     let tile_len = in_dim * SPARSE_TILE;
-    let mut xt = vec![0f32; tiles * tile_len];
+    let mut xt = vec![0f32; plan.tiles().sum::<usize>() * tile_len];
     let mut src: Vec<&[f32]> = Vec::with_capacity(SPARSE_TILE);
     let mut dst_tiles = xt.chunks_exact_mut(tile_len);
-    for (_, rows) in &groups {
+    for (_, rows) in &plan.groups {
         for tile in rows.chunks(SPARSE_TILE) {
             src.clear();
             src.extend(tile.iter().map(|&r| &xh[r * in_dim..(r + 1) * in_dim]));
             interleave_rows(&src, dst_tiles.next().expect("one buffer tile per group tile"));
         }
     }
-    let dst = SendPtr(dh.as_mut_ptr());
-    (0..out.div_ceil(SPARSE_ROW_BLOCK)).into_par_iter().for_each(|blk| {
-        let dst = &dst;
+    xt
+}
+
+/// Adds every sparse delta of each target to its `dh` (`[n, out]`), reading each module's
+/// non-zeros once for all the batch rows that use it. For each (row, weight row) the value is
+/// `scale * sum_i v_i x[c_i]` accumulated in column order, as [`SparseMatrix::add_matmul_t`]
+/// computes it, and a row's sparse parts are added in its composition's order. Targets whose
+/// groups hold the same rows (q, k and v of lang+task modules) share one transposed input; the
+/// (target, row block) tasks of all targets run as one parallel loop.
+fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) {
+    use rayon::prelude::*;
+    let plans: Vec<Option<SparsePlan>> = targets.iter().map(|(t, _, _)| SparsePlan::new(chunks, *t)).collect();
+    // One transposed input per distinct set of group rows. Built here, on the calling thread: a
+    // parallel loop over one or two inputs cost more in thread wake-ups than it saved (measured).
+    let mut inputs: Vec<Vec<f32>> = Vec::new();
+    let mut input_of: Vec<usize> = Vec::with_capacity(plans.len());
+    for (i, plan) in plans.iter().enumerate() {
+        let Some(plan) = plan else {
+            input_of.push(usize::MAX);
+            continue;
+        };
+        let shared = (0..i).find(|&j| plans[j].as_ref().is_some_and(|p| p.same_rows(plan))).map(|j| input_of[j]);
+        input_of.push(shared.unwrap_or_else(|| {
+            inputs.push(transposed_inputs(plan, xh, in_dim));
+            inputs.len() - 1
+        }));
+    }
+    let outs: Vec<(usize, SendPtr)> = targets.iter_mut().map(|(_, out, dh)| (*out, SendPtr(dh.as_mut_ptr()))).collect();
+    let tasks: Vec<(usize, usize)> = plans
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.is_some())
+        .flat_map(|(i, _)| (0..outs[i].0.div_ceil(SPARSE_ROW_BLOCK)).map(move |blk| (i, blk)))
+        .collect();
+    tasks.into_par_iter().for_each(|(i, blk)| {
+        let plan = plans[i].as_ref().expect("tasks only for planned targets");
+        let (out, dst) = (outs[i].0, &outs[i].1);
+        let xt = &inputs[input_of[i]];
+        let tile_len = in_dim * SPARSE_TILE;
         let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
         let w = r1 - r0;
         let mut scratch = vec![0f32; w * SPARSE_TILE];
         // Unscaled products of every group tile for this block, lane-major: [tile][SPARSE_TILE][w].
+        let tiles: usize = plan.tiles().sum();
         let mut prods = vec![0f32; tiles * SPARSE_TILE * w];
         let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
-        for (g, (sp, rows)) in groups.iter().enumerate() {
+        for (g, ((sp, _), n_tiles)) in plan.groups.iter().zip(plan.tiles()).enumerate() {
             // The next group's block is requested a whole group's work ahead (this one's was
             // requested one ahead, or is requested now by the kernel itself).
-            if let Some((next, _)) = groups.get(g + 1) {
+            if let Some((next, _)) = plan.groups.get(g + 1) {
                 prefetch_block_l2(next, blk);
             }
-            for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
+            for (pt, xt) in prod_tiles.by_ref().take(n_tiles) {
                 sparse_block_tile(sp, blk, xt, &mut scratch, pt);
             }
         }
-        for &(row, g, j, scale) in &row_parts {
-            // SAFETY: this task alone writes columns r0..r1 of every row; rows are distinct.
+        let tile0: Vec<usize> = plan
+            .tiles()
+            .scan(0, |acc, t| {
+                let first = *acc;
+                *acc += t;
+                Some(first)
+            })
+            .collect();
+        for &(row, g, j, scale) in &plan.row_parts {
+            // SAFETY: this task alone writes columns r0..r1 of this target's rows; rows are
+            // distinct and every target has its own buffer.
             let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
             let (tile, lane) = (tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
             add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
@@ -681,7 +732,7 @@ mod tests {
         let row0 = x[..inp].to_vec();
         x[14 * inp..15 * inp].copy_from_slice(&row0);
         let mut dh = vec![0f32; n * out];
-        add_sparse_grouped(&chunks, target, &x, inp, &mut dh, out);
+        add_sparse_grouped(&chunks, &mut [(target, out, &mut dh)], &x, inp);
         // Reference: per row, parts in order, with the plain CSR kernel.
         for &(start, len, comp) in &chunks {
             for r in start..start + len {
@@ -701,8 +752,47 @@ mod tests {
         assert!(dh[12 * out..13 * out].iter().all(|v| *v == 0.0), "a row without a composition is untouched");
         // Alone in its own batch: bit-identical to its row in the mixed batch.
         let mut alone = vec![0f32; out];
-        add_sparse_grouped(&[(0, 1, Some(&c))], target, &x[13 * inp..14 * inp], inp, &mut alone, out);
+        add_sparse_grouped(&[(0, 1, Some(&c))], &mut [(target, out, &mut alone)], &x[13 * inp..14 * inp], inp);
         assert_eq!(alone[..], dh[13 * out..14 * out]);
+    }
+
+    /// Several targets in one call (some sharing their transposed inputs, one whose groups differ,
+    /// one untouched) give exactly what one call per target gives.
+    #[test]
+    fn grouped_sparse_over_several_targets_equals_one_call_each() {
+        let inp = 40;
+        let q = Target::Linear(LinearId { layer: 0, proj: Proj::Q });
+        let k = Target::Linear(LinearId { layer: 0, proj: Proj::K });
+        let v = Target::Linear(LinearId { layer: 0, proj: Proj::V });
+        let o = Target::Linear(LinearId { layer: 0, proj: Proj::O });
+        let outs = [(q, 50), (k, SPARSE_ROW_BLOCK + 9), (v, 30), (o, 20)];
+        let mut rng = StdRng::seed_from_u64(3);
+        // Module 0 touches q, k, v; module 1 touches q and k only: v's groups differ from q's and
+        // k's (which share their inputs); nobody touches o.
+        let mods: Vec<Arc<ModuleDeltas>> = (0..2)
+            .map(|i| {
+                let mut m = ModuleDeltas::default();
+                for &(t, out) in &outs[..if i == 0 { 3 } else { 2 }] {
+                    m.targets.insert(t, MatrixDelta::Sparse(sparse(&mut rng, out, inp, 400)));
+                }
+                Arc::new(m)
+            })
+            .collect();
+        let a = comp(&[(&mods[1], 0.5), (&mods[0], 1.0)]);
+        let b = comp(&[(&mods[0], -2.0)]);
+        let chunks: Vec<(usize, usize, Option<&Composition>)> = vec![(0, 1, Some(&a)), (1, 3, Some(&b)), (4, 1, None), (5, 1, Some(&a))];
+        let n = 6;
+        let x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let mut together: Vec<Vec<f32>> = outs.iter().map(|&(_, out)| vec![0f32; n * out]).collect();
+        let mut targets: Vec<(Target, usize, &mut [f32])> =
+            outs.iter().zip(together.iter_mut()).map(|(&(t, out), dh)| (t, out, dh.as_mut_slice())).collect();
+        add_sparse_grouped(&chunks, &mut targets, &x, inp);
+        for (&(t, out), got) in outs.iter().zip(&together) {
+            let mut alone = vec![0f32; n * out];
+            add_sparse_grouped(&chunks, &mut [(t, out, &mut alone)], &x, inp);
+            assert_eq!(got, &alone, "{t:?}");
+        }
+        assert!(together[3].iter().all(|v| *v == 0.0) && together[2].iter().any(|v| *v != 0.0));
     }
 
     /// The 8-lane interleave and its inverse against plain index arithmetic, on lengths with and
