@@ -10,6 +10,7 @@ use candle_core::{Result, Tensor};
 use super::delta::{MatrixDelta, SparseBlock, SparseMatrix, Target, SPARSE_ROW_BLOCK};
 use super::store::Composition;
 use crate::model::linear::{LinearId, RowDeltas};
+use crate::model::qgemm::SendPtr;
 
 /// The compositions of one batch step, by chunk.
 pub struct BatchDeltas<'a> {
@@ -568,11 +569,6 @@ unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
         _mm256_storeu_ps(dst.add(j * dst_stride), c);
     }
 }
-
-/// The step's delta buffer shared by the sparse tasks (each writes its own column block).
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 impl RowDeltas for BatchDeltas<'_> {
     fn host_deltas(&self, ids: &[LinearId], x: &[f32], n: usize, outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {

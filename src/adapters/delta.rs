@@ -1,5 +1,6 @@
 //! The common currency of every adapter kind: a module's additive change to the base model,
-//! per target, in the cheapest exact form (low-rank factors, sparse CSR by output row, or dense).
+//! per target, in the cheapest exact form (low-rank factors, sparse by output row in the batched
+//! kernel's block layout, or dense).
 //!
 //! Formats (PEFT LoRA, Poly, composable-sft, task vectors, merges) all produce a [`ModuleDeltas`];
 //! the batch step only ever sees these. Invariants: shapes match the base parameter they target

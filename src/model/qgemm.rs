@@ -197,8 +197,12 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Resu
     f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
 }
 
-/// Raw output pointer shared by the panel tasks (each writes disjoint columns).
-struct SendPtr(*mut f32);
+/// An output buffer's pointer shared by parallel tasks that each write their own disjoint part
+/// (GEMM panels here, sparse row blocks in the adapter layer). Whoever writes through it states
+/// which part it owns.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the pointer is only written through by tasks owning disjoint ranges of the buffer,
+// which outlives the parallel loop that shares it.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
