@@ -11,18 +11,10 @@ use modserve::model::linear::{LinearId, Proj};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
-const LAYERS: usize = 30;
-const ROWS: usize = 32;
+mod common;
+use common::{dims, LAYERS};
 
-fn dims(p: Proj) -> (usize, usize) {
-    // (in, out) of SmolLM2-135M.
-    match p {
-        Proj::Q | Proj::O => (576, 576),
-        Proj::K | Proj::V => (576, 192),
-        Proj::Gate | Proj::Up => (576, 1536),
-        Proj::Down => (1536, 576),
-    }
-}
+const ROWS: usize = 32;
 
 fn adapter(rng: &mut StdRng, compact: bool) -> ModuleDeltas {
     let mut m = ModuleDeltas::default();

@@ -14,19 +14,11 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Instant;
 
-const LAYERS: usize = 30;
+mod common;
+use common::{dims, LAYERS};
+
 const ROWS: usize = 32;
 const DENSITY: f64 = 0.005;
-
-fn dims(p: Proj) -> (usize, usize) {
-    // (in, out) of SmolLM2-135M.
-    match p {
-        Proj::Q | Proj::O => (576, 576),
-        Proj::K | Proj::V => (576, 192),
-        Proj::Gate | Proj::Up => (576, 1536),
-        Proj::Down => (1536, 576),
-    }
-}
 
 fn module(rng: &mut StdRng) -> Arc<ModuleDeltas> {
     let mut m = ModuleDeltas::default();

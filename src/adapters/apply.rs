@@ -406,8 +406,8 @@ unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut 
         macro_rules! fixed {
             ($($l:literal)*) => {
                 match len {
-                    $($l => k.rows_fixed::<$l>(rows),)*
-                    _ => k.rows_any(rows, len as usize),
+                    $($l => k.rows(rows, $l),)*
+                    _ => k.rows(rows, len as usize),
                 }
             };
         }
@@ -427,26 +427,11 @@ struct Kern {
 
 #[cfg(target_arch = "x86_64")]
 impl Kern {
-    /// The next `rows.len()` rows (indices within the block), `L` entries each.
+    /// The next `rows.len()` rows (indices within the block), `len` entries each. Inlined into
+    /// each arm of the dispatch on the run length, so small lengths become fixed trip counts.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn rows_fixed<const L: usize>(&mut self, rows: &[u16]) {
-        use std::arch::x86_64::*;
-        for &r in rows {
-            let mut acc = _mm256_setzero_ps();
-            for i in 0..L {
-                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(i) as usize * SPARSE_TILE));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(i)), x, acc);
-            }
-            self.cols = self.cols.add(L);
-            self.vals = self.vals.add(L);
-            _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
-        }
-    }
-
-    /// The next rows, `len` entries each, `len` known only at run time.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_any(&mut self, rows: &[u16], len: usize) {
+    unsafe fn rows(&mut self, rows: &[u16], len: usize) {
         use std::arch::x86_64::*;
         for &r in rows {
             let mut acc = _mm256_setzero_ps();
