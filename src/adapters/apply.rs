@@ -1,8 +1,9 @@
 //! Applying per-request compositions inside a batch step: the [`RowDeltas`] implementation.
 //!
-//! The base product `y = x W^T` has already run once for every row; here each chunk's rows get
-//! the deltas of that chunk's own composition only: low-rank as `(x A^T) B^T`, sparse as a CSR
-//! product whose cost scales with the non-zeros, dense as `x D^T`. Invariant: rows of a chunk
+//! The base product `y = x W^T` runs once for every row (before, or beside, this); here each
+//! chunk's rows get the deltas of that chunk's own composition only: low-rank as `(x A^T) B^T`,
+//! sparse grouped by module across rows with a cost that scales with the non-zeros, dense as
+//! `x D^T`. Invariant: rows of a chunk
 //! without a composition (or whose composition does not touch the layer) are left exactly as the
 //! base computed them, so a request's result does not depend on its batch neighbours.
 use candle_core::{Result, Tensor};

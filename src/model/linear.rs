@@ -1,8 +1,10 @@
 //! The linear layer of the decoder: the single seam where adapter deltas enter.
 //!
-//! `y = x W^T` runs once over every row of a batch step (base weights, quantized or f32), then the
-//! step's [`RowDeltas`] add each composition's deltas to its own rows. Invariant: the base weight is
-//! never mutated; a linear layer knows its [`LinearId`] so deltas can be looked up by (layer, proj).
+//! `y = x W^T` runs once over every row of a batch step (base weights, quantized or f32), and the
+//! step's [`RowDeltas`] add each composition's deltas to its own rows (with the int8 kernel, the
+//! deltas of a layer group are computed beside the base product and added after it). Invariant:
+//! the base weight is never mutated; a linear layer knows its [`LinearId`] so deltas can be looked
+//! up by (layer, proj).
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
