@@ -6,6 +6,9 @@
 //! `x D^T`. Invariant: rows of a chunk
 //! without a composition (or whose composition does not touch the layer) are left exactly as the
 //! base computed them, so a request's result does not depend on its batch neighbours.
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
 use candle_core::{Result, Tensor};
 
 use super::delta::{MatrixDelta, SparseBlock, SparseMatrix, Target, SPARSE_ROW_BLOCK};
@@ -212,11 +215,12 @@ impl<'a> SparsePlan<'a> {
     }
 }
 
-/// The groups' input rows transposed in tiles of [`SPARSE_TILE`] rows (`[in][SPARSE_TILE]` per
-/// tile, groups in order, lanes without a row zero).
-fn transposed_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize) -> Vec<f32> {
+/// Writes the groups' input rows transposed in tiles of [`SPARSE_TILE`] rows into `xt`
+/// (`[in][SPARSE_TILE]` per tile, groups in order, lanes without a row zero): every value of
+/// `xt` (`tiles * in_dim * SPARSE_TILE`) is written.
+fn transpose_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize, xt: &mut [f32]) {
     let tile_len = in_dim * SPARSE_TILE;
-    let mut xt = vec![0f32; plan.tiles().sum::<usize>() * tile_len];
+    assert_eq!(xt.len(), plan.tiles().sum::<usize>() * tile_len);
     let mut src: Vec<&[f32]> = Vec::with_capacity(SPARSE_TILE);
     let mut dst_tiles = xt.chunks_exact_mut(tile_len);
     for (_, rows) in &plan.groups {
@@ -226,7 +230,34 @@ fn transposed_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize) -> Vec<f3
             interleave_rows(&src, dst_tiles.next().expect("one buffer tile per group tile"));
         }
     }
-    xt
+}
+
+thread_local! {
+    // Buffers of the sparse step kept per thread between calls. The step asks for the same few
+    // sizes hundreds of times, and each user writes every element before reading it, so they
+    // need no zeroing: fresh zeroed buffers cost tens of MB of memset per decode step.
+    static INPUT_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PROD_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` values of this thread's `buf`, grown if needed; the values are whatever an
+/// earlier use left (the caller writes before it reads). A nested use of the same buffer on one
+/// thread (a worker stealing another step's task while it holds it) gets a fresh one instead.
+fn with_reused<R>(buf: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    buf.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            if cfg!(debug_assertions) {
+                // Tests run in debug builds: a read before a write shows up as NaN in results.
+                v[..len].fill(f32::NAN);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![if cfg!(debug_assertions) { f32::NAN } else { 0.0 }; len]),
+    })
 }
 
 /// Adds every sparse delta of each target to its `dh` (`[n, out]`), reading each module's
@@ -238,20 +269,27 @@ fn transposed_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize) -> Vec<f3
 fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) {
     use rayon::prelude::*;
     let plans: Vec<Option<SparsePlan>> = targets.iter().map(|(t, _, _)| SparsePlan::new(chunks, *t)).collect();
-    // One transposed input per distinct set of group rows. Built here, on the calling thread: a
-    // parallel loop over one or two inputs cost more in thread wake-ups than it saved (measured).
-    let mut inputs: Vec<Vec<f32>> = Vec::new();
-    let mut input_of: Vec<usize> = Vec::with_capacity(plans.len());
+    let tile_len = in_dim * SPARSE_TILE;
+    // One transposed input per distinct set of group rows, at an offset of one buffer. Built here,
+    // on the calling thread: a parallel loop over one or two inputs cost more in thread wake-ups
+    // than it saved (measured).
+    let mut firsts: Vec<(usize, usize)> = Vec::new(); // (plan, offset)
+    let mut input_at: Vec<usize> = Vec::with_capacity(plans.len());
+    let mut total = 0;
     for (i, plan) in plans.iter().enumerate() {
         let Some(plan) = plan else {
-            input_of.push(usize::MAX);
+            input_at.push(usize::MAX);
             continue;
         };
-        let shared = (0..i).find(|&j| plans[j].as_ref().is_some_and(|p| p.same_rows(plan))).map(|j| input_of[j]);
-        input_of.push(shared.unwrap_or_else(|| {
-            inputs.push(transposed_inputs(plan, xh, in_dim));
-            inputs.len() - 1
-        }));
+        let shared = firsts.iter().find(|&&(j, _)| plans[j].as_ref().is_some_and(|p| p.same_rows(plan)));
+        input_at.push(match shared {
+            Some(&(_, at)) => at,
+            None => {
+                firsts.push((i, total));
+                total += plan.tiles().sum::<usize>() * tile_len;
+                total - plan.tiles().sum::<usize>() * tile_len
+            }
+        });
     }
     let outs: Vec<(usize, SendPtr)> = targets.iter_mut().map(|(_, out, dh)| (*out, SendPtr(dh.as_mut_ptr()))).collect();
     let tasks: Vec<(usize, usize)> = plans
@@ -260,43 +298,53 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: 
         .filter(|(_, p)| p.is_some())
         .flat_map(|(i, _)| (0..outs[i].0.div_ceil(SPARSE_ROW_BLOCK)).map(move |blk| (i, blk)))
         .collect();
-    tasks.into_par_iter().for_each(|(i, blk)| {
-        let plan = plans[i].as_ref().expect("tasks only for planned targets");
-        let (out, dst) = (outs[i].0, &outs[i].1);
-        let xt = &inputs[input_of[i]];
-        let tile_len = in_dim * SPARSE_TILE;
-        let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
-        let w = r1 - r0;
-        let mut scratch = vec![0f32; w * SPARSE_TILE];
-        // Unscaled products of every group tile for this block, lane-major: [tile][SPARSE_TILE][w].
-        let tiles: usize = plan.tiles().sum();
-        let mut prods = vec![0f32; tiles * SPARSE_TILE * w];
-        let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
-        for (g, ((sp, _), n_tiles)) in plan.groups.iter().zip(plan.tiles()).enumerate() {
-            // The next group's block is requested a whole group's work ahead (this one's was
-            // requested one ahead, or is requested now by the kernel itself).
-            if let Some((next, _)) = plan.groups.get(g + 1) {
-                prefetch_block_l2(next, blk);
-            }
-            for (pt, xt) in prod_tiles.by_ref().take(n_tiles) {
-                sparse_block_tile(sp, blk, xt, &mut scratch, pt);
-            }
+    with_reused(&INPUT_BUF, total, |inputs| {
+        for &(i, at) in &firsts {
+            let plan = plans[i].as_ref().expect("a planned target");
+            let len = plan.tiles().sum::<usize>() * tile_len;
+            transpose_inputs(plan, xh, in_dim, &mut inputs[at..at + len]);
         }
-        let tile0: Vec<usize> = plan
-            .tiles()
-            .scan(0, |acc, t| {
-                let first = *acc;
-                *acc += t;
-                Some(first)
-            })
-            .collect();
-        for &(row, g, j, scale) in &plan.row_parts {
-            // SAFETY: this task alone writes columns r0..r1 of this target's rows; rows are
-            // distinct and every target has its own buffer.
-            let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
-            let (tile, lane) = (tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
-            add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
-        }
+        let inputs = &*inputs;
+        tasks.into_par_iter().for_each(|(i, blk)| {
+            let plan = plans[i].as_ref().expect("tasks only for planned targets");
+            let (out, dst) = (outs[i].0, &outs[i].1);
+            let tiles: usize = plan.tiles().sum();
+            let xt = &inputs[input_at[i]..input_at[i] + tiles * tile_len];
+            let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
+            let w = r1 - r0;
+            // Unscaled products of every group tile for this block, lane-major:
+            // [tile][SPARSE_TILE][w], every value written by `sparse_block_tile`.
+            with_reused(&PROD_BUF, tiles * SPARSE_TILE * w, |prods| {
+                with_reused(&SCRATCH_BUF, w * SPARSE_TILE, |scratch| {
+                    let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
+                    for (g, ((sp, _), n_tiles)) in plan.groups.iter().zip(plan.tiles()).enumerate() {
+                        // The next group's block is requested a whole group's work ahead (this
+                        // one's was requested one ahead, or is requested now by the kernel).
+                        if let Some((next, _)) = plan.groups.get(g + 1) {
+                            prefetch_block_l2(next, blk);
+                        }
+                        for (pt, xt) in prod_tiles.by_ref().take(n_tiles) {
+                            sparse_block_tile(sp, blk, xt, scratch, pt);
+                        }
+                    }
+                });
+                let tile0: Vec<usize> = plan
+                    .tiles()
+                    .scan(0, |acc, t| {
+                        let first = *acc;
+                        *acc += t;
+                        Some(first)
+                    })
+                    .collect();
+                for &(row, g, j, scale) in &plan.row_parts {
+                    // SAFETY: this task alone writes columns r0..r1 of this target's rows; rows
+                    // are distinct and every target has its own buffer.
+                    let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
+                    let (tile, lane) = (tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
+                    add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
+                }
+            });
+        });
     });
 }
 
