@@ -174,11 +174,15 @@ struct SparsePlan<'a> {
     /// Every (batch row, group, index of the row in the group, scale), rows in order and a row's
     /// parts in its composition's order.
     row_parts: Vec<(usize, usize, usize, f32)>,
+    /// Per group, its first tile of [`SPARSE_TILE`] rows among all groups' tiles.
+    tile0: Vec<usize>,
+    /// Tiles of all groups.
+    tiles: usize,
 }
 
 impl<'a> SparsePlan<'a> {
     fn new(chunks: &[(usize, usize, Option<&'a Composition>)], target: Target) -> Option<Self> {
-        let mut plan = SparsePlan { groups: Vec::new(), row_parts: Vec::new() };
+        let mut plan = SparsePlan { groups: Vec::new(), row_parts: Vec::new(), tile0: Vec::new(), tiles: 0 };
         let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
         for &(start, len, comp) in chunks {
             let Some(c) = comp else { continue };
@@ -201,12 +205,11 @@ impl<'a> SparsePlan<'a> {
                 }
             }
         }
+        for (_, rows) in &plan.groups {
+            plan.tile0.push(plan.tiles);
+            plan.tiles += rows.len().div_ceil(SPARSE_TILE);
+        }
         (!plan.groups.is_empty()).then_some(plan)
-    }
-
-    /// Tiles of [`SPARSE_TILE`] rows per group, in group order.
-    fn tiles(&self) -> impl Iterator<Item = usize> + '_ {
-        self.groups.iter().map(|(_, rows)| rows.len().div_ceil(SPARSE_TILE))
     }
 
     /// Whether the groups hold the same rows in the same order (their transposed inputs agree).
@@ -220,7 +223,7 @@ impl<'a> SparsePlan<'a> {
 /// `xt` (`tiles * in_dim * SPARSE_TILE`) is written.
 fn transpose_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize, xt: &mut [f32]) {
     let tile_len = in_dim * SPARSE_TILE;
-    assert_eq!(xt.len(), plan.tiles().sum::<usize>() * tile_len);
+    assert_eq!(xt.len(), plan.tiles * tile_len);
     let mut src: Vec<&[f32]> = Vec::with_capacity(SPARSE_TILE);
     let mut dst_tiles = xt.chunks_exact_mut(tile_len);
     for (_, rows) in &plan.groups {
@@ -285,9 +288,10 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: 
         input_at.push(match shared {
             Some(&(_, at)) => at,
             None => {
-                firsts.push((i, total));
-                total += plan.tiles().sum::<usize>() * tile_len;
-                total - plan.tiles().sum::<usize>() * tile_len
+                let at = total;
+                firsts.push((i, at));
+                total += plan.tiles * tile_len;
+                at
             }
         });
     }
@@ -301,14 +305,13 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: 
     with_reused(&INPUT_BUF, total, |inputs| {
         for &(i, at) in &firsts {
             let plan = plans[i].as_ref().expect("a planned target");
-            let len = plan.tiles().sum::<usize>() * tile_len;
-            transpose_inputs(plan, xh, in_dim, &mut inputs[at..at + len]);
+            transpose_inputs(plan, xh, in_dim, &mut inputs[at..at + plan.tiles * tile_len]);
         }
         let inputs = &*inputs;
         tasks.into_par_iter().for_each(|(i, blk)| {
             let plan = plans[i].as_ref().expect("tasks only for planned targets");
             let (out, dst) = (outs[i].0, &outs[i].1);
-            let tiles: usize = plan.tiles().sum();
+            let tiles = plan.tiles;
             let xt = &inputs[input_at[i]..input_at[i] + tiles * tile_len];
             let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
             let w = r1 - r0;
@@ -317,30 +320,22 @@ fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: 
             with_reused(&PROD_BUF, tiles * SPARSE_TILE * w, |prods| {
                 with_reused(&SCRATCH_BUF, w * SPARSE_TILE, |scratch| {
                     let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
-                    for (g, ((sp, _), n_tiles)) in plan.groups.iter().zip(plan.tiles()).enumerate() {
+                    for (g, (sp, rows)) in plan.groups.iter().enumerate() {
                         // The next group's block is requested a whole group's work ahead (this
                         // one's was requested one ahead, or is requested now by the kernel).
                         if let Some((next, _)) = plan.groups.get(g + 1) {
                             prefetch_block_l2(next, blk);
                         }
-                        for (pt, xt) in prod_tiles.by_ref().take(n_tiles) {
+                        for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
                             sparse_block_tile(sp, blk, xt, scratch, pt);
                         }
                     }
                 });
-                let tile0: Vec<usize> = plan
-                    .tiles()
-                    .scan(0, |acc, t| {
-                        let first = *acc;
-                        *acc += t;
-                        Some(first)
-                    })
-                    .collect();
                 for &(row, g, j, scale) in &plan.row_parts {
                     // SAFETY: this task alone writes columns r0..r1 of this target's rows; rows
                     // are distinct and every target has its own buffer.
                     let yr = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * out + r0), w) };
-                    let (tile, lane) = (tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
+                    let (tile, lane) = (plan.tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
                     add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
                 }
             });
@@ -410,22 +405,27 @@ fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f
     deinterleave_lanes(scratch, out);
 }
 
-/// Asks for the column indices and values of block `blk` of `sp` to be brought into L2.
-fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        let b = sp.block(blk);
-        for i in (0..b.values.len()).step_by(16) {
-            // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T1>(b.values.as_ptr().add(i) as *const i8);
-                if i % 32 == 0 {
-                    _mm_prefetch::<_MM_HINT_T1>(b.col_idx.as_ptr().add(i) as *const i8);
-                }
+/// Asks for every line of a block's column indices and values to be brought into the cache level
+/// `HINT` names (`_MM_HINT_T0`, `_MM_HINT_T1`, ...). A hint: no effect on results.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_block<const HINT: i32>(b: &SparseBlock<'_>) {
+    use std::arch::x86_64::_mm_prefetch;
+    // 16 values or 32 column indices per 64-byte line.
+    for i in (0..b.values.len()).step_by(16) {
+        // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
+        unsafe {
+            _mm_prefetch::<HINT>(b.values.as_ptr().add(i) as *const i8);
+            if i % 32 == 0 {
+                _mm_prefetch::<HINT>(b.col_idx.as_ptr().add(i) as *const i8);
             }
         }
     }
+}
+
+/// Asks for block `blk` of `sp` to be brought into L2.
+fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_block::<{ std::arch::x86_64::_MM_HINT_T1 }>(&sp.block(blk));
 }
 
 /// The products of one block, row-major (`scratch[i * SPARSE_TILE + l]` for row `i` of the
@@ -439,14 +439,7 @@ unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut 
     let (cols, vals) = (b.col_idx.as_ptr(), b.values.as_ptr());
     // The block is short (a few KB) and its matrix differs from the previous call's, so the
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
-    let mut i = 0;
-    while i < b.values.len() {
-        _mm_prefetch::<_MM_HINT_T0>(vals.add(i) as *const i8);
-        if i % 32 == 0 {
-            _mm_prefetch::<_MM_HINT_T0>(cols.add(i) as *const i8);
-        }
-        i += 16;
-    }
+    prefetch_block::<_MM_HINT_T0>(b);
     let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
     let mut at = 0;
     for &(len, n) in b.runs {

@@ -364,11 +364,15 @@ enum HostFactors {
 /// Rank of the compact layout.
 const COMPACT_RANK: usize = 8;
 
-/// `round(v * inv)` (half away from zero, as Q8_0) clamped to +-127, stored `+ 128`. The cast
-/// rounds without a libm call (`f32::round` is one, and made packing twice as slow).
+/// `round(s)` (half away from zero, as Q8_0) clamped to +-127. The cast rounds without a libm
+/// call (`f32::round` is one, and made packing twice as slow).
+fn round_i8(s: f32) -> i8 {
+    ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127) as i8
+}
+
+/// `round(v * inv)` clamped to +-127 ([`round_i8`]), stored `+ 128`.
 fn q8(v: f32, inv: f32) -> u8 {
-    let s = v * inv;
-    ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127).wrapping_add(128) as u8
+    (round_i8(v * inv) as u8).wrapping_add(128)
 }
 
 /// `a` `[8, in]` (row-major, as stored by PEFT) as [`HostFactors::Int8`]'s `a4`, `sa`.
@@ -613,11 +617,7 @@ unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32]
             return;
         }
         let dt = tmax / 127.0;
-        // Rounded half away from zero by a cast, as `q8` does (`f32::round` is a libm call).
-        let tq: [i8; 8] = std::array::from_fn(|j| {
-            let v = tv[j] / dt;
-            ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8
-        });
+        let tq: [i8; 8] = std::array::from_fn(|j| round_i8(tv[j] / dt));
         let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
         let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
         let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
