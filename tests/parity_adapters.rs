@@ -63,7 +63,7 @@ struct Kit {
 impl Kit {
     fn load(weights: WeightMode) -> Self {
         let cases = common::cases();
-        let model = load(&common::reference_model(), &LoadOptions { weights, device: Device::Cpu }).unwrap();
+        let model = load(&common::reference_model(), &LoadOptions { weights, device: common::test_device() }).unwrap();
         let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
         let store = AdapterStore::for_model(registry, 1 << 30, model.llama.clone());
         let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();
@@ -86,7 +86,7 @@ impl Kit {
     /// Our next-token logits after the whole prompt `ids`, with `comp` applied.
     fn logits(&self, comp: Option<&Composition>, ids: &[u32]) -> Vec<f32> {
         let llama = &self.model.llama;
-        let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), &Device::Cpu).unwrap();
+        let mut cache = SeqKvCache::new(&llama.cfg, ids.len(), llama.device()).unwrap();
         let deltas = BatchDeltas::new([(ids.len(), comp)], llama.cfg.tie_word_embeddings);
         let out = llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &deltas).unwrap();
         out.get(0).unwrap().to_vec1().unwrap()
@@ -95,7 +95,7 @@ impl Kit {
     /// A greedy sequence over `ids` that generates exactly `new` tokens with `comp`.
     fn sequence(&self, ids: &[u32], new: usize, comp: &Arc<Composition>) -> Sequence {
         let spec = GenerateSpec { prompt_ids: ids.to_vec(), max_new_tokens: new, min_new_tokens: new, stop: vec![], sampling: SamplingParams::default() };
-        let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, &Device::Cpu).unwrap();
+        let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, self.model.llama.device()).unwrap();
         let tok = self.model.tokenizer.clone().map(Arc::new);
         let mut s = Sequence::new(spec, cache, tok, self.model.eos_token_ids.clone().into()).unwrap();
         s.composition = Some(comp.clone());
@@ -142,7 +142,7 @@ fn every_kit_case_matches_transformers_alone_and_in_one_mixed_batch() {
 
 #[test]
 fn ewr_merged_delta_equals_the_kit_expectation() {
-    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).unwrap();
+    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: common::test_device() }).unwrap();
     let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
     let store = AdapterStore::for_model(registry, 1 << 30, model.llama.clone());
     let m = store.module("ewr").unwrap();
@@ -171,7 +171,8 @@ fn generate_cli_applies_deltas_and_routes() {
         (vec!["--delta", "ewr/expert_task_vector.safetensors@1", "--delta", "ewr/anti_expert_task_vector.safetensors@-1"], "task_arithmetic"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_modserve"))
-            .args(["generate", "--weights", "f32", "--threads", "2", "--max-new-tokens", "16", "--min-new-tokens", "16", "--json", "--model"])
+            .args(["generate", "--weights", "f32", "--threads", "2", "--max-new-tokens", "16", "--min-new-tokens", "16", "--json"])
+            .args(["--device", &common::test_device_flag(), "--model"])
             .arg(common::reference_model())
             .arg("--adapter-root")
             .arg(&root)
@@ -204,6 +205,9 @@ fn generate_cli_applies_deltas_and_routes() {
 /// kit's within 35% (relative L2; measured 5-26%); the kit's top-1 is in our top-5 for every
 /// case; and all cases in one mixed batch generate exactly what each generates alone with the
 /// same prefill chunking (a row's result does not depend on its neighbours).
+/// The 35% bound is calibrated on the CPU path. On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`,
+/// 2026-11-27) candle's CUDA kernels, which also quantize the activations (to Q8_1 blocks), gave
+/// 36.1% on `sft_lang_task_lora_qv` prompt 2, and this test fails there; see docs/BENCHMARKS.md.
 #[test]
 fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
     let kit = Kit::load(WeightMode::Quantized);

@@ -15,7 +15,7 @@ use modserve::model::load::{load, LoadOptions, LoadedModel};
 use modserve::model::sampling::{log_softmax, top_k_logprobs, SamplingParams};
 
 fn f32_model() -> LoadedModel {
-    load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: Device::Cpu }).expect("model loads")
+    load(&common::reference_model(), &LoadOptions { weights: WeightMode::F32, device: common::test_device() }).expect("model loads")
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
@@ -32,7 +32,7 @@ fn base_logits_top5_and_greedy_match_transformers() {
     let prompts = cases["prompt_token_ids"].as_array().unwrap();
     for (p, prompt) in prompts.iter().enumerate() {
         let ids = ids_of(prompt);
-        let mut cache = SeqKvCache::new(&model.llama.cfg, ids.len(), &Device::Cpu).unwrap();
+        let mut cache = SeqKvCache::new(&model.llama.cfg, ids.len(), model.llama.device()).unwrap();
         let out = model
             .llama
             .forward(&mut [SeqChunk { tokens: &ids, cache: &mut cache, want_logits: true }], &NoDeltas)

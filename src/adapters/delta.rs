@@ -662,6 +662,21 @@ impl ModuleDeltas {
         self.targets.values().map(|d| d.bytes()).sum::<usize>() + host
     }
 
+    /// A copy whose low-rank and dense tensors live on `device` (a GPU model's). Sparse matrices
+    /// stay on the host: their product runs there (the rows' inputs are copied over and back).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self, AdapterError> {
+        let mut targets = BTreeMap::new();
+        for (t, d) in &self.targets {
+            let moved = match d {
+                MatrixDelta::LowRank { a, b } => MatrixDelta::LowRank { a: a.to_device(device)?, b: b.to_device(device)? },
+                MatrixDelta::Dense(w) => MatrixDelta::Dense(w.to_device(device)?),
+                MatrixDelta::Sparse(s) => MatrixDelta::Sparse(s.clone()),
+            };
+            targets.insert(*t, moved);
+        }
+        Ok(Self { targets, host: Default::default() })
+    }
+
     /// Builds the CPU kernel layout of the low-rank targets (idempotent; call off the engine
     /// thread); `compact`: hold rank-8 factors as 8-bit blocks (see [`HostLowRank`]).
     pub fn prepare_host(&self, compact: bool) -> Result<(), AdapterError> {

@@ -108,11 +108,29 @@ pub struct AdapterStore {
     limits: AdapterLimits,
     /// Hold rank-8 low-rank factors as 8-bit blocks in the CPU kernels (set for an int8 base).
     compact_factors: bool,
+    /// The model's device. Modules are parsed, merged and mixed on the host; their finished
+    /// low-rank and dense tensors are then moved here once, at load (sparse deltas stay on the
+    /// host, see [`ModuleDeltas::to_device`]).
+    device: candle_core::Device,
 }
 
 impl AdapterStore {
     pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
-        Self { registry, cache: ModuleCache::new(cache_bytes), base, base_weight, limits: AdapterLimits::default(), compact_factors: false }
+        Self {
+            registry,
+            cache: ModuleCache::new(cache_bytes),
+            base,
+            base_weight,
+            limits: AdapterLimits::default(),
+            compact_factors: false,
+            device: candle_core::Device::Cpu,
+        }
+    }
+
+    /// Finished modules' tensors live on `device` (the model's).
+    pub fn on_device(mut self, device: candle_core::Device) -> Self {
+        self.device = device;
+        self
     }
 
     /// Rank-8 low-rank factors of modules loaded from now on are held as 8-bit blocks in the CPU
@@ -135,7 +153,7 @@ impl AdapterStore {
         // An 8-bit base run by the VNNI kernel: 8-bit adapter factors in the same kind of kernel
         // (their error is far below the base's own quantization error).
         let compact = matches!(model.lm_head, crate::model::linear::BaseWeight::Quantized(_)) && crate::model::qgemm::available();
-        Self::new(registry, cache_bytes, base, f).with_compact_factors(compact)
+        Self::new(registry, cache_bytes, base, f).with_compact_factors(compact).on_device(model.device().clone())
     }
 
     pub fn registry(&self) -> &Registry {
@@ -212,12 +230,24 @@ impl AdapterStore {
         }
         let parse_ms = t_parse.elapsed().as_secs_f64() * 1e3;
         let t_prep = std::time::Instant::now();
-        if let ModuleData::Deltas(d) = &data {
-            d.prepare_host(self.compact_factors)?;
-        }
+        let data = match data {
+            ModuleData::Deltas(d) => ModuleData::Deltas(self.finish(d)?),
+            poly => poly,
+        };
         let prepare_ms = t_prep.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(module = %reg.id, hash_ms, parse_ms, prepare_ms, "module loaded");
         Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
+    }
+
+    /// Readies parsed deltas for the model: on the CPU, the kernels' host layout; on a GPU, the
+    /// tensors moved to its memory.
+    fn finish(&self, d: Arc<ModuleDeltas>) -> Result<Arc<ModuleDeltas>, AdapterError> {
+        if self.device.is_cpu() {
+            d.prepare_host(self.compact_factors)?;
+            Ok(d)
+        } else {
+            Ok(Arc::new(d.to_device(&self.device)?))
+        }
     }
 
     /// Every file of the module (following symlinks) must lie inside the adapter root.
@@ -259,12 +289,11 @@ impl AdapterStore {
                 AdapterError::UnknownTask { task, n_tasks, .. } => AdapterError::UnknownTask { module: id.into(), task, n_tasks },
                 other => other,
             })?;
-            d.prepare_host(self.compact_factors)?;
             Ok(LoadedModule {
                 id: format!("{id}[{rkey}]"),
                 kind: ModuleKind::Poly,
                 version: short_hash(key.as_bytes()),
-                data: ModuleData::Deltas(Arc::new(d)),
+                data: ModuleData::Deltas(self.finish(Arc::new(d))?),
                 rank: Some(p.rank()),
             })
         })?;
@@ -304,9 +333,9 @@ impl AdapterStore {
     }
 }
 
-/// Dense base weight of a parameter from the loaded model.
+/// Dense base weight of a parameter from the loaded model, on the host (merges run there).
 pub fn base_weight_of(model: &Llama, t: Target) -> Result<Tensor, AdapterError> {
-    match t {
+    let w = match t {
         Target::Linear(id) => model
             .linear(id)
             .ok_or_else(|| AdapterError::Composition(format!("the base model has no {id}")))?
@@ -315,7 +344,8 @@ pub fn base_weight_of(model: &Llama, t: Target) -> Result<Tensor, AdapterError> 
             .map_err(AdapterError::tensor),
         Target::Embedding => Ok(model.embed.clone()),
         Target::LmHead => model.lm_head.to_dense().map_err(AdapterError::tensor),
-    }
+    }?;
+    w.to_device(&candle_core::Device::Cpu).map_err(AdapterError::tensor)
 }
 
 fn short_hash(b: &[u8]) -> String {

@@ -107,13 +107,25 @@ fn unpermute_rows(q: QTensor, head_dim: usize, device: &Device) -> candle_core::
 /// In quantized mode, block types for which candle has no SIMD dot product on CPU (Q4_1, Q5_0,
 /// Q5_1 run a scalar loop) are re-blocked as Q8_0 at load: 8-bit blocks hold the 4/5-bit values to
 /// within Q8 rounding, and the Q8_0 kernel is several times faster. Other types are kept as stored.
+/// A GPU model gets the same Q8_0 blocks, so that `--weights quantized` runs the same base weights
+/// on every device (with the stored 4-bit blocks, the CUDA path's logits moved further from the
+/// float32 reference: one kit case's adapter effect was off by 41% against at most 26% on the CPU).
+/// The blocks are made on the host and uploaded with `QStorage::from_data`: candle 0.11's
+/// `QTensor::quantize` of a CUDA tensor leaves the row padding of its buffer uninitialised, and
+/// the CUDA matmul kernels read that padding (seen: every logit NaN).
 fn reblock_for_speed(q: QTensor, mode: WeightMode) -> candle_core::Result<QTensor> {
     use candle_core::quantized::GgmlDType as G;
     let slow = matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1);
-    if mode == WeightMode::F32 || !slow || !q.device().is_cpu() {
+    if mode == WeightMode::F32 || !slow {
         return Ok(q);
     }
-    QTensor::quantize(&q.dequantize(&q.device())?, G::Q8_0)
+    let device = q.device();
+    let q8 = QTensor::quantize(&q.dequantize(&Device::Cpu)?, G::Q8_0)?;
+    if device.is_cpu() {
+        return Ok(q8);
+    }
+    let shape = q8.shape().clone();
+    QTensor::new(QStorage::from_data(Cow::Owned(q8.data()?.into_owned()), &device, G::Q8_0)?, shape)
 }
 
 /// Loads a GGUF file (llama architecture).

@@ -13,6 +13,19 @@ pub fn reference_model() -> PathBuf {
     p
 }
 
+/// The device the parity tests run the model on: `$MODSERVE_TEST_DEVICE` (`cpu` or `cuda:N`, the
+/// latter in a build with `--features cuda`), else the CPU. CI has no GPU and runs them on the CPU;
+/// on a GPU machine the same tests check the CUDA path against the same reference outputs.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("MODSERVE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    modserve::config::parse_device(&name).unwrap_or_else(|e| panic!("MODSERVE_TEST_DEVICE: {e:#}"))
+}
+
+/// `--device` for a CLI run under test: the same device as [`test_device`].
+pub fn test_device_flag() -> String {
+    std::env::var("MODSERVE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 /// `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(rel)
