@@ -59,14 +59,18 @@ fn main() {
             // The server's order: per layer and projection group (q/k/v, o, gate/up, down, as
             // `Linear::forward_many` runs them), each row through the group's targets.
             let groups: [&[Proj]; 4] = [&[Proj::Q, Proj::K, Proj::V], &[Proj::O], &[Proj::Gate, Proj::Up], &[Proj::Down]];
+            let mut qrow = modserve::adapters::delta::QuantRow::default();
             let t0 = Instant::now();
             for _ in 0..iters {
                 for layer in 0..LAYERS {
                     for g in groups {
                         for r in 0..ROWS {
+                            // The group's input quantized once per row, as the server does.
+                            let in_dim = common::dims(g[0]).0;
+                            qrow.set(&x[..in_dim]);
                             for &proj in g {
                                 let h = adapters[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared");
-                                h.add_row(&x[..h.in_dim], &mut y[..h.out_dim], 0.5);
+                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim], 0.5);
                             }
                         }
                     }

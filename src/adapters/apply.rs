@@ -11,7 +11,7 @@ use std::thread::LocalKey;
 
 use candle_core::{Result, Tensor};
 
-use super::delta::{MatrixDelta, SparseBlock, SparseMatrix, Target, SPARSE_ROW_BLOCK};
+use super::delta::{MatrixDelta, QuantRow, SparseBlock, SparseMatrix, Target, SPARSE_ROW_BLOCK};
 use super::store::Composition;
 use crate::model::linear::{LinearId, RowDeltas};
 use crate::model::qgemm::SendPtr;
@@ -138,14 +138,31 @@ impl BatchDeltas<'_> {
         }
         tasks.into_par_iter().try_for_each(|(start, len, c, outs)| -> Result<()> {
             let xs = &xh[start * in_dim..(start + len) * in_dim];
+            // The chunk's rows quantized once for every compact low-rank target that reads them.
+            let mut qrows: Option<Vec<QuantRow>> = None;
             for (target, out, dst) in outs {
                 for (deltas, scale) in &c.parts {
                     let Some(m) = deltas.targets.get(&target) else { continue };
                     match (m, deltas.host_low_rank(&target)) {
                         (MatrixDelta::Sparse(_), _) => {} // done above
                         (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
-                            for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
-                                h.add_row(xr, yr, *scale);
+                            if h.is_compact() {
+                                let rows = qrows.get_or_insert_with(|| {
+                                    xs.chunks_exact(in_dim)
+                                        .map(|xr| {
+                                            let mut q = QuantRow::default();
+                                            q.set(xr);
+                                            q
+                                        })
+                                        .collect()
+                                });
+                                for ((xr, q), yr) in xs.chunks_exact(in_dim).zip(rows.iter()).zip(dst.chunks_exact_mut(out)) {
+                                    h.add_row_q(xr, q, yr, *scale);
+                                }
+                            } else {
+                                for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
+                                    h.add_row(xr, yr, *scale);
+                                }
                             }
                         }
                         _ => {

@@ -467,6 +467,23 @@ impl HostLowRank {
         self.add_row_generic(x, y, scale);
     }
 
+    /// [`HostLowRank::add_row`] for a row `x` that [`QuantRow::set`] already quantized into `row`:
+    /// the targets that read the same input (q, k and v; gate and up) quantize it once. The same
+    /// result as `add_row(x, ..)`, bit for bit.
+    pub fn add_row_q(&self, x: &[f32], row: &QuantRow, y: &mut [f32], scale: f32) {
+        assert!(x.len() == self.in_dim && row.n == x.len() && y.len() == self.out_dim, "row of the wrong width");
+        #[cfg(target_arch = "x86_64")]
+        if let HostFactors::Int8 { a4, sa, b8, sb } = &self.factors {
+            if row.ready && crate::model::qgemm::available() {
+                // SAFETY: the CPU supports the features; the buffers hold the padded sizes
+                // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks.
+                unsafe { rank8_vnni_q(row, y, scale, a4, sa, b8, sb) };
+                return;
+            }
+        }
+        self.add_row(x, y, scale);
+    }
+
     /// Portable form of [`HostLowRank::add_row`] (any rank, any CPU; compact factors are
     /// widened, the row is not quantized).
     fn add_row_generic(&self, x: &[f32], y: &mut [f32], scale: f32) {
@@ -556,45 +573,98 @@ unsafe fn rank8_f32_avx2(x: &[f32], y: &mut [f32], scale: f32, at: &[f32], bt: &
 
 thread_local! {
     /// The quantized row of [`rank8_vnni`] (reused: it runs thousands of times per step).
-    static ROW_Q: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ROW_Q: std::cell::RefCell<QuantRow> = std::cell::RefCell::new(QuantRow::default());
+}
+
+/// One input row quantized per [`FACTOR_BLOCK`] inputs for the compact rank-8 kernel: 8-bit
+/// values (absmax/127 per block, the base kernel's activation scheme), the block scales and the
+/// blocks' sums of quantized values. Reused between rows (no allocation once grown).
+#[derive(Debug, Default)]
+pub struct QuantRow {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    qsum: Vec<i32>,
+    n: usize,
+    /// Whether `q`, `d`, `qsum` hold the row (not where the CPU lacks VNNI).
+    ready: bool,
+}
+
+impl QuantRow {
+    /// Quantizes `x` (a no-op where the CPU lacks VNNI: the portable kernels read `x` itself).
+    pub fn set(&mut self, x: &[f32]) {
+        self.n = x.len();
+        self.ready = false;
+        #[cfg(target_arch = "x86_64")]
+        if crate::model::qgemm::available() {
+            let blocks = x.len().div_ceil(FACTOR_BLOCK);
+            self.q.resize(blocks * FACTOR_BLOCK, 0);
+            self.d.resize(blocks, 0.0);
+            self.qsum.resize(blocks, 0);
+            // SAFETY: the CPU supports the features; the buffers hold `blocks` blocks.
+            unsafe { quantize_row(x, &mut self.q, &mut self.d, &mut self.qsum) };
+            self.ready = true;
+        }
+    }
+}
+
+/// `x` quantized per 32 inputs (absmax/127, round to nearest even): `q` (zero-padded to whole
+/// blocks), per block the scale `d` and the sum of its quantized values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let mut xb = [0f32; FACTOR_BLOCK];
+    for blk in 0..n.div_ceil(FACTOR_BLOCK) {
+        let (i0, i1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(n));
+        let src: &[f32] = if i1 - i0 == FACTOR_BLOCK {
+            &x[i0..i1]
+        } else {
+            xb.fill(0.0);
+            xb[..i1 - i0].copy_from_slice(&x[i0..i1]);
+            &xb
+        };
+        let lo = _mm512_loadu_ps(src.as_ptr());
+        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        let db = amax / 127.0;
+        let inv = _mm512_set1_ps(if db > 0.0 { 1.0 / db } else { 0.0 });
+        let ql = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(lo, inv)));
+        let qh = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(hi, inv)));
+        let qp = q.as_mut_ptr().add(i0);
+        _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtsepi32_epi8(ql));
+        _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qh));
+        d[blk] = db;
+        qsum[blk] = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+    }
 }
 
 /// Rank-8 row kernel on [`HostFactors::Int8`] factors (see there for the layouts).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+    ROW_Q.with_borrow_mut(|row| {
+        row.set(x);
+        rank8_vnni_q(row, y, scale, a4, sa, b8, sb)
+    })
+}
+
+/// [`rank8_vnni`] on a row quantized by [`QuantRow::set`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn rank8_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
     use std::arch::x86_64::*;
-    let (n, out) = (x.len(), y.len());
+    let (n, out) = (row.n, y.len());
     let blocks = n.div_ceil(FACTOR_BLOCK);
     debug_assert!(a4.len() == blocks * FACTOR_BLOCK * 8 && sa.len() == blocks * 8);
     debug_assert!(b8.len() == out.div_ceil(8) * 64 && sb.len() == out.div_ceil(FACTOR_BLOCK));
-    ROW_Q.with_borrow_mut(|xq| {
-        xq.clear();
-        xq.resize(blocks * FACTOR_BLOCK, 0);
-        // x A^T: per block of 32 inputs, quantize x (absmax/127), 8 vpdpbusd over 4 inputs each
-        // (a + 128 unsigned, x signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
+    debug_assert!(row.ready && row.q.len() == blocks * FACTOR_BLOCK);
+    {
+        // x A^T: per block of 32 inputs, 8 vpdpbusd over 4 inputs each (a + 128 unsigned, x
+        // signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
         let mut t = _mm256_setzero_ps();
-        let mut xb = [0f32; FACTOR_BLOCK];
         for blk in 0..blocks {
-            let (i0, i1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(n));
-            let src: &[f32] = if i1 - i0 == FACTOR_BLOCK {
-                &x[i0..i1]
-            } else {
-                xb.fill(0.0);
-                xb[..i1 - i0].copy_from_slice(&x[i0..i1]);
-                &xb
-            };
-            let lo = _mm512_loadu_ps(src.as_ptr());
-            let hi = _mm512_loadu_ps(src.as_ptr().add(16));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-            let d = amax / 127.0;
-            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-            let ql = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(lo, inv)));
-            let qh = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(hi, inv)));
-            let qp = xq.as_mut_ptr().add(i0);
-            _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtsepi32_epi8(ql));
-            _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qh));
-            let qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+            let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
             let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * 8);
             let mut acc0 = _mm256_setzero_si256();
             let mut acc1 = _mm256_setzero_si256();
@@ -604,8 +674,8 @@ unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32]
                 acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(ap.add(g * 32) as *const __m256i), x0);
                 acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(ap.add(g * 32 + 32) as *const __m256i), x1);
             }
-            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * qsum));
-            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * 8)), _mm256_set1_ps(d));
+            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk)));
+            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * 8)), _mm256_set1_ps(*row.d.get_unchecked(blk)));
             t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, t);
         }
         // t B^T: t quantized to 8 bits with one scale; per 4 outputs one vpdpbusd against the
@@ -644,7 +714,7 @@ unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32]
             }
             o += 8;
         }
-    });
+    }
 }
 
 /// One module's deltas, by target.
@@ -770,6 +840,12 @@ mod tests {
                 assert_eq!(h.is_compact(), compact && r == 8);
                 let mut y: Vec<f32> = (0..out).map(|i| (i % 7) as f32).collect();
                 h.add_row(&x, &mut y, 0.75);
+                // A row quantized once for several targets gives the same bits.
+                let mut q = QuantRow::default();
+                q.set(&x);
+                let mut yq: Vec<f32> = (0..out).map(|i| (i % 7) as f32).collect();
+                h.add_row_q(&x, &q, &mut yq, 0.75);
+                assert_eq!(y, yq, "r={r} {inp}->{out} compact={compact}: add_row_q differs from add_row");
                 let got: Vec<f32> = y.iter().enumerate().map(|(i, g)| g - (i % 7) as f32).collect();
                 // The portable kernel (other ranks, other CPUs) on the same factors.
                 let mut portable = vec![0f32; out];
