@@ -136,48 +136,58 @@ impl BatchDeltas<'_> {
                 tasks.push((start, len, c, mine));
             }
         }
-        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| -> Result<()> {
+        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| {
             let xs = &xh[start * in_dim..(start + len) * in_dim];
-            // The chunk's rows quantized once for every compact low-rank target that reads them.
-            let mut qrows: Option<Vec<QuantRow>> = None;
-            for (target, out, dst) in outs {
-                for (deltas, scale) in &c.parts {
-                    let Some(m) = deltas.targets.get(&target) else { continue };
-                    match (m, deltas.host_low_rank(&target)) {
-                        (MatrixDelta::Sparse(_), _) => {} // done above
-                        (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
-                            if h.is_compact() {
-                                let rows = qrows.get_or_insert_with(|| {
-                                    xs.chunks_exact(in_dim)
-                                        .map(|xr| {
-                                            let mut q = QuantRow::default();
-                                            q.set(xr);
-                                            q
-                                        })
-                                        .collect()
-                                });
-                                for ((xr, q), yr) in xs.chunks_exact(in_dim).zip(rows.iter()).zip(dst.chunks_exact_mut(out)) {
-                                    h.add_row_q(xr, q, yr, *scale);
-                                }
-                            } else {
-                                for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
-                                    h.add_row(xr, yr, *scale);
-                                }
-                            }
+            // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
+            QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
+                Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
+            })
+        })
+    }
+}
+
+/// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
+/// (`[len, in_dim]`): per-row kernels for decode rows (each row quantized once, into `qrows`, for
+/// all compact targets), GEMMs for prefill segments.
+fn add_chunk_deltas(c: &Composition, outs: Vec<(Target, usize, &mut [f32])>, xs: &[f32], in_dim: usize, qrows: &mut Vec<QuantRow>) -> Result<()> {
+    let len = xs.len() / in_dim;
+    let mut quantized = false;
+    for (target, out, dst) in outs {
+        for (deltas, scale) in &c.parts {
+            let Some(m) = deltas.targets.get(&target) else { continue };
+            match (m, deltas.host_low_rank(&target)) {
+                (MatrixDelta::Sparse(_), _) => {} // done by add_sparse_grouped
+                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS && h.is_compact() => {
+                    if !quantized {
+                        if qrows.len() < len {
+                            qrows.resize_with(len, QuantRow::default);
                         }
-                        _ => {
-                            let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
-                            let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
-                            for (o, v) in dst.iter_mut().zip(d) {
-                                *o += v;
-                            }
+                        for (q, xr) in qrows.iter_mut().zip(xs.chunks_exact(in_dim)) {
+                            q.set(xr);
                         }
+                        quantized = true;
+                    }
+                    for ((xr, q), yr) in xs.chunks_exact(in_dim).zip(qrows.iter()).zip(dst.chunks_exact_mut(out)) {
+                        h.add_row_q(xr, q, yr, *scale);
+                    }
+                }
+                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
+                    for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
+                        h.add_row(xr, yr, *scale);
+                    }
+                }
+                _ => {
+                    let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
+                    let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
+                    for (o, v) in dst.iter_mut().zip(d) {
+                        *o += v;
                     }
                 }
             }
-            Ok(())
-        })
+        }
     }
+    Ok(())
 }
 
 /// Batch rows per register tile of the grouped sparse kernel.
@@ -259,6 +269,8 @@ thread_local! {
     static INPUT_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PROD_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Decode rows quantized for the compact LoRA kernels, kept between calls like the above.
+    static QUANT_ROWS: RefCell<Vec<QuantRow>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on `len` values of this thread's `buf`, grown if needed; the values are whatever an

@@ -474,7 +474,7 @@ impl HostLowRank {
         assert!(x.len() == self.in_dim && row.n == x.len() && y.len() == self.out_dim, "row of the wrong width");
         #[cfg(target_arch = "x86_64")]
         if let HostFactors::Int8 { a4, sa, b8, sb } = &self.factors {
-            if row.ready && crate::model::qgemm::available() {
+            if crate::model::qgemm::available() {
                 // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                 // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks.
                 unsafe { rank8_vnni_q(row, y, scale, a4, sa, b8, sb) };
@@ -585,15 +585,12 @@ pub struct QuantRow {
     d: Vec<f32>,
     qsum: Vec<i32>,
     n: usize,
-    /// Whether `q`, `d`, `qsum` hold the row (not where the CPU lacks VNNI).
-    ready: bool,
 }
 
 impl QuantRow {
     /// Quantizes `x` (a no-op where the CPU lacks VNNI: the portable kernels read `x` itself).
     pub fn set(&mut self, x: &[f32]) {
         self.n = x.len();
-        self.ready = false;
         #[cfg(target_arch = "x86_64")]
         if crate::model::qgemm::available() {
             let blocks = x.len().div_ceil(FACTOR_BLOCK);
@@ -602,7 +599,6 @@ impl QuantRow {
             self.qsum.resize(blocks, 0);
             // SAFETY: the CPU supports the features; the buffers hold `blocks` blocks.
             unsafe { quantize_row(x, &mut self.q, &mut self.d, &mut self.qsum) };
-            self.ready = true;
         }
     }
 }
@@ -658,62 +654,60 @@ unsafe fn rank8_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa:
     let blocks = n.div_ceil(FACTOR_BLOCK);
     debug_assert!(a4.len() == blocks * FACTOR_BLOCK * 8 && sa.len() == blocks * 8);
     debug_assert!(b8.len() == out.div_ceil(8) * 64 && sb.len() == out.div_ceil(FACTOR_BLOCK));
-    debug_assert!(row.ready && row.q.len() == blocks * FACTOR_BLOCK);
-    {
-        // x A^T: per block of 32 inputs, 8 vpdpbusd over 4 inputs each (a + 128 unsigned, x
-        // signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
-        let mut t = _mm256_setzero_ps();
-        for blk in 0..blocks {
-            let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
-            let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * 8);
-            let mut acc0 = _mm256_setzero_si256();
-            let mut acc1 = _mm256_setzero_si256();
-            for g in (0..8).step_by(2) {
-                let x0 = _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned());
-                let x1 = _mm256_set1_epi32((qp.add(4 * g + 4) as *const i32).read_unaligned());
-                acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(ap.add(g * 32) as *const __m256i), x0);
-                acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(ap.add(g * 32 + 32) as *const __m256i), x1);
+    debug_assert!(row.q.len() == blocks * FACTOR_BLOCK);
+    // x A^T: per block of 32 inputs, 8 vpdpbusd over 4 inputs each (a + 128 unsigned, x
+    // signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
+    let mut t = _mm256_setzero_ps();
+    for blk in 0..blocks {
+        let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
+        let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * 8);
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        for g in (0..8).step_by(2) {
+            let x0 = _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned());
+            let x1 = _mm256_set1_epi32((qp.add(4 * g + 4) as *const i32).read_unaligned());
+            acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(ap.add(g * 32) as *const __m256i), x0);
+            acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(ap.add(g * 32 + 32) as *const __m256i), x1);
+        }
+        let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk)));
+        let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * 8)), _mm256_set1_ps(*row.d.get_unchecked(blk)));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, t);
+    }
+    // t B^T: t quantized to 8 bits with one scale; per 4 outputs one vpdpbusd against the
+    // (lo, hi) halves of t, pairs of lanes summed.
+    let mut tv = [0f32; 8];
+    _mm256_storeu_ps(tv.as_mut_ptr(), t);
+    let tmax = tv.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if tmax == 0.0 {
+        return;
+    }
+    let dt = tmax / 127.0;
+    let tq: [i8; 8] = std::array::from_fn(|j| round_i8(tv[j] / dt));
+    let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
+    let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
+    let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
+    let pat = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
+    let bias = _mm256_set1_epi32(128 * tsum);
+    let yp = y.as_mut_ptr();
+    let bp = b8.as_ptr();
+    let mut o = 0;
+    while o < out {
+        let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8) as *const __m256i), pat);
+        let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8 + 32) as *const __m256i), pat);
+        // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
+        let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
+        let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, bias));
+        let s = _mm256_set1_ps(scale * dt * *sb.get_unchecked(o / FACTOR_BLOCK));
+        if o + 8 <= out {
+            _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
+        } else {
+            let mut part = [0f32; 8];
+            _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
+            for (k, p) in part.iter().enumerate().take(out - o) {
+                *yp.add(o + k) += p;
             }
-            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk)));
-            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * 8)), _mm256_set1_ps(*row.d.get_unchecked(blk)));
-            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, t);
         }
-        // t B^T: t quantized to 8 bits with one scale; per 4 outputs one vpdpbusd against the
-        // (lo, hi) halves of t, pairs of lanes summed.
-        let mut tv = [0f32; 8];
-        _mm256_storeu_ps(tv.as_mut_ptr(), t);
-        let tmax = tv.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if tmax == 0.0 {
-            return;
-        }
-        let dt = tmax / 127.0;
-        let tq: [i8; 8] = std::array::from_fn(|j| round_i8(tv[j] / dt));
-        let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
-        let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
-        let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
-        let pat = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
-        let bias = _mm256_set1_epi32(128 * tsum);
-        let yp = y.as_mut_ptr();
-        let bp = b8.as_ptr();
-        let mut o = 0;
-        while o < out {
-            let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8) as *const __m256i), pat);
-            let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8 + 32) as *const __m256i), pat);
-            // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
-            let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
-            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, bias));
-            let s = _mm256_set1_ps(scale * dt * *sb.get_unchecked(o / FACTOR_BLOCK));
-            if o + 8 <= out {
-                _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
-            } else {
-                let mut part = [0f32; 8];
-                _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
-                for (k, p) in part.iter().enumerate().take(out - o) {
-                    *yp.add(o + k) += p;
-                }
-            }
-            o += 8;
-        }
+        o += 8;
     }
 }
 
