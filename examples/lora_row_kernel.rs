@@ -6,7 +6,8 @@
 //!
 //!     cargo run --release --example lora_row_kernel
 use candle_core::{Device, Tensor};
-use modserve::adapters::delta::{MatrixDelta, ModuleDeltas, Target};
+use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::target::Target;
 use modserve::model::linear::{LinearId, Proj};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
@@ -51,7 +52,7 @@ fn main() {
                 for t in &targets {
                     for r in 0..ROWS {
                         let h = adapters[r % distinct].host_low_rank(t).expect("prepared");
-                        h.add_row(&x[..h.in_dim], &mut y[..h.out_dim], 0.5);
+                        h.add_row(&x[..h.in_dim()], &mut y[..h.out_dim()], 0.5);
                     }
                 }
             }
@@ -59,7 +60,7 @@ fn main() {
             // The server's order: per layer and projection group (q/k/v, o, gate/up, down, as
             // `Linear::forward_many` runs them), each row through the group's targets.
             let groups: [&[Proj]; 4] = [&[Proj::Q, Proj::K, Proj::V], &[Proj::O], &[Proj::Gate, Proj::Up], &[Proj::Down]];
-            let mut qrow = modserve::adapters::delta::QuantRow::default();
+            let mut qrow = modserve::kernels::lowrank::QuantRow::default();
             let t0 = Instant::now();
             for _ in 0..iters {
                 for layer in 0..LAYERS {
@@ -70,7 +71,7 @@ fn main() {
                             qrow.set(&x[..in_dim]);
                             for &proj in g {
                                 let h = adapters[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared");
-                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim], 0.5);
+                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
                             }
                         }
                     }

@@ -6,9 +6,11 @@
 //! default pool.
 //!
 //!     cargo run --release --example sparse_kernel
-use modserve::adapters::apply::BatchDeltas;
-use modserve::adapters::delta::{MatrixDelta, ModuleDeltas, SparseMatrix, Target};
-use modserve::adapters::store::Composition;
+use modserve::adapters::batch::BatchDeltas;
+use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::target::Target;
+use modserve::kernels::sparse_layout::SparseMatrix;
+use modserve::adapters::composition::Composition;
 use modserve::model::linear::{LinearId, Proj, RowDeltas};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::linear::WeightMode;
@@ -50,7 +51,8 @@ pub struct ModelArgs {
     #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
     /// Keep weights quantized (fast) or dequantize every tensor to float32 (reference parity).
-    #[arg(long, env = "MODSERVE_WEIGHTS", value_enum, default_value = "quantized")]
+    #[arg(long, env = "MODSERVE_WEIGHTS", default_value = "quantized",
+          value_parser = clap::builder::EnumValueParser::<WeightsArg>::new().map(WeightMode::from))]
     pub weights: WeightMode,
     /// `cpu` or `cuda:N` (needs the `cuda` cargo feature).
     #[arg(long, env = "MODSERVE_DEVICE", default_value = "cpu")]
@@ -58,6 +60,29 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "MODSERVE_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// `--weights` as the command line spells it (the model layer's [`WeightMode`] knows nothing of
+/// clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsArg {
+    /// Keep GGUF block-quantized weights and multiply with candle's quantized kernels.
+    Quantized,
+    /// Dequantize every tensor to float32 (the mode that matches the parity kit).
+    F32,
+    /// Hold both: quantized blocks for steps of few rows (memory-bound matrix-vector products),
+    /// float32 for larger batch steps (compute-bound GEMMs). About 5x the memory of `quantized`.
+    Auto,
+}
+
+impl From<WeightsArg> for WeightMode {
+    fn from(a: WeightsArg) -> Self {
+        match a {
+            WeightsArg::Quantized => WeightMode::Quantized,
+            WeightsArg::F32 => WeightMode::F32,
+            WeightsArg::Auto => WeightMode::Auto,
+        }
+    }
 }
 
 /// Where adapter modules live and how much of them stays resident.

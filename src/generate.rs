@@ -4,11 +4,12 @@
 //! "timings":{"ttft_s":..,"decode_s":..,"decode_tokens_per_s":..}}`.
 use std::sync::Arc;
 
-use crate::adapters::store::{parse_delta_ref, parse_route, AdapterStore, CompositionSpec};
+use crate::adapters::composition::{parse_delta_ref, parse_route, CompositionSpec};
+use crate::adapters::store::AdapterStore;
 use crate::config::GenerateArgs;
 use crate::engine::actor::{spawn_engine, EngineConfig};
 use crate::engine::output::Collected;
-use crate::engine::request::{EngineRequest, PromptInput, TextFrontEnd};
+use crate::engine::prepare::{EngineRequest, PromptInput, TextFrontEnd};
 use crate::engine::sequence::GenerateSpec;
 use crate::model::load::LoadedModel;
 use crate::model::sampling::{SamplingParams, TokenLogprob};

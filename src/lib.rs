@@ -12,6 +12,7 @@ pub mod convert;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
+pub mod kernels;
 pub mod loadgen;
 pub mod runtime;
 pub mod stats;

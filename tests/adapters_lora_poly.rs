@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use modserve::adapters::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
+use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::target::{BaseShapes, Target};
 use modserve::adapters::error::AdapterError;
-use modserve::adapters::lora::load_peft_lora;
-use modserve::adapters::poly::{load_peft_poly, Routing};
+use modserve::adapters::formats::lora::load_peft_lora;
+use modserve::adapters::formats::poly::{load_peft_poly, Routing};
 use modserve::model::config::LlamaConfig;
 use modserve::model::linear::{LinearId, Proj};
 use serde_json::{json, Value};

@@ -9,10 +9,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use modserve::adapters::delta::{BaseShapes, MatrixDelta, ModuleDeltas, SparseMatrix, Target};
+use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::target::{BaseShapes, Target};
+use modserve::kernels::sparse_layout::SparseMatrix;
 use modserve::adapters::error::AdapterError;
 use modserve::adapters::merge::{load_delta, load_recipe, merge, MergeMethod};
-use modserve::adapters::sft::{convert_pytorch_diff, load_pytorch_diff, load_sparse_safetensors, ConvertSummary};
+use modserve::adapters::formats::sft::{convert_pytorch_diff, load_pytorch_diff, load_sparse_safetensors, ConvertSummary};
 use modserve::model::config::LlamaConfig;
 use modserve::model::linear::{LinearId, Proj, WeightMode};
 use modserve::model::load::{load, LoadOptions};
@@ -329,7 +331,7 @@ fn convert_sft_cli_writes_a_module_with_the_same_deltas() {
 
 #[test]
 fn kit_pickles_are_far_inside_the_pickle_guard_limits() {
-    use modserve::adapters::pickle_guard::{scan, MAX_COPIED_NODES, MAX_DEPTH};
+    use modserve::adapters::formats::pickle_guard::{scan, MAX_COPIED_NODES, MAX_DEPTH};
     use std::io::Read;
     for m in ["sft_lang", "sft_task"] {
         let mut z = zip::ZipArchive::new(std::fs::File::open(common::fixture(&format!("parity/{m}/pytorch_diff.bin"))).unwrap()).unwrap();

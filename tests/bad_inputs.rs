@@ -5,7 +5,7 @@
 //! whole table the server must still answer the reference kit correctly, and no bad module may
 //! have become resident in the adapter cache.
 //!
-//! Expectations follow src/api/status.rs (`adapter_code`), src/engine/request.rs and the loaders;
+//! Expectations follow src/api/status.rs (`adapter_code`), src/engine/prepare.rs and the loaders;
 //! where the server's answer is not what a demanding client should get, the case keeps the right
 //! expectation (see the `// BUG?` notes) and the table reports it.
 mod common;

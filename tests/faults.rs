@@ -221,7 +221,7 @@ async fn unregister_and_evict_during_streams_keep_pinned_versions() {
     println!("b) {:.1} s", t0.elapsed().as_secs_f64());
 }
 
-/// c) A module file deleted and another corrupted after load. What src/adapters/store.rs
+/// c) A module file deleted and another corrupted after load. What the adapter store (src/adapters/store.rs)
 /// guarantees: in-flight requests keep their pinned version and finish; every new lookup
 /// re-fingerprints the files, so the next request loads the changed files and gets a clear
 /// error (deleted weights: NOT_FOUND adapter_io; garbage: FAILED_PRECONDITION adapter_malformed);

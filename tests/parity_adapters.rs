@@ -7,10 +7,11 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::Device;
-use modserve::adapters::apply::BatchDeltas;
-use modserve::adapters::poly::Routing;
+use modserve::adapters::batch::BatchDeltas;
+use modserve::adapters::formats::poly::Routing;
 use modserve::adapters::registry::{AdapterRoot, Registry};
-use modserve::adapters::store::{AdapterStore, Composition, CompositionSpec, DeltaRef};
+use modserve::adapters::composition::{Composition, CompositionSpec, DeltaRef};
+use modserve::adapters::store::AdapterStore;
 use modserve::engine::sequence::{GenerateSpec, Sequence};
 use modserve::engine::step::run_to_completion;
 use modserve::model::kv_cache::SeqKvCache;
@@ -150,7 +151,7 @@ fn ewr_merged_delta_equals_the_kit_expectation() {
     let expected = candle_core::safetensors::load(common::fixture("parity/ewr/expected_merged_delta.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(deltas.targets.len(), expected.len());
     for (name, want) in &expected {
-        let t = modserve::adapters::delta::Target::from_hf_name(name).unwrap();
+        let t = modserve::adapters::target::Target::from_hf_name(name).unwrap();
         let got = deltas.targets[&t].to_dense().unwrap();
         let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
         let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();

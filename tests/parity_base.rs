@@ -7,7 +7,7 @@ use candle_core::Device;
 use modserve::engine::sequence::GenerateSpec;
 use modserve::engine::actor::{spawn_engine, EngineConfig};
 use modserve::engine::output::Collected;
-use modserve::engine::request::{EngineRequest, PromptInput, TextFrontEnd};
+use modserve::engine::prepare::{EngineRequest, PromptInput, TextFrontEnd};
 use modserve::model::kv_cache::SeqKvCache;
 use modserve::model::linear::{NoDeltas, WeightMode};
 use modserve::model::llama::SeqChunk;

@@ -18,8 +18,8 @@
 //! - [`pickle_diff`]: bytes as `archive/data.pkl` of a zip with float / long / int storages
 //!   -> `sft::load_pytorch_diff` (`pickle_guard`, then candle).
 //!
-//! The pickle targets also check that a pickle `modserve::adapters::pickle_guard::scan` refuses is
-//! refused by the loader (the loaders never hand candle bytes the guard has not accepted). Every
+//! The pickle targets also check that a pickle `modserve::adapters::formats::pickle_guard::scan`
+//! refuses is refused by the loader (the loaders never hand candle bytes the guard has not accepted). Every
 //! loader result goes through one counter that also records refusals, so [`run_explained`] can
 //! show why an input was refused (the replay checks resource findings are refused for the right
 //! reason).
@@ -35,10 +35,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use modserve::adapters::delta::{BaseShapes, Target};
+use modserve::adapters::target::{BaseShapes, Target};
 use modserve::adapters::error::AdapterError;
-use modserve::adapters::poly::Routing;
-use modserve::adapters::{dense, lora, merge, pickle_guard, poly, sft};
+use modserve::adapters::formats::poly::Routing;
+use modserve::adapters::formats::{lora, pickle_guard, poly, sft, task_vector as dense};
+use modserve::adapters::merge;
 use modserve::model::config::LlamaConfig;
 use safetensors::Dtype;
 

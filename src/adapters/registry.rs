@@ -6,7 +6,6 @@
 //! (size, mtime, inode of every file) so a file swapped after registration is noticed and loaded
 //! as a new version.
 use std::path::{Component, Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use dashmap::DashMap;
 
@@ -135,38 +134,6 @@ pub fn detect_kind(path: &Path) -> Result<ModuleKind, AdapterError> {
     })
 }
 
-/// The files of a module, sorted: the path itself, or the regular files (symlinks followed) directly
-/// inside its folder.
-pub fn module_files(path: &Path) -> Result<Vec<PathBuf>, AdapterError> {
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: e.to_string() };
-    let mut files = Vec::new();
-    for e in std::fs::read_dir(path).map_err(io)? {
-        let p = e.map_err(io)?.path();
-        if p.is_file() {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Size, mtime and inode of every file of a module: changes when a file is swapped or edited.
-pub fn fingerprint(path: &Path) -> Result<String, AdapterError> {
-    use std::os::unix::fs::MetadataExt;
-    let io = |p: &Path, e: std::io::Error| AdapterError::Io { path: p.into(), reason: e.to_string() };
-    let files = module_files(path)?;
-    let mut parts = Vec::with_capacity(files.len());
-    for f in files {
-        let m = std::fs::metadata(&f).map_err(|e| io(&f, e))?;
-        let mtime = m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
-        parts.push(format!("{}:{}:{}:{}", f.file_name().and_then(|n| n.to_str()).unwrap_or("?"), m.len(), mtime, m.ino()));
-    }
-    Ok(parts.join("|"))
-}
-
 /// A registered module.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
@@ -241,6 +208,7 @@ fn validate_id(id: &str) -> Result<(), AdapterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::source::fingerprint;
 
     fn lora_dir(root: &Path, name: &str) {
         let d = root.join(name);

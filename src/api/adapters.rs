@@ -10,7 +10,8 @@ use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
 use crate::adapters::registry::Registration;
-use crate::adapters::store::{AdapterStore, LoadedModule, ModuleData};
+use crate::adapters::loader::{LoadedModule, ModuleData};
+use crate::adapters::store::AdapterStore;
 use crate::pb;
 
 /// Service implementation.

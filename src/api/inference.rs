@@ -13,11 +13,11 @@ use tonic::{Code, Request, Response, Status};
 use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
-use crate::adapters::poly::Routing;
-use crate::adapters::store::{CompositionSpec, DeltaRef};
+use crate::adapters::formats::poly::Routing;
+use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::engine::actor::{EventResult, FinishInfo, StreamEvent};
 use crate::engine::output::Collected;
-use crate::engine::request::{EngineRequest, PromptInput};
+use crate::engine::prepare::{EngineRequest, PromptInput};
 use crate::engine::sequence::GenerateSpec;
 use crate::model::chat::ChatMessage;
 use crate::model::sampling::{SamplingParams, TokenLogprob};
@@ -232,7 +232,7 @@ impl Stream for FinishGuard {
             }
             Poll::Ready(None) if !self.ended => {
                 self.ended = true;
-                Poll::Ready(Some(Err(crate::engine::request::EngineError::SlowClient)))
+                Poll::Ready(Some(Err(crate::engine::error::EngineError::SlowClient)))
             }
             other => other,
         }

@@ -19,10 +19,11 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::adapters::registry::detect_kind;
-use crate::adapters::store::{AdapterLimits, AdapterStore};
+use crate::adapters::loader::AdapterLimits;
+use crate::adapters::store::AdapterStore;
 use crate::config::ServeArgs;
 use crate::engine::actor::{spawn_engine, EngineConfig};
-use crate::engine::request::{RequestLimits, TextFrontEnd};
+use crate::engine::prepare::{RequestLimits, TextFrontEnd};
 use crate::pb::adapters_server::AdaptersServer;
 use crate::pb::inference_server::InferenceServer;
 use state::{Ready, ServingState};

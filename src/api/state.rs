@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use super::status::status;
 use crate::adapters::store::AdapterStore;
 use crate::engine::actor::EngineHandle;
-use crate::engine::request::TextFrontEnd;
+use crate::engine::prepare::TextFrontEnd;
 
 /// Everything available once the model is loaded.
 pub struct Ready {

@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::adapters::error::AdapterError;
-use crate::engine::request::EngineError;
+use crate::engine::error::EngineError;
 
 /// Builds a status whose details hold the stable `code`.
 pub fn status(code: Code, stable: &str, message: impl Into<String>) -> Status {

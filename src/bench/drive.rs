@@ -10,9 +10,11 @@ use tokio::sync::mpsc;
 
 use super::stats::percentile;
 use super::Ctx;
-use crate::adapters::store::{AdapterStore, CompositionSpec};
+use crate::adapters::composition::CompositionSpec;
+use crate::adapters::store::AdapterStore;
 use crate::engine::actor::{EventResult, StreamEvent};
-use crate::engine::request::{EngineError, EngineRequest, PromptInput};
+use crate::engine::error::EngineError;
+use crate::engine::prepare::{EngineRequest, PromptInput};
 use crate::engine::sequence::GenerateSpec;
 use crate::model::sampling::SamplingParams;
 

@@ -14,7 +14,8 @@ use super::stats::{peak_rss_mb, percentile, Row, Zipf};
 use super::synth;
 use super::{Ctx, Results};
 use crate::adapters::cache::CacheSnapshot;
-use crate::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use crate::adapters::composition::{CompositionSpec, DeltaRef};
+use crate::adapters::store::AdapterStore;
 use crate::engine::actor::StreamEvent;
 use crate::model::linear::Proj;
 

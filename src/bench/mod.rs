@@ -19,12 +19,12 @@ mod scenarios;
 mod stats;
 mod synth;
 
-use crate::adapters::delta::BaseShapes;
+use crate::adapters::target::BaseShapes;
 use crate::adapters::registry::{AdapterRoot, Registry};
 use crate::adapters::store::AdapterStore;
 use crate::config::ModelArgs;
 use crate::engine::actor::{spawn_engine, EngineConfig, EngineHandle};
-use crate::engine::request::TextFrontEnd;
+use crate::engine::prepare::TextFrontEnd;
 use crate::model::load::LoadedModel;
 pub use stats::Row;
 

@@ -7,8 +7,9 @@ use super::drive::{self, ms, prompts, Job, Summary};
 use super::stats::{peak_rss_mb, percentile, Row};
 use super::synth::{self, PolyShape};
 use super::{Ctx, Results};
-use crate::adapters::poly::Routing;
-use crate::adapters::store::{AdapterStore, CompositionSpec, DeltaRef};
+use crate::adapters::formats::poly::Routing;
+use crate::adapters::composition::{CompositionSpec, DeltaRef};
+use crate::adapters::store::AdapterStore;
 use crate::model::linear::Proj;
 
 /// Cache budget of the stores that must hold everything (no eviction while measuring).

@@ -12,7 +12,9 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::stats::normal;
-use crate::adapters::delta::{BaseShapes, MatrixDelta, ModuleDeltas, SparseMatrix, Target};
+use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use crate::adapters::target::{BaseShapes, Target};
+use crate::kernels::sparse_layout::SparseMatrix;
 use crate::model::linear::{LinearId, Proj};
 
 /// Element type of written tensors.
@@ -190,7 +192,7 @@ pub fn write_sparse(dir: &Path, base: &BaseShapes, projs: &[Proj], density: f64,
             deltas.targets.insert(Target::Linear(LinearId { layer, proj: p }), MatrixDelta::Sparse(m));
         }
     }
-    crate::adapters::sft::save_sparse_safetensors(&dir.join("sparse_delta.safetensors"), &deltas)?;
+    crate::adapters::formats::sft::save_sparse_safetensors(&dir.join("sparse_delta.safetensors"), &deltas)?;
     Ok(nnz)
 }
 
@@ -255,17 +257,17 @@ mod tests {
         let base = tiny_base();
         let d = tmp("lora");
         write_lora(&d, &base, &Proj::ALL, 2, Elem::F16, 1).unwrap();
-        let (m, info) = crate::adapters::lora::load_peft_lora(&d, &base).unwrap();
+        let (m, info) = crate::adapters::formats::lora::load_peft_lora(&d, &base).unwrap();
         assert_eq!((info.rank, m.targets.len()), (2, 14));
         let d2 = tmp("poly");
         let shape = PolyShape { n_tasks: 3, n_skills: 4, n_splits: 2, r: 2 };
         write_poly(&d2, &base, &[Proj::Q, Proj::Down], shape, 2).unwrap();
-        let p = crate::adapters::poly::load_peft_poly(&d2, &base).unwrap();
+        let p = crate::adapters::formats::poly::load_peft_poly(&d2, &base).unwrap();
         assert_eq!((p.n_tasks(), p.n_skills(), p.n_splits(), p.rank()), (3, 4, 2, 2));
-        assert_eq!(p.mix(&crate::adapters::poly::Routing::Task(2)).unwrap().targets.len(), 4);
+        assert_eq!(p.mix(&crate::adapters::formats::poly::Routing::Task(2)).unwrap().targets.len(), 4);
         let d3 = tmp("sparse");
         let nnz = write_sparse(&d3, &base, &Proj::ALL, 0.2, 3).unwrap();
-        let sp = crate::adapters::sft::load_sparse_safetensors(&d3.join("sparse_delta.safetensors"), &base).unwrap();
+        let sp = crate::adapters::formats::sft::load_sparse_safetensors(&d3.join("sparse_delta.safetensors"), &base).unwrap();
         let got: usize = sp.targets.values().map(|t| match t {
             MatrixDelta::Sparse(m) => m.nnz(),
             _ => 0,

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::request::{EngineError, PreparedRequest, TextFrontEnd};
+use super::error::EngineError;
+use super::prepare::{PreparedRequest, TextFrontEnd};
 use super::scheduler::{chunk_keys, plan_step, SeqState, StepBudget, StepCostModel};
 use super::sequence::{FinishReason, Sequence};
 use super::step::run_step;

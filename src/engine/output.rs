@@ -2,7 +2,7 @@
 use tokio::sync::mpsc;
 
 use super::actor::{EventResult, FinishInfo, StreamEvent};
-use super::request::EngineError;
+use super::error::EngineError;
 use crate::model::sampling::TokenLogprob;
 
 /// A whole generation.

@@ -6,7 +6,7 @@
 //! contain text that a stop string may later remove; once finished, a sequence takes no input.
 use std::sync::Arc;
 
-use crate::adapters::store::Composition;
+use crate::adapters::composition::Composition;
 use crate::model::detok::IncrementalDecoder;
 use crate::model::kv_cache::SeqKvCache;
 use crate::model::sampling::{Sampled, Sampler, SamplingError, SamplingParams, TokenLogprob};

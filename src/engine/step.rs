@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::sequence::{Sequence, SequenceError, TokenEvent};
-use crate::adapters::apply::BatchDeltas;
+use crate::adapters::batch::BatchDeltas;
 use crate::model::llama::{Llama, SeqChunk};
 
 /// Errors of a batch step.

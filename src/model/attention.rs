@@ -6,10 +6,12 @@
 //! small tensor ops per sequence and layer, which dominate batched decode otherwise.
 //! Invariants: the math is exactly Hugging Face Llama's (rotate-half RoPE, softmax in f32 with the
 //! max subtracted, GQA head `h` reading kv head `h / group`); a sequence only ever reads its own
-//! cache, so results do not depend on the batch.
+//! cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
+//! [`HeadAttention`] in `kernels::attention`.
 use rayon::prelude::*;
 
 use super::kv_cache::SeqKvCache;
+use crate::kernels::attention::HeadAttention;
 
 /// Precomputed rotary tables, `[max_positions][head_dim / 2]`.
 pub struct RopeTables {
@@ -102,7 +104,7 @@ pub fn attention(
             let cap = caches[s].capacity();
             let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
             let kvh = h / group;
-            let head = HeadTask {
+            let head = HeadAttention {
                 q,
                 q_stride: qw,
                 q_off: h * hd,
@@ -125,121 +127,4 @@ pub fn attention(
         }
     }
     out
-}
-
-/// The attention of one head of one sequence over its rows.
-struct HeadTask<'a> {
-    q: &'a [f32],
-    q_stride: usize,
-    q_off: usize,
-    keys: &'a [f32],
-    values: &'a [f32],
-    hd: usize,
-    start: usize,
-    len: usize,
-    pos: usize,
-    scale: f32,
-}
-
-impl HeadTask<'_> {
-    fn run(&self) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { self.run_avx2() };
-            }
-        }
-        self.run_generic()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self) -> Vec<f32> {
-        // SAFETY: this function only runs when avx2 and fma are present.
-        self.run_with(|a, b| unsafe { dot_avx2(a, b) })
-    }
-
-    fn run_generic(&self) -> Vec<f32> {
-        self.run_with(dot)
-    }
-
-    #[inline(always)]
-    fn run_with(&self, dot: impl Fn(&[f32], &[f32]) -> f32) -> Vec<f32> {
-        let hd = self.hd;
-        let mut o = vec![0f32; self.len * hd];
-        let mut scores = vec![0f32; self.pos + self.len];
-        for i in 0..self.len {
-            let r = self.start + i;
-            let qv = &self.q[r * self.q_stride + self.q_off..r * self.q_stride + self.q_off + hd];
-            let visible = self.pos + i + 1;
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                *sc = dot(qv, &self.keys[j * hd..(j + 1) * hd]) * self.scale;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores[..visible].iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            let orow = &mut o[i * hd..(i + 1) * hd];
-            for (j, sc) in scores[..visible].iter().enumerate() {
-                let p = sc * inv;
-                for (ov, vv) in orow.iter_mut().zip(&self.values[j * hd..(j + 1) * hd]) {
-                    *ov += p * vv;
-                }
-            }
-        }
-        o
-    }
-}
-
-/// Dot product on 2 x 8 FMA lanes (the compiler does not vectorise [`dot`] well).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
-        i += 16;
-    }
-    if i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        i += 8;
-    }
-    let acc = _mm256_add_ps(acc0, acc1);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
-    while i < n {
-        s += a[i] * b[i];
-        i += 1;
-    }
-    s
-}
-
-/// Dot product with 8 independent accumulators (vectorises without reassociation).
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }

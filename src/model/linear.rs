@@ -8,7 +8,8 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::qgemm::{with_host_f32, PackedQ8};
+use crate::kernels::host::with_host_f32;
+use crate::kernels::int8_gemm::PackedQ8;
 use std::fmt;
 
 /// The seven adaptable projections of a Llama block, named as in Hugging Face / PEFT.
@@ -117,7 +118,7 @@ impl RowDeltas for NoDeltas {
 }
 
 /// How base weights are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightMode {
     /// Keep GGUF block-quantized weights and multiply with candle's quantized kernels.

@@ -12,6 +12,5 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
-pub mod qgemm;
 pub mod sampling;
 pub mod tokenizer;

@@ -16,12 +16,13 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
-use super::error::AdapterError;
-use super::store::ModuleBytes;
-use super::lora::{
+use super::peft::{
     check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector,
 };
+use crate::adapters::error::AdapterError;
+use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use crate::adapters::source::ModuleBytes;
+use crate::adapters::target::{BaseShapes, Target};
 
 /// PyTorch's `EPS` of the Poly router.
 const EPS: f32 = 1e-12;

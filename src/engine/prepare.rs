@@ -1,5 +1,5 @@
-//! Requests on their way into the engine: prompt forms, the text front end that turns them into
-//! token ids, composition resolution (which pins adapter versions), and the engine's errors.
+//! Request preparation, on the way into the engine: prompt forms, the text front end that turns
+//! them into token ids, and composition resolution (which pins adapter versions).
 //!
 //! Invariant: a [`PreparedRequest`] is fully validated (non-empty prompt of in-vocabulary ids that
 //! fits the context, valid sampling parameters, resolved and pinned composition), so the model
@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::error::EngineError;
 use super::sequence::GenerateSpec;
-use crate::adapters::error::AdapterError;
-use crate::adapters::store::{AdapterStore, Composition, CompositionSpec};
+use crate::adapters::composition::{Composition, CompositionSpec};
+use crate::adapters::store::AdapterStore;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::load::LoadedModel;
 
@@ -41,43 +42,6 @@ pub struct PreparedRequest {
     pub deadline: Option<Instant>,
     pub request_id: String,
     pub received_at: Instant,
-}
-
-/// Errors the engine reports to callers.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EngineError {
-    #[error("the request queue is full ({0} waiting)")]
-    QueueFull(usize),
-    #[error("the model is not loaded yet, or the server is shutting down")]
-    NotReady,
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("limit exceeded: {0}")]
-    Limit(String),
-    #[error("the request's deadline passed")]
-    DeadlineExceeded,
-    #[error("the client stopped reading the stream")]
-    SlowClient,
-    #[error(transparent)]
-    Adapter(#[from] AdapterError),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl EngineError {
-    /// Stable code string.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::QueueFull(_) => "queue_full",
-            Self::NotReady => "not_ready",
-            Self::InvalidArgument(_) => "invalid_argument",
-            Self::Limit(_) => "limit_exceeded",
-            Self::DeadlineExceeded => "deadline_exceeded",
-            Self::SlowClient => "slow_client",
-            Self::Adapter(e) => e.code(),
-            Self::Internal(_) => "internal",
-        }
-    }
 }
 
 /// Per-request limits (exceeding one is INVALID_ARGUMENT, code `limit_exceeded`).

@@ -11,13 +11,17 @@
 //! Invariants: the arithmetic is candle's `vec_dot_q8_0_q8_0` (an exact int32 dot per 32-block,
 //! scaled by d_w * d_x), so results equal candle's up to float summation order. Weights are
 //! stored as `q + 128` (u8, the unsigned operand of vpdpbusd) and the resulting `128 * sum(q_x)`
-//! bias is removed per block. Packing happens only when [`available`] (avx512f, avx512bw,
-//! avx512vnni, f16c at run time); otherwise callers keep candle's kernels. Panels past `n` are
+//! bias is removed per block. Packing happens only when the CPU probe reports the int8 tier
+//! ([`super::CpuFeatures::int8`]); otherwise callers keep candle's kernels. Panels past `n` are
 //! zero-padded and never written out.
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
+
+use super::host::with_host_f32;
+use super::int8_available as available;
+use super::shared_out::SendPtr;
 
 /// Output rows per panel (one 512-bit register of f32 / i32 lanes).
 const NR: usize = 16;
@@ -27,25 +31,6 @@ const QK: usize = 32;
 pub const MR: usize = 8;
 /// Bytes of one (panel, block): 16 x 32 weight bytes then 16 f16 scales.
 const PB: usize = NR * QK + NR * 2;
-
-/// True when this CPU runs the int8 kernels (checked once).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            let off = std::env::var("MODSERVE_INT8_GEMM").map(|v| v == "0" || v == "off").unwrap_or(false);
-            !off && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// A Q8_0 weight `[n, k]` packed for the int8 kernel.
 pub struct PackedQ8 {
@@ -184,27 +169,6 @@ impl PackedQ8 {
         });
     }
 }
-
-/// Runs `f` on the values of a CPU tensor as one host f32 slice (row-major), without a copy when
-/// it already is contiguous f32.
-pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("expected a CPU tensor");
-    };
-    let start = layout.start_offset();
-    f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
-}
-
-/// An output buffer's pointer shared by parallel tasks that each write their own disjoint part
-/// (GEMM panels here, sparse row blocks in the adapter layer). Whoever writes through it states
-/// which part it owns.
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: the pointer is only written through by tasks owning disjoint ranges of the buffer,
-// which outlives the parallel loop that shares it.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// The step's rows quantized per 32-block as candle's Q8_0 does.
 struct QuantRows {

@@ -22,9 +22,11 @@ use candle_core::pickle::Object;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, SparseMatrix, Target};
-use super::dense::{metadata, parse, read_bytes};
-use super::error::AdapterError;
+use super::safetensors_io::{metadata, parse, read_bytes};
+use crate::adapters::error::AdapterError;
+use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use crate::adapters::target::{BaseShapes, Target};
+use crate::kernels::sparse_layout::SparseMatrix;
 
 /// `format` value of the native sparse safetensors metadata.
 pub const SPARSE_FORMAT: &str = "modserve-sparse-v1";
@@ -337,14 +339,14 @@ pub fn save_sparse_safetensors(path: &Path, deltas: &ModuleDeltas) -> Result<(),
             return Err(unsupported(path, format!("`{}` is not a sparse delta; only sparse targets can be saved as {SPARSE_FORMAT}", t.hf_name())));
         };
         let name = t.hf_name();
-        shapes.insert(name.clone(), vec![m.rows, m.cols]);
-        let small = (m.rows as u64) * (m.cols as u64) <= u32::MAX as u64 + 1;
+        shapes.insert(name.clone(), vec![m.rows(), m.cols()]);
+        let small = (m.rows() as u64) * (m.cols() as u64) <= u32::MAX as u64 + 1;
         let mut idx = Vec::with_capacity(m.nnz() * if small { 4 } else { 8 });
         let mut vals: Vec<u8> = Vec::with_capacity(m.nnz() * 4);
-        for r in 0..m.rows {
+        for r in 0..m.rows() {
             let (cols, values) = m.row(r);
             for (&c, v) in cols.iter().zip(values) {
-                let f = r as u64 * m.cols as u64 + c as u64;
+                let f = r as u64 * m.cols() as u64 + c as u64;
                 if small {
                     idx.extend_from_slice(&(f as u32).to_le_bytes());
                 } else {
@@ -390,7 +392,7 @@ pub fn convert_pytorch_diff(src: &Path, dst: &Path, base: &BaseShapes) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::dense::tests::tiny_base;
+    use crate::adapters::testing::tiny_base;
     use crate::model::linear::{LinearId, Proj};
 
     fn k0() -> Target {

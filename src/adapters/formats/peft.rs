@@ -1,115 +1,23 @@
-//! PEFT LoRA adapters: `adapter_config.json` plus `adapter_model.safetensors` (or `.bin`) become a
-//! [`ModuleDeltas`] of low-rank factors. Also holds the PEFT helpers Poly shares (config reading,
-//! tensor loading, target selection).
+//! PEFT helpers shared by the LoRA and Poly formats: reading `adapter_config.json`, loading
+//! `adapter_model.safetensors` / `.bin` tensors, and selecting the base modules a config targets
+//! (`target_modules`, `exclude_modules`, `layers_to_transform`, suffix matching as PEFT does it).
 //!
-//! Invariants: every delta is `MatrixDelta::LowRank { a: [r, in], b: [out, r] }`, float32,
-//! contiguous, on the CPU, with the module scaling (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA,
-//! `r` and `alpha` per module from `rank_pattern` / `alpha_pattern`) folded into `b`. The modules in
-//! the file are exactly the base modules the config selects. Anything PEFT would compute
-//! differently from `W + scale * B @ A` (DoRA, `modules_to_save`, biases, regex targets we cannot
-//! evaluate, ...) is refused with an error naming the file, never approximated. Weights use the
-//! Hugging Face layout, so no q/k row permutation happens here.
+//! Invariants: a tensor file is parsed from the very bytes the module's version hashed when they
+//! are given ([`ModuleBytes`]); pickled `.bin` files pass [`super::pickle_guard`] before candle
+//! reads them; every error names the file.
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::delta::{BaseShapes, MatrixDelta, ModuleDeltas, Target};
-use super::error::AdapterError;
-use super::store::ModuleBytes;
+use crate::adapters::error::AdapterError;
+use crate::adapters::source::ModuleBytes;
+use crate::adapters::target::{BaseShapes, Target};
 use crate::model::linear::{LinearId, Proj};
 
-/// Summary of a loaded LoRA adapter (listings, logs).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraInfo {
-    /// Largest rank over the adapted modules.
-    pub rank: usize,
-    /// `lora_alpha` of the config (`alpha_pattern` may override it per module).
-    pub alpha: f64,
-    /// Names of the adapted projections (`q_proj`, ..., `lm_head`), sorted and deduplicated.
-    pub targets: Vec<String>,
-    /// Scaling is `alpha / sqrt(r)` instead of `alpha / r`.
-    pub use_rslora: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct LoraConfig {
-    peft_type: Option<String>,
-    #[serde(default = "default_r")]
-    r: usize,
-    #[serde(default = "default_alpha")]
-    lora_alpha: f64,
-    use_rslora: Option<bool>,
-    target_modules: Option<Value>,
-    exclude_modules: Option<Value>,
-    rank_pattern: Option<Ordered<usize>>,
-    alpha_pattern: Option<Ordered<f64>>,
-    layers_to_transform: Option<OneOrMany>,
-    layers_pattern: Option<Value>,
-    fan_in_fan_out: Option<bool>,
-    use_dora: Option<bool>,
-    modules_to_save: Option<Value>,
-    bias: Option<String>,
-    lora_bias: Option<bool>,
-    layer_replication: Option<Value>,
-    target_parameters: Option<Value>,
-    trainable_token_indices: Option<Value>,
-    alora_invocation_tokens: Option<Value>,
-    use_qalora: Option<bool>,
-}
-
-fn default_r() -> usize {
-    8
-}
-fn default_alpha() -> f64 {
-    8.0
-}
-
-/// `layers_to_transform`: one index or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-/// A JSON object read in file order (PEFT takes the first matching pattern key).
-#[derive(Debug, Default)]
-struct Ordered<V>(Vec<(String, V)>);
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Vis<V>(PhantomData<V>);
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for Vis<V> {
-            type Value = Ordered<V>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of module-name patterns")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Ordered<V>, M::Error> {
-                let mut v = Vec::new();
-                while let Some(e) = m.next_entry()? {
-                    v.push(e);
-                }
-                Ok(Ordered(v))
-            }
-        }
-        d.deserialize_map(Vis(PhantomData))
-    }
-}
-
-impl<V: Copy> Ordered<V> {
-    /// The value of the first key equal to `module` or to a whole-component dotted suffix of it.
-    fn lookup(&self, module: &str) -> Option<V> {
-        self.0.iter().find(|(k, _)| suffix_match(module, k)).map(|(_, v)| *v)
-    }
-}
-
-fn suffix_match(module: &str, key: &str) -> bool {
+pub(crate) fn suffix_match(module: &str, key: &str) -> bool {
     module == key || module.strip_suffix(key).is_some_and(|p| p.ends_with('.'))
 }
 
@@ -139,7 +47,7 @@ pub(crate) fn present(v: &Option<Value>) -> bool {
 }
 
 /// The value when [`present`].
-fn given(v: &Option<Value>) -> Option<&Value> {
+pub(crate) fn given(v: &Option<Value>) -> Option<&Value> {
     v.as_ref().filter(|_| present(v))
 }
 
@@ -158,7 +66,7 @@ pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Re
     }
     let bin = dir.join("adapter_model.bin");
     if bin.is_file() {
-        let v = super::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
+        let v = crate::adapters::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
         return Ok((bin, v));
     }
     Err(AdapterError::Io {
@@ -391,184 +299,6 @@ pub(crate) fn check_coverage(
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Factor {
-    A,
-    B,
-}
-
-/// `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight` -> (module, factor).
-fn parse_lora_name(name: &str) -> Option<(String, Factor)> {
-    let name = name.strip_prefix("base_model.model.").unwrap_or(name);
-    [(".lora_A.", Factor::A), (".lora_B.", Factor::B)].into_iter().find_map(|(tag, f)| {
-        let i = name.find(tag)?;
-        let rest = &name[i + tag.len()..];
-        let ok = rest == "weight" || rest.strip_suffix(".weight").is_some_and(|a| !a.is_empty() && !a.contains('.'));
-        ok.then(|| (name[..i].to_string(), f))
-    })
-}
-
-/// Error for a tensor that is not a LoRA factor.
-fn foreign_tensor(name: &str, file: &Path) -> AdapterError {
-    if name.contains("lora_embedding_") {
-        unsupported(file, format!("`{name}`: LoRA on embedding layers"))
-    } else if name.contains("lora_magnitude_vector") {
-        unsupported(file, format!("`{name}`: DoRA magnitude vectors"))
-    } else if name.contains(".lora_B.") && name.ends_with(".bias") {
-        unsupported(file, format!("`{name}`: LoRA biases (lora_bias)"))
-    } else {
-        malformed(file, format!("unexpected tensor `{name}` (expected `<module>.lora_A.weight` / `.lora_B.weight`)"))
-    }
-}
-
-/// Loads a PEFT LoRA adapter folder; every error names the file and the problem.
-pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
-    load_peft_lora_from(dir, base, None)
-}
-
-/// [`load_peft_lora`], parsing the tensor file from `read` when it holds its bytes.
-pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBytes>) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
-    let cfg_path = dir.join("adapter_config.json");
-    let cfg: LoraConfig = read_config(&cfg_path)?;
-    match cfg.peft_type.as_deref() {
-        Some("LORA") => {}
-        Some(other) => return Err(unsupported(&cfg_path, format!("peft_type `{other}` is not LORA"))),
-        None => return Err(malformed(&cfg_path, "`peft_type` is missing")),
-    }
-    let refusals: [(bool, &str); 10] = [
-        (cfg.use_dora == Some(true), "DoRA (`use_dora: true`)"),
-        (present(&cfg.modules_to_save), "`modules_to_save` (fully trained extra modules)"),
-        (cfg.bias.as_deref().is_some_and(|b| b != "none"), "`bias` other than \"none\""),
-        (cfg.lora_bias == Some(true), "`lora_bias: true`"),
-        (present(&cfg.layer_replication), "`layer_replication`"),
-        (present(&cfg.target_parameters), "`target_parameters`"),
-        (present(&cfg.trainable_token_indices), "`trainable_token_indices`"),
-        (present(&cfg.alora_invocation_tokens), "activated LoRA (`alora_invocation_tokens`)"),
-        (cfg.use_qalora == Some(true), "QALoRA (`use_qalora: true`)"),
-        (cfg.r == 0, "`r: 0`"),
-    ];
-    if let Some((_, what)) = refusals.iter().find(|(bad, _)| *bad) {
-        return Err(unsupported(&cfg_path, *what));
-    }
-    let mut sel = Selector::new(&cfg.target_modules, &cfg.exclude_modules, &cfg_path)?;
-    if let Some(lp) = &cfg.layers_pattern {
-        let ok = match lp {
-            Value::Null => true,
-            Value::String(s) => s == "layers",
-            Value::Array(a) => a.is_empty() || a.iter().any(|v| v == "layers"),
-            _ => false,
-        };
-        if !ok {
-            return Err(unsupported(&cfg_path, format!("`layers_pattern` {lp} (llama layers are `layers`)")));
-        }
-    }
-    sel.layers = cfg.layers_to_transform.map(|l| match l {
-        OneOrMany::One(i) => vec![i],
-        OneOrMany::Many(v) => v,
-    });
-    let (file, tensors) = load_adapter_tensors(dir, read)?;
-    let mut pairs: BTreeMap<String, [Option<(String, Tensor)>; 2]> = BTreeMap::new();
-    for (name, t) in tensors {
-        let (module, f) = parse_lora_name(&name).ok_or_else(|| foreign_tensor(&name, &file))?;
-        let slot = &mut pairs.entry(module.clone()).or_default()[f as usize];
-        if slot.is_some() {
-            return Err(malformed(&file, format!("two lora_{f:?} tensors for module `{module}`")));
-        }
-        *slot = Some((name, t));
-    }
-    let mut targets = BTreeMap::new();
-    for module in pairs.keys() {
-        targets.insert(module.clone(), module_target(module, &file, base)?);
-    }
-    check_coverage(&sel, base, &pairs.keys().cloned().collect(), &file)?;
-    let fifo = cfg.fan_in_fan_out == Some(true);
-    let rslora = cfg.use_rslora == Some(true);
-    // Each module's factors are checked and scaled in parallel (a cold load waits on this); the
-    // first failing module in name order is reported, as a sequential loop would.
-    let one = |(module, [a, b]): (String, [Option<(String, Tensor)>; 2])| -> Result<(Target, usize, Tensor, Tensor), AdapterError> {
-        let (an, a, bn, b) = match (a, b) {
-            (Some((an, a)), Some((bn, b))) => (an, a, bn, b),
-            (Some((have, _)), None) | (None, Some((have, _))) => {
-                let f = if have.contains(".lora_A.") { "B" } else { "A" };
-                return Err(malformed(&file, format!("module `{module}` has `{have}` but no lora_{f} tensor")));
-            }
-            (None, None) => unreachable!("a module is recorded with at least one factor"),
-        };
-        let target = targets[&module];
-        let (out, inp) = base
-            .shape(target)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
-        let (a, b) = orient(to_f32(&a, &file, &an)?, to_f32(&b, &file, &bn)?, (out, inp), fifo, &file, (&an, &bn))?;
-        let (ra, rb) = (a.dim(0)?, b.dim(1)?);
-        if ra != rb {
-            return Err(malformed(&file, format!("`{an}` has rank {ra} but `{bn}` has rank {rb}")));
-        }
-        let rank = cfg.rank_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.r);
-        if ra != rank || rank == 0 {
-            return Err(malformed(
-                &file,
-                format!("`{module}` has rank {ra} but adapter_config.json gives r={rank} (r / rank_pattern)"),
-            ));
-        }
-        let alpha = cfg.alpha_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.lora_alpha);
-        let scaling = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
-        let b = (b * scaling)?.contiguous()?;
-        Ok((target, rank, a, b))
-    };
-    let built: Vec<Result<(Target, usize, Tensor, Tensor), AdapterError>> = {
-        use rayon::prelude::*;
-        pairs.into_par_iter().map(one).collect()
-    };
-    let (mut deltas, mut max_rank, mut names) = (ModuleDeltas::default(), 0, BTreeSet::new());
-    for r in built {
-        let (target, rank, a, b) = r?;
-        max_rank = max_rank.max(rank);
-        names.insert(match target {
-            Target::Linear(id) => id.proj.hf_name().to_string(),
-            _ => "lm_head".to_string(),
-        });
-        if deltas.targets.insert(target, MatrixDelta::LowRank { a, b }).is_some() {
-            return Err(malformed(&file, format!("two sets of factors for `{}`", target.hf_name())));
-        }
-    }
-    deltas.validate(base, &file)?;
-    let info =
-        LoraInfo { rank: max_rank, alpha: cfg.lora_alpha, targets: names.into_iter().collect(), use_rslora: rslora };
-    Ok((deltas, info))
-}
-
-/// Returns `(a [r, in], b [out, r])`. PEFT stores factors this way even with `fan_in_fan_out`
-/// (it resets the flag for `nn.Linear`); with the flag, factors stored transposed are accepted.
-fn orient(
-    a: Tensor,
-    b: Tensor,
-    (out, inp): (usize, usize),
-    fifo: bool,
-    file: &Path,
-    (an, bn): (&str, &str),
-) -> Result<(Tensor, Tensor), AdapterError> {
-    let shape_err = |name: &str, t: &Tensor, expected: Vec<usize>| AdapterError::Shape {
-        path: file.into(),
-        tensor: name.into(),
-        expected,
-        got: t.dims().to_vec(),
-    };
-    let (Ok((ar, ac)), Ok((br, bc))) = (a.dims2(), b.dims2()) else {
-        let (name, t) = if a.rank() != 2 { (an, &a) } else { (bn, &b) };
-        return Err(AdapterError::Malformed {
-            path: file.into(),
-            reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()),
-        });
-    };
-    if ac == inp && br == out {
-        return Ok((a, b));
-    }
-    if fifo && ar == inp && bc == out {
-        return Ok((a.t()?.contiguous()?, b.t()?.contiguous()?));
-    }
-    Err(if ac != inp { shape_err(an, &a, vec![ar, inp]) } else { shape_err(bn, &b, vec![out, bc]) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,27 +316,5 @@ mod tests {
         assert!(
             TargetSpec::AllLinear.matches("model.layers.0.mlp.down_proj") && !TargetSpec::AllLinear.matches("lm_head")
         );
-    }
-
-    #[test]
-    fn tensor_names_parse_with_and_without_adapter_name() {
-        let m = "model.layers.2.mlp.up_proj".to_string();
-        assert_eq!(
-            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"),
-            Some((m.clone(), Factor::A))
-        );
-        assert_eq!(
-            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
-            Some((m, Factor::B))
-        );
-        assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.bias"), None);
-        assert_eq!(parse_lora_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
-    }
-
-    #[test]
-    fn ordered_patterns_keep_file_order() {
-        let p: Ordered<usize> = serde_json::from_str(r#"{"q_proj": 4, "layers.0.self_attn.q_proj": 2}"#).unwrap();
-        assert_eq!(p.lookup("model.layers.0.self_attn.q_proj"), Some(4));
-        assert_eq!(p.lookup("model.layers.0.self_attn.k_proj"), None);
     }
 }

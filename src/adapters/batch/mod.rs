@@ -1,0 +1,310 @@
+//! Applying per-request compositions inside a batch step: the [`RowDeltas`] implementation, the
+//! per-chunk low-rank and dense work, and (in [`sparse_plan`]) the grouped sparse step with its
+//! plan; [`buffers`] holds the per-thread buffers they reuse between steps. No SIMD here: the
+//! kernels are in `crate::kernels`.
+//!
+//! The base product `y = x W^T` runs once for every row (before, or beside, this); here each
+//! chunk's rows get the deltas of that chunk's own composition only: low-rank as `(x A^T) B^T`,
+//! sparse grouped by module across rows with a cost that scales with the non-zeros, dense as
+//! `x D^T`. Invariant: rows of a chunk
+//! without a composition (or whose composition does not touch the layer) are left exactly as the
+//! base computed them, so a request's result does not depend on its batch neighbours.
+mod buffers;
+mod sparse_plan;
+
+use candle_core::{Result, Tensor};
+
+use self::buffers::QUANT_ROWS;
+use self::sparse_plan::add_sparse_grouped;
+use super::composition::Composition;
+use super::module_deltas::MatrixDelta;
+use super::target::Target;
+use crate::kernels::lowrank::QuantRow;
+use crate::model::linear::{LinearId, RowDeltas};
+
+
+/// The compositions of one batch step, by chunk.
+pub struct BatchDeltas<'a> {
+    /// `(first row, rows, composition)` per chunk, in the step's chunk order.
+    chunks: Vec<(usize, usize, Option<&'a Composition>)>,
+    /// Whether the output head shares the embedding matrix (embedding deltas then apply to it too).
+    tied: bool,
+}
+
+impl<'a> BatchDeltas<'a> {
+    /// `chunks`: rows and composition of every chunk, in order.
+    pub fn new(chunks: impl IntoIterator<Item = (usize, Option<&'a Composition>)>, tied: bool) -> Self {
+        let mut start = 0;
+        let chunks = chunks
+            .into_iter()
+            .map(|(len, c)| {
+                let s = start;
+                start += len;
+                (s, len, c.filter(|c| !c.parts.is_empty()))
+            })
+            .collect();
+        Self { chunks, tied }
+    }
+
+    /// Whether no chunk has a composition (the step is base-only).
+    pub fn is_empty(&self) -> bool {
+        self.chunks.iter().all(|c| c.2.is_none())
+    }
+
+    /// Whether any chunk's composition has a delta for `target`.
+    fn touches(&self, target: &Target) -> bool {
+        self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(target))))
+    }
+
+    fn head_target(&self) -> Target {
+        if self.tied {
+            Target::Embedding
+        } else {
+            Target::LmHead
+        }
+    }
+}
+
+/// `scale * x M^T` for one delta matrix; `x: [n, in]` -> `[n, out]`.
+pub fn delta_product(m: &MatrixDelta, x: &Tensor, scale: f32) -> Result<Tensor> {
+    let s = scale as f64;
+    match m {
+        MatrixDelta::LowRank { a, b } => x.matmul(&a.t()?)?.matmul(&b.t()?)? * s,
+        MatrixDelta::Dense(d) => x.matmul(&d.t()?)? * s,
+        MatrixDelta::Sparse(sp) => {
+            let n = x.dim(0)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; n * sp.rows()];
+            sp.add_matmul_t(&xv, n, &mut y, scale);
+            Tensor::from_vec(y, (n, sp.rows()), x.device())
+        }
+    }
+}
+
+/// Sum over a composition's parts that touch `target` of `scale * x M^T`, or None.
+fn composition_product(c: &Composition, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+    let mut acc: Option<Tensor> = None;
+    for (deltas, scale) in &c.parts {
+        if let Some(m) = deltas.targets.get(&target) {
+            let d = delta_product(m, x, *scale)?;
+            acc = Some(match acc {
+                Some(a) => (a + d)?,
+                None => d,
+            });
+        }
+    }
+    Ok(acc)
+}
+
+/// Segments shorter than this use the per-row CPU kernels; longer ones (prefill) use GEMMs.
+const ROW_KERNEL_MAX_ROWS: usize = 8;
+
+impl BatchDeltas<'_> {
+    /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer,
+    /// then a single add. Sparse deltas first, grouped by module ([`add_sparse_grouped`]): each
+    /// module's non-zeros are read once per step for all rows using it. Then low-rank and dense
+    /// deltas per chunk (per-row kernels for decode rows, GEMMs for prefill segments). Per row, the
+    /// order of additions depends only on its own composition, never on its neighbours.
+    fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let (n, in_dim) = x.dims2()?;
+        let out = y.dim(1)?;
+        let xh = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut dh = vec![0f32; n * out];
+        self.accumulate_host(&mut [(target, out, &mut dh)], &xh, in_dim)?;
+        let dh = Tensor::from_vec(dh, (n, out), y.device())?;
+        y + dh
+    }
+
+    /// Adds every chunk's deltas of each target for the rows `xh` (`[n, in_dim]`, host) into that
+    /// target's `dh` (`[n, out]`, host): sparse parts first (grouped by module across rows, see
+    /// [`add_sparse_grouped`]), then low-rank and dense parts per chunk, each row in its
+    /// composition's order. A chunk's rows go through all targets back to back (q, k and v of one
+    /// row read one adapter's factors in a row), chunks in parallel.
+    fn accumulate_host(&self, targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) -> Result<()> {
+        use rayon::prelude::*;
+        add_sparse_grouped(&self.chunks, targets, xh, in_dim);
+        // Chunks own disjoint, consecutive row ranges: split every output once, by chunk.
+        let mut tasks: Vec<(usize, usize, &Composition, Vec<(Target, usize, &mut [f32])>)> = Vec::with_capacity(self.chunks.len());
+        let mut rests: Vec<(Target, usize, &mut [f32])> = targets.iter_mut().map(|(t, out, dh)| (*t, *out, &mut **dh)).collect();
+        let mut consumed = 0;
+        for &(start, len, comp) in &self.chunks {
+            let mut mine = Vec::new();
+            for (t, out, rest) in rests.iter_mut() {
+                let (_, tail) = std::mem::take(rest).split_at_mut((start - consumed) * *out);
+                let (piece, tail) = tail.split_at_mut(len * *out);
+                *rest = tail;
+                let non_sparse = comp.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.get(t).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_)))));
+                if non_sparse {
+                    mine.push((*t, *out, piece));
+                }
+            }
+            consumed = start + len;
+            if let (Some(c), false) = (comp, mine.is_empty()) {
+                tasks.push((start, len, c, mine));
+            }
+        }
+        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| {
+            let xs = &xh[start * in_dim..(start + len) * in_dim];
+            // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
+            QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
+                Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
+            })
+        })
+    }
+}
+
+/// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
+/// (`[len, in_dim]`): per-row kernels for decode rows (each row quantized once, into `qrows`, for
+/// all compact targets), GEMMs for prefill segments.
+fn add_chunk_deltas(c: &Composition, outs: Vec<(Target, usize, &mut [f32])>, xs: &[f32], in_dim: usize, qrows: &mut Vec<QuantRow>) -> Result<()> {
+    let len = xs.len() / in_dim;
+    let mut quantized = false;
+    for (target, out, dst) in outs {
+        for (deltas, scale) in &c.parts {
+            let Some(m) = deltas.targets.get(&target) else { continue };
+            match (m, deltas.host_low_rank(&target)) {
+                (MatrixDelta::Sparse(_), _) => {} // done by add_sparse_grouped
+                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS && h.is_compact() => {
+                    if !quantized {
+                        if qrows.len() < len {
+                            qrows.resize_with(len, QuantRow::default);
+                        }
+                        for (q, xr) in qrows.iter_mut().zip(xs.chunks_exact(in_dim)) {
+                            q.set(xr);
+                        }
+                        quantized = true;
+                    }
+                    for ((xr, q), yr) in xs.chunks_exact(in_dim).zip(qrows.iter()).zip(dst.chunks_exact_mut(out)) {
+                        h.add_row_q(xr, q, yr, *scale);
+                    }
+                }
+                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
+                    for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
+                        h.add_row(xr, yr, *scale);
+                    }
+                }
+                _ => {
+                    let xt = Tensor::from_slice(xs, (len, in_dim), &candle_core::Device::Cpu)?;
+                    let d = delta_product(m, &xt, *scale)?.flatten_all()?.to_vec1::<f32>()?;
+                    for (o, v) in dst.iter_mut().zip(d) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl RowDeltas for BatchDeltas<'_> {
+    fn host_deltas(&self, ids: &[LinearId], x: &[f32], n: usize, outs: &[usize]) -> Result<Option<Vec<Option<Vec<f32>>>>> {
+        if n == 0 {
+            return Ok(Some(vec![None; ids.len()]));
+        }
+        let in_dim = x.len() / n;
+        // Every touched layer's deltas in one call (nested inside the caller's join).
+        let mut dhs: Vec<Option<Vec<f32>>> =
+            ids.iter().zip(outs).map(|(&id, &out)| self.touches(&Target::Linear(id)).then(|| vec![0f32; n * out])).collect();
+        let mut targets: Vec<(Target, usize, &mut [f32])> = ids
+            .iter()
+            .zip(outs)
+            .zip(dhs.iter_mut())
+            .filter_map(|((&id, &out), dh)| dh.as_mut().map(|dh| (Target::Linear(id), out, dh.as_mut_slice())))
+            .collect();
+        if !targets.is_empty() {
+            self.accumulate_host(&mut targets, x, in_dim)?;
+        }
+        Ok(Some(dhs))
+    }
+
+    fn add_deltas(&self, id: LinearId, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let target = Target::Linear(id);
+        let touched = self.touches(&target);
+        if !touched {
+            return Ok(y);
+        }
+        if x.device().is_cpu() {
+            return self.add_deltas_cpu(target, x, y);
+        }
+        let mut pieces: Vec<Option<Tensor>> = Vec::with_capacity(self.chunks.len());
+        let mut any = false;
+        for &(start, len, comp) in &self.chunks {
+            let p = match comp {
+                Some(c) => composition_product(c, target, &x.narrow(0, start, len)?)?,
+                None => None,
+            };
+            any |= p.is_some();
+            pieces.push(p);
+        }
+        if !any {
+            return Ok(y);
+        }
+        add_row_blocks(y, pieces.into_iter().zip(self.chunks.iter().map(|c| c.1)))
+    }
+
+    fn add_embedding_deltas(&self, ids: &[u32], x: Tensor) -> Result<Tensor> {
+        let touched = self.touches(&Target::Embedding);
+        if !touched {
+            return Ok(x);
+        }
+        let (n, hidden) = x.dims2()?;
+        let mut add = vec![0f32; n * hidden];
+        for &(start, len, comp) in &self.chunks {
+            let Some(c) = comp else { continue };
+            for (deltas, scale) in &c.parts {
+                let Some(m) = deltas.targets.get(&Target::Embedding) else { continue };
+                for r in start..start + len {
+                    let row = &mut add[r * hidden..(r + 1) * hidden];
+                    let tok = ids[r] as usize;
+                    match m {
+                        MatrixDelta::Sparse(sp) => sp.add_row(tok, row, *scale),
+                        MatrixDelta::Dense(d) => {
+                            for (o, v) in row.iter_mut().zip(d.get(tok)?.to_vec1::<f32>()?) {
+                                *o += scale * v;
+                            }
+                        }
+                        MatrixDelta::LowRank { a, b } => {
+                            let v = b.get(tok)?.unsqueeze(0)?.matmul(a)?.squeeze(0)?.to_vec1::<f32>()?;
+                            for (o, v) in row.iter_mut().zip(v) {
+                                *o += scale * v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let add = Tensor::from_vec(add, (n, hidden), x.device())?;
+        x + add
+    }
+
+    fn add_lm_head_deltas(&self, chunks: &[usize], x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let target = self.head_target();
+        let mut rows = Vec::with_capacity(chunks.len());
+        let mut any = false;
+        for (k, &ci) in chunks.iter().enumerate() {
+            let p = match self.chunks.get(ci).and_then(|c| c.2) {
+                Some(c) => composition_product(c, target, &x.narrow(0, k, 1)?)?,
+                None => None,
+            };
+            any |= p.is_some();
+            rows.push(p);
+        }
+        if !any {
+            return Ok(y);
+        }
+        add_row_blocks(y, rows.into_iter().map(|p| (p, 1)))
+    }
+}
+
+/// `y +` the row blocks stacked in order; a missing block is that many rows of zeros.
+fn add_row_blocks(y: Tensor, blocks: impl Iterator<Item = (Option<Tensor>, usize)>) -> Result<Tensor> {
+    let width = y.dim(1)?;
+    let full: Vec<Tensor> = blocks
+        .map(|(p, rows)| match p {
+            Some(t) => Ok(t),
+            None => Tensor::zeros((rows, width), y.dtype(), y.device()),
+        })
+        .collect::<Result<_>>()?;
+    y + Tensor::cat(&full, 0)?
+}

@@ -1,0 +1,172 @@
+//! The data model of a delta, the common currency of every adapter kind: a module's additive
+//! change to the base model, per target, in the cheapest exact form (low-rank factors, sparse by
+//! output row, or dense). The host layouts the CPU kernels read (the sparse block layout, the
+//! per-row low-rank layout) live in `kernels`; a [`ModuleDeltas`] holds them once prepared.
+//!
+//! Formats (PEFT LoRA, Poly, composable-sft, task vectors, merges) all produce a [`ModuleDeltas`];
+//! the batch step only ever sees these. Invariants: shapes match the base parameter they target
+//! (checked by [`ModuleDeltas::validate`] against a [`BaseShapes`]); values are finite; low-rank
+//! factors have any module scale folded into `b`; tensors are float32 and immutable once built.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::error::AdapterError;
+use super::target::{BaseShapes, Target};
+use crate::kernels::host::with_host_f32;
+use crate::kernels::lowrank::HostLowRank;
+use crate::kernels::sparse_layout::SparseMatrix;
+
+/// The change to one parameter matrix `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum MatrixDelta {
+    /// `delta = b @ a`, `a: [r, in]`, `b: [out, r]` (scale folded into `b`).
+    LowRank { a: Tensor, b: Tensor },
+    Sparse(SparseMatrix),
+    /// `[out, in]`.
+    Dense(Tensor),
+}
+
+impl MatrixDelta {
+    /// `(out, in)` of the delta.
+    pub fn dims(&self) -> Result<(usize, usize), AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => (b.dim(0)?, a.dim(1)?),
+            Self::Sparse(s) => (s.rows(), s.cols()),
+            Self::Dense(d) => d.dims2()?,
+        })
+    }
+
+    /// Resident bytes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::LowRank { a, b } => (a.elem_count() + b.elem_count()) * 4,
+            Self::Sparse(s) => s.bytes(),
+            Self::Dense(d) => d.elem_count() * 4,
+        }
+    }
+
+    /// Dense `[out, in]` f32 copy (merges and tests only; never on the serving path).
+    pub fn to_dense(&self) -> Result<Tensor, AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => b.matmul(a)?,
+            Self::Sparse(s) => Tensor::from_vec(s.to_dense(), (s.rows(), s.cols()), &candle_core::Device::Cpu)?,
+            Self::Dense(d) => d.clone(),
+        })
+    }
+
+    /// Multiplies the delta by `s`.
+    pub fn scaled(&self, s: f32) -> Result<Self, AdapterError> {
+        Ok(match self {
+            Self::LowRank { a, b } => Self::LowRank { a: a.clone(), b: (b * s as f64)? },
+            Self::Sparse(m) => Self::Sparse(m.scaled(s)),
+            Self::Dense(d) => Self::Dense((d * s as f64)?),
+        })
+    }
+}
+
+/// One module's deltas, by target.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleDeltas {
+    pub targets: BTreeMap<Target, MatrixDelta>,
+    /// CPU layout of the low-rank targets, built once by [`ModuleDeltas::prepare_host`].
+    host: std::sync::OnceLock<BTreeMap<Target, HostLowRank>>,
+}
+
+impl ModuleDeltas {
+    /// Resident bytes (tensors plus the CPU kernel layout once prepared).
+    pub fn bytes(&self) -> usize {
+        let host: usize = self.host.get().map(|h| h.values().map(HostLowRank::bytes).sum()).unwrap_or(0);
+        self.targets.values().map(|d| d.bytes()).sum::<usize>() + host
+    }
+
+    /// A copy whose low-rank and dense tensors live on `device` (a GPU model's). Sparse matrices
+    /// stay on the host: their product runs there (the rows' inputs are copied over and back).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self, AdapterError> {
+        let mut targets = BTreeMap::new();
+        for (t, d) in &self.targets {
+            let moved = match d {
+                MatrixDelta::LowRank { a, b } => MatrixDelta::LowRank { a: a.to_device(device)?, b: b.to_device(device)? },
+                MatrixDelta::Dense(w) => MatrixDelta::Dense(w.to_device(device)?),
+                MatrixDelta::Sparse(s) => MatrixDelta::Sparse(s.clone()),
+            };
+            targets.insert(*t, moved);
+        }
+        Ok(Self { targets, host: Default::default() })
+    }
+
+    /// Builds the CPU kernel layout of the low-rank targets (idempotent; call off the engine
+    /// thread); `compact`: hold rank-8 factors as 8-bit blocks (see [`HostLowRank`]).
+    pub fn prepare_host(&self, compact: bool) -> Result<(), AdapterError> {
+        if self.host.get().is_some() {
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        // In parallel: a cold load waits on this.
+        let m: BTreeMap<Target, HostLowRank> = self
+            .targets
+            .par_iter()
+            .filter_map(|(t, d)| match d {
+                MatrixDelta::LowRank { a, b } if a.device().is_cpu() => Some(host_low_rank(a, b, compact).map(|h| (*t, h))),
+                _ => None,
+            })
+            .collect::<Result<_, _>>()?;
+        let _ = self.host.set(m);
+        Ok(())
+    }
+
+    /// The CPU layout of a low-rank target, if prepared.
+    pub fn host_low_rank(&self, t: &Target) -> Option<&HostLowRank> {
+        self.host.get()?.get(t)
+    }
+
+    /// Checks every target exists in the base model with the delta's shape and that all values
+    /// are finite. `path` names the source in errors.
+    pub fn validate(&self, base: &BaseShapes, path: &Path) -> Result<(), AdapterError> {
+        use rayon::prelude::*;
+        // Targets are checked in parallel (a cold load waits on this); the first failing target
+        // in order is reported, as a sequential check would.
+        let checked: Vec<Result<(), AdapterError>> = self
+            .targets
+            .par_iter()
+            .map(|(t, d)| {
+                let want = base
+                    .shape(*t)
+                    .ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: t.hf_name() })?;
+                let got = d.dims()?;
+                if got != want {
+                    return Err(AdapterError::Shape {
+                        path: path.into(),
+                        tensor: t.hf_name(),
+                        expected: vec![want.0, want.1],
+                        got: vec![got.0, got.1],
+                    });
+                }
+                check_finite(d, path, &t.hf_name())
+            })
+            .collect();
+        checked.into_iter().collect()
+    }
+}
+
+/// The per-row kernel layout of factors `a` `[rank, in]`, `b` `[out, rank]` (CPU tensors).
+fn host_low_rank(a: &Tensor, b: &Tensor, compact: bool) -> Result<HostLowRank, AdapterError> {
+    let (rank, in_dim) = a.dims2()?;
+    let out_dim = b.dim(0)?;
+    Ok(with_host_f32(a, |av| with_host_f32(b, |bv| Ok(HostLowRank::new(av, bv, rank, in_dim, out_dim, compact))))?)
+}
+
+fn check_finite(d: &MatrixDelta, path: &Path, name: &str) -> Result<(), AdapterError> {
+    let bad = |v: &[f32]| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" });
+    let host = |t: &Tensor| with_host_f32(t, |v| Ok(bad(v)));
+    let found = match d {
+        MatrixDelta::Sparse(s) => bad(s.values()),
+        MatrixDelta::Dense(t) => host(t)?,
+        MatrixDelta::LowRank { a, b } => host(a)?.or(host(b)?),
+    };
+    match found {
+        Some(what) => Err(AdapterError::NonFinite { path: path.into(), tensor: name.into(), what }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,474 @@
+//! Low-rank (LoRA, Poly mixture) factors in the layout of the per-row CPU kernels, and those
+//! kernels: `y += scale * (x A^T) B^T` for one decode row.
+//!
+//! Invariants: a [`HostLowRank`]'s rank and widths are private and its factor buffers are built
+//! for exactly them, so the kernels' pointer arithmetic stays inside; the safe entry points check
+//! the row widths and the buffers' sizes (release builds too) before entering SIMD code. Results
+//! do not depend on which kernel ran beyond float summation order (f32 factors) or the documented
+//! 8-bit error (compact factors).
+/// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, r]` = A^T and `bt` `[r, out]` =
+/// B^T (scale folded), so both products are contiguous axpy loops that vectorise.
+///
+/// With `compact` (rank 8 only), both factors are held as 8-bit blocks for a VNNI kernel: the
+/// row `x` is quantized per 32 inputs as the base kernel quantizes activations, `x A^T` is an
+/// int8 dot product per block, the 8 values of `t` are quantized to 8 bits, and `t B^T` is an
+/// int8 dot product per output. Decode rows of distinct adapters read their own factors, which
+/// made the f32/f16 row kernels the main cost of mixed LoRA batches (measured on one core for
+/// 32 distinct r=8 all-projection LoRAs per step: f32 15.5 ms, f16 9.4 ms, float kernel over
+/// int8 storage 9.5 ms: bound by the widening instructions, not the bytes). The server picks this
+/// when the base weights are 8-bit blocks run by the VNNI kernel themselves (error of the delta
+/// about 1% of its norm, far below the base's quantization error); with f32 base weights (the
+/// parity mode) the factors stay f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLowRank {
+    rank: usize,
+    in_dim: usize,
+    out_dim: usize,
+    factors: HostFactors,
+}
+
+/// Inputs per quantization block of compact factors (and of the quantized row).
+pub const FACTOR_BLOCK: usize = 32;
+
+#[derive(Debug, Clone, PartialEq)]
+enum HostFactors {
+    F32 { at: Vec<f32>, bt: Vec<f32> },
+    /// Rank 8. `a4`: `[in_pad / 4][8][4]` bytes `q + 128` (4 consecutive inputs of one rank
+    /// column per 32-bit lane, as `vpdpbusd` reads them), `in_pad` = `in` rounded up to
+    /// [`FACTOR_BLOCK`], zero-padded; `sa`: `[in_pad / 32][8]` absmax/127 scales per (input
+    /// block, rank column). `b8`: `[out_pad][8]` bytes `q + 128` (one output's 8 rank values in
+    /// two lanes), `out_pad` = `out` rounded up to 8; `sb`: one absmax/127 scale per 32 outputs
+    /// (all 8 columns).
+    Int8 { a4: Vec<u8>, sa: Vec<f32>, b8: Vec<u8>, sb: Vec<f32> },
+}
+
+/// Rank of the compact layout.
+const COMPACT_RANK: usize = 8;
+
+/// `round(s)` (half away from zero, as Q8_0) clamped to +-127. The cast rounds without a libm
+/// call (`f32::round` is one, and made packing twice as slow).
+fn round_i8(s: f32) -> i8 {
+    ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127) as i8
+}
+
+/// `round(v * inv)` clamped to +-127 ([`round_i8`]), stored `+ 128`.
+fn q8(v: f32, inv: f32) -> u8 {
+    (round_i8(v * inv) as u8).wrapping_add(128)
+}
+
+/// `a` `[8, in]` (row-major, as stored by PEFT) as [`HostFactors::Int8`]'s `a4`, `sa`.
+fn pack_a(a: &[f32], n: usize) -> (Vec<u8>, Vec<f32>) {
+    const R: usize = COMPACT_RANK;
+    let blocks = n.div_ceil(FACTOR_BLOCK);
+    let (mut a4, mut sa) = (vec![128u8; blocks * FACTOR_BLOCK * R], vec![0f32; blocks * R]);
+    for (j, row) in a.chunks_exact(n).enumerate() {
+        for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
+            let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            sa[blk * R + j] = d;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (k, v) in vals.iter().enumerate() {
+                let i = blk * FACTOR_BLOCK + k;
+                a4[((i / 4) * R + j) * 4 + i % 4] = q8(*v, inv);
+            }
+        }
+    }
+    (a4, sa)
+}
+
+/// `b` `[out, 8]` (row-major, as stored by PEFT) as [`HostFactors::Int8`]'s `b8`, `sb`.
+fn pack_b(b: &[f32], out: usize) -> (Vec<u8>, Vec<f32>) {
+    const R: usize = COMPACT_RANK;
+    let blocks = out.div_ceil(FACTOR_BLOCK);
+    let (mut b8, mut sb) = (vec![128u8; out.div_ceil(8) * 8 * R], vec![0f32; blocks]);
+    for blk in 0..blocks {
+        let vals = &b[blk * FACTOR_BLOCK * R..((blk + 1) * FACTOR_BLOCK).min(out) * R];
+        let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+        sb[blk] = d;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (k, v) in vals.iter().enumerate() {
+            b8[blk * FACTOR_BLOCK * R + k] = q8(*v, inv);
+        }
+    }
+    (b8, sb)
+}
+
+impl HostLowRank {
+    /// Lays out `a` `[rank, in_dim]` and `b` `[out_dim, rank]` (row-major, as PEFT stores them,
+    /// any scale folded into `b`); `compact`: hold rank-8 factors as 8-bit blocks.
+    pub fn new(a: &[f32], b: &[f32], rank: usize, in_dim: usize, out_dim: usize, compact: bool) -> Self {
+        assert!(a.len() == rank * in_dim && b.len() == out_dim * rank, "factors of a rank-{rank} {in_dim}->{out_dim} delta");
+        // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out].
+        fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+            let mut out = vec![0f32; rows * cols];
+            for (r, row) in v.chunks_exact(cols).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    out[c * rows + r] = x;
+                }
+            }
+            out
+        }
+        let factors = if compact && rank == COMPACT_RANK {
+            let (a4, sa) = pack_a(a, in_dim);
+            let (b8, sb) = pack_b(b, out_dim);
+            HostFactors::Int8 { a4, sa, b8, sb }
+        } else {
+            HostFactors::F32 { at: transpose(a, rank, in_dim), bt: transpose(b, out_dim, rank) }
+        };
+        Self { rank, in_dim, out_dim, factors }
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Inputs per row.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Outputs per row.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Whether the factors are held as 8-bit blocks.
+    pub fn is_compact(&self) -> bool {
+        matches!(self.factors, HostFactors::Int8 { .. })
+    }
+
+    /// `y += scale * (x A^T) B^T` for one row `x` (`in_dim`) into `y` (`out_dim`).
+    pub fn add_row(&self, x: &[f32], y: &mut [f32], scale: f32) {
+        assert!(x.len() == self.in_dim && y.len() == self.out_dim, "row of the wrong width");
+        #[cfg(target_arch = "x86_64")]
+        {
+            match &self.factors {
+                HostFactors::F32 { at, bt } if self.rank == 8 && super::cpu().avx2_fma => {
+                    assert!(at.len() == self.in_dim * 8 && bt.len() == 8 * self.out_dim, "rank-8 factors");
+                    // SAFETY: the CPU supports the features; the widths and the factors' sizes
+                    // (in_dim x 8 and 8 x out_dim values) were checked above.
+                    unsafe { rank8_f32_avx2(x, y, scale, at, bt) };
+                    return;
+                }
+                HostFactors::Int8 { a4, sa, b8, sb } if super::cpu().int8 => {
+                    self.check_int8_sizes(a4, sa, b8, sb);
+                    // SAFETY: the CPU supports the features; the buffers hold the padded sizes
+                    // documented on HostFactors::Int8 for these widths (checked above).
+                    unsafe { rank8_vnni(x, y, scale, a4, sa, b8, sb) };
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.add_row_generic(x, y, scale);
+    }
+
+    /// [`HostLowRank::add_row`] for a row `x` that [`QuantRow::set`] already quantized into `row`:
+    /// the targets that read the same input (q, k and v; gate and up) quantize it once. The same
+    /// result as `add_row(x, ..)`, bit for bit.
+    pub fn add_row_q(&self, x: &[f32], row: &QuantRow, y: &mut [f32], scale: f32) {
+        assert!(x.len() == self.in_dim && row.n == x.len() && y.len() == self.out_dim, "row of the wrong width");
+        #[cfg(target_arch = "x86_64")]
+        if let HostFactors::Int8 { a4, sa, b8, sb } = &self.factors {
+            if super::cpu().int8 {
+                self.check_int8_sizes(a4, sa, b8, sb);
+                assert!(row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK, "a quantized row of whole blocks");
+                // SAFETY: the CPU supports the features; the buffers hold the padded sizes
+                // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks
+                // (both checked above).
+                unsafe { rank8_vnni_q(row, y, scale, a4, sa, b8, sb) };
+                return;
+            }
+        }
+        self.add_row(x, y, scale);
+    }
+
+    /// The sizes [`HostFactors::Int8`] documents for this rank-8 delta's widths.
+    fn check_int8_sizes(&self, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+        let blocks = self.in_dim.div_ceil(FACTOR_BLOCK);
+        assert!(
+            self.rank == COMPACT_RANK
+                && a4.len() == blocks * FACTOR_BLOCK * 8
+                && sa.len() == blocks * 8
+                && b8.len() == self.out_dim.div_ceil(8) * 64
+                && sb.len() == self.out_dim.div_ceil(FACTOR_BLOCK),
+            "compact rank-8 factors of a {}->{} delta",
+            self.in_dim,
+            self.out_dim
+        );
+    }
+
+    /// Portable form of [`HostLowRank::add_row`] (any rank, any CPU; compact factors are
+    /// widened, the row is not quantized).
+    fn add_row_generic(&self, x: &[f32], y: &mut [f32], scale: f32) {
+        let (r, out) = (self.rank, self.out_dim);
+        let mut t = vec![0f32; r];
+        match &self.factors {
+            HostFactors::F32 { at, bt } => {
+                for (xi, row) in x.iter().zip(at.chunks_exact(r)) {
+                    for (tj, a) in t.iter_mut().zip(row) {
+                        *tj += xi * a;
+                    }
+                }
+                for (tj, row) in t.iter().zip(bt.chunks_exact(out)) {
+                    let s = tj * scale;
+                    for (yo, b) in y.iter_mut().zip(row) {
+                        *yo += s * b;
+                    }
+                }
+            }
+            HostFactors::Int8 { a4, sa, b8, sb } => {
+                for (i, xi) in x.iter().enumerate() {
+                    for (j, tj) in t.iter_mut().enumerate() {
+                        let q = a4[((i / 4) * r + j) * 4 + i % 4] as f32 - 128.0;
+                        *tj += xi * q * sa[(i / FACTOR_BLOCK) * r + j];
+                    }
+                }
+                for (o, yo) in y.iter_mut().enumerate() {
+                    let d = sb[o / FACTOR_BLOCK] * scale;
+                    let dot: f32 = t.iter().zip(&b8[o * r..(o + 1) * r]).map(|(tj, q)| tj * (*q as f32 - 128.0)).sum();
+                    *yo += d * dot;
+                }
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match &self.factors {
+            HostFactors::F32 { at, bt } => (at.len() + bt.len()) * 4,
+            HostFactors::Int8 { a4, sa, b8, sb } => a4.len() + b8.len() + (sa.len() + sb.len()) * 4,
+        }
+    }
+}
+
+/// Rank-8 row kernel, f32 factors: four independent accumulators for `x A^T`, then one pass over
+/// `y` per 8 outputs for the second product.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rank8_f32_avx2(x: &[f32], y: &mut [f32], scale: f32, at: &[f32], bt: &[f32]) {
+    use std::arch::x86_64::*;
+    let (n, out) = (x.len(), y.len());
+    let (ap, bp) = (at.as_ptr(), bt.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 4 <= n {
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i + u)), _mm256_loadu_ps(ap.add((i + u) * 8)), *a);
+        }
+        i += 4;
+    }
+    while i < n {
+        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i)), _mm256_loadu_ps(ap.add(i * 8)), acc[0]);
+        i += 1;
+    }
+    let t = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])), _mm256_set1_ps(scale));
+    let mut tj = [0f32; 8];
+    _mm256_storeu_ps(tj.as_mut_ptr(), t);
+    let tb: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(tj[j]));
+    let yp = y.as_mut_ptr();
+    let mut o = 0;
+    while o + 8 <= out {
+        let mut v = _mm256_loadu_ps(yp.add(o));
+        for (j, t) in tb.iter().enumerate() {
+            v = _mm256_fmadd_ps(*t, _mm256_loadu_ps(bp.add(j * out + o)), v);
+        }
+        _mm256_storeu_ps(yp.add(o), v);
+        o += 8;
+    }
+    for oo in o..out {
+        // Tail columns: one value at a time (a vector load would read past the factor).
+        let mut v = *yp.add(oo);
+        for (j, t) in tj.iter().enumerate() {
+            v += t * *bp.add(j * out + oo);
+        }
+        *yp.add(oo) = v;
+    }
+}
+
+thread_local! {
+    /// The quantized row of [`rank8_vnni`] (reused: it runs thousands of times per step).
+    static ROW_Q: std::cell::RefCell<QuantRow> = std::cell::RefCell::new(QuantRow::default());
+}
+
+/// One input row quantized per [`FACTOR_BLOCK`] inputs for the compact rank-8 kernel: 8-bit
+/// values (absmax/127 per block, the base kernel's activation scheme), the block scales and the
+/// blocks' sums of quantized values. Reused between rows (no allocation once grown).
+#[derive(Debug, Default)]
+pub struct QuantRow {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    qsum: Vec<i32>,
+    n: usize,
+}
+
+impl QuantRow {
+    /// Quantizes `x` (a no-op where the CPU lacks VNNI: the portable kernels read `x` itself).
+    pub fn set(&mut self, x: &[f32]) {
+        self.n = x.len();
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu().int8 {
+            let blocks = x.len().div_ceil(FACTOR_BLOCK);
+            self.q.resize(blocks * FACTOR_BLOCK, 0);
+            self.d.resize(blocks, 0.0);
+            self.qsum.resize(blocks, 0);
+            // SAFETY: the CPU supports the features; the buffers hold `blocks` blocks.
+            unsafe { quantize_row(x, &mut self.q, &mut self.d, &mut self.qsum) };
+        }
+    }
+}
+
+/// `x` quantized per 32 inputs (absmax/127, round to nearest even): `q` (zero-padded to whole
+/// blocks), per block the scale `d` and the sum of its quantized values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let mut xb = [0f32; FACTOR_BLOCK];
+    for blk in 0..n.div_ceil(FACTOR_BLOCK) {
+        let (i0, i1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(n));
+        let src: &[f32] = if i1 - i0 == FACTOR_BLOCK {
+            &x[i0..i1]
+        } else {
+            xb.fill(0.0);
+            xb[..i1 - i0].copy_from_slice(&x[i0..i1]);
+            &xb
+        };
+        let lo = _mm512_loadu_ps(src.as_ptr());
+        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        let db = amax / 127.0;
+        let inv = _mm512_set1_ps(if db > 0.0 { 1.0 / db } else { 0.0 });
+        let ql = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(lo, inv)));
+        let qh = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(hi, inv)));
+        let qp = q.as_mut_ptr().add(i0);
+        _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtsepi32_epi8(ql));
+        _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qh));
+        d[blk] = db;
+        qsum[blk] = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+    }
+}
+
+/// Rank-8 row kernel on [`HostFactors::Int8`] factors (see there for the layouts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn rank8_vnni(x: &[f32], y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+    ROW_Q.with_borrow_mut(|row| {
+        row.set(x);
+        rank8_vnni_q(row, y, scale, a4, sa, b8, sb)
+    })
+}
+
+/// [`rank8_vnni`] on a row quantized by [`QuantRow::set`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn rank8_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+    use std::arch::x86_64::*;
+    let (n, out) = (row.n, y.len());
+    let blocks = n.div_ceil(FACTOR_BLOCK);
+    // x A^T: per block of 32 inputs, 8 vpdpbusd over 4 inputs each (a + 128 unsigned, x
+    // signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
+    let mut t = _mm256_setzero_ps();
+    for blk in 0..blocks {
+        let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
+        let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * 8);
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        for g in (0..8).step_by(2) {
+            let x0 = _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned());
+            let x1 = _mm256_set1_epi32((qp.add(4 * g + 4) as *const i32).read_unaligned());
+            acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(ap.add(g * 32) as *const __m256i), x0);
+            acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(ap.add(g * 32 + 32) as *const __m256i), x1);
+        }
+        let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk)));
+        let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * 8)), _mm256_set1_ps(*row.d.get_unchecked(blk)));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, t);
+    }
+    // t B^T: t quantized to 8 bits with one scale; per 4 outputs one vpdpbusd against the
+    // (lo, hi) halves of t, pairs of lanes summed.
+    let mut tv = [0f32; 8];
+    _mm256_storeu_ps(tv.as_mut_ptr(), t);
+    let tmax = tv.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if tmax == 0.0 {
+        return;
+    }
+    let dt = tmax / 127.0;
+    let tq: [i8; 8] = std::array::from_fn(|j| round_i8(tv[j] / dt));
+    let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
+    let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
+    let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
+    let pat = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
+    let bias = _mm256_set1_epi32(128 * tsum);
+    let yp = y.as_mut_ptr();
+    let bp = b8.as_ptr();
+    let mut o = 0;
+    while o < out {
+        let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8) as *const __m256i), pat);
+        let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(o * 8 + 32) as *const __m256i), pat);
+        // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
+        let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
+        let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, bias));
+        let s = _mm256_set1_ps(scale * dt * *sb.get_unchecked(o / FACTOR_BLOCK));
+        if o + 8 <= out {
+            _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
+        } else {
+            let mut part = [0f32; 8];
+            _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
+            for (k, p) in part.iter().enumerate().take(out - o) {
+                *yp.add(o + k) += p;
+            }
+        }
+        o += 8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+
+    /// The per-row kernels (rank-8 SIMD and portable, f32 and compact 8-bit factors, widths that
+    /// are not multiples of 8 or of the 32-block) against `scale * x (B A)^T` computed by candle.
+    #[test]
+    fn host_low_rank_row_kernels_match_the_dense_product() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        let dev = candle_core::Device::Cpu;
+        for &(r, inp, out) in &[(8, 576, 192), (8, 37, 21), (8, 1536, 576), (8, 64, 1540), (4, 64, 40), (16, 33, 70)] {
+            let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            let b: Vec<f32> = (0..out * r).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            let x: Vec<f32> = (0..inp).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let (at, bt) = (Tensor::from_vec(a.clone(), (r, inp), &dev).unwrap(), Tensor::from_vec(b.clone(), (out, r), &dev).unwrap());
+            let xt = Tensor::from_vec(x.clone(), (1, inp), &dev).unwrap();
+            let want = (xt.matmul(&bt.matmul(&at).unwrap().t().unwrap()).unwrap() * 0.75).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let norm = want.iter().map(|w| w * w).sum::<f32>().sqrt();
+            let rel = |got: &[f32]| got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum::<f32>().sqrt() / norm;
+            for compact in [false, true] {
+                let h = HostLowRank::new(&a, &b, r, inp, out, compact);
+                assert_eq!(h.is_compact(), compact && r == 8);
+                let mut y: Vec<f32> = (0..out).map(|i| (i % 7) as f32).collect();
+                h.add_row(&x, &mut y, 0.75);
+                // A row quantized once for several targets gives the same bits.
+                let mut q = QuantRow::default();
+                q.set(&x);
+                let mut yq: Vec<f32> = (0..out).map(|i| (i % 7) as f32).collect();
+                h.add_row_q(&x, &q, &mut yq, 0.75);
+                assert_eq!(y, yq, "r={r} {inp}->{out} compact={compact}: add_row_q differs from add_row");
+                let got: Vec<f32> = y.iter().enumerate().map(|(i, g)| g - (i % 7) as f32).collect();
+                // The portable kernel (other ranks, other CPUs) on the same factors.
+                let mut portable = vec![0f32; out];
+                h.add_row_generic(&x, &mut portable, 0.75);
+                if h.is_compact() {
+                    // 8-bit factors, row and t: about 1% of the product's norm.
+                    assert!(rel(&got) <= 0.03, "r={r} {inp}->{out} compact: relative L2 error {}", rel(&got));
+                    assert!(rel(&portable) <= 0.03, "r={r} {inp}->{out} compact portable: relative L2 error {}", rel(&portable));
+                } else {
+                    for (i, ((g, p), w)) in got.iter().zip(&portable).zip(&want).enumerate() {
+                        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "r={r} {inp}->{out} f32 [{i}]: {g} vs {w}");
+                        assert!((p - w).abs() <= 1e-4 * (1.0 + w.abs()), "r={r} {inp}->{out} f32 portable [{i}]: {p} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}

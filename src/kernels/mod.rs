@@ -1,0 +1,68 @@
+//! CPU kernels: the only room of the crate with `unsafe` and SIMD.
+//!
+//! Role: the inner loops of a batch step that the compiler does not vectorise well on its own:
+//! the int8 GEMM of the base weights ([`int8_gemm`]), the per-row low-rank (LoRA / Poly) kernels
+//! and their host layout ([`lowrank`]), the sparse delta layout and its tile kernel
+//! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), the
+//! shared-output helper for parallel tasks that write disjoint parts of one buffer
+//! ([`shared_out`]), host views of candle tensors ([`host`]) and the process's allocator
+//! settings ([`alloc`]). GPU kernels and their CPU references will live beside these, in `cuda/`.
+//!
+//! Invariants:
+//! - `unsafe` appears nowhere else in the crate (`grep -rn unsafe src | grep -v src/kernels` is
+//!   empty).
+//! - [`cpu`] is the one CPU-feature probe: every kernel compiled with `#[target_feature]` runs only
+//!   after it reported every feature that kernel enables.
+//! - Safe wrappers check the sizes the kernels rely on with `assert!` (in release builds too), and
+//!   the layouts the kernels trust ([`lowrank::HostLowRank`], [`sparse_layout::SparseMatrix`])
+//!   keep their dimensions private, so safe code cannot make a kernel read out of bounds.
+pub mod alloc;
+pub mod attention;
+pub mod host;
+pub mod int8_gemm;
+pub mod lowrank;
+pub mod shared_out;
+pub mod sparse_layout;
+pub mod sparse_tile;
+
+/// What this CPU can run, probed once. Each flag covers every feature the kernels of its tier
+/// enable with `#[target_feature]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// AVX: the 8-lane transposes and the scaled adds of the sparse step.
+    pub avx: bool,
+    /// AVX, AVX2 and FMA: the attention dot product, the rank-8 f32 row kernel, the sparse tile.
+    pub avx2_fma: bool,
+    /// AVX-512 F/BW/VL/VNNI, F16C, AVX2 and FMA, and not switched off with
+    /// `MODSERVE_INT8_GEMM=0`: the int8 GEMM over Q8_0 panels and the compact (8-bit) low-rank
+    /// factors.
+    pub int8: bool,
+}
+
+/// The CPU-feature probe (run once; later calls read the cached answer).
+pub fn cpu() -> &'static CpuFeatures {
+    static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
+    FEATURES.get_or_init(|| {
+        let int8_off = std::env::var("MODSERVE_INT8_GEMM").map(|v| v == "0" || v == "off").unwrap_or(false);
+        probe(int8_off)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn probe(int8_off: bool) -> CpuFeatures {
+    use std::arch::is_x86_feature_detected as has;
+    let avx = has!("avx");
+    let avx2_fma = avx && has!("avx2") && has!("fma");
+    let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
+    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512 && has!("f16c") }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn probe(_int8_off: bool) -> CpuFeatures {
+    CpuFeatures { avx: false, avx2_fma: false, int8: false }
+}
+
+/// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors).
+pub fn int8_available() -> bool {
+    cpu().int8
+}

@@ -1,0 +1,297 @@
+//! The grouped sparse kernel's inner pieces: one block of a [`SparseMatrix`] times a tile of
+//! [`SPARSE_TILE`] transposed input rows, the 8-lane interleaving of inputs and products, the
+//! scaled add of a product into a row, and cache prefetches of a block.
+//!
+//! Invariants: every row's sum is accumulated in column order (the same order as
+//! [`SparseMatrix::add_matmul_t`]); the safe entry points check every length the SIMD code relies
+//! on; column indices are below the matrix's width (checked when the matrix was built) and its
+//! block layout covers its entries exactly (built with it, private).
+use super::sparse_layout::{SparseBlock, SparseMatrix, SPARSE_ROW_BLOCK};
+
+/// Batch rows per register tile of the grouped sparse kernel.
+pub const SPARSE_TILE: usize = 8;
+
+/// `y += scale * p`, element by element (a multiply, then an add).
+pub fn add_scaled(y: &mut [f32], p: &[f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx")]
+        unsafe fn avx(y: &mut [f32], p: &[f32], scale: f32) {
+            for (y, p) in y.iter_mut().zip(p) {
+                *y += scale * p;
+            }
+        }
+        assert_eq!(y.len(), p.len(), "a product of the row's width");
+        if super::cpu().avx {
+            // SAFETY: the CPU has AVX.
+            return unsafe { avx(y, p, scale) };
+        }
+    }
+    for (y, p) in y.iter_mut().zip(p) {
+        *y += scale * p;
+    }
+}
+
+/// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
+/// `out[l][r - r0] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
+/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in column order. `scratch`
+/// holds `w * SPARSE_TILE` values (the row-major products before they are split by lane).
+pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32], out: &mut [f32]) {
+    let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(sp.rows()));
+    let w = r1 - r0;
+    assert_eq!(out.len(), w * SPARSE_TILE);
+    assert_eq!(scratch.len(), w * SPARSE_TILE);
+    assert_eq!(xt.len(), sp.cols() * SPARSE_TILE);
+    let b = sp.block(blk);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::cpu().avx2_fma {
+            assert!(b.order.iter().all(|&i| (i as usize) < w));
+            // SAFETY: the CPU has the features; the block's runs cover its entries (built with
+            // the matrix) and its order names rows of the block (checked above); column indices
+            // are < sp.cols (checked when the matrix was built) and `xt` holds sp.cols columns of
+            // SPARSE_TILE lanes.
+            unsafe { sparse_block_tile_avx2(&b, xt, scratch) };
+            deinterleave_lanes(scratch, out);
+            return;
+        }
+    }
+    let mut e = 0;
+    let mut rows = b.order.iter();
+    for &(len, n) in b.runs {
+        for &i in rows.by_ref().take(n as usize) {
+            let o = &mut scratch[i as usize * SPARSE_TILE..][..SPARSE_TILE];
+            o.fill(0.0);
+            for (&v, &c) in b.values[e..e + len as usize].iter().zip(&b.col_idx[e..e + len as usize]) {
+                let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
+                for (a, xv) in o.iter_mut().zip(xc) {
+                    *a = v.mul_add(*xv, *a);
+                }
+            }
+            e += len as usize;
+        }
+    }
+    deinterleave_lanes(scratch, out);
+}
+
+/// Asks for every line of a block's column indices and values to be brought into the cache level
+/// `HINT` names (`_MM_HINT_T0`, `_MM_HINT_T1`, ...). A hint: no effect on results.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_block<const HINT: i32>(b: &SparseBlock<'_>) {
+    use std::arch::x86_64::_mm_prefetch;
+    // 16 values or 32 column indices per 64-byte line.
+    for i in (0..b.values.len()).step_by(16) {
+        // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
+        unsafe {
+            _mm_prefetch::<HINT>(b.values.as_ptr().add(i) as *const i8);
+            if i % 32 == 0 {
+                _mm_prefetch::<HINT>(b.col_idx.as_ptr().add(i) as *const i8);
+            }
+        }
+    }
+}
+
+/// Asks for block `blk` of `sp` to be brought into L2.
+pub fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_block::<{ std::arch::x86_64::_MM_HINT_T1 }>(&sp.block(blk));
+}
+
+/// The products of one block, row-major (`scratch[i * SPARSE_TILE + l]` for row `i` of the
+/// block), streaming its entries front to back: runs of equal length, each through a loop with
+/// a fixed trip count.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(SPARSE_TILE == 8);
+    let (cols, vals) = (b.col_idx.as_ptr(), b.values.as_ptr());
+    // The block is short (a few KB) and its matrix differs from the previous call's, so the
+    // hardware prefetcher has no stream to follow yet: request every line of it up front.
+    prefetch_block::<_MM_HINT_T0>(b);
+    let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
+    let mut at = 0;
+    for &(len, n) in b.runs {
+        let rows = b.order.get_unchecked(at..at + n as usize);
+        at += n as usize;
+        macro_rules! fixed {
+            ($($l:literal)*) => {
+                match len {
+                    $($l => k.rows(rows, $l),)*
+                    _ => k.rows(rows, len as usize),
+                }
+            };
+        }
+        fixed!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+    }
+}
+
+/// A cursor over one block's entries for [`sparse_block_tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+struct Kern {
+    /// The next entry.
+    cols: *const u16,
+    vals: *const f32,
+    xt: *const f32,
+    out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kern {
+    /// The next `rows.len()` rows (indices within the block), `len` entries each. Inlined into
+    /// each arm of the dispatch on the run length, so small lengths become fixed trip counts.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows(&mut self, rows: &[u16], len: usize) {
+        use std::arch::x86_64::*;
+        for &r in rows {
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..len {
+                let x = _mm256_loadu_ps(self.xt.add(*self.cols.add(i) as usize * SPARSE_TILE));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*self.vals.add(i)), x, acc);
+            }
+            self.cols = self.cols.add(len);
+            self.vals = self.vals.add(len);
+            _mm256_storeu_ps(self.out.add(r as usize * SPARSE_TILE), acc);
+        }
+    }
+}
+
+/// `dst[c * SPARSE_TILE + l] = src[l][c]`: up to [`SPARSE_TILE`] rows of equal length interleaved
+/// column by column (`dst`: `[len][SPARSE_TILE]`; lanes without a source row are zero).
+pub fn interleave_rows(src: &[&[f32]], dst: &mut [f32]) {
+    assert!(src.len() <= SPARSE_TILE);
+    let n = dst.len() / SPARSE_TILE;
+    assert!(src.iter().all(|r| r.len() == n) && dst.len() == n * SPARSE_TILE);
+    #[allow(unused_mut)]
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu().avx {
+        // SAFETY: the CPU has AVX; the lengths were checked above.
+        c0 = unsafe { interleave_avx(src, n, dst) };
+    }
+    for c in c0..n {
+        for l in 0..SPARSE_TILE {
+            dst[c * SPARSE_TILE + l] = src.get(l).map_or(0.0, |r| r[c]);
+        }
+    }
+}
+
+/// `dst[l][i] = src[i * SPARSE_TILE + l]`: the inverse of [`interleave_rows`] for one tile
+/// (`src`: `[w][SPARSE_TILE]`, `dst`: `[SPARSE_TILE][w]`).
+pub fn deinterleave_lanes(src: &[f32], dst: &mut [f32]) {
+    let w = src.len() / SPARSE_TILE;
+    assert!(src.len() == w * SPARSE_TILE && dst.len() == src.len());
+    #[allow(unused_mut)]
+    let mut i0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu().avx {
+        // SAFETY: the CPU has AVX; the lengths were checked above.
+        i0 = unsafe { deinterleave_avx(src, w, dst) };
+    }
+    for i in i0..w {
+        for l in 0..SPARSE_TILE {
+            dst[l * w + i] = src[i * SPARSE_TILE + l];
+        }
+    }
+}
+
+/// [`interleave_rows`] for whole 8x8 blocks; returns the columns done. `src` rows hold `n`
+/// values and `dst` `n * SPARSE_TILE`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn interleave_avx(src: &[&[f32]], n: usize, dst: &mut [f32]) -> usize {
+    let zeros = [0f32; SPARSE_TILE];
+    let mut c0 = 0;
+    while c0 + SPARSE_TILE <= n {
+        // Each row pointer has SPARSE_TILE readable values from c0 (or is the zero row).
+        let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|l| src.get(l).map_or(zeros.as_ptr(), |r| r.as_ptr().add(c0)));
+        transpose8(rows, dst.as_mut_ptr().add(c0 * SPARSE_TILE), SPARSE_TILE);
+        c0 += SPARSE_TILE;
+    }
+    c0
+}
+
+/// [`deinterleave_lanes`] for whole 8x8 blocks; returns the rows done (`src`: `[w][SPARSE_TILE]`,
+/// `dst` the same size).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn deinterleave_avx(src: &[f32], w: usize, dst: &mut [f32]) -> usize {
+    let mut i0 = 0;
+    while i0 + SPARSE_TILE <= w {
+        let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|i| src.as_ptr().add((i0 + i) * SPARSE_TILE));
+        // The stores go to dst[l * w + i0..][..SPARSE_TILE] with i0 + SPARSE_TILE <= w.
+        transpose8(rows, dst.as_mut_ptr().add(i0), w);
+        i0 += SPARSE_TILE;
+    }
+    i0
+}
+
+/// 8x8 transpose: reads 8 consecutive values from each `rows[i]` and writes column `j` of that
+/// block as 8 consecutive values at `dst + j * dst_stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i]));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let cols = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (j, c) in cols.into_iter().enumerate() {
+        _mm256_storeu_ps(dst.add(j * dst_stride), c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 8-lane interleave and its inverse against plain index arithmetic, on lengths with and
+    /// without a remainder and tiles with fewer than 8 rows.
+    #[test]
+    fn lane_interleaving_round_trips() {
+        for (rows, n) in [(8, 16), (3, 21), (8, 7), (1, 8), (5, 0)] {
+            let src: Vec<Vec<f32>> = (0..rows).map(|r| (0..n).map(|c| (r * 1000 + c) as f32).collect()).collect();
+            let refs: Vec<&[f32]> = src.iter().map(|r| r.as_slice()).collect();
+            let mut inter = vec![f32::NAN; n * SPARSE_TILE];
+            interleave_rows(&refs, &mut inter);
+            for c in 0..n {
+                for l in 0..SPARSE_TILE {
+                    let want = if l < rows { src[l][c] } else { 0.0 };
+                    assert_eq!(inter[c * SPARSE_TILE + l], want, "rows {rows} n {n} c {c} l {l}");
+                }
+            }
+            let mut back = vec![f32::NAN; n * SPARSE_TILE];
+            deinterleave_lanes(&inter, &mut back);
+            for l in 0..SPARSE_TILE {
+                for c in 0..n {
+                    assert_eq!(back[l * n + c], inter[c * SPARSE_TILE + l]);
+                }
+            }
+        }
+    }
+}
