@@ -45,7 +45,7 @@ fn request(ids: Vec<u32>, case: &str, max_new: u32) -> pb::GenerateRequest {
         top_logprobs: 5,
         deltas,
         route,
-        request_id: format!("{case}"),
+        request_id: case.to_string(),
         ..Default::default()
     }
 }

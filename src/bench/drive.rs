@@ -146,7 +146,7 @@ pub fn run_closed_loop(ctx: &Ctx, store: &AdapterStore, jobs: &[Job], concurrenc
                 };
                 out.lock().expect("traces").push((i, t));
                 let n = progress.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 64 == 0 || n == jobs.len() {
+                if n.is_multiple_of(64) || n == jobs.len() {
                     eprintln!("[bench]   {n}/{} requests done", jobs.len());
                 }
             });

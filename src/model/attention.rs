@@ -60,6 +60,7 @@ pub struct AttnShape {
 
 /// `q` `[rows, n_heads*hd]`, `k`/`v` `[rows, n_kv*hd]` (host, row-major; q and k are rotated in
 /// place); `spans[i] = (first row, rows, position)` of `caches[i]`. Returns `[rows, n_heads*hd]`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: usize,
     shape: AttnShape,

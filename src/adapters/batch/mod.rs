@@ -23,6 +23,9 @@ use crate::kernels::lowrank::QuantRow;
 use crate::model::linear::{LinearId, RowDeltas};
 
 
+/// One target's output of a step: `(target, out, [rows, out] host buffer)`.
+type TargetOut<'a> = (Target, usize, &'a mut [f32]);
+
 /// The compositions of one batch step, by chunk.
 pub struct BatchDeltas<'a> {
     /// `(first row, rows, composition)` per chunk, in the step's chunk order.
@@ -124,8 +127,8 @@ impl BatchDeltas<'_> {
         use rayon::prelude::*;
         add_sparse_grouped(&self.chunks, targets, xh, in_dim);
         // Chunks own disjoint, consecutive row ranges: split every output once, by chunk.
-        let mut tasks: Vec<(usize, usize, &Composition, Vec<(Target, usize, &mut [f32])>)> = Vec::with_capacity(self.chunks.len());
-        let mut rests: Vec<(Target, usize, &mut [f32])> = targets.iter_mut().map(|(t, out, dh)| (*t, *out, &mut **dh)).collect();
+        let mut tasks: Vec<(usize, usize, &Composition, Vec<TargetOut>)> = Vec::with_capacity(self.chunks.len());
+        let mut rests: Vec<TargetOut> = targets.iter_mut().map(|(t, out, dh)| (*t, *out, &mut **dh)).collect();
         let mut consumed = 0;
         for &(start, len, comp) in &self.chunks {
             let mut mine = Vec::new();
