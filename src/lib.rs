@@ -7,13 +7,13 @@
 pub mod adapters;
 pub mod api;
 pub mod bench;
+pub mod bootstrap;
 pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
 pub mod loadgen;
-pub mod runtime;
 pub mod stats;
 pub mod model;
 

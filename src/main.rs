@@ -4,7 +4,7 @@ use clap::{CommandFactory, FromArgMatches};
 use modserve::config::{apply_config_file, config_path, effective_config, Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    modserve::runtime::keep_freed_memory();
+    modserve::bootstrap::keep_freed_memory();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let is_serve = argv.get(1).is_some_and(|a| a == "serve");
     let from_file = match config_path(&argv).filter(|_| is_serve) {
@@ -52,10 +52,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(a) => {
-            modserve::runtime::set_threads(a.model.threads);
+            modserve::bootstrap::set_threads(a.model.threads);
             modserve::generate::request_from_args(&a)?; // validate before loading anything
-            let model = modserve::runtime::load_model(&a.model)?;
-            let store = modserve::runtime::open_adapter_store(&model, &a.adapters, true)?;
+            let model = modserve::bootstrap::load_model(&a.model)?;
+            let store = modserve::bootstrap::open_adapter_store(&model, &a.adapters, true)?;
             let out = modserve::generate::run(&model, store.as_ref(), &a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&out)?);
@@ -72,7 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(a) => modserve::bench::run(a),
         Command::Serve(a) => {
-            modserve::runtime::set_threads(a.model.threads);
+            modserve::bootstrap::set_threads(a.model.threads);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(modserve::api::serve(a))
         }

@@ -132,7 +132,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
     anyhow::ensure!(args.streams >= 2, "--streams must be at least 2");
     anyhow::ensure!(args.prefill_chunk >= 1 && args.max_batch_tokens >= 1, "--prefill-chunk and --max-batch-tokens must be positive");
-    crate::runtime::set_threads(args.model.threads);
+    crate::bootstrap::set_threads(args.model.threads);
     let (work, temporary) = match &args.work_dir {
         Some(d) => (d.clone(), false),
         None => (std::env::temp_dir().join(format!("modserve-bench-{}", std::process::id())), true),
@@ -149,7 +149,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     let t_all = Instant::now();
     let load_before = loadavg();
     eprintln!("[bench] loading the model ({:?} weights) ...", args.model.weights);
-    let model = crate::runtime::load_model(&args.model)?;
+    let model = crate::bootstrap::load_model(&args.model)?;
     let front = Arc::new(TextFrontEnd::from_model(&model));
     let cfg = EngineConfig {
         max_running: 64.max(args.streams),

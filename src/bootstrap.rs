@@ -1,5 +1,7 @@
-//! Process-level setup shared by every subcommand that runs the model: thread count, device,
-//! default-model resolution (fetching it on first use) and loading.
+//! Process bootstrap shared by every subcommand that runs the model: allocator and thread-pool
+//! settings, device, default-model resolution (fetching it on first use), model loading and the
+//! adapter store. Invariant: `keep_freed_memory` and `set_threads` run first, before any other
+//! thread (compute pools, tokio) exists.
 use std::path::PathBuf;
 
 use crate::adapters::registry::{AdapterRoot, Registry};
