@@ -48,11 +48,11 @@ pub fn resolve_model_path(args: &ModelArgs) -> anyhow::Result<PathBuf> {
         anyhow::ensure!(p.exists(), "--model {}: no such file or directory", p.display());
         return Ok(p.clone());
     }
-    let path = crate::fetch::default_model_path(&args.models_dir);
+    let path = crate::tools::fetch::default_model_path(&args.models_dir);
     if path.exists() {
         return Ok(path);
     }
-    Ok(crate::fetch::fetch_model(&args.models_dir, &mut |m| tracing::info!("{m}"))?)
+    Ok(crate::tools::fetch::fetch_model(&args.models_dir, &mut |m| tracing::info!("{m}"))?)
 }
 
 /// Resolves and loads the model described by `args`.

@@ -25,17 +25,17 @@ pub enum Command {
     /// Start the gRPC server.
     Serve(ServeArgs),
     /// Run the in-process benchmark scenarios and print a table.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::tools::bench::BenchArgs),
     /// Load-test a running server over gRPC and print a JSON report.
-    Loadgen(crate::loadgen::LoadgenArgs),
+    Loadgen(crate::tools::loadgen::LoadgenArgs),
     /// Convert a composable-sft pytorch_diff.bin to the native sparse format (a module folder).
-    ConvertSft(crate::convert::ConvertSftArgs),
+    ConvertSft(crate::tools::convert::ConvertSftArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
     /// Models folder.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::tools::fetch::DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
 }
 
@@ -47,7 +47,7 @@ pub struct ModelArgs {
     #[arg(long, env = "MODSERVE_MODEL")]
     pub model: Option<PathBuf>,
     /// Models folder used when --model is not given.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::tools::fetch::DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
     /// Keep weights quantized (fast) or dequantize every tensor to float32 (reference parity).
     #[arg(long, env = "MODSERVE_WEIGHTS", value_enum, default_value = "quantized")]

@@ -47,16 +47,16 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::FetchModel(a) => {
-            let p = modserve::fetch::fetch_model(&a.models_dir, &mut |m| eprintln!("{m}"))?;
+            let p = modserve::tools::fetch::fetch_model(&a.models_dir, &mut |m| eprintln!("{m}"))?;
             println!("{}", p.display());
             Ok(())
         }
         Command::Generate(a) => {
             modserve::bootstrap::set_threads(a.model.threads);
-            modserve::generate::request_from_args(&a)?; // validate before loading anything
+            modserve::tools::generate::request_from_args(&a)?; // validate before loading anything
             let model = modserve::bootstrap::load_model(&a.model)?;
             let store = modserve::bootstrap::open_adapter_store(&model, &a.adapters, true)?;
-            let out = modserve::generate::run(&model, store.as_ref(), &a)?;
+            let out = modserve::tools::generate::run(&model, store.as_ref(), &a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {
@@ -64,13 +64,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Loadgen(a) => modserve::loadgen::run(a),
+        Command::Loadgen(a) => modserve::tools::loadgen::run(a),
         Command::ConvertSft(a) => {
-            let (path, s) = modserve::convert::run(&a)?;
+            let (path, s) = modserve::tools::convert::run(&a)?;
             println!("wrote {}: {} parameters, {} non-zeros", path.display(), s.params, s.nnz);
             Ok(())
         }
-        Command::Bench(a) => modserve::bench::run(a),
+        Command::Bench(a) => modserve::tools::bench::run(a),
         Command::Serve(a) => {
             modserve::bootstrap::set_threads(a.model.threads);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

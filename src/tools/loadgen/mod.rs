@@ -459,7 +459,7 @@ impl WeightedPicker {
     }
 }
 
-pub use crate::stats::Zipf;
+pub use crate::tools::stats::Zipf;
 
 /// Exponential inter-arrival gap of a Poisson process with `rate` events per second.
 pub fn exp_interarrival(rng: &mut impl Rng, rate: f64) -> Duration {
@@ -480,7 +480,7 @@ fn worker_seed(seed: u64, i: u64) -> u64 {
 // Statistics and report
 // ---------------------------------------------------------------------------------------------
 
-pub use crate::stats::{percentile, summarize, Summary};
+pub use crate::tools::stats::{percentile, summarize, Summary};
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
