@@ -4,11 +4,13 @@
 //! adapter deltas (LoRA, Poly routing, sparse fine-tunings, merged task vectors), applied to that
 //! request's rows only. Layers, in request order: `api` (gRPC) -> `engine` (queue, batching) ->
 //! `model` (forward, KV cache, sampling) with `adapters` supplying the deltas. Around them:
-//! `config` (serve flags and the config file), `bootstrap` (process setup, model loading) and
-//! `tools` (the subcommands beside `serve`: bench, loadgen, generate, convert-sft, fetch-model).
+//! `config` (serve flags and the config file), `bootstrap` (process setup, model loading), `tools`
+//! (the subcommands beside `serve`: bench, loadgen, generate, convert-sft, fetch-model) and `cli`
+//! (the command line naming every subcommand).
 pub mod adapters;
 pub mod api;
 pub mod bootstrap;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod model;

@@ -1,7 +1,8 @@
 //! The `modserve` binary: read the config file (serve), parse the command line, set up logging and
 //! threads, dispatch. Fatal errors print one line and exit 1.
 use clap::{CommandFactory, FromArgMatches};
-use modserve::config::{apply_config_file, config_path, effective_config, Cli, Command, LogFormat};
+use modserve::cli::{Cli, Command};
+use modserve::config::{apply_config_file, config_path, effective_config, LogFormat};
 
 fn main() -> std::process::ExitCode {
     modserve::bootstrap::keep_freed_memory();

@@ -28,7 +28,7 @@ pub struct ConvertSftArgs {
     #[arg(long, env = "MODSERVE_MODEL")]
     pub model: Option<PathBuf>,
     /// Models folder used when --model is not given.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::tools::fetch::DEFAULT_MODELS_DIR)]
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::config::DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
     /// Replace an existing `sparse_delta.safetensors` in the output folder.
     #[arg(long)]
