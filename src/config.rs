@@ -4,8 +4,8 @@
 //! flags, and `--print-config`) and device parsing.
 //!
 //! Invariants: values are validated here, before any model is loaded, and errors name the
-//! offending flag. This module depends on no tool and not on `crate::cli`: the config file's keys
-//! and their variables come from [`ServeArgs`] itself.
+//! offending flag. This module depends on no tool and not on the command line (`cli`): the
+//! config file's keys and their variables come from [`ServeArgs`] itself.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
