@@ -38,7 +38,7 @@ fn module(rng: &mut StdRng) -> Arc<ModuleDeltas> {
 }
 
 fn main() {
-    modserve::runtime::keep_freed_memory();
+    modserve::bootstrap::keep_freed_memory();
     // SPARSE_KERNEL_SHARED=1: one language and one task module for every row (5 MB, in cache).
     let shared = std::env::var("SPARSE_KERNEL_SHARED").is_ok_and(|v| v == "1");
     let (nl, nt) = if shared { (1, 1) } else { (4, 8) };

@@ -1,44 +1,21 @@
-//! Command-line interface and configuration: one clap derive per subcommand; every serve flag is
-//! also an environment variable (`MODSERVE_*`). Invariant: values are validated here, before any
-//! model is loaded, and errors name the offending flag.
+//! Server configuration: the `serve` options (one clap derive; every serve flag is also an
+//! environment variable `MODSERVE_*`), the options shared by everything that loads the model or
+//! adapters ([`ModelArgs`], [`AdapterArgs`]), the TOML config file (precedence file < env <
+//! flags, and `--print-config`) and device parsing.
+//!
+//! Invariants: values are validated here, before any model is loaded, and errors name the
+//! offending flag. This module depends on no tool and not on the command line (`cli`): the
+//! config file's keys and their variables come from [`ServeArgs`] itself.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::builder::TypedValueParser;
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
 use crate::model::linear::WeightMode;
 
-/// modserve: one frozen Llama-family base model, many per-request adapter compositions.
-#[derive(Debug, Parser)]
-#[command(name = "modserve", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Download and unpack the default model (SmolLM2-135M-Instruct Q4_1 GGUF) into the models folder.
-    FetchModel(FetchArgs),
-    /// Generate text in-process (no server).
-    Generate(GenerateArgs),
-    /// Start the gRPC server.
-    Serve(ServeArgs),
-    /// Run the in-process benchmark scenarios and print a table.
-    Bench(crate::bench::BenchArgs),
-    /// Load-test a running server over gRPC and print a JSON report.
-    Loadgen(crate::loadgen::LoadgenArgs),
-    /// Convert a composable-sft pytorch_diff.bin to the native sparse format (a module folder).
-    ConvertSft(crate::convert::ConvertSftArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct FetchArgs {
-    /// Models folder.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
-    pub models_dir: PathBuf,
-}
+/// Default models folder (relative to the working directory, overridable by `MODSERVE_MODELS_DIR`).
+pub const DEFAULT_MODELS_DIR: &str = "models";
 
 /// Options shared by everything that loads the model.
 #[derive(Debug, Args, Clone)]
@@ -48,7 +25,7 @@ pub struct ModelArgs {
     #[arg(long, env = "MODSERVE_MODEL")]
     pub model: Option<PathBuf>,
     /// Models folder used when --model is not given.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
     /// Keep weights quantized (fast) or dequantize every tensor to float32 (reference parity).
     #[arg(long, env = "MODSERVE_WEIGHTS", default_value = "quantized",
@@ -94,59 +71,6 @@ pub struct AdapterArgs {
     /// Byte budget of the hot adapter cache.
     #[arg(long, env = "MODSERVE_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
     pub adapter_cache_bytes: u64,
-}
-
-#[derive(Debug, Args)]
-#[command(allow_negative_numbers = true)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"])))]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub adapters: AdapterArgs,
-    /// Add a module's delta: `ID[@SCALE]` (ID is a module folder or file under --adapter-root;
-    /// its kind is detected; SCALE defaults to 1, may be negative). Repeatable.
-    #[arg(long = "delta", value_name = "ID[@SCALE]")]
-    pub deltas: Vec<String>,
-    /// Poly routing: `INVENTORY:TASK` (task id) or `INVENTORY:W1,W2,...` (explicit skill weights).
-    #[arg(long, value_name = "ID:TASK")]
-    pub route: Option<String>,
-    /// Raw prompt text (no template).
-    #[arg(long)]
-    pub prompt: Option<String>,
-    /// Prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
-    pub prompt_ids: Option<Vec<u32>>,
-    /// A user message, rendered with the model's chat template.
-    #[arg(long)]
-    pub chat: Option<String>,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Suppress end-of-sequence tokens until this many tokens were generated.
-    #[arg(long, default_value_t = 0)]
-    pub min_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// 0 = disabled.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Report the K most likely tokens at every step.
-    #[arg(long, default_value_t = 0)]
-    pub top_logprobs: usize,
-    /// Stop strings (repeatable).
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Prompt tokens per prefill step.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
-    /// Print one JSON object instead of the text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -232,9 +156,7 @@ pub fn config_path(argv: &[std::ffi::OsString]) -> Option<PathBuf> {
 
 /// Environment variable names of the `serve` flags, by config key (`max_running` -> `MODSERVE_MAX_RUNNING`).
 fn serve_env_keys() -> Vec<(String, String)> {
-    use clap::CommandFactory;
-    let cmd = Cli::command();
-    let serve = cmd.find_subcommand("serve").expect("serve subcommand");
+    let serve = ServeArgs::augment_args(clap::Command::new("serve"));
     serve
         .get_arguments()
         .filter_map(|a| a.get_env().map(|e| (a.get_id().as_str().to_string(), e.to_string_lossy().into_owned())))
@@ -365,20 +287,6 @@ fn cuda(n: usize) -> anyhow::Result<candle_core::Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generate_requires_exactly_one_input() {
-        assert!(Cli::try_parse_from(["modserve", "generate"]).is_err());
-        assert!(Cli::try_parse_from(["modserve", "generate", "--prompt", "a", "--chat", "b"]).is_err());
-        let c = Cli::try_parse_from(["modserve", "generate", "--prompt-ids", "1,2,3", "--weights", "f32"]).unwrap();
-        match c.command {
-            Command::Generate(g) => {
-                assert_eq!(g.prompt_ids, Some(vec![1, 2, 3]));
-                assert_eq!(g.model.weights, WeightMode::F32);
-            }
-            _ => panic!("wrong subcommand"),
-        }
-    }
 
     #[test]
     fn config_path_from_argv() {

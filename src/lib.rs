@@ -3,20 +3,19 @@
 //! One frozen Llama-family base model stays resident; every request names its own composition of
 //! adapter deltas (LoRA, Poly routing, sparse fine-tunings, merged task vectors), applied to that
 //! request's rows only. Layers, in request order: `api` (gRPC) -> `engine` (queue, batching) ->
-//! `model` (forward, KV cache, sampling) with `adapters` supplying the deltas.
+//! `model` (forward, KV cache, sampling) with `adapters` supplying the deltas. Around them:
+//! `config` (serve flags and the config file), `bootstrap` (process setup, model loading), `tools`
+//! (the subcommands beside `serve`: bench, loadgen, generate, convert-sft, fetch-model) and `cli`
+//! (the command line naming every subcommand).
 pub mod adapters;
 pub mod api;
-pub mod bench;
+pub mod bootstrap;
+pub mod cli;
 pub mod config;
-pub mod convert;
 pub mod engine;
-pub mod fetch;
-pub mod generate;
 pub mod kernels;
-pub mod loadgen;
-pub mod runtime;
-pub mod stats;
 pub mod model;
+pub mod tools;
 
 /// Generated protobuf / gRPC code for `proto/modserve/v1`.
 pub mod pb {

@@ -1,10 +1,11 @@
 //! The `modserve` binary: read the config file (serve), parse the command line, set up logging and
 //! threads, dispatch. Fatal errors print one line and exit 1.
 use clap::{CommandFactory, FromArgMatches};
-use modserve::config::{apply_config_file, config_path, effective_config, Cli, Command, LogFormat};
+use modserve::cli::{Cli, Command};
+use modserve::config::{apply_config_file, config_path, effective_config, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    modserve::runtime::keep_freed_memory();
+    modserve::bootstrap::keep_freed_memory();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let is_serve = argv.get(1).is_some_and(|a| a == "serve");
     let from_file = match config_path(&argv).filter(|_| is_serve) {
@@ -47,16 +48,16 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::FetchModel(a) => {
-            let p = modserve::fetch::fetch_model(&a.models_dir, &mut |m| eprintln!("{m}"))?;
+            let p = modserve::tools::fetch::fetch_model(&a.models_dir, &mut |m| eprintln!("{m}"))?;
             println!("{}", p.display());
             Ok(())
         }
         Command::Generate(a) => {
-            modserve::runtime::set_threads(a.model.threads);
-            modserve::generate::request_from_args(&a)?; // validate before loading anything
-            let model = modserve::runtime::load_model(&a.model)?;
-            let store = modserve::runtime::open_adapter_store(&model, &a.adapters, true)?;
-            let out = modserve::generate::run(&model, store.as_ref(), &a)?;
+            modserve::bootstrap::set_threads(a.model.threads);
+            modserve::tools::generate::request_from_args(&a)?; // validate before loading anything
+            let model = modserve::bootstrap::load_model(&a.model)?;
+            let store = modserve::bootstrap::open_adapter_store(&model, &a.adapters, true)?;
+            let out = modserve::tools::generate::run(&model, store.as_ref(), &a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {
@@ -64,15 +65,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Loadgen(a) => modserve::loadgen::run(a),
+        Command::Loadgen(a) => modserve::tools::loadgen::run(a),
         Command::ConvertSft(a) => {
-            let (path, s) = modserve::convert::run(&a)?;
+            let (path, s) = modserve::tools::convert::run(&a)?;
             println!("wrote {}: {} parameters, {} non-zeros", path.display(), s.params, s.nnz);
             Ok(())
         }
-        Command::Bench(a) => modserve::bench::run(a),
+        Command::Bench(a) => modserve::tools::bench::run(a),
         Command::Serve(a) => {
-            modserve::runtime::set_threads(a.model.threads);
+            modserve::bootstrap::set_threads(a.model.threads);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(modserve::api::serve(a))
         }

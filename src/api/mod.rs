@@ -104,8 +104,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let t0 = Instant::now();
             let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Ready> {
-                let model = crate::runtime::load_model(&model_args)?;
-                let store = crate::runtime::open_adapter_store(&model, &adapter_args, false)?.map(|s| {
+                let model = crate::bootstrap::load_model(&model_args)?;
+                let store = crate::bootstrap::open_adapter_store(&model, &adapter_args, false)?.map(|s| {
                     Arc::new(s.with_limits(AdapterLimits {
                         max_components: limits.max_components,
                         max_file_bytes: limits.max_adapter_file_bytes,

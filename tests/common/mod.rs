@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// (scripts/test.sh does).
 pub fn reference_model() -> PathBuf {
     let p = std::env::var_os("MODSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(modserve::fetch::MODEL_FILE)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(modserve::tools::fetch::MODEL_FILE)
     });
     assert!(p.exists(), "reference model {} missing: run `cargo run -- fetch-model` (scripts/test.sh does)", p.display());
     p

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use super::stats::percentile;
-use super::Ctx;
+use super::context::Ctx;
 use crate::adapters::composition::CompositionSpec;
 use crate::adapters::store::AdapterStore;
 use crate::engine::actor::{EventResult, StreamEvent};

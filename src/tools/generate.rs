@@ -4,15 +4,70 @@
 //! "timings":{"ttft_s":..,"decode_s":..,"decode_tokens_per_s":..}}`.
 use std::sync::Arc;
 
+use clap::Args;
+
 use crate::adapters::composition::{parse_delta_ref, parse_route, CompositionSpec};
 use crate::adapters::store::AdapterStore;
-use crate::config::GenerateArgs;
+use crate::config::{AdapterArgs, ModelArgs};
 use crate::engine::actor::{spawn_engine, EngineConfig};
 use crate::engine::output::Collected;
 use crate::engine::prepare::{EngineRequest, PromptInput, TextFrontEnd};
 use crate::engine::sequence::GenerateSpec;
 use crate::model::load::LoadedModel;
 use crate::model::sampling::{SamplingParams, TokenLogprob};
+
+#[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"])))]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// Add a module's delta: `ID[@SCALE]` (ID is a module folder or file under --adapter-root;
+    /// its kind is detected; SCALE defaults to 1, may be negative). Repeatable.
+    #[arg(long = "delta", value_name = "ID[@SCALE]")]
+    pub deltas: Vec<String>,
+    /// Poly routing: `INVENTORY:TASK` (task id) or `INVENTORY:W1,W2,...` (explicit skill weights).
+    #[arg(long, value_name = "ID:TASK")]
+    pub route: Option<String>,
+    /// Raw prompt text (no template).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Suppress end-of-sequence tokens until this many tokens were generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = disabled.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Report the K most likely tokens at every step.
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Wall-clock timings of one generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]

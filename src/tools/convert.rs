@@ -28,7 +28,7 @@ pub struct ConvertSftArgs {
     #[arg(long, env = "MODSERVE_MODEL")]
     pub model: Option<PathBuf>,
     /// Models folder used when --model is not given.
-    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::fetch::DEFAULT_MODELS_DIR)]
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = crate::config::DEFAULT_MODELS_DIR)]
     pub models_dir: PathBuf,
     /// Replace an existing `sparse_delta.safetensors` in the output folder.
     #[arg(long)]
@@ -40,7 +40,7 @@ pub fn run(a: &ConvertSftArgs) -> anyhow::Result<(PathBuf, ConvertSummary)> {
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
-            let p = crate::fetch::default_model_path(&a.models_dir);
+            let p = crate::tools::fetch::default_model_path(&a.models_dir);
             anyhow::ensure!(p.exists(), "no --model given and {} does not exist (run `modserve fetch-model` or pass --model)", p.display());
             p
         }

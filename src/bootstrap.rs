@@ -1,5 +1,7 @@
-//! Process-level setup shared by every subcommand that runs the model: thread count, device,
-//! default-model resolution (fetching it on first use) and loading.
+//! Process bootstrap shared by every subcommand that runs the model: allocator and thread-pool
+//! settings, device, default-model resolution (fetching it on first use), model loading and the
+//! adapter store. Invariant: `keep_freed_memory` and `set_threads` run first, before any other
+//! thread (compute pools, tokio) exists.
 use std::path::PathBuf;
 
 use crate::adapters::registry::{AdapterRoot, Registry};
@@ -32,11 +34,11 @@ pub fn resolve_model_path(args: &ModelArgs) -> anyhow::Result<PathBuf> {
         anyhow::ensure!(p.exists(), "--model {}: no such file or directory", p.display());
         return Ok(p.clone());
     }
-    let path = crate::fetch::default_model_path(&args.models_dir);
+    let path = crate::tools::fetch::default_model_path(&args.models_dir);
     if path.exists() {
         return Ok(path);
     }
-    Ok(crate::fetch::fetch_model(&args.models_dir, &mut |m| tracing::info!("{m}"))?)
+    Ok(crate::tools::fetch::fetch_model(&args.models_dir, &mut |m| tracing::info!("{m}"))?)
 }
 
 /// Resolves and loads the model described by `args`.

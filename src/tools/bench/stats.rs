@@ -4,10 +4,10 @@ use rand::Rng;
 
 /// Nearest-rank percentile of `samples` (any order); `None` when there are none.
 pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
-    crate::stats::percentile(&crate::stats::sorted_finite(samples), p)
+    crate::tools::stats::percentile(&crate::tools::stats::sorted_finite(samples), p)
 }
 
-pub use crate::stats::Zipf;
+pub use crate::tools::stats::Zipf;
 
 /// A standard normal sample.
 pub fn normal(rng: &mut impl Rng) -> f32 {

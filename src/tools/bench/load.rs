@@ -12,7 +12,7 @@ use super::drive::{self, long_prompt, ms, prompts, Job};
 use super::scenarios::{ensure_loras, p50_p90, row, since_ms};
 use super::stats::{peak_rss_mb, percentile, Row, Zipf};
 use super::synth;
-use super::{Ctx, Results};
+use super::context::{Ctx, Results};
 use crate::adapters::cache::CacheSnapshot;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::store::AdapterStore;

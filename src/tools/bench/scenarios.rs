@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::drive::{self, ms, prompts, Job, Summary};
 use super::stats::{peak_rss_mb, percentile, Row};
 use super::synth::{self, PolyShape};
-use super::{Ctx, Results};
+use super::context::{Ctx, Results};
 use crate::adapters::formats::poly::Routing;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::store::AdapterStore;
