@@ -5,9 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = ["proto/modserve/v1/modserve.proto"];
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("modserve_descriptor.bin"))
-        .compile_protos(&protos, &["proto"])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("modserve_descriptor.bin")).compile_protos(&protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

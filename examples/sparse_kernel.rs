@@ -7,10 +7,10 @@
 //!
 //!     cargo run --release --example sparse_kernel
 use modserve::adapters::batch::BatchDeltas;
+use modserve::adapters::composition::Composition;
 use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use modserve::adapters::target::Target;
 use modserve::kernels::sparse_layout::SparseMatrix;
-use modserve::adapters::composition::Composition;
 use modserve::model::linear::{LinearId, Proj, RowDeltas};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;

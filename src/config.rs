@@ -168,7 +168,8 @@ fn serve_env_keys() -> Vec<(String, String)> {
 /// environment already sets it, so clap applies file < env < flags. Returns the variables set.
 pub fn apply_config_file(path: &std::path::Path) -> Result<Vec<String>, ConfigFileError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError::Read { path: path.into(), reason: e.to_string() })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigFileError::Read { path: path.into(), reason: e.to_string() })?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| ConfigFileError::Read { path: path.into(), reason: e.to_string() })?;
     let keys = serve_env_keys();
     let mut set = Vec::new();
     for (key, value) in table {

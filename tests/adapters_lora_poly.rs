@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
-use modserve::adapters::target::{BaseShapes, Target};
 use modserve::adapters::error::AdapterError;
 use modserve::adapters::formats::lora::load_peft_lora;
 use modserve::adapters::formats::poly::{load_peft_poly, Routing};
+use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::target::{BaseShapes, Target};
 use modserve::model::config::LlamaConfig;
 use modserve::model::linear::{LinearId, Proj};
 use serde_json::{json, Value};
@@ -189,8 +189,7 @@ fn layers_to_transform_selects_layers() {
 fn default_adapter_name_and_all_linear_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<(usize, Proj)> = (0..2).flat_map(|l| Proj::ALL.map(|p| (l, p))).collect();
-    let named =
-        lora_tensors(&all, 2, &[]).into_iter().map(|(n, t)| (n.replace(".weight", ".default.weight"), t)).collect();
+    let named = lora_tensors(&all, 2, &[]).into_iter().map(|(n, t)| (n.replace(".weight", ".default.weight"), t)).collect();
     write_lora(dir.path(), json!({"target_modules": "all-linear"}), named);
     let (d, info) = load_peft_lora(dir.path(), &tiny_base()).unwrap();
     assert_scaled(&d, &all, 2, 2.0);
@@ -215,13 +214,7 @@ fn lora_errors_name_the_file_and_the_problem() {
     let far = lora_tensors(&[(0, Proj::Q), (5, Proj::Q)], 2, &[]);
     let ok = || lora_tensors(&QV, 2, &[]);
     let cases: Vec<Case> = vec![
-        (
-            "dora",
-            json!({"use_dora": true}),
-            ok(),
-            |e| matches!(e, AdapterError::Unsupported { .. }),
-            "adapter_config.json",
-        ),
+        ("dora", json!({"use_dora": true}), ok(), |e| matches!(e, AdapterError::Unsupported { .. }), "adapter_config.json"),
         (
             "modules_to_save",
             json!({"modules_to_save": ["lm_head"]}),
@@ -229,13 +222,7 @@ fn lora_errors_name_the_file_and_the_problem() {
             |e| matches!(e, AdapterError::Unsupported { .. }),
             "adapter_config.json",
         ),
-        (
-            "bias",
-            json!({"bias": "all"}),
-            ok(),
-            |e| matches!(e, AdapterError::Unsupported { .. }),
-            "adapter_config.json",
-        ),
+        ("bias", json!({"bias": "all"}), ok(), |e| matches!(e, AdapterError::Unsupported { .. }), "adapter_config.json"),
         (
             "regex",
             json!({"target_modules": ".*\\.(q|v)_proj"}),
@@ -243,20 +230,8 @@ fn lora_errors_name_the_file_and_the_problem() {
             |e| matches!(e, AdapterError::Unsupported { .. }),
             "adapter_config.json",
         ),
-        (
-            "peft_type",
-            json!({"peft_type": "IA3"}),
-            ok(),
-            |e| matches!(e, AdapterError::Unsupported { .. }),
-            "adapter_config.json",
-        ),
-        (
-            "nan",
-            json!({}),
-            nan,
-            |e| matches!(e, AdapterError::NonFinite { what: "NaN", .. }),
-            "adapter_model.safetensors",
-        ),
+        ("peft_type", json!({"peft_type": "IA3"}), ok(), |e| matches!(e, AdapterError::Unsupported { .. }), "adapter_config.json"),
+        ("nan", json!({}), nan, |e| matches!(e, AdapterError::NonFinite { what: "NaN", .. }), "adapter_model.safetensors"),
         ("no_b", json!({}), no_b, |e| matches!(e, AdapterError::Malformed { .. }), "no lora_B"),
         ("rank_ab", json!({}), rank_mismatch, |e| matches!(e, AdapterError::Malformed { .. }), "rank 3"),
         ("rank_cfg", json!({"r": 3}), ok(), |e| matches!(e, AdapterError::Malformed { .. }), "r=3"),
@@ -267,13 +242,7 @@ fn lora_errors_name_the_file_and_the_problem() {
             |e| matches!(e, AdapterError::UnknownTarget { .. }),
             "foo_proj",
         ),
-        (
-            "layer_5",
-            json!({"target_modules": ["q_proj"]}),
-            far,
-            |e| matches!(e, AdapterError::UnknownTarget { .. }),
-            "layers.5",
-        ),
+        ("layer_5", json!({"target_modules": ["q_proj"]}), far, |e| matches!(e, AdapterError::UnknownTarget { .. }), "layers.5"),
         (
             "missing",
             json!({"target_modules": ["q_proj", "v_proj", "k_proj"]}),
@@ -300,10 +269,7 @@ fn broken_files_are_malformed_not_panics() {
     for cut in [bytes.len() - 7, bytes.len() / 2, 20, 3, 0] {
         std::fs::write(&st, &bytes[..cut]).unwrap();
         let e = load_peft_lora(dir.path(), &tiny_base()).unwrap_err();
-        assert!(
-            matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"),
-            "{e}"
-        );
+        assert!(matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"), "{e}");
     }
     std::fs::remove_file(&st).unwrap();
     let e = load_peft_lora(dir.path(), &tiny_base()).unwrap_err();
@@ -325,9 +291,7 @@ fn raw(dir: &Path, name: &str) -> Tensor {
 #[test]
 fn kit_lora_adapters_load_with_their_scaling() {
     let base = smollm2_base();
-    for (name, n_targets, rank, scale) in
-        [("lora_qv_r4", 60, 4, 2.0), ("lora_all_r8", 210, 8, 2.0), ("lora_all_r4_rslora", 210, 4, 4.0)]
-    {
+    for (name, n_targets, rank, scale) in [("lora_qv_r4", 60, 4, 2.0), ("lora_all_r8", 210, 8, 2.0), ("lora_all_r4_rslora", 210, 4, 4.0)] {
         let dir = common::fixture(&format!("parity/{name}"));
         let (d, info) = load_peft_lora(&dir, &base).unwrap();
         assert_eq!((d.targets.len(), info.rank), (n_targets, rank), "{name}");
@@ -356,36 +320,21 @@ fn kit_poly_mixes_like_peft() {
             0,
             Proj::Q,
             1,
-            [
-                (0, 0, -2.3898275224e-04),
-                (575, 575, -7.0809929419e-04),
-                (291, 283, 4.3235804355e-04),
-                (3, 293, 1.0530106746e-03),
-            ],
+            [(0, 0, -2.3898275224e-04), (575, 575, -7.0809929419e-04), (291, 283, 4.3235804355e-04), (3, 293, 1.0530106746e-03)],
             2.8922508065e-01,
         ),
         (
             29,
             Proj::Up,
             2,
-            [
-                (0, 0, 4.0803241705e-04),
-                (1535, 575, -4.2455200197e-04),
-                (771, 283, 9.3231813367e-05),
-                (3, 293, -5.2372307729e-04),
-            ],
+            [(0, 0, 4.0803241705e-04), (1535, 575, -4.2455200197e-04), (771, 283, 9.3231813367e-05), (3, 293, -5.2372307729e-04)],
             5.1125963090e-01,
         ),
         (
             7,
             Proj::V,
             0,
-            [
-                (0, 0, -2.9890440484e-04),
-                (191, 575, -2.1514428869e-04),
-                (99, 283, -7.6716362566e-04),
-                (3, 293, -9.8782711139e-04),
-            ],
+            [(0, 0, -2.9890440484e-04), (191, 575, -2.1514428869e-04), (99, 283, -7.6716362566e-04), (3, 293, -9.8782711139e-04)],
             1.7382138572e-01,
         ),
     ];
@@ -394,11 +343,7 @@ fn kit_poly_mixes_like_peft() {
         assert_eq!(d.targets.len(), 90);
         let dense = d.targets[&lin(layer, proj)].to_dense().unwrap().to_vec2::<f32>().unwrap();
         for (o, i, v) in points {
-            assert!(
-                (dense[o][i] as f64 - v).abs() < 1e-7 + 1e-4 * v.abs(),
-                "{layer} {proj:?} [{o},{i}] {} vs {v}",
-                dense[o][i]
-            );
+            assert!((dense[o][i] as f64 - v).abs() < 1e-7 + 1e-4 * v.abs(), "{layer} {proj:?} [{o},{i}] {} vs {v}", dense[o][i]);
         }
         let got = dense.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
         assert!((got - norm).abs() < 1e-5 * norm, "{got} vs {norm}");

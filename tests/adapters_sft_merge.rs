@@ -9,12 +9,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use modserve::adapters::error::AdapterError;
+use modserve::adapters::formats::sft::{convert_pytorch_diff, load_pytorch_diff, load_sparse_safetensors, ConvertSummary};
+use modserve::adapters::merge::{load_delta, load_recipe, merge, MergeMethod};
 use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use modserve::adapters::target::{BaseShapes, Target};
 use modserve::kernels::sparse_layout::SparseMatrix;
-use modserve::adapters::error::AdapterError;
-use modserve::adapters::merge::{load_delta, load_recipe, merge, MergeMethod};
-use modserve::adapters::formats::sft::{convert_pytorch_diff, load_pytorch_diff, load_sparse_safetensors, ConvertSummary};
 use modserve::model::config::LlamaConfig;
 use modserve::model::linear::{LinearId, Proj, WeightMode};
 use modserve::model::load::{load, LoadOptions};
@@ -149,7 +149,16 @@ fn f32s(v: &[f32]) -> Vec<u8> {
 
 fn k0_param<'a>(steps: &'a [i32], values: &[f32]) -> Param<'a> {
     let n = values.len() as i32;
-    Param { name: "model.layers.0.self_attn.k_proj.weight", size: [4, 8], steps, storage: "FloatStorage", data: f32s(values), offset: 0, numel: n, len: n }
+    Param {
+        name: "model.layers.0.self_attn.k_proj.weight",
+        size: [4, 8],
+        steps,
+        storage: "FloatStorage",
+        data: f32s(values),
+        offset: 0,
+        numel: n,
+        len: n,
+    }
 }
 
 #[test]
@@ -350,7 +359,8 @@ fn kit_sfts_merge_by_task_arithmetic_and_stay_sparse() {
         std::fs::copy(common::fixture(&format!("parity/{m}/pytorch_diff.bin")), dir.path().join(m).join("pytorch_diff.bin")).unwrap();
     }
     let recipe = dir.path().join("recipe.json");
-    std::fs::write(&recipe, r#"{"method": "task_arithmetic", "components": [{"task_vector": "sft_lang"}, {"task_vector": "sft_task"}]}"#).unwrap();
+    std::fs::write(&recipe, r#"{"method": "task_arithmetic", "components": [{"task_vector": "sft_lang"}, {"task_vector": "sft_task"}]}"#)
+        .unwrap();
     let base = smollm2_base();
     let no_base = |_t: Target| -> Result<Tensor, AdapterError> { panic!("task arithmetic needs no base weights") };
     let out = merge(&load_recipe(&recipe).unwrap(), &no_base, &base).unwrap();
@@ -468,32 +478,44 @@ fn merges_files_end_to_end() {
     write_f32(&d.join("f0.safetensors"), &[(Q0, vec![8, 8], vec![2.0; 64])]);
     let theta0 = |_t: Target| -> Result<Tensor, AdapterError> { Ok(Tensor::full(4f32, (8, 8), &candle_core::Device::Cpu)?) };
     // Task arithmetic: q0 = 0.5*a - 1*b -> -1 everywhere except element 9 (0); k1 = 0.5.
-    let r = write_recipe(d, serde_json::json!({"method": "task_arithmetic", "components": [
-        {"task_vector": "a.safetensors", "lambda": 0.5}, {"task_vector": "b.safetensors", "negate": true}]}));
+    let r = write_recipe(
+        d,
+        serde_json::json!({"method": "task_arithmetic", "components": [
+        {"task_vector": "a.safetensors", "lambda": 0.5}, {"task_vector": "b.safetensors", "negate": true}]}),
+    );
     let out = merge(&load_recipe(&r).unwrap(), &theta0, &base).unwrap();
     let q = values(&out.deltas, q0);
     assert_eq!((q[9], q[10], values(&out.deltas, k1)[0]), (0.0, -1.0, 0.5));
     assert_eq!((out.report.tensors, out.report.dense, out.report.nnz), (2, 2, 63 + 32));
     // EWR over q0 only (k1 is not in the Fisher files: unchanged). Element 10:
     // (1*2*4 + 0.5*1*0 + 1*3*(-1)) / (2 + 0.5 + 3) - 4 = 5/5.5 - 4; element 9: (8 + 1 - 3)/5.5 - 4.
-    let r = write_recipe(d, serde_json::json!({"fisher_base": "f0.safetensors", "components": [
+    let r = write_recipe(
+        d,
+        serde_json::json!({"fisher_base": "f0.safetensors", "components": [
         {"task_vector": "a.safetensors", "fisher": "fa.safetensors", "lambda": 0.5},
-        {"task_vector": "b.safetensors", "fisher": "fb.safetensors", "negate": true}]}));
+        {"task_vector": "b.safetensors", "fisher": "fb.safetensors", "negate": true}]}),
+    );
     let out = merge(&load_recipe(&r).unwrap(), &theta0, &base).unwrap();
     assert_eq!((out.report.tensors, out.report.unchanged), (1, 1));
     let q = values(&out.deltas, q0);
     close(&q[9..11], &[6.0 / 5.5 - 4.0, 5.0 / 5.5 - 4.0]);
     // Compression of delta = a: top_k keeps 1 of q0's 64 entries (its single non-zero): exact.
-    let r = write_recipe(d, serde_json::json!({"method": "linear", "components": [{"task_vector": "a.safetensors"}],
-        "compress": {"top_k": 0.02}}));
+    let r = write_recipe(
+        d,
+        serde_json::json!({"method": "linear", "components": [{"task_vector": "a.safetensors"}],
+        "compress": {"top_k": 0.02}}),
+    );
     let out = merge(&load_recipe(&r).unwrap(), &theta0, &base).unwrap();
     let c = out.report.compression.unwrap();
     assert!(matches!(out.deltas.targets[&q0], MatrixDelta::Sparse(_)));
     // k1 (all ones, 32 entries) keeps 0 -> max(1) = 1 entry: error sqrt(31/32).
     assert!((c.max_tensor_relative_error - (31f64 / 32.0).sqrt()).abs() < 1e-9, "{c:?}");
     assert!((c.relative_error - (31f64 / 36.0).sqrt()).abs() < 1e-9, "{c:?}");
-    let r = write_recipe(d, serde_json::json!({"method": "linear", "components": [{"task_vector": "a.safetensors"}],
-        "compress": {"low_rank": 1}}));
+    let r = write_recipe(
+        d,
+        serde_json::json!({"method": "linear", "components": [{"task_vector": "a.safetensors"}],
+        "compress": {"low_rank": 1}}),
+    );
     let out = merge(&load_recipe(&r).unwrap(), &theta0, &base).unwrap();
     assert_eq!(out.report.low_rank, 2);
     assert!(out.report.compression.unwrap().relative_error < 1e-6);
@@ -515,9 +537,13 @@ fn kit_task_arithmetic_is_expert_minus_anti_expert() {
         std::fs::copy(common::fixture(&format!("parity/ewr/{f}")), dir.path().join(f)).unwrap();
     }
     let recipe = dir.path().join("ta.json");
-    std::fs::write(&recipe, r#"{"method": "task_arithmetic", "components": [
+    std::fs::write(
+        &recipe,
+        r#"{"method": "task_arithmetic", "components": [
         {"task_vector": "expert_task_vector.safetensors", "lambda": 1.0},
-        {"task_vector": "anti_expert_task_vector.safetensors", "lambda": 1.0, "negate": true}]}"#).unwrap();
+        {"task_vector": "anti_expert_task_vector.safetensors", "lambda": 1.0, "negate": true}]}"#,
+    )
+    .unwrap();
     let no_base = |_t: Target| -> Result<Tensor, AdapterError> { panic!("not needed") };
     let out = merge(&load_recipe(&recipe).unwrap(), &no_base, &smollm2_base()).unwrap();
     let (e, a) = (read_kit("expert_task_vector.safetensors"), read_kit("anti_expert_task_vector.safetensors"));

@@ -173,10 +173,7 @@ fn build_root(root: &Path, outside: &Path) {
     write_lora(
         &root.join("lora_wrong_shape"),
         &q0_cfg(4),
-        vec![
-            (lora_name(0, "self_attn", "q_proj", "A"), t(&[4, 100], 2)),
-            (lora_name(0, "self_attn", "q_proj", "B"), t(&[HIDDEN, 4], 3)),
-        ],
+        vec![(lora_name(0, "self_attn", "q_proj", "A"), t(&[4, 100], 2)), (lora_name(0, "self_attn", "q_proj", "B"), t(&[HIDDEN, 4], 3))],
     );
     write_lora(
         &root.join("lora_rank_mismatch"),
@@ -231,20 +228,24 @@ fn build_root(root: &Path, outside: &Path) {
             (lora_name(30, "self_attn", "q_proj", "B"), t(&[HIDDEN, 4], 17)),
         ],
     );
-    write_lora(
-        &root.join("lora_regex_targets"),
-        &lora_cfg(4, serde_json::json!(".*\\.q_proj"), None, serde_json::json!({})),
-        q0(4, 18),
-    );
+    write_lora(&root.join("lora_regex_targets"), &lora_cfg(4, serde_json::json!(".*\\.q_proj"), None, serde_json::json!({})), q0(4, 18));
 
     // Unsupported PEFT features.
-    write_lora(&root.join("lora_dora"), &lora_cfg(4, serde_json::json!(["q_proj"]), Some(vec![0]), serde_json::json!({"use_dora": true})), q0(4, 19));
+    write_lora(
+        &root.join("lora_dora"),
+        &lora_cfg(4, serde_json::json!(["q_proj"]), Some(vec![0]), serde_json::json!({"use_dora": true})),
+        q0(4, 19),
+    );
     write_lora(
         &root.join("lora_modules_to_save"),
         &lora_cfg(4, serde_json::json!(["q_proj"]), Some(vec![0]), serde_json::json!({"modules_to_save": ["lm_head"]})),
         q0(4, 20),
     );
-    write_lora(&root.join("peft_unknown"), &lora_cfg(4, serde_json::json!(["q_proj"]), Some(vec![0]), serde_json::json!({"peft_type": "IA3"})), q0(4, 21));
+    write_lora(
+        &root.join("peft_unknown"),
+        &lora_cfg(4, serde_json::json!(["q_proj"]), Some(vec![0]), serde_json::json!({"peft_type": "IA3"})),
+        q0(4, 21),
+    );
     let d = root.join("cfg_malformed");
     write_json(&d.join("adapter_config.json"), "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": [\"q_proj\"");
     save(q0(4, 22), &d.join("adapter_model.safetensors"));
@@ -328,7 +329,10 @@ fn build_root(root: &Path, outside: &Path) {
         &root.join("recipe_string_lambda/recipe.json"),
         r#"{"method": "task_arithmetic", "components": [{"task_vector": "tv.safetensors", "lambda": "NaN"}]}"#,
     );
-    save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[HIDDEN, HIDDEN], 29))], &root.join("recipe_string_lambda/tv.safetensors"));
+    save(
+        vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[HIDDEN, HIDDEN], 29))],
+        &root.join("recipe_string_lambda/tv.safetensors"),
+    );
     write_json(&root.join("recipe_unknown_method/recipe.json"), r#"{"method": "magic", "components": [{"task_vector": "x"}]}"#);
     write_json(
         &root.join("recipe_bad_component/recipe.json"),
@@ -456,16 +460,48 @@ fn table() -> Vec<Case> {
 
     // --- Requests: prompt ------------------------------------------------------------------------
     add("empty text prompt", gen(pb::GenerateRequest { prompt: Some(Prompt::Text(String::new())), ..small() }), e(INVALID));
-    add("empty token ids", gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![] })), ..small() }), e(INVALID));
-    add("token id == vocab (49152)", gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![504, 49152] })), ..small() }), e(INVALID));
-    add("token id u32::MAX", gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![u32::MAX] })), ..small() }), e(INVALID));
-    add("prompt of 513 token ids > --max-prompt-tokens 512", gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![504; 513] })), ..small() }), e(LIMIT));
-    add("text prompt of 40000 bytes > 64 * --max-prompt-tokens", gen(pb::GenerateRequest { prompt: Some(Prompt::Text("ab ".repeat(13_334))), ..small() }), e(LIMIT));
-    add("text prompt of ~600 tokens > --max-prompt-tokens 512", gen(pb::GenerateRequest { prompt: Some(Prompt::Text("hello ".repeat(600))), ..small() }), e(LIMIT));
-    add("chat with zero messages", gen(pb::GenerateRequest { prompt: Some(Prompt::Chat(pb::ChatMessages { messages: vec![] })), ..small() }), e(INVALID));
+    add(
+        "empty token ids",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![] })), ..small() }),
+        e(INVALID),
+    );
+    add(
+        "token id == vocab (49152)",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![504, 49152] })), ..small() }),
+        e(INVALID),
+    );
+    add(
+        "token id u32::MAX",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![u32::MAX] })), ..small() }),
+        e(INVALID),
+    );
+    add(
+        "prompt of 513 token ids > --max-prompt-tokens 512",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![504; 513] })), ..small() }),
+        e(LIMIT),
+    );
+    add(
+        "text prompt of 40000 bytes > 64 * --max-prompt-tokens",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::Text("ab ".repeat(13_334))), ..small() }),
+        e(LIMIT),
+    );
+    add(
+        "text prompt of ~600 tokens > --max-prompt-tokens 512",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::Text("hello ".repeat(600))), ..small() }),
+        e(LIMIT),
+    );
+    add(
+        "chat with zero messages",
+        gen(pb::GenerateRequest { prompt: Some(Prompt::Chat(pb::ChatMessages { messages: vec![] })), ..small() }),
+        e(INVALID),
+    );
     add("no prompt at all", gen(pb::GenerateRequest { prompt: None, ..small() }), e(INVALID));
     // --- Requests: generation limits and sampling --------------------------------------------------
-    add("max_new_tokens 257 > --max-new-tokens-limit 256", gen(pb::GenerateRequest { max_new_tokens: 257, min_new_tokens: 0, ..small() }), e(LIMIT));
+    add(
+        "max_new_tokens 257 > --max-new-tokens-limit 256",
+        gen(pb::GenerateRequest { max_new_tokens: 257, min_new_tokens: 0, ..small() }),
+        e(LIMIT),
+    );
     add("max_new_tokens u32::MAX", gen(pb::GenerateRequest { max_new_tokens: u32::MAX, min_new_tokens: 0, ..small() }), e(LIMIT));
     add("NaN temperature", gen(pb::GenerateRequest { temperature: f32::NAN, ..small() }), e(INVALID));
     add("negative temperature", gen(pb::GenerateRequest { temperature: -0.5, ..small() }), e(INVALID));
@@ -478,9 +514,17 @@ fn table() -> Vec<Case> {
     add("top_p negative", gen(pb::GenerateRequest { top_p: -0.1, temperature: 0.7, ..small() }), e(INVALID));
     add("top_p NaN", gen(pb::GenerateRequest { top_p: f32::NAN, temperature: 0.7, ..small() }), e(INVALID));
     add("top_logprobs 100 > 20", gen(pb::GenerateRequest { top_logprobs: 100, ..small() }), e(INVALID));
-    add("top_k larger than the vocabulary is valid", gen(pb::GenerateRequest { top_k: u32::MAX, temperature: 0.8, seed: 3, ..small() }), Want::Ok);
+    add(
+        "top_k larger than the vocabulary is valid",
+        gen(pb::GenerateRequest { top_k: u32::MAX, temperature: 0.8, seed: 3, ..small() }),
+        Want::Ok,
+    );
     add("empty stop string", gen(pb::GenerateRequest { stop: vec!["x".into(), String::new()], ..small() }), e(INVALID));
-    add("5 stop strings > --max-stop-strings 4", gen(pb::GenerateRequest { stop: (0..5).map(|i| format!("s{i}")).collect(), ..small() }), e(LIMIT));
+    add(
+        "5 stop strings > --max-stop-strings 4",
+        gen(pb::GenerateRequest { stop: (0..5).map(|i| format!("s{i}")).collect(), ..small() }),
+        e(LIMIT),
+    );
     add("stop string of 33 bytes > --max-stop-bytes 32", gen(pb::GenerateRequest { stop: vec!["y".repeat(33)], ..small() }), e(LIMIT));
     // --- Requests: compositions ----------------------------------------------------------------------
     add("unknown module", gen(delta("no_such_module")), e(UNKNOWN));
@@ -488,7 +532,11 @@ fn table() -> Vec<Case> {
     add("unknown task id 3 (3 tasks)", gen(task("poly_qvup", 3)), e((Code::NotFound, "unknown_task")));
     add("unknown task id -1", gen(task("poly_qvup", -1)), e((Code::NotFound, "unknown_task")));
     add("unknown task id i64::MAX", gen(task("poly_qvup", i64::MAX)), e((Code::NotFound, "unknown_task")));
-    add("route without task id or weights", gen(pb::GenerateRequest { route: Some(pb::PolyRoute { inventory_id: "poly_qvup".into(), routing: None }), ..small() }), e(INVALID));
+    add(
+        "route without task id or weights",
+        gen(pb::GenerateRequest { route: Some(pb::PolyRoute { inventory_id: "poly_qvup".into(), routing: None }), ..small() }),
+        e(INVALID),
+    );
     add("routing weights of wrong length (3)", gen(weights(&[0.3, 0.3, 0.4])), e(COMPOSITION));
     add("routing weights empty", gen(weights(&[])), e(COMPOSITION));
     add("routing weights negative", gen(weights(&[0.5, -0.1, 0.3, 0.3])), e(COMPOSITION));
@@ -507,7 +555,11 @@ fn table() -> Vec<Case> {
     // failure to this request with a client error, never INTERNAL.
     add("finite scale 1e30", gen(with_deltas(&[("lora_qv_r4", 1e30)])), Want::OkOr(COMPOSITION.0, COMPOSITION.1));
     add("5 components > --max-components 4", gen(with_deltas(&[("lora_qv_r4", 1.0); 5])), e(LIMIT));
-    add("4 deltas + a route = 5 components", gen(pb::GenerateRequest { route: task("poly_qvup", 0).route, ..with_deltas(&[("lora_qv_r4", 0.1); 4]) }), e(LIMIT));
+    add(
+        "4 deltas + a route = 5 components",
+        gen(pb::GenerateRequest { route: task("poly_qvup", 0).route, ..with_deltas(&[("lora_qv_r4", 0.1); 4]) }),
+        e(LIMIT),
+    );
     add("route naming a LoRA (wrong kind)", gen(task("lora_qv_r4", 0)), e((Code::InvalidArgument, "adapter_kind")));
     add("delta naming the Poly inventory (wrong kind)", gen(delta("poly_qvup")), e((Code::InvalidArgument, "adapter_kind")));
     add("delta with an empty module id", gen(delta("")), e(UNKNOWN));
@@ -554,7 +606,11 @@ fn table() -> Vec<Case> {
     add("recipe with an unknown method", gen(delta("recipe_unknown_method")), e(RECIPE));
     add("recipe whose component is garbage", gen(delta("recipe_bad_component")), e(MALFORMED));
     // The link leaves the adapter root, which the store refuses before the recipe is read.
-    add("recipe whose component is a symlink out of its folder", gen(delta("recipe_symlink_out")), e((Code::InvalidArgument, "adapter_path")));
+    add(
+        "recipe whose component is a symlink out of its folder",
+        gen(delta("recipe_symlink_out")),
+        e((Code::InvalidArgument, "adapter_path")),
+    );
     add("symlink leaving the root is not registered at start", gen(delta("escape_link")), e(UNKNOWN));
     add("unknown peft_type is not registered at start", gen(delta("peft_unknown")), e(UNKNOWN));
     // BUG? The folder is inside the root but its weights file is a symlink to a file outside it;
@@ -583,7 +639,11 @@ fn table() -> Vec<Case> {
     add("preload unknown", Call::Preload("no_such_module".into()), e(UNKNOWN));
     add("preload a broken module", Call::Preload("sft_garbage_pickle".into()), e(MALFORMED));
     add("evict unknown", Call::Evict("no_such_module".into()), e(UNKNOWN));
-    add("merge with a non-recipe path (LoRA folder)", Call::Merge("m_lora".into(), "tiny_ok".into()), e((Code::InvalidArgument, "merge_recipe")));
+    add(
+        "merge with a non-recipe path (LoRA folder)",
+        Call::Merge("m_lora".into(), "tiny_ok".into()),
+        e((Code::InvalidArgument, "merge_recipe")),
+    );
     add("merge with an empty recipe path", Call::Merge("m_empty".into(), String::new()), e(PATH));
     add("merge with a `..` recipe path", Call::Merge("m_up".into(), "../recipe.json".into()), e(PATH));
     add("merge: recipe referencing a missing file", Call::Merge("m_missing".into(), "recipe_missing/recipe.json".into()), e(RECIPE));
@@ -591,7 +651,11 @@ fn table() -> Vec<Case> {
     add("merge: recipe with lambda 1e999", Call::Merge("m_nan".into(), "recipe_nan_lambda/recipe.json".into()), e(RECIPE));
     add("failed merge leaves no registration", Call::Describe("m_missing".into()), e(UNKNOWN));
     // A merge may not take an existing id (it would replace, and on failure delete, that module).
-    add("merge over an existing id with a non-recipe path", Call::Merge("sft_task".into(), "tiny_ok".into()), e((Code::AlreadyExists, "module_exists")));
+    add(
+        "merge over an existing id with a non-recipe path",
+        Call::Merge("sft_task".into(), "tiny_ok".into()),
+        e((Code::AlreadyExists, "module_exists")),
+    );
     add("...the existing module still serves after the failed merge", gen(delta("sft_task")), Want::Ok);
     v
 }
@@ -647,12 +711,45 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 
 /// Ids of the bad modules that are registered (at start) and must never become resident.
 const BAD_REGISTERED: &[&str] = &[
-    "st_truncated", "st_garbage", "st_empty", "lora_bin_garbage", "lora_no_weights", "lora_wrong_shape", "lora_rank_mismatch",
-    "lora_cfg_rank_mismatch", "lora_missing_b", "lora_missing_layers", "lora_nan", "lora_inf", "lora_foo_proj", "lora_layer_oob",
-    "lora_regex_targets", "lora_dora", "lora_modules_to_save", "lora_rank128", "too_big", "too_big_via_link", "poly_bad_router", "sft_truncated",
-    "sft_not_zip", "sft_garbage_pickle", "sft_truncated_pickle", "sft_pickle_bomb", "sft_truncated_storage", "sft_memo_bomb", "sft_deep_pickle", "tv_wrong_shape.safetensors",
-    "tv_nan.safetensors", "recipe_missing", "recipe_dotdot", "recipe_nan_lambda", "recipe_string_lambda", "recipe_unknown_method",
-    "recipe_bad_component", "recipe_symlink_out", "inner_symlink",
+    "st_truncated",
+    "st_garbage",
+    "st_empty",
+    "lora_bin_garbage",
+    "lora_no_weights",
+    "lora_wrong_shape",
+    "lora_rank_mismatch",
+    "lora_cfg_rank_mismatch",
+    "lora_missing_b",
+    "lora_missing_layers",
+    "lora_nan",
+    "lora_inf",
+    "lora_foo_proj",
+    "lora_layer_oob",
+    "lora_regex_targets",
+    "lora_dora",
+    "lora_modules_to_save",
+    "lora_rank128",
+    "too_big",
+    "too_big_via_link",
+    "poly_bad_router",
+    "sft_truncated",
+    "sft_not_zip",
+    "sft_garbage_pickle",
+    "sft_truncated_pickle",
+    "sft_pickle_bomb",
+    "sft_truncated_storage",
+    "sft_memo_bomb",
+    "sft_deep_pickle",
+    "tv_wrong_shape.safetensors",
+    "tv_nan.safetensors",
+    "recipe_missing",
+    "recipe_dotdot",
+    "recipe_nan_lambda",
+    "recipe_string_lambda",
+    "recipe_unknown_method",
+    "recipe_bad_component",
+    "recipe_symlink_out",
+    "inner_symlink",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,9 +760,24 @@ async fn bad_inputs_table_then_server_still_serves_and_caches_nothing_broken() {
     std::fs::create_dir_all(&outside).unwrap();
     build_root(&root, &outside);
     let mut server = spawn(&[
-        "--weights", "f32", "--adapter-root", root.to_str().unwrap(),
-        "--max-prompt-tokens", "512", "--max-new-tokens-limit", "256", "--max-stop-strings", "4", "--max-stop-bytes", "32",
-        "--max-components", "4", "--max-adapter-file-bytes", "16000000", "--max-adapter-rank", "64",
+        "--weights",
+        "f32",
+        "--adapter-root",
+        root.to_str().unwrap(),
+        "--max-prompt-tokens",
+        "512",
+        "--max-new-tokens-limit",
+        "256",
+        "--max-stop-strings",
+        "4",
+        "--max-stop-bytes",
+        "32",
+        "--max-components",
+        "4",
+        "--max-adapter-file-bytes",
+        "16000000",
+        "--max-adapter-rank",
+        "64",
     ]);
     wait_serving(&server.url, Duration::from_secs(60)).await;
     let mut c = InferenceClient::connect(server.url.clone()).await.unwrap();

@@ -39,12 +39,7 @@ fn task(t: i64) -> Option<pb::PolyRoute> {
 
 /// A greedy request of exactly `n` tokens.
 fn req(ids: Vec<u32>, n: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: Some(Prompt::TokenIds(pb::TokenIds { ids })),
-        max_new_tokens: n,
-        min_new_tokens: n,
-        ..Default::default()
-    }
+    pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids })), max_new_tokens: n, min_new_tokens: n, ..Default::default() }
 }
 
 fn text(t: &str, n: u32) -> pb::GenerateRequest {
@@ -277,12 +272,8 @@ async fn deleted_and_corrupted_files_after_load() {
 /// server's writes after a few chunks (the default 2 MiB window would let a whole 1500-token
 /// answer pile up client-side, and the server would never see a slow reader).
 async fn tiny_window_client(url: &str) -> InferenceClient<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .initial_stream_window_size(Some(64))
-        .connect()
-        .await
-        .unwrap();
+    let ch =
+        tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().initial_stream_window_size(Some(64)).connect().await.unwrap();
     InferenceClient::new(ch)
 }
 

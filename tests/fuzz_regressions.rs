@@ -21,9 +21,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn is_resource_finding(name: &str) -> bool {
-    ["timeout-", "oom-", "slow-unit-"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    ["timeout-", "oom-", "slow-unit-"].iter().any(|p| name.starts_with(p))
 }
 
 /// The replayable inputs of `target`, sorted by name.
@@ -34,15 +32,8 @@ fn inputs(target: &str, resource: bool) -> Vec<(String, Vec<u8>)> {
         .map(|e| e.expect("directory entry").path())
         .filter(|p| p.is_file())
         .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
-        .filter(|(n, _)| {
-            !n.starts_with('.') && n != "README.md" && is_resource_finding(n) == resource
-        })
-        .map(|(n, p)| {
-            (
-                n,
-                std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-            )
-        })
+        .filter(|(n, _)| !n.starts_with('.') && n != "README.md" && is_resource_finding(n) == resource)
+        .map(|(n, p)| (n, std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))))
         .collect();
     v.sort();
     v
@@ -51,16 +42,10 @@ fn inputs(target: &str, resource: bool) -> Vec<(String, Vec<u8>)> {
 /// Runs every input of `target`; fails listing each input that panicked or broke its seed contract.
 fn replay(target: &str) {
     let all = inputs(target, false);
-    assert!(
-        all.iter().any(|(n, _)| n.starts_with("seed-ok-")),
-        "{target}: no seed-ok-* inputs in {}",
-        fixtures().display()
-    );
+    assert!(all.iter().any(|(n, _)| n.starts_with("seed-ok-")), "{target}: no seed-ok-* inputs in {}", fixtures().display());
     let mut failures = Vec::new();
     for (name, data) in &all {
-        match catch_unwind(AssertUnwindSafe(|| {
-            harness::run(target, data).expect("a known target")
-        })) {
+        match catch_unwind(AssertUnwindSafe(|| harness::run(target, data).expect("a known target"))) {
             Err(p) => {
                 let msg = p
                     .downcast_ref::<String>()
@@ -69,22 +54,16 @@ fn replay(target: &str) {
                     .unwrap_or_else(|| "non-string panic".into());
                 failures.push(format!("{target}/{name}: PANIC: {msg}"));
             }
-            Ok(accepted) if name.starts_with("seed-ok-") && accepted == 0 => failures.push(
-                format!("{target}/{name}: no loader accepted this valid seed"),
-            ),
-            Ok(accepted) if name.starts_with("seed-err-") && accepted != 0 => failures.push(
-                format!("{target}/{name}: {accepted} loader(s) accepted this invalid seed"),
-            ),
+            Ok(accepted) if name.starts_with("seed-ok-") && accepted == 0 => {
+                failures.push(format!("{target}/{name}: no loader accepted this valid seed"))
+            }
+            Ok(accepted) if name.starts_with("seed-err-") && accepted != 0 => {
+                failures.push(format!("{target}/{name}: {accepted} loader(s) accepted this invalid seed"))
+            }
             Ok(_) => {}
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} inputs failed:\n{}",
-        failures.len(),
-        all.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} inputs failed:\n{}", failures.len(), all.len(), failures.join("\n"));
 }
 
 #[test]
@@ -122,11 +101,7 @@ fn every_target_has_its_seed_files() {
     for target in harness::TARGETS {
         for (name, _) in harness::seeds(target) {
             let p = fixtures().join(target).join(&name);
-            assert!(
-                p.is_file(),
-                "{} is missing (run the ignored write_seed_files test)",
-                p.display()
-            );
+            assert!(p.is_file(), "{} is missing (run the ignored write_seed_files test)", p.display());
         }
     }
 }
@@ -186,10 +161,7 @@ fn resource_findings_finish() {
 fn write_seed_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for target in harness::TARGETS {
-        for dir in [
-            fixtures().join(target),
-            root.join("fuzz/corpus").join(target),
-        ] {
+        for dir in [fixtures().join(target), root.join("fuzz/corpus").join(target)] {
             std::fs::create_dir_all(&dir).unwrap();
             for (name, bytes) in harness::seeds(target) {
                 std::fs::write(dir.join(name), bytes).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{scrape, metric, spawn, wait_serving};
+use common::server::{metric, scrape, spawn, wait_serving};
 use modserve::pb;
 use modserve::pb::inference_client::InferenceClient;
 use tokio_stream::StreamExt;
@@ -57,8 +57,16 @@ fn code_of(s: &tonic::Status) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kit_over_grpc_streaming_and_unary_with_all_compositions_in_flight() {
     let server = spawn(&[
-        "--weights", "f32", "--adapter-root", common::fixture("parity").to_str().unwrap(),
-        "--max-running", "64", "--max-batch-tokens", "256", "--prefill-chunk", "16",
+        "--weights",
+        "f32",
+        "--adapter-root",
+        common::fixture("parity").to_str().unwrap(),
+        "--max-running",
+        "64",
+        "--max-batch-tokens",
+        "256",
+        "--prefill-chunk",
+        "16",
     ]);
     let seen = wait_serving(&server.url, Duration::from_secs(120)).await;
     assert_eq!(*seen.last().unwrap(), 1, "SERVING");
@@ -70,7 +78,10 @@ async fn kit_over_grpc_streaming_and_unary_with_all_compositions_in_flight() {
         assert!(listed.contains(&id.to_string()), "{id} not listed: {listed:?}");
     }
     admin.register(pb::RegisterRequest { module_id: "expert".into(), path: "ewr/expert_task_vector.safetensors".into() }).await.unwrap();
-    admin.register(pb::RegisterRequest { module_id: "anti_expert".into(), path: "ewr/anti_expert_task_vector.safetensors".into() }).await.unwrap();
+    admin
+        .register(pb::RegisterRequest { module_id: "anti_expert".into(), path: "ewr/anti_expert_task_vector.safetensors".into() })
+        .await
+        .unwrap();
     let info = admin.describe(pb::ModuleRef { module_id: "lora_all_r8".into() }).await.unwrap().into_inner();
     assert_eq!((info.kind.as_str(), info.rank, info.targets.len()), ("lora", 8, 210));
     assert!(!info.version.is_empty() && info.bytes > 0);
@@ -223,7 +234,8 @@ async fn overload_cancellation_and_deadlines() {
     let t1 = std::time::Instant::now();
     loop {
         let text = scrape(&server.metrics_addr);
-        let freed = metric(&text, "modserve_running_sequences", "") == Some(0.0) && metric(&text, "modserve_kv_cache_bytes", "") == Some(0.0);
+        let freed =
+            metric(&text, "modserve_running_sequences", "") == Some(0.0) && metric(&text, "modserve_kv_cache_bytes", "") == Some(0.0);
         if freed {
             break;
         }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use modserve::adapters::batch::BatchDeltas;
+use modserve::adapters::composition::{Composition, CompositionSpec, DeltaRef};
 use modserve::adapters::formats::poly::Routing;
 use modserve::adapters::registry::{AdapterRoot, Registry};
-use modserve::adapters::composition::{Composition, CompositionSpec, DeltaRef};
 use modserve::adapters::store::AdapterStore;
 use modserve::engine::sequence::{GenerateSpec, Sequence};
 use modserve::engine::step::run_to_completion;
@@ -39,10 +39,7 @@ fn composition(case: &str) -> CompositionSpec {
         "sft_lang_task" => deltas(vec![d("sft_lang", 1.0), d("sft_task", 1.0)]),
         "sft_lang_task_lora_qv" => deltas(vec![d("sft_lang", 1.0), d("sft_task", 1.0), d("lora_qv_r4", 1.0)]),
         "ewr" => deltas(vec![d("ewr", 1.0)]),
-        "task_arithmetic" => deltas(vec![
-            d("ewr/expert_task_vector.safetensors", 1.0),
-            d("ewr/anti_expert_task_vector.safetensors", -1.0),
-        ]),
+        "task_arithmetic" => deltas(vec![d("ewr/expert_task_vector.safetensors", 1.0), d("ewr/anti_expert_task_vector.safetensors", -1.0)]),
         other => panic!("case {other} has no composition mapping"),
     }
 }
@@ -95,7 +92,13 @@ impl Kit {
 
     /// A greedy sequence over `ids` that generates exactly `new` tokens with `comp`.
     fn sequence(&self, ids: &[u32], new: usize, comp: &Arc<Composition>) -> Sequence {
-        let spec = GenerateSpec { prompt_ids: ids.to_vec(), max_new_tokens: new, min_new_tokens: new, stop: vec![], sampling: SamplingParams::default() };
+        let spec = GenerateSpec {
+            prompt_ids: ids.to_vec(),
+            max_new_tokens: new,
+            min_new_tokens: new,
+            stop: vec![],
+            sampling: SamplingParams::default(),
+        };
         let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, self.model.llama.device()).unwrap();
         let tok = self.model.tokenizer.clone().map(Arc::new);
         let mut s = Sequence::new(spec, cache, tok, self.model.eos_token_ids.clone().into()).unwrap();
@@ -169,7 +172,10 @@ fn generate_cli_applies_deltas_and_routes() {
     for (flags, case) in [
         (vec!["--delta", "lora_qv_r4", "--delta", "lora_all_r8@0.5"], "compose_qv1_all05"),
         (vec!["--route", "poly_qvup:2"], "poly_task2"),
-        (vec!["--delta", "ewr/expert_task_vector.safetensors@1", "--delta", "ewr/anti_expert_task_vector.safetensors@-1"], "task_arithmetic"),
+        (
+            vec!["--delta", "ewr/expert_task_vector.safetensors@1", "--delta", "ewr/anti_expert_task_vector.safetensors@-1"],
+            "task_arithmetic",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_modserve"))
             .args(["generate", "--weights", "f32", "--threads", "2", "--max-new-tokens", "16", "--min-new-tokens", "16", "--json"])

@@ -4,10 +4,10 @@
 mod common;
 
 use candle_core::Device;
-use modserve::engine::sequence::GenerateSpec;
 use modserve::engine::actor::{spawn_engine, EngineConfig};
 use modserve::engine::output::Collected;
 use modserve::engine::prepare::{EngineRequest, PromptInput, TextFrontEnd};
+use modserve::engine::sequence::GenerateSpec;
 use modserve::model::kv_cache::SeqKvCache;
 use modserve::model::linear::{NoDeltas, WeightMode};
 use modserve::model::llama::SeqChunk;
@@ -33,10 +33,7 @@ fn base_logits_top5_and_greedy_match_transformers() {
     for (p, prompt) in prompts.iter().enumerate() {
         let ids = ids_of(prompt);
         let mut cache = SeqKvCache::new(&model.llama.cfg, ids.len(), model.llama.device()).unwrap();
-        let out = model
-            .llama
-            .forward(&mut [SeqChunk { tokens: &ids, cache: &mut cache, want_logits: true }], &NoDeltas)
-            .unwrap();
+        let out = model.llama.forward(&mut [SeqChunk { tokens: &ids, cache: &mut cache, want_logits: true }], &NoDeltas).unwrap();
         let ours: Vec<f32> = out.get(0).unwrap().to_vec1().unwrap();
         let theirs: Vec<f32> = ref_logits.get(p).unwrap().to_vec1().unwrap();
         let scale = theirs.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
@@ -92,7 +89,21 @@ fn generate_cli_json_contract_and_quantized_chat_answer() {
     let out = std::process::Command::new(exe)
         .args(["generate", "--model"])
         .arg(&model)
-        .args(["--prompt-ids", &ids_arg, "--max-new-tokens", "16", "--min-new-tokens", "16", "--top-logprobs", "5", "--weights", "f32", "--json", "--threads", "2"])
+        .args([
+            "--prompt-ids",
+            &ids_arg,
+            "--max-new-tokens",
+            "16",
+            "--min-new-tokens",
+            "16",
+            "--top-logprobs",
+            "5",
+            "--weights",
+            "f32",
+            "--json",
+            "--threads",
+            "2",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -125,12 +136,7 @@ fn cli_rejects_bad_input_with_clear_errors() {
         (vec!["--prompt", "hi", "--top-p", "0"], "top_p"),
         (vec!["--prompt-ids", "1,999999"], "outside the vocabulary"),
     ] {
-        let out = std::process::Command::new(exe)
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(exe).args(["generate", "--model"]).arg(&model).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");

@@ -36,9 +36,20 @@ async fn tokens_scopes_and_limits() {
     std::fs::write(&tokens, "# test tokens\ninference-only-token-1 inference\nadmin-token-0000000001 admin\n").unwrap();
     let root = common::fixture("parity");
     let server = spawn(&[
-        "--auth-tokens-file", tokens.to_str().unwrap(), "--adapter-root", root.to_str().unwrap(),
-        "--max-new-tokens-limit", "64", "--max-prompt-tokens", "100", "--max-components", "2", "--max-stop-strings", "2",
-        "--max-request-bytes", "65536",
+        "--auth-tokens-file",
+        tokens.to_str().unwrap(),
+        "--adapter-root",
+        root.to_str().unwrap(),
+        "--max-new-tokens-limit",
+        "64",
+        "--max-prompt-tokens",
+        "100",
+        "--max-components",
+        "2",
+        "--max-stop-strings",
+        "2",
+        "--max-request-bytes",
+        "65536",
     ]);
     wait_serving(&server.url, Duration::from_secs(120)).await;
     let mut c = InferenceClient::connect(server.url.clone()).await.unwrap();
@@ -60,7 +71,10 @@ async fn tokens_scopes_and_limits() {
     let tok = "inference-only-token-1";
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
         (small(65), "max_new_tokens_limit"),
-        (pb::GenerateRequest { prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![504; 101] })), ..small(2) }, "max_prompt_tokens"),
+        (
+            pb::GenerateRequest { prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![504; 101] })), ..small(2) },
+            "max_prompt_tokens",
+        ),
         (pb::GenerateRequest { stop: vec!["a".into(), "b".into(), "c".into()], ..small(2) }, "max_stop_strings"),
         (
             pb::GenerateRequest {

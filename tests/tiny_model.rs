@@ -130,9 +130,7 @@ fn save_gguf_as(path: &Path, w: &HashMap<String, Tensor>, dtype: candle_core::qu
 /// Logits after every prefix of `ids` by a single full pass per prefix length (no cache reuse).
 fn logits_last(model: &Llama, ids: &[u32]) -> Vec<f32> {
     let mut cache = SeqKvCache::new(&model.cfg, ids.len(), model.device()).unwrap();
-    let out = model
-        .forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &NoDeltas)
-        .unwrap();
+    let out = model.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &NoDeltas).unwrap();
     out.get(0).unwrap().to_vec1().unwrap()
 }
 

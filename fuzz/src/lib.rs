@@ -35,23 +35,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use modserve::adapters::target::{BaseShapes, Target};
 use modserve::adapters::error::AdapterError;
 use modserve::adapters::formats::poly::Routing;
 use modserve::adapters::formats::{lora, pickle_guard, poly, sft, task_vector as dense};
 use modserve::adapters::merge;
+use modserve::adapters::target::{BaseShapes, Target};
 use modserve::model::config::LlamaConfig;
 use safetensors::Dtype;
 
 /// Every target, by the name of its fuzz binary and of its folder under `tests/fixtures/fuzz/`.
-pub const TARGETS: [&str; 6] = [
-    "safetensors_task_vector",
-    "peft_config",
-    "peft_bin",
-    "pickle_diff",
-    "pickle_bin",
-    "merge_recipe",
-];
+pub const TARGETS: [&str; 6] = ["safetensors_task_vector", "peft_config", "peft_bin", "pickle_diff", "pickle_bin", "merge_recipe"];
 
 /// Runs target `name` on `data`; None for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> Option<usize> {
@@ -125,14 +118,12 @@ pub fn safetensors_task_vector(data: &[u8]) -> usize {
     write(&p, data);
     let tv = dense::load_task_vector(&p, &base);
     if let Ok(d) = &tv {
-        d.validate(&base, &p)
-            .expect("a loaded task vector validates");
+        d.validate(&base, &p).expect("a loaded task vector validates");
     }
     let fisher = dense::load_fisher(&p, &base);
     let sparse = sft::load_sparse_safetensors(&p, &base);
     if let Ok(d) = &sparse {
-        d.validate(&base, &p)
-            .expect("a loaded sparse delta validates");
+        d.validate(&base, &p).expect("a loaded sparse delta validates");
     }
     ok(&tv) + ok(&fisher) + ok(&sparse)
 }
@@ -152,11 +143,7 @@ pub fn peft_config(data: &[u8]) -> usize {
     let mut mixed = 0;
     if let Ok(inv) = &p {
         let last = inv.n_tasks() as i64 - 1;
-        for routing in [
-            Routing::Task(0),
-            Routing::Task(last),
-            Routing::Weights(vec![1.0; inv.n_skills()]),
-        ] {
+        for routing in [Routing::Task(0), Routing::Task(last), Routing::Weights(vec![1.0; inv.n_skills()])] {
             mixed += ok(&inv.mix(&routing));
         }
     }
@@ -203,21 +190,13 @@ pub fn merge_recipe(data: &[u8]) -> usize {
         Err(e) => return ok::<()>(&Err(e)),
     };
     let zeros = |t: Target| -> Result<Tensor, AdapterError> {
-        let (r, c) = tiny_base()
-            .shape(t)
-            .ok_or_else(|| AdapterError::Tensor(format!("no base weight {}", t.hf_name())))?;
+        let (r, c) = tiny_base().shape(t).ok_or_else(|| AdapterError::Tensor(format!("no base weight {}", t.hf_name())))?;
         Ok(Tensor::zeros((r, c), DType::F32, &Device::Cpu)?)
     };
     let out = merge::merge(&recipe, &zeros, &base);
     if let Ok(o) = &out {
-        o.deltas
-            .validate(&base, &p)
-            .expect("a merge result validates");
-        assert_eq!(
-            o.report.tensors,
-            o.deltas.targets.len(),
-            "merge report counts its tensors"
-        );
+        o.deltas.validate(&base, &p).expect("a merge result validates");
+        assert_eq!(o.report.tensors, o.deltas.targets.len(), "merge report counts its tensors");
     }
     ok(&out)
 }
@@ -240,62 +219,30 @@ pub fn scratch() -> PathBuf {
 }
 
 fn write(path: &Path, data: &[u8]) {
-    std::fs::write(path, data)
-        .unwrap_or_else(|e| panic!("harness cannot write {}: {e}", path.display()))
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("harness cannot write {}: {e}", path.display()))
 }
 
 /// The valid files every target's input sits next to.
 fn write_companions(root: &Path) {
-    for sub in [
-        "lora",
-        "poly",
-        "lora_bin",
-        "merge",
-        "merge/lora",
-        "merge/task",
-    ] {
+    for sub in ["lora", "poly", "lora_bin", "merge", "merge/lora", "merge/task"] {
         std::fs::create_dir_all(root.join(sub)).expect("scratch sub-folder");
     }
     let lora = lora_safetensors();
     write(&root.join("lora/adapter_model.safetensors"), &lora);
-    write(
-        &root.join("poly/adapter_model.safetensors"),
-        &poly_safetensors(),
-    );
-    write(
-        &root.join("lora_bin/adapter_config.json"),
-        LORA_BIN_CONFIG.as_bytes(),
-    );
+    write(&root.join("poly/adapter_model.safetensors"), &poly_safetensors());
+    write(&root.join("lora_bin/adapter_config.json"), LORA_BIN_CONFIG.as_bytes());
     let m = root.join("merge");
     write(&m.join("lora/adapter_model.safetensors"), &lora);
     write(&m.join("lora/adapter_config.json"), LORA_CONFIG.as_bytes());
-    write(
-        &m.join("tv_a.safetensors"),
-        &safetensors_f32(&[(K0, vals(512, 0.0)), (V1, vals(512, 1.0))], None),
-    );
-    write(
-        &m.join("tv_b.safetensors"),
-        &safetensors_f32(&[(K0, vals(512, 2.0))], None),
-    );
-    write(
-        &m.join("task/task_vector.safetensors"),
-        &safetensors_f32(&[(Q1, vals(1024, 3.0))], None),
-    );
+    write(&m.join("tv_a.safetensors"), &safetensors_f32(&[(K0, vals(512, 0.0)), (V1, vals(512, 1.0))], None));
+    write(&m.join("tv_b.safetensors"), &safetensors_f32(&[(K0, vals(512, 2.0))], None));
+    write(&m.join("task/task_vector.safetensors"), &safetensors_f32(&[(Q1, vals(1024, 3.0))], None));
     for (name, seed) in [("fisher_a", 4.0), ("fisher_b", 5.0), ("fisher_base", 6.0)] {
         let f = |s: f32| vals(512, s).into_iter().map(f32::abs).collect::<Vec<_>>();
-        write(
-            &m.join(format!("{name}.safetensors")),
-            &safetensors_f32(&[(K0, f(seed)), (V1, f(seed + 0.5))], None),
-        );
+        write(&m.join(format!("{name}.safetensors")), &safetensors_f32(&[(K0, f(seed)), (V1, f(seed + 0.5))], None));
     }
-    write(
-        &m.join("sparse.safetensors"),
-        &sparse_safetensors(K0, &[1, 40, 511], &[0.5, -1.0, 2.0]),
-    );
-    write(
-        &m.join("diff.bin"),
-        &torch_zip(&diff_pickle(&[DiffParam::k0_list(&[3, 17, 100])])),
-    );
+    write(&m.join("sparse.safetensors"), &sparse_safetensors(K0, &[1, 40, 511], &[0.5, -1.0, 2.0]));
+    write(&m.join("diff.bin"), &torch_zip(&diff_pickle(&[DiffParam::k0_list(&[3, 17, 100])])));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,15 +258,14 @@ pub const EMBED: &str = "model.embed_tokens.weight";
 /// LoRA config matching [`lora_safetensors`].
 pub const LORA_CONFIG: &str = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "bias": "none"}"#;
 /// LoRA config of the `peft_bin` folder: layer 0's q_proj only.
-pub const LORA_BIN_CONFIG: &str = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], "layers_to_transform": [0]}"#;
+pub const LORA_BIN_CONFIG: &str =
+    r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], "layers_to_transform": [0]}"#;
 /// Poly config matching [`poly_safetensors`].
 pub const POLY_CONFIG: &str = r#"{"peft_type": "POLY", "poly_type": "poly", "r": 2, "n_tasks": 2, "n_skills": 2, "n_splits": 2, "target_modules": ["q_proj", "v_proj"]}"#;
 
 /// Deterministic small finite values.
 pub fn vals(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32) * 0.37 + seed).sin() * 0.5)
-        .collect()
+    (0..n).map(|i| ((i as f32) * 0.37 + seed).sin() * 0.5).collect()
 }
 
 fn le_f32(v: &[f32]) -> Vec<u8> {
@@ -334,31 +280,17 @@ fn shape_of(name: &str) -> Vec<usize> {
 }
 
 /// A safetensors file of raw tensors `(name, dtype, shape, bytes)`.
-pub fn safetensors_raw(
-    tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)],
-    md: Option<HashMap<String, String>>,
-) -> Vec<u8> {
+pub fn safetensors_raw(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], md: Option<HashMap<String, String>>) -> Vec<u8> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, dt, s, b)| {
-            (
-                n.to_string(),
-                safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("valid view"),
-            )
-        })
+        .map(|(n, dt, s, b)| (n.to_string(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("valid view")))
         .collect();
     safetensors::serialize(views, md).expect("serialize safetensors")
 }
 
 /// A safetensors file of f32 tensors named by HF parameter, each of its tiny-base shape.
-pub fn safetensors_f32(
-    tensors: &[(&str, Vec<f32>)],
-    md: Option<HashMap<String, String>>,
-) -> Vec<u8> {
-    let raw: Vec<_> = tensors
-        .iter()
-        .map(|(n, v)| (*n, Dtype::F32, shape_of(n), le_f32(v)))
-        .collect();
+pub fn safetensors_f32(tensors: &[(&str, Vec<f32>)], md: Option<HashMap<String, String>>) -> Vec<u8> {
+    let raw: Vec<_> = tensors.iter().map(|(n, v)| (*n, Dtype::F32, shape_of(n), le_f32(v))).collect();
     safetensors_raw(&raw, md)
 }
 
@@ -367,21 +299,13 @@ pub fn sparse_safetensors(name: &str, idx: &[u32], values: &[f32]) -> Vec<u8> {
     let shape = shape_of(name);
     let md = HashMap::from([
         ("format".to_string(), sft::SPARSE_FORMAT.to_string()),
-        (
-            "shapes".to_string(),
-            serde_json::json!({ name: shape }).to_string(),
-        ),
+        ("shapes".to_string(), serde_json::json!({ name: shape }).to_string()),
     ]);
     let ib: Vec<u8> = idx.iter().flat_map(|x| x.to_le_bytes()).collect();
     safetensors_raw(
         &[
             (&format!("{name}.indices"), Dtype::U32, vec![idx.len()], ib),
-            (
-                &format!("{name}.values"),
-                Dtype::F32,
-                vec![values.len()],
-                le_f32(values),
-            ),
+            (&format!("{name}.values"), Dtype::F32, vec![values.len()], le_f32(values)),
         ],
         Some(md),
     )
@@ -403,20 +327,11 @@ fn tensor(v: Vec<f32>, shape: &[usize]) -> Tensor {
 pub fn lora_safetensors() -> Vec<u8> {
     let mut ts = Vec::new();
     for layer in 0..2 {
-        for (i, (proj, out)) in [("q_proj", 32usize), ("v_proj", 16)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (proj, out)) in [("q_proj", 32usize), ("v_proj", 16)].into_iter().enumerate() {
             let p = format!("base_model.model.model.layers.{layer}.self_attn.{proj}");
             let s = (layer * 2 + i) as f32;
-            ts.push((
-                format!("{p}.lora_A.weight"),
-                tensor(vals(2 * 32, s), &[2, 32]),
-            ));
-            ts.push((
-                format!("{p}.lora_B.weight"),
-                tensor(vals(out * 2, s + 9.0), &[out, 2]),
-            ));
+            ts.push((format!("{p}.lora_A.weight"), tensor(vals(2 * 32, s), &[2, 32])));
+            ts.push((format!("{p}.lora_B.weight"), tensor(vals(out * 2, s + 9.0), &[out, 2])));
         }
     }
     tensor_bytes(&ts)
@@ -427,24 +342,12 @@ pub fn poly_safetensors() -> Vec<u8> {
     let (q, s, r, nt) = (2usize, 2usize, 2usize, 2usize);
     let mut ts = Vec::new();
     for layer in 0..2 {
-        for (i, (proj, out)) in [("q_proj", 32usize), ("v_proj", 16)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (proj, out)) in [("q_proj", 32usize), ("v_proj", 16)].into_iter().enumerate() {
             let p = format!("base_model.model.model.layers.{layer}.self_attn.{proj}");
             let seed = (layer * 2 + i) as f32;
-            ts.push((
-                format!("{p}.poly_lora_A"),
-                tensor(vals(q * s * 16 * r, seed), &[q, s, 16, r]),
-            ));
-            ts.push((
-                format!("{p}.poly_lora_B"),
-                tensor(vals(q * s * r * out / q, seed + 3.0), &[q, s, r, out / q]),
-            ));
-            ts.push((
-                format!("{p}.poly_router.module_logits"),
-                tensor(vals(nt * q * s, seed + 7.0), &[nt, q * s]),
-            ));
+            ts.push((format!("{p}.poly_lora_A"), tensor(vals(q * s * 16 * r, seed), &[q, s, 16, r])));
+            ts.push((format!("{p}.poly_lora_B"), tensor(vals(q * s * r * out / q, seed + 3.0), &[q, s, r, out / q])));
+            ts.push((format!("{p}.poly_router.module_logits"), tensor(vals(nt * q * s, seed + 7.0), &[nt, q * s])));
         }
     }
     tensor_bytes(&ts)
@@ -455,27 +358,19 @@ pub fn poly_safetensors() -> Vec<u8> {
 fn storages() -> [(&'static str, Vec<u8>); 3] {
     [
         ("0", le_f32(&vals(64, 0.25))),
-        (
-            "1",
-            (0..16i64).flat_map(|i| (1 + i % 3).to_le_bytes()).collect(),
-        ),
-        (
-            "2",
-            (0..16i32).flat_map(|i| (1 + i % 3).to_le_bytes()).collect(),
-        ),
+        ("1", (0..16i64).flat_map(|i| (1 + i % 3).to_le_bytes()).collect()),
+        ("2", (0..16i32).flat_map(|i| (1 + i % 3).to_le_bytes()).collect()),
     ]
 }
 
 /// A torch.save zip: `archive/data.pkl` = `pkl` plus the fixed [`storages`].
 pub fn torch_zip(pkl: &[u8]) -> Vec<u8> {
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opts).expect("zip entry");
     z.write_all(pkl).expect("zip write");
     for (key, bytes) in storages() {
-        z.start_file(format!("archive/data/{key}"), opts)
-            .expect("zip entry");
+        z.start_file(format!("archive/data/{key}"), opts).expect("zip entry");
         z.write_all(&bytes).expect("zip write");
     }
     z.finish().expect("zip finish").into_inner()
@@ -520,29 +415,11 @@ impl Pickle {
     }
     /// `torch._utils._rebuild_tensor_v2(("storage", torch.<storage>, key, "cpu", numel), offset,
     /// size, stride, False, OrderedDict())`.
-    pub fn tensor(
-        &mut self,
-        storage: &str,
-        key: &str,
-        numel: i32,
-        offset: i32,
-        size: &[i64],
-        stride: &[i64],
-    ) -> &mut Self {
+    pub fn tensor(&mut self, storage: &str, key: &str, numel: i32, offset: i32, size: &[i64], stride: &[i64]) -> &mut Self {
         self.global("torch._utils", "_rebuild_tensor_v2").op(b"((");
-        self.str("storage")
-            .global("torch", storage)
-            .str(key)
-            .str("cpu")
-            .int(numel)
-            .op(b"tQ");
-        self.int(offset)
-            .int_tuple(size)
-            .int_tuple(stride)
-            .op(&[0x89]);
-        self.global("collections", "OrderedDict")
-            .op(b")Rt")
-            .op(b"R")
+        self.str("storage").global("torch", storage).str(key).str("cpu").int(numel).op(b"tQ");
+        self.int(offset).int_tuple(size).int_tuple(stride).op(&[0x89]);
+        self.global("collections", "OrderedDict").op(b")Rt").op(b"R")
     }
     pub fn stop(&mut self) -> Vec<u8> {
         self.0.push(b'.');
@@ -576,14 +453,7 @@ pub struct DiffParam {
 impl DiffParam {
     pub fn k0_list(steps: &[i32]) -> Self {
         let n = steps.len() as i64;
-        Self {
-            name: K0,
-            size: [16, 32],
-            steps: Steps::List(steps.to_vec()),
-            v_offset: 0,
-            v_len: n,
-            v_stride: 1,
-        }
+        Self { name: K0, size: [16, 32], steps: Steps::List(steps.to_vec()), v_offset: 0, v_len: n, v_stride: 1 }
     }
 }
 
@@ -592,13 +462,8 @@ pub fn diff_pickle(params: &[DiffParam]) -> Vec<u8> {
     let mut p = Pickle::new();
     p.op(b"}(").str("body").op(b"}(");
     for prm in params {
-        p.str(prm.name)
-            .op(b"}(")
-            .str("size")
-            .global("torch", "Size");
-        p.int(prm.size[0] as i32)
-            .int(prm.size[1] as i32)
-            .op(&[0x86, 0x85, b'R']);
+        p.str(prm.name).op(b"}(").str("size").global("torch", "Size");
+        p.int(prm.size[0] as i32).int(prm.size[1] as i32).op(&[0x86, 0x85, b'R']);
         p.str("index_steps");
         match &prm.steps {
             Steps::List(v) => {
@@ -608,24 +473,11 @@ pub fn diff_pickle(params: &[DiffParam]) -> Vec<u8> {
                 });
                 p.op(b"e");
             }
-            Steps::Tensor {
-                storage,
-                key,
-                offset,
-                len,
-                stride,
-            } => {
+            Steps::Tensor { storage, key, offset, len, stride } => {
                 p.tensor(storage, key, 16, *offset, &[*len], &[*stride]);
             }
         }
-        p.str("values").tensor(
-            "FloatStorage",
-            "0",
-            64,
-            prm.v_offset,
-            &[prm.v_len],
-            &[prm.v_stride],
-        );
+        p.str("values").tensor("FloatStorage", "0", 64, prm.v_offset, &[prm.v_len], &[prm.v_stride]);
         p.op(b"u");
     }
     p.op(b"uu").stop()
@@ -636,8 +488,7 @@ pub fn state_dict_pickle(tensors: &[(&str, &[i64], &[i64], i32)]) -> Vec<u8> {
     let mut p = Pickle::new();
     p.op(b"}(");
     for (name, size, stride, offset) in tensors {
-        p.str(name)
-            .tensor("FloatStorage", "0", 64, *offset, size, stride);
+        p.str(name).tensor("FloatStorage", "0", 64, *offset, size, stride);
     }
     p.op(b"u").stop()
 }

@@ -66,12 +66,8 @@ impl<V> State<V> {
         if self.doomed.is_empty() {
             return;
         }
-        let free: Vec<String> = self
-            .doomed
-            .iter()
-            .filter(|k| self.entries.get(*k).is_none_or(|e| Arc::strong_count(&e.value) == 1))
-            .cloned()
-            .collect();
+        let free: Vec<String> =
+            self.doomed.iter().filter(|k| self.entries.get(*k).is_none_or(|e| Arc::strong_count(&e.value) == 1)).cloned().collect();
         for k in free {
             self.doomed.remove(&k);
             if let Some(e) = self.entries.remove(&k) {

@@ -60,9 +60,8 @@ pub fn parse_delta_ref(s: &str) -> Result<DeltaRef, AdapterError> {
 
 /// Parses `ID:TASK` (an integer task id) or `ID:W1,W2,...` (explicit routing weights).
 pub fn parse_route(s: &str) -> Result<(String, Routing), AdapterError> {
-    let (id, r) = s
-        .rsplit_once(':')
-        .ok_or_else(|| AdapterError::Composition(format!("`{s}`: expected INVENTORY:TASK or INVENTORY:W1,W2,...")))?;
+    let (id, r) =
+        s.rsplit_once(':').ok_or_else(|| AdapterError::Composition(format!("`{s}`: expected INVENTORY:TASK or INVENTORY:W1,W2,...")))?;
     if id.is_empty() {
         return Err(AdapterError::Composition(format!("`{s}`: empty inventory id")));
     }

@@ -130,9 +130,10 @@ impl ModuleLoader {
                 ModuleData::Deltas(Arc::new(super::formats::sft::load_sparse_safetensors(&file("sparse_delta.safetensors"), &self.base)?)),
                 None,
             ),
-            ModuleKind::TaskVector => {
-                (ModuleData::Deltas(Arc::new(super::formats::task_vector::load_task_vector(&file("task_vector.safetensors"), &self.base)?)), None)
-            }
+            ModuleKind::TaskVector => (
+                ModuleData::Deltas(Arc::new(super::formats::task_vector::load_task_vector(&file("task_vector.safetensors"), &self.base)?)),
+                None,
+            ),
             ModuleKind::Merge => {
                 let recipe = super::merge::load_recipe(&file("recipe.json"))?;
                 let out = super::merge::merge(&recipe, &*self.base_weight, &self.base)?;
@@ -195,10 +196,7 @@ fn check_confined(reg: &Registration, root: &Path) -> Result<(), AdapterError> {
     for p in entries {
         let real = p.canonicalize().map_err(|e| AdapterError::Io { path: p.clone(), reason: e.to_string() })?;
         if !real.starts_with(root) {
-            return Err(AdapterError::BadPath {
-                id: reg.id.clone(),
-                reason: format!("{} links outside the adapter root", p.display()),
-            });
+            return Err(AdapterError::BadPath { id: reg.id.clone(), reason: format!("{} links outside the adapter root", p.display()) });
         }
     }
     Ok(())

@@ -22,7 +22,10 @@ use crate::kernels::sparse_layout::SparseMatrix;
 #[derive(Debug, Clone)]
 pub enum MatrixDelta {
     /// `delta = b @ a`, `a: [r, in]`, `b: [out, r]` (scale folded into `b`).
-    LowRank { a: Tensor, b: Tensor },
+    LowRank {
+        a: Tensor,
+        b: Tensor,
+    },
     Sparse(SparseMatrix),
     /// `[out, in]`.
     Dense(Tensor),
@@ -131,9 +134,7 @@ impl ModuleDeltas {
             .targets
             .par_iter()
             .map(|(t, d)| {
-                let want = base
-                    .shape(*t)
-                    .ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: t.hf_name() })?;
+                let want = base.shape(*t).ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: t.hf_name() })?;
                 let got = d.dims()?;
                 if got != want {
                     return Err(AdapterError::Shape {

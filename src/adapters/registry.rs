@@ -51,10 +51,7 @@ pub struct AdapterRoot {
 impl AdapterRoot {
     /// `dir` must exist; it is canonicalised once.
     pub fn new(dir: &Path) -> Result<Self, AdapterError> {
-        let root = dir.canonicalize().map_err(|e| AdapterError::Io {
-            path: dir.into(),
-            reason: format!("adapter root: {e}"),
-        })?;
+        let root = dir.canonicalize().map_err(|e| AdapterError::Io { path: dir.into(), reason: format!("adapter root: {e}") })?;
         if !root.is_dir() {
             return Err(AdapterError::Io { path: dir.into(), reason: "adapter root is not a directory".into() });
         }
@@ -112,10 +109,7 @@ pub fn detect_kind(path: &Path) -> Result<ModuleKind, AdapterError> {
         return match v.get("peft_type").and_then(|t| t.as_str()) {
             Some("LORA") => Ok(ModuleKind::Lora),
             Some("POLY") => Ok(ModuleKind::Poly),
-            other => Err(AdapterError::Unsupported {
-                path: cfg,
-                reason: format!("peft_type {other:?} (supported: LORA, POLY)"),
-            }),
+            other => Err(AdapterError::Unsupported { path: cfg, reason: format!("peft_type {other:?} (supported: LORA, POLY)") }),
         };
     }
     for (file, kind) in [

@@ -108,7 +108,11 @@ impl AdapterStore {
             }
             let m = self.module(&d.id)?;
             let Some(deltas) = m.deltas() else {
-                return Err(AdapterError::WrongKind { module: d.id.clone(), kind: m.kind.as_str(), usage: "as a delta (route it with a task id)" });
+                return Err(AdapterError::WrongKind {
+                    module: d.id.clone(),
+                    kind: m.kind.as_str(),
+                    usage: "as a delta (route it with a task id)",
+                });
             };
             parts.push((deltas.clone(), d.scale));
             key.push_str(&format!("{}@{}#{};", d.id, d.scale, m.version));

@@ -9,8 +9,8 @@ use tonic::{Code, Request, Response, Status};
 use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
-use crate::adapters::registry::Registration;
 use crate::adapters::loader::{LoadedModule, ModuleData};
+use crate::adapters::registry::Registration;
 use crate::adapters::store::AdapterStore;
 use crate::pb;
 

@@ -13,8 +13,8 @@ use tonic::{Code, Request, Response, Status};
 use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
-use crate::adapters::formats::poly::Routing;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
+use crate::adapters::formats::poly::Routing;
 use crate::engine::actor::{EventResult, FinishInfo, StreamEvent};
 use crate::engine::output::Collected;
 use crate::engine::prepare::{EngineRequest, PromptInput};
@@ -120,13 +120,7 @@ pub fn to_engine_request(r: pb::GenerateRequest, deadline: Option<Instant>) -> R
     let max_new_tokens = if r.max_new_tokens == 0 { DEFAULT_MAX_NEW_TOKENS } else { r.max_new_tokens as usize };
     Ok(EngineRequest {
         prompt,
-        spec: GenerateSpec {
-            prompt_ids: Vec::new(),
-            max_new_tokens,
-            min_new_tokens: r.min_new_tokens as usize,
-            stop: r.stop,
-            sampling,
-        },
+        spec: GenerateSpec { prompt_ids: Vec::new(), max_new_tokens, min_new_tokens: r.min_new_tokens as usize, stop: r.stop, sampling },
         composition,
         deadline,
         request_id: if r.request_id.is_empty() { uuid_like() } else { r.request_id },
@@ -161,12 +155,7 @@ fn to_chunk(ev: StreamEvent) -> pb::GenerateChunk {
         StreamEvent::Finished(f) => {
             let (usage, timings) = usage_timings(&f);
             metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
-            pb::GenerateChunk {
-                finish_reason: f.reason.as_str().into(),
-                usage: Some(usage),
-                timings: Some(timings),
-                ..Default::default()
-            }
+            pb::GenerateChunk { finish_reason: f.reason.as_str().into(), usage: Some(usage), timings: Some(timings), ..Default::default() }
         }
     }
 }

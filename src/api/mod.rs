@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::adapters::registry::detect_kind;
 use crate::adapters::loader::AdapterLimits;
+use crate::adapters::registry::detect_kind;
 use crate::adapters::store::AdapterStore;
 use crate::config::ServeArgs;
 use crate::engine::actor::{spawn_engine, EngineConfig};
@@ -193,8 +193,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(mutual = args.security.tls_client_ca.is_some(), "TLS enabled");
     }
     let max_bytes = args.limits.max_request_bytes;
-    let inference = InferenceServer::new(inference::InferenceApi::new(state.clone(), tokens.clone()))
-        .max_decoding_message_size(max_bytes);
+    let inference = InferenceServer::new(inference::InferenceApi::new(state.clone(), tokens.clone())).max_decoding_message_size(max_bytes);
     let admin = AdaptersServer::new(adapters::AdaptersApi::new(state.clone(), tokens)).max_decoding_message_size(max_bytes);
     let server = builder
         .add_service(health_service)

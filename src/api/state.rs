@@ -56,8 +56,6 @@ impl ServingState {
     /// The adapter store, or FAILED_PRECONDITION when no adapter root is configured.
     pub fn store(&self) -> Result<Arc<AdapterStore>, Status> {
         let r = self.ready.get().ok_or_else(|| status(Code::Unavailable, "not_ready", "the model is still loading"))?;
-        r.store.clone().ok_or_else(|| {
-            status(Code::FailedPrecondition, "no_adapter_root", "the server was started without --adapter-root")
-        })
+        r.store.clone().ok_or_else(|| status(Code::FailedPrecondition, "no_adapter_root", "the server was started without --adapter-root"))
     }
 }

@@ -336,15 +336,14 @@ impl EngineLoop {
         let states: Vec<SeqState> = self
             .running
             .iter()
-            .map(|a| SeqState {
-                pending_prompt: a.seq.pending_prompt(),
-                blocked: !a.pending.is_empty() || a.seq.finished().is_some(),
-            })
+            .map(|a| SeqState { pending_prompt: a.seq.pending_prompt(), blocked: !a.pending.is_empty() || a.seq.finished().is_some() })
             .collect();
         // The oldest runnable prompt's position sizes the chunk (later prompts start lower).
-        let first_pos = self.running.iter().zip(&states).find(|(_, s)| !s.blocked && s.pending_prompt > 0).map_or(0, |(a, _)| a.seq.cache.len());
+        let first_pos =
+            self.running.iter().zip(&states).find(|(_, s)| !s.blocked && s.pending_prompt > 0).map_or(0, |(a, _)| a.seq.cache.len());
         let prefill_rows_with_decodes = self.cost.prefill_rows(self.cfg.max_decode_stall, first_pos);
-        let budget = StepBudget { max_batch_tokens: self.cfg.max_batch_tokens, prefill_chunk: self.cfg.prefill_chunk, prefill_rows_with_decodes };
+        let budget =
+            StepBudget { max_batch_tokens: self.cfg.max_batch_tokens, prefill_chunk: self.cfg.prefill_chunk, prefill_rows_with_decodes };
         let plan = plan_step(&states, budget);
         let rows: usize = plan.iter().sum();
         if rows == 0 {

@@ -94,19 +94,14 @@ impl TextFrontEnd {
             PromptInput::ChatUser(u) => self.render(&[ChatMessage { role: "user".into(), content: u.clone() }])?,
             PromptInput::Chat(m) => self.render(m)?,
         };
-        let tok = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| EngineError::InvalidArgument("the model has no tokenizer; send token ids".into()))?;
+        let tok =
+            self.tokenizer.as_ref().ok_or_else(|| EngineError::InvalidArgument("the model has no tokenizer; send token ids".into()))?;
         let enc = tok.encode(text.as_str(), false).map_err(|e| EngineError::InvalidArgument(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let tpl = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| EngineError::InvalidArgument("the model has no chat template".into()))?;
+        let tpl = self.chat_template.as_ref().ok_or_else(|| EngineError::InvalidArgument("the model has no chat template".into()))?;
         tpl.render(messages, true).map_err(|e| EngineError::InvalidArgument(format!("chat template: {e}")))
     }
 
@@ -145,24 +140,16 @@ impl TextFrontEnd {
             return Err(EngineError::InvalidArgument("the prompt is empty".into()));
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(EngineError::InvalidArgument(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
+            return Err(EngineError::InvalidArgument(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
         }
         if ids.len() >= self.max_context {
-            return Err(EngineError::InvalidArgument(format!(
-                "the prompt has {} tokens; the context is {}",
-                ids.len(),
-                self.max_context
-            )));
+            return Err(EngineError::InvalidArgument(format!("the prompt has {} tokens; the context is {}", ids.len(), self.max_context)));
         }
         let composition = if req.composition.is_empty() {
             None
         } else {
-            let store = store.ok_or_else(|| {
-                EngineError::InvalidArgument("this server has no adapter root; compositions are unavailable".into())
-            })?;
+            let store = store
+                .ok_or_else(|| EngineError::InvalidArgument("this server has no adapter root; compositions are unavailable".into()))?;
             Some(Arc::new(store.resolve(&req.composition)?))
         };
         let mut spec = req.spec;

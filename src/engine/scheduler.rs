@@ -402,7 +402,11 @@ mod tests {
             let mut pos = vec![0usize; 31];
             let run = |seqs: &mut Vec<SeqState>, pos: &mut Vec<usize>, model: &mut StepCostModel| {
                 let first = seqs.iter().position(|s| !s.blocked && s.pending_prompt > 0).map_or(0, |i| pos[i]);
-                let budget = StepBudget { max_batch_tokens: 512, prefill_chunk: 256, prefill_rows_with_decodes: model.prefill_rows(Some(target), first) };
+                let budget = StepBudget {
+                    max_batch_tokens: 512,
+                    prefill_chunk: 256,
+                    prefill_rows_with_decodes: model.prefill_rows(Some(target), first),
+                };
                 let plan = plan_step(seqs, budget);
                 let (mut d, mut p, mut keys, mut extra) = (0, 0, 0, 0.0);
                 for ((s, n), at) in seqs.iter_mut().zip(&plan).zip(pos.iter_mut()) {
@@ -433,7 +437,11 @@ mod tests {
                 assert!(p >= 1, "the prompt makes progress every step");
                 let allowed = target.as_secs_f64().max(truth.chunk_s(pos[31] - p, 1)) + 1e-9;
                 if steps > 1 {
-                    assert!(extra <= allowed, "{:?}: step {steps} adds {extra} s with {p} prefill rows", (fixed, per_dec, per_row, per_key));
+                    assert!(
+                        extra <= allowed,
+                        "{:?}: step {steps} adds {extra} s with {p} prefill rows",
+                        (fixed, per_dec, per_row, per_key)
+                    );
                 }
                 steps += 1;
                 assert!(steps <= 512);

@@ -224,13 +224,8 @@ impl Sequence {
             return false;
         }
         let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(longest));
-        let hit = self
-            .spec
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
+        let hit =
+            self.spec.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
         match hit {
             Some(i) => {
                 self.text.truncate(i);

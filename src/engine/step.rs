@@ -23,7 +23,11 @@ pub enum StepError {
 /// `limits[i]` tokens (0 = sits this step out). Returns, per sequence, the event of the token it
 /// generated (None when it only advanced its prefill, sat out, or was already finished).
 /// A sequence's own failure (e.g. sampling) is returned in its slot and does not fail the step.
-pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> Result<Vec<Option<Result<TokenEvent, SequenceError>>>, StepError> {
+pub fn run_step(
+    model: &Llama,
+    seqs: &mut [&mut Sequence],
+    limits: &[usize],
+) -> Result<Vec<Option<Result<TokenEvent, SequenceError>>>, StepError> {
     assert_eq!(seqs.len(), limits.len(), "one limit per sequence");
     let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
     let mut wants = Vec::with_capacity(seqs.len());
@@ -38,10 +42,7 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
         return Ok(events);
     }
     let comps: Vec<_> = active.iter().map(|&i| seqs[i].composition.clone()).collect();
-    let deltas = BatchDeltas::new(
-        active.iter().zip(&comps).map(|(&i, c)| (inputs[i].len(), c.as_deref())),
-        model.cfg.tie_word_embeddings,
-    );
+    let deltas = BatchDeltas::new(active.iter().zip(&comps).map(|(&i, c)| (inputs[i].len(), c.as_deref())), model.cfg.tie_word_embeddings);
     let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(active.len());
     for (i, s) in seqs.iter_mut().enumerate() {
         if !inputs[i].is_empty() {
@@ -63,8 +64,7 @@ pub fn run_step(model: &Llama, seqs: &mut [&mut Sequence], limits: &[usize]) -> 
     let rows = logits_rows(&logits)?;
     let work: Vec<(usize, &mut Sequence, &[f32])> =
         seqs.iter_mut().enumerate().filter(|(i, _)| needs[*i]).zip(&rows).map(|((i, s), l)| (i, &mut **s, l.as_slice())).collect();
-    let results: Vec<(usize, Result<TokenEvent, SequenceError>)> =
-        work.into_par_iter().map(|(i, s, l)| (i, s.on_logits(l))).collect();
+    let results: Vec<(usize, Result<TokenEvent, SequenceError>)> = work.into_par_iter().map(|(i, s, l)| (i, s.on_logits(l))).collect();
     for (i, r) in results {
         events[i] = Some(r);
     }

@@ -32,14 +32,22 @@ pub const FACTOR_BLOCK: usize = 32;
 
 #[derive(Debug, Clone, PartialEq)]
 enum HostFactors {
-    F32 { at: Vec<f32>, bt: Vec<f32> },
+    F32 {
+        at: Vec<f32>,
+        bt: Vec<f32>,
+    },
     /// Rank 8. `a4`: `[in_pad / 4][8][4]` bytes `q + 128` (4 consecutive inputs of one rank
     /// column per 32-bit lane, as `vpdpbusd` reads them), `in_pad` = `in` rounded up to
     /// [`FACTOR_BLOCK`], zero-padded; `sa`: `[in_pad / 32][8]` absmax/127 scales per (input
     /// block, rank column). `b8`: `[out_pad][8]` bytes `q + 128` (one output's 8 rank values in
     /// two lanes), `out_pad` = `out` rounded up to 8; `sb`: one absmax/127 scale per 32 outputs
     /// (all 8 columns).
-    Int8 { a4: Vec<u8>, sa: Vec<f32>, b8: Vec<u8>, sb: Vec<f32> },
+    Int8 {
+        a4: Vec<u8>,
+        sa: Vec<f32>,
+        b8: Vec<u8>,
+        sb: Vec<f32>,
+    },
 }
 
 /// Rank of the compact layout.
@@ -440,7 +448,12 @@ mod tests {
             let x: Vec<f32> = (0..inp).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let (at, bt) = (Tensor::from_vec(a.clone(), (r, inp), &dev).unwrap(), Tensor::from_vec(b.clone(), (out, r), &dev).unwrap());
             let xt = Tensor::from_vec(x.clone(), (1, inp), &dev).unwrap();
-            let want = (xt.matmul(&bt.matmul(&at).unwrap().t().unwrap()).unwrap() * 0.75).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = (xt.matmul(&bt.matmul(&at).unwrap().t().unwrap()).unwrap() * 0.75)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let norm = want.iter().map(|w| w * w).sum::<f32>().sqrt();
             let rel = |got: &[f32]| got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum::<f32>().sqrt() / norm;
             for compact in [false, true] {

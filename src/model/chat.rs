@@ -70,10 +70,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish_non_exhaustive()
     }
 }
 
@@ -118,12 +115,7 @@ impl ChatTemplate {
         let template = match content.metadata.get(GGUF_CHAT_TEMPLATE_KEY) {
             None => return Ok(None),
             Some(Value::String(s)) => s,
-            Some(_) => {
-                return Err(ChatError::BadMetadata {
-                    key: GGUF_CHAT_TEMPLATE_KEY.into(),
-                    reason: "expected a string".into(),
-                })
-            }
+            Some(_) => return Err(ChatError::BadMetadata { key: GGUF_CHAT_TEMPLATE_KEY.into(), reason: "expected a string".into() }),
         };
         let tokens = match content.metadata.get("tokenizer.ggml.tokens") {
             Some(Value::Array(a)) => a.as_slice(),
@@ -189,13 +181,9 @@ mod tests {
     #[test]
     fn trim_and_lstrip_blocks_like_transformers() {
         // Jinja2 with trim_blocks + lstrip_blocks: block tags eat their indentation and newline.
-        let t = ChatTemplate::new("{{ bos_token }}\n  {% for m in messages %}\n[{{ m.role }}]\n  {% endfor %}\n")
-            .expect("compile");
+        let t = ChatTemplate::new("{{ bos_token }}\n  {% for m in messages %}\n[{{ m.role }}]\n  {% endfor %}\n").expect("compile");
         let t = ChatTemplate { bos_token: "<s>".into(), ..t };
-        assert_eq!(
-            t.render(&[ChatMessage::new("a", ""), ChatMessage::new("b", "")], false).expect("r"),
-            "<s>\n[a]\n[b]\n"
-        );
+        assert_eq!(t.render(&[ChatMessage::new("a", ""), ChatMessage::new("b", "")], false).expect("r"), "<s>\n[a]\n[b]\n");
     }
 
     #[test]

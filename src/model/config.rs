@@ -81,9 +81,7 @@ impl LlamaConfig {
         let heads = u("attention.head_count")?;
         let hidden = u("embedding_length")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = u("attention.key_length")
-            .or_else(|_| u("rope.dimension_count"))
-            .unwrap_or(hidden / heads.max(1));
+        let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
         let vocab = match u("vocab_size") {
             Ok(v) => v,
             Err(_) => match md.get("tokenizer.ggml.tokens") {
@@ -105,10 +103,7 @@ impl LlamaConfig {
             max_position_embeddings: u("context_length").unwrap_or(4096),
             tie_word_embeddings: !has_output,
             bos_token_id: get_u64(md, "tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
-            eos_token_ids: get_u64(md, "tokenizer.ggml.eos_token_id")
-                .ok()
-                .map(|v| vec![v as u32])
-                .unwrap_or_default(),
+            eos_token_ids: get_u64(md, "tokenizer.ggml.eos_token_id").ok().map(|v| vec![v as u32]).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -142,8 +137,7 @@ impl LlamaConfig {
             /// transformers >= 5 keeps `rope_theta` here.
             rope_parameters: Option<serde_json::Value>,
         }
-        let hf: Hf = serde_json::from_str(text)
-            .map_err(|e| ConfigError::BadKey { key: "config.json".into(), reason: e.to_string() })?;
+        let hf: Hf = serde_json::from_str(text).map_err(|e| ConfigError::BadKey { key: "config.json".into(), reason: e.to_string() })?;
         if let Some(t) = &hf.model_type {
             if t != "llama" && t != "mistral" {
                 return Err(ConfigError::Architecture(t.clone()));

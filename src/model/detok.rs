@@ -56,11 +56,7 @@ impl std::fmt::Debug for IncrementalDecoder {
 
 /// Length of the longest common prefix of `a` and `b` that ends on a char boundary of both.
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, ca), cb)| ca != cb)
-        .map(|((i, _), _)| i)
-        .unwrap_or_else(|| a.len().min(b.len()))
+    a.char_indices().zip(b.chars()).find(|((_, ca), cb)| ca != cb).map(|((i, _), _)| i).unwrap_or_else(|| a.len().min(b.len()))
 }
 
 impl IncrementalDecoder {

@@ -196,7 +196,10 @@ pub enum BaseWeight {
     Quantized(QuantWeight),
     Dense(DenseWeight),
     /// `auto` mode: both forms of the same weight.
-    Both { q: QuantWeight, dense: DenseWeight },
+    Both {
+        q: QuantWeight,
+        dense: DenseWeight,
+    },
 }
 
 impl BaseWeight {
@@ -298,8 +301,7 @@ impl Linear {
                 let ids: Vec<LinearId> = layers.iter().map(|l| l.id).collect();
                 let outs: Vec<usize> = ps.iter().map(|p| p.dims().0).collect();
                 let (ys, dhs) = with_host_f32(x, |xs| {
-                    let (ys, dhs) =
-                        rayon::join(|| PackedQ8::matmul_host_many(&ps, xs, m), || deltas.host_deltas(&ids, xs, m, &outs));
+                    let (ys, dhs) = rayon::join(|| PackedQ8::matmul_host_many(&ps, xs, m), || deltas.host_deltas(&ids, xs, m, &outs));
                     Ok((ys?, dhs?))
                 })?;
                 let mut res = Vec::with_capacity(layers.len());

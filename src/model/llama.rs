@@ -77,9 +77,7 @@ impl Llama {
         device: Device,
     ) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
         let max = cfg.max_position_embeddings;
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
         let pos = Tensor::arange(0u32, max as u32, &device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
@@ -239,4 +237,3 @@ impl Llama {
         self.cfg.vocab_size
     }
 }
-

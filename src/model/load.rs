@@ -21,7 +21,11 @@ use super::tokenizer;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing")]
@@ -29,11 +33,19 @@ pub enum LoadError {
     #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected:?}")]
     Shape { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("{path}: {source}")]
-    Config { path: PathBuf, #[source] source: ConfigError },
+    Config {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
-    Candle { path: PathBuf, #[source] source: candle_core::Error },
+    Candle {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
 }
 
 impl LoadError {
@@ -160,10 +172,9 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         match opts.weights {
             WeightMode::F32 => BaseWeight::Dense(DenseWeight::new(&embed).map_err(cd)?),
             WeightMode::Quantized => BaseWeight::from_qtensor(embed_q, WeightMode::Quantized).map_err(cd)?,
-            WeightMode::Auto => BaseWeight::Both {
-                q: QuantWeight::new(embed_q).map_err(cd)?,
-                dense: DenseWeight::new(&embed).map_err(cd)?,
-            },
+            WeightMode::Auto => {
+                BaseWeight::Both { q: QuantWeight::new(embed_q).map_err(cd)?, dense: DenseWeight::new(&embed).map_err(cd)? }
+            }
         }
     } else {
         BaseWeight::from_qtensor(read("output.weight", &[cfg.vocab_size, h])?, opts.weights).map_err(cd)?
@@ -200,18 +211,20 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
     }
     let tok = if content.metadata.contains_key("tokenizer.ggml.tokens") {
-        Some(
-            tokenizer::tokenizer_from_gguf(&content)
-                .map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?,
-        )
+        Some(tokenizer::tokenizer_from_gguf(&content).map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?)
     } else {
         None
     };
-    let chat_template = ChatTemplate::from_gguf(&content)
-        .map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?;
+    let chat_template = ChatTemplate::from_gguf(&content).map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template: chat_template.map(std::sync::Arc::new), eos_token_ids, source: path.into() })
+    Ok(LoadedModel {
+        llama: std::sync::Arc::new(llama),
+        tokenizer: tok,
+        chat_template: chat_template.map(std::sync::Arc::new),
+        eos_token_ids,
+        source: path.into(),
+    })
 }
 
 /// Loads a Hugging Face directory: `config.json`, `model.safetensors` or shards, and optionally
@@ -237,16 +250,9 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
         tensors.extend(loaded);
     }
     let get = |name: &str, expected: &[usize]| -> Result<Tensor, LoadError> {
-        let t = tensors
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: dir.into(), name: name.into() })?;
+        let t = tensors.get(name).ok_or_else(|| LoadError::MissingTensor { path: dir.into(), name: name.into() })?;
         if t.dims() != expected {
-            return Err(LoadError::Shape {
-                path: dir.into(),
-                name: name.into(),
-                expected: expected.to_vec(),
-                got: t.dims().to_vec(),
-            });
+            return Err(LoadError::Shape { path: dir.into(), name: name.into(), expected: expected.to_vec(), got: t.dims().to_vec() });
         }
         t.to_dtype(DType::F32).map_err(|source| LoadError::Candle { path: dir.into(), source })
     };
@@ -292,18 +298,21 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
     let chat_template = read_hf_chat_template(dir)?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
-    Ok(LoadedModel { llama: std::sync::Arc::new(llama), tokenizer: tok, chat_template: chat_template.map(std::sync::Arc::new), eos_token_ids, source: dir.into() })
+    Ok(LoadedModel {
+        llama: std::sync::Arc::new(llama),
+        tokenizer: tok,
+        chat_template: chat_template.map(std::sync::Arc::new),
+        eos_token_ids,
+        source: dir.into(),
+    })
 }
 
 fn read_hf_chat_template(dir: &Path) -> Result<Option<ChatTemplate>, LoadError> {
     let p = dir.join("tokenizer_config.json");
     let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| LoadError::Format { path: p.clone(), reason: e.to_string() })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Format { path: p.clone(), reason: e.to_string() })?;
     match v.get("chat_template").and_then(|t| t.as_str()) {
-        Some(t) => ChatTemplate::new(t)
-            .map(Some)
-            .map_err(|e| LoadError::Tokenizer { path: p.clone(), reason: e.to_string() }),
+        Some(t) => ChatTemplate::new(t).map(Some).map_err(|e| LoadError::Tokenizer { path: p.clone(), reason: e.to_string() }),
         None => Ok(None),
     }
 }

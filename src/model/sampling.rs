@@ -95,11 +95,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, SamplingError> {
         // One pass for the normaliser; logprobs are only formed for the tokens reported.
         let lse = log_sum_exp(logits)?;
-        let id = if self.params.temperature == 0.0 {
-            argmax(logits)
-        } else {
-            self.sample_stochastic(logits)?
-        };
+        let id = if self.params.temperature == 0.0 { argmax(logits) } else { self.sample_stochastic(logits)? };
         let mut top = top_k_logprobs(logits, self.params.top_logprobs);
         top.iter_mut().for_each(|t| t.logprob -= lse);
         Ok(Sampled { token: TokenLogprob { id, logprob: logits[id as usize] - lse }, top })
@@ -110,12 +106,8 @@ impl Sampler {
         // finite values: the maximum maps to 0 and the rest to <= 0.
         let t = self.params.temperature as f64;
         let lmax = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut cands: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, (l as f64 - lmax) / t))
-            .collect();
+        let mut cands: Vec<(u32, f64)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, (l as f64 - lmax) / t)).collect();
         if cands.is_empty() {
             return Err(SamplingError::NoFiniteLogit);
         }

@@ -30,7 +30,8 @@ pub const TOKEN_TYPE_CONTROL: i64 = 3;
 pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Llama 3 (`llama-bpe`) split regex, as in its `tokenizer.json`.
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2 split regex (digits one at a time), as in its `tokenizer.json`.
 const QWEN2_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -122,10 +123,7 @@ fn get_str<'a>(content: &'a Content, key: &str) -> Result<Option<&'a str>, Token
 fn get_u32(content: &Content, key: &str) -> Result<Option<u32>, TokenizerError> {
     match content.metadata.get(key) {
         None => Ok(None),
-        Some(v) => int_of(v)
-            .and_then(|i| u32::try_from(i).ok())
-            .map(Some)
-            .ok_or_else(|| bad(key, "expected a non-negative integer")),
+        Some(v) => int_of(v).and_then(|i| u32::try_from(i).ok()).map(Some).ok_or_else(|| bad(key, "expected a non-negative integer")),
     }
 }
 
@@ -159,16 +157,10 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool, bool), Tok
         "smollm" | "starcoder" | "refact" | "codeshell" => {
             (Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(), false, false)
         }
-        "llama3" | "llama-bpe" => (
-            Sequence::new(vec![split(LLAMA3_PATTERN)?.into(), ByteLevel::new(false, true, false).into()]).into(),
-            true,
-            false,
-        ),
-        "qwen2" => (
-            Sequence::new(vec![split(QWEN2_PATTERN)?.into(), ByteLevel::new(false, false, false).into()]).into(),
-            false,
-            true,
-        ),
+        "llama3" | "llama-bpe" => {
+            (Sequence::new(vec![split(LLAMA3_PATTERN)?.into(), ByteLevel::new(false, true, false).into()]).into(), true, false)
+        }
+        "qwen2" => (Sequence::new(vec![split(QWEN2_PATTERN)?.into(), ByteLevel::new(false, false, false).into()]).into(), false, true),
         other => return Err(TokenizerError::UnsupportedPre(other.into())),
     })
 }
@@ -176,8 +168,7 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool, bool), Tok
 /// Builds a byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata, equivalent to the
 /// model's Hugging Face `tokenizer.json` (see the module docs for the invariants).
 pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, TokenizerError> {
-    let model = get_str(content, "tokenizer.ggml.model")?
-        .ok_or_else(|| TokenizerError::MissingKey("tokenizer.ggml.model".into()))?;
+    let model = get_str(content, "tokenizer.ggml.model")?.ok_or_else(|| TokenizerError::MissingKey("tokenizer.ggml.model".into()))?;
     if model != "gpt2" {
         return Err(TokenizerError::UnsupportedModel(model.into()));
     }
@@ -215,19 +206,14 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, TokenizerErro
     tok.with_decoder(Some(ByteLevelDecoder::default()));
 
     if content.metadata.contains_key("tokenizer.ggml.token_type") {
-        let types = get(content, "tokenizer.ggml.token_type")?
-            .to_vec()
-            .map_err(|_| bad("tokenizer.ggml.token_type", "expected an array"))?;
+        let types =
+            get(content, "tokenizer.ggml.token_type")?.to_vec().map_err(|_| bad("tokenizer.ggml.token_type", "expected an array"))?;
         if types.len() != tokens.len() {
-            return Err(bad(
-                "tokenizer.ggml.token_type",
-                format!("{} entries for {} tokens", types.len(), tokens.len()),
-            ));
+            return Err(bad("tokenizer.ggml.token_type", format!("{} entries for {} tokens", types.len(), tokens.len())));
         }
         let mut specials = Vec::new();
         for (i, t) in types.iter().enumerate() {
-            let t =
-                int_of(t).ok_or_else(|| bad("tokenizer.ggml.token_type", format!("element {i} is not an integer")))?;
+            let t = int_of(t).ok_or_else(|| bad("tokenizer.ggml.token_type", format!("element {i} is not an integer")))?;
             if t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED {
                 specials.push(AddedToken::from(tokens[i].to_string(), true));
             }
@@ -265,9 +251,8 @@ pub(crate) mod tests {
         if printable {
             return b as char;
         }
-        let n = (0..b)
-            .filter(|&x| !((b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x)))
-            .count() as u32;
+        let n =
+            (0..b).filter(|&x| !((b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x))).count() as u32;
         char::from_u32(256 + n).expect("valid char")
     }
 

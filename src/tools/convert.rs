@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use crate::adapters::target::BaseShapes;
 use crate::adapters::formats::sft::{self, ConvertSummary, SPARSE_FILE};
+use crate::adapters::target::BaseShapes;
 use crate::model::config::LlamaConfig;
 
 #[derive(Debug, Args)]

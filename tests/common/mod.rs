@@ -6,9 +6,9 @@ use std::path::PathBuf;
 /// crate. Panics (never skips) when it is missing: run `cargo run -- fetch-model` first
 /// (scripts/test.sh does).
 pub fn reference_model() -> PathBuf {
-    let p = std::env::var_os("MODSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(modserve::tools::fetch::MODEL_FILE)
-    });
+    let p = std::env::var_os("MODSERVE_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(modserve::tools::fetch::MODEL_FILE));
     assert!(p.exists(), "reference model {} missing: run `cargo run -- fetch-model` (scripts/test.sh does)", p.display());
     p
 }

@@ -22,7 +22,6 @@ use super::target::Target;
 use crate::kernels::lowrank::QuantRow;
 use crate::model::linear::{LinearId, RowDeltas};
 
-
 /// One target's output of a step: `(target, out, [rows, out] host buffer)`.
 type TargetOut<'a> = (Target, usize, &'a mut [f32]);
 
@@ -136,7 +135,8 @@ impl BatchDeltas<'_> {
                 let (_, tail) = std::mem::take(rest).split_at_mut((start - consumed) * *out);
                 let (piece, tail) = tail.split_at_mut(len * *out);
                 *rest = tail;
-                let non_sparse = comp.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.get(t).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_)))));
+                let non_sparse = comp
+                    .is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.get(t).is_some_and(|m| !matches!(m, MatrixDelta::Sparse(_)))));
                 if non_sparse {
                     mine.push((*t, *out, piece));
                 }
@@ -160,7 +160,13 @@ impl BatchDeltas<'_> {
 /// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
 /// (`[len, in_dim]`): per-row kernels for decode rows (each row quantized once, into `qrows`, for
 /// all compact targets), GEMMs for prefill segments.
-fn add_chunk_deltas(c: &Composition, outs: Vec<(Target, usize, &mut [f32])>, xs: &[f32], in_dim: usize, qrows: &mut Vec<QuantRow>) -> Result<()> {
+fn add_chunk_deltas(
+    c: &Composition,
+    outs: Vec<(Target, usize, &mut [f32])>,
+    xs: &[f32],
+    in_dim: usize,
+    qrows: &mut Vec<QuantRow>,
+) -> Result<()> {
     let len = xs.len() / in_dim;
     let mut quantized = false;
     for (target, out, dst) in outs {

@@ -13,8 +13,6 @@ use crate::kernels::shared_out::ColumnBlocks;
 use crate::kernels::sparse_layout::{SparseMatrix, SPARSE_ROW_BLOCK};
 use crate::kernels::sparse_tile::{add_scaled, interleave_rows, prefetch_block_l2, sparse_block_tile, SPARSE_TILE};
 
-
-
 /// One target's sparse work in a step: the distinct sparse matrices with the batch rows that use
 /// each, and every row's parts.
 struct SparsePlan<'a> {
@@ -90,7 +88,12 @@ fn transpose_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize, xt: &mut [
 /// computes it, and a row's sparse parts are added in its composition's order. Targets whose
 /// groups hold the same rows (q, k and v of lang+task modules) share one transposed input; the
 /// (target, row block) tasks of all targets run as one parallel loop.
-pub(super) fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)], targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) {
+pub(super) fn add_sparse_grouped(
+    chunks: &[(usize, usize, Option<&Composition>)],
+    targets: &mut [(Target, usize, &mut [f32])],
+    xh: &[f32],
+    in_dim: usize,
+) {
     use rayon::prelude::*;
     let plans: Vec<Option<SparsePlan>> = targets.iter().map(|(t, _, _)| SparsePlan::new(chunks, *t)).collect();
     let tile_len = in_dim * SPARSE_TILE;
@@ -117,7 +120,8 @@ pub(super) fn add_sparse_grouped(chunks: &[(usize, usize, Option<&Composition>)]
         });
     }
     let n = xh.len() / in_dim;
-    let outs: Vec<(usize, ColumnBlocks)> = targets.iter_mut().map(|(_, out, dh)| (*out, ColumnBlocks::new(dh, n, *out, SPARSE_ROW_BLOCK))).collect();
+    let outs: Vec<(usize, ColumnBlocks)> =
+        targets.iter_mut().map(|(_, out, dh)| (*out, ColumnBlocks::new(dh, n, *out, SPARSE_ROW_BLOCK))).collect();
     let tasks: Vec<(usize, usize)> = plans
         .iter()
         .enumerate()

@@ -19,8 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::peft::{
-    check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, suffix_match,
-    to_f32, unsupported, Selector,
+    check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, suffix_match, to_f32, unsupported, Selector,
 };
 use crate::adapters::error::AdapterError;
 use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
@@ -216,9 +215,7 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
             (None, None) => unreachable!("a module is recorded with at least one factor"),
         };
         let target = targets[&module];
-        let (out, inp) = base
-            .shape(target)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
+        let (out, inp) = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
         let (a, b) = orient(to_f32(&a, &file, &an)?, to_f32(&b, &file, &bn)?, (out, inp), fifo, &file, (&an, &bn))?;
         let (ra, rb) = (a.dim(0)?, b.dim(1)?);
         if ra != rb {
@@ -226,10 +223,7 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         }
         let rank = cfg.rank_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.r);
         if ra != rank || rank == 0 {
-            return Err(malformed(
-                &file,
-                format!("`{module}` has rank {ra} but adapter_config.json gives r={rank} (r / rank_pattern)"),
-            ));
+            return Err(malformed(&file, format!("`{module}` has rank {ra} but adapter_config.json gives r={rank} (r / rank_pattern)")));
         }
         let alpha = cfg.alpha_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.lora_alpha);
         let scaling = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
@@ -253,8 +247,7 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         }
     }
     deltas.validate(base, &file)?;
-    let info =
-        LoraInfo { rank: max_rank, alpha: cfg.lora_alpha, targets: names.into_iter().collect(), use_rslora: rslora };
+    let info = LoraInfo { rank: max_rank, alpha: cfg.lora_alpha, targets: names.into_iter().collect(), use_rslora: rslora };
     Ok((deltas, info))
 }
 
@@ -276,10 +269,7 @@ fn orient(
     };
     let (Ok((ar, ac)), Ok((br, bc))) = (a.dims2(), b.dims2()) else {
         let (name, t) = if a.rank() != 2 { (an, &a) } else { (bn, &b) };
-        return Err(AdapterError::Malformed {
-            path: file.into(),
-            reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()),
-        });
+        return Err(AdapterError::Malformed { path: file.into(), reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()) });
     };
     if ac == inp && br == out {
         return Ok((a, b));
@@ -297,14 +287,8 @@ mod tests {
     #[test]
     fn tensor_names_parse_with_and_without_adapter_name() {
         let m = "model.layers.2.mlp.up_proj".to_string();
-        assert_eq!(
-            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"),
-            Some((m.clone(), Factor::A))
-        );
-        assert_eq!(
-            parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
-            Some((m, Factor::B))
-        );
+        assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"), Some((m.clone(), Factor::A)));
+        assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"), Some((m, Factor::B)));
         assert_eq!(parse_lora_name("base_model.model.model.layers.2.mlp.up_proj.lora_B.bias"), None);
         assert_eq!(parse_lora_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
     }

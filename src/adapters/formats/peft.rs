@@ -69,10 +69,7 @@ pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Re
         let v = crate::adapters::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
         return Ok((bin, v));
     }
-    Err(AdapterError::Io {
-        path: dir.into(),
-        reason: "no adapter_model.safetensors or adapter_model.bin in the adapter folder".into(),
-    })
+    Err(AdapterError::Io { path: dir.into(), reason: "no adapter_model.safetensors or adapter_model.bin in the adapter folder".into() })
 }
 
 /// Every tensor of a safetensors buffer, converted to CPU tensors in parallel (what candle's
@@ -84,11 +81,7 @@ fn safetensors_from_buffer(bytes: &[u8], path: &Path) -> Result<Vec<(String, Ten
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let views = st.tensors();
     let loaded: Vec<candle_core::Result<Tensor>> = views.par_iter().map(|(_, v)| v.load(&Device::Cpu)).collect();
-    views
-        .into_iter()
-        .zip(loaded)
-        .map(|((name, _), t)| t.map(|t| (name, t)).map_err(|e| bad(e.to_string())))
-        .collect()
+    views.into_iter().zip(loaded).map(|((name, _), t)| t.map(|t| (name, t)).map_err(|e| bad(e.to_string()))).collect()
 }
 
 /// Reads every tensor of a torch.save zip checkpoint (PEFT `adapter_model.bin`) the way candle's
@@ -114,9 +107,7 @@ fn read_pth(bin: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
             .map_err(|e| bad(format!("archive entry `{entry}`: {e}")))?;
         let obj = match super::pickle_guard::parse(bin, &entry, &bytes)? {
             Object::Build { callable, args } => match *callable {
-                Object::Reduce { callable, .. }
-                    if matches!(&*callable, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") =>
-                {
+                Object::Reduce { callable, .. } if matches!(&*callable, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") => {
                     *args
                 }
                 _ => continue,
@@ -188,9 +179,7 @@ impl TargetSpec {
     pub(crate) fn parse(v: &Value, key: &str, cfg: &Path) -> Result<Self, AdapterError> {
         match v {
             Value::String(s) if s == "all-linear" => Ok(Self::AllLinear),
-            Value::String(s) if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => {
-                Ok(Self::Literal(s.clone()))
-            }
+            Value::String(s) if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => Ok(Self::Literal(s.clone())),
             Value::String(s) => Err(unsupported(
                 cfg,
                 format!("`{key}` is a regular expression (`{s}`); regex targets are not supported, list the module names instead"),
@@ -209,9 +198,7 @@ impl TargetSpec {
         match self {
             Self::Names(ns) => ns.iter().any(|n| suffix_match(module, n)),
             Self::AllLinear => module != "lm_head",
-            Self::Literal(p) => {
-                p.len() == module.len() && p.bytes().zip(module.bytes()).all(|(a, b)| a == b'.' || a == b)
-            }
+            Self::Literal(p) => p.len() == module.len() && p.bytes().zip(module.bytes()).all(|(a, b)| a == b'.' || a == b),
         }
     }
 }
@@ -278,12 +265,7 @@ pub(crate) fn module_target(module: &str, file: &Path, base: &BaseShapes) -> Res
 }
 
 /// Checks that the file holds tensors for exactly the modules the config selects.
-pub(crate) fn check_coverage(
-    sel: &Selector,
-    base: &BaseShapes,
-    found: &BTreeSet<String>,
-    file: &Path,
-) -> Result<(), AdapterError> {
+pub(crate) fn check_coverage(sel: &Selector, base: &BaseShapes, found: &BTreeSet<String>, file: &Path) -> Result<(), AdapterError> {
     if found.is_empty() {
         return Err(malformed(file, "the file holds no adapter tensors"));
     }
@@ -313,8 +295,6 @@ mod tests {
         assert_eq!(layer_index("lm_head"), None);
         let lit = TargetSpec::Literal("model.layers.0.self_attn.q_proj".into());
         assert!(lit.matches("model.layers.0.self_attn.q_proj") && !lit.matches("model.layers.0.self_attn.k_proj"));
-        assert!(
-            TargetSpec::AllLinear.matches("model.layers.0.mlp.down_proj") && !TargetSpec::AllLinear.matches("lm_head")
-        );
+        assert!(TargetSpec::AllLinear.matches("model.layers.0.mlp.down_proj") && !TargetSpec::AllLinear.matches("lm_head"));
     }
 }

@@ -16,9 +16,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::peft::{
-    check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector,
-};
+use super::peft::{check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, to_f32, unsupported, Selector};
 use crate::adapters::error::AdapterError;
 use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use crate::adapters::source::ModuleBytes;
@@ -95,9 +93,7 @@ fn parse_poly_name(name: &str) -> Option<(String, usize)> {
     let name = name.strip_prefix("base_model.model.").unwrap_or(name);
     let tags = [(".poly_lora_A", 0, ""), (".poly_lora_B", 1, ""), (".poly_router", 2, ".module_logits")];
     tags.into_iter().find_map(|(tag, part, tail)| {
-        let i = name
-            .find(&format!("{tag}."))
-            .or_else(|| (name.ends_with(tag) && tail.is_empty()).then(|| name.len() - tag.len()))?;
+        let i = name.find(&format!("{tag}.")).or_else(|| (name.ends_with(tag) && tail.is_empty()).then(|| name.len() - tag.len()))?;
         let rest = &name[i + tag.len()..];
         let rest = rest.strip_suffix(tail)?;
         // `rest` is "" or ".<adapter name>".
@@ -109,11 +105,9 @@ fn parse_poly_name(name: &str) -> Option<(String, usize)> {
 fn check_finite(t: &Tensor, file: &Path, name: &str) -> Result<(), AdapterError> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
     match v.iter().find(|x| !x.is_finite()) {
-        Some(x) => Err(AdapterError::NonFinite {
-            path: file.into(),
-            tensor: name.into(),
-            what: if x.is_nan() { "NaN" } else { "infinite" },
-        }),
+        Some(x) => {
+            Err(AdapterError::NonFinite { path: file.into(), tensor: name.into(), what: if x.is_nan() { "NaN" } else { "infinite" } })
+        }
         None => Ok(()),
     }
 }
@@ -146,7 +140,10 @@ pub fn load_peft_poly_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     for (name, t) in tensors {
         let (module, part) = parse_poly_name(&name).ok_or_else(|| {
-            malformed(&file, format!("unexpected tensor `{name}` (expected `<module>.poly_lora_A`, `.poly_lora_B`, `.poly_router.module_logits`)"))
+            malformed(
+                &file,
+                format!("unexpected tensor `{name}` (expected `<module>.poly_lora_A`, `.poly_lora_B`, `.poly_router.module_logits`)"),
+            )
         })?;
         let slot = &mut parts.entry(module.clone()).or_default()[part];
         if slot.is_some() {
@@ -163,9 +160,7 @@ pub fn load_peft_poly_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     let mut layers = BTreeMap::new();
     for (module, [pa, pb, pl]) in parts {
         let target = targets[&module];
-        let (out, inp) = base
-            .shape(target)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
+        let (out, inp) = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
         if inp % q != 0 || out % q != 0 {
             return Err(malformed(&file, format!("n_splits={q} does not divide the {out}x{inp} weight of `{module}`")));
         }
@@ -227,11 +222,7 @@ impl PolyInventory {
         let k = self.n_splits * self.n_skills;
         let (task, fixed) = match routing {
             Routing::Task(t) if *t < 0 || *t as u64 >= self.n_tasks as u64 => {
-                return Err(AdapterError::UnknownTask {
-                    module: self.file.display().to_string(),
-                    task: *t,
-                    n_tasks: self.n_tasks,
-                })
+                return Err(AdapterError::UnknownTask { module: self.file.display().to_string(), task: *t, n_tasks: self.n_tasks })
             }
             Routing::Task(t) => (*t as usize, None),
             Routing::Weights(w) => (0, Some(self.normalise(self.explicit_weights(w)?))),
@@ -265,10 +256,8 @@ impl PolyInventory {
     /// `w` `[n_splits * n_skills]` (normalised) -> `LowRank { a: A_t^T, b: B_t^T / r }`.
     fn mix_layer(&self, target: Target, layer: &PolyLayer, w: Vec<f32>) -> Result<MatrixDelta, AdapterError> {
         let (q, s, r) = (self.n_splits, self.n_skills, self.r);
-        let (out, inp) = self
-            .base
-            .shape(target)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: self.file.clone(), target: target.hf_name() })?;
+        let (out, inp) =
+            self.base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: self.file.clone(), target: target.hf_name() })?;
         let w = Tensor::from_vec(w, (q, s, 1, 1), &Device::Cpu)?;
         // [q, in/q, r] -> [in, r] (split q covers inputs q*in/q..) -> [r, in]
         let a = layer.a.broadcast_mul(&w)?.sum(1)?.reshape((inp, r))?.t()?.contiguous()?;
@@ -379,9 +368,7 @@ mod tests {
                 }
             }
         }
-        (0..q * dout)
-            .map(|o| (0..q * din).map(|i| (0..r).map(|k| at[i][k] * bt[k][o]).sum::<f32>() / r as f32).collect())
-            .collect()
+        (0..q * dout).map(|o| (0..q * din).map(|i| (0..r).map(|k| at[i][k] * bt[k][o]).sum::<f32>() / r as f32).collect()).collect()
     }
 
     fn assert_close(d: &MatrixDelta, want: &[Vec<f32>]) {
@@ -462,18 +449,9 @@ mod tests {
     fn names_parse_with_and_without_adapter_name() {
         let m = "model.layers.0.mlp.up_proj".to_string();
         assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_A"), Some((m.clone(), 0)));
-        assert_eq!(
-            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_B.default"),
-            Some((m.clone(), 1))
-        );
-        assert_eq!(
-            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.module_logits"),
-            Some((m.clone(), 2))
-        );
-        assert_eq!(
-            parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.default.module_logits"),
-            Some((m, 2))
-        );
+        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_lora_B.default"), Some((m.clone(), 1)));
+        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.module_logits"), Some((m.clone(), 2)));
+        assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.poly_router.default.module_logits"), Some((m, 2)));
         assert_eq!(parse_poly_name("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"), None);
     }
 
@@ -486,10 +464,7 @@ mod tests {
         let bytes = std::fs::read(&st).unwrap();
         std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
         let e = load_peft_poly(dir.path(), &base).unwrap_err();
-        assert!(
-            matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"),
-            "{e}"
-        );
+        assert!(matches!(e, AdapterError::Malformed { .. }) && e.to_string().contains("adapter_model.safetensors"), "{e}");
         // 3 splits do not divide the 8 inputs.
         write_poly(dir.path(), 2, 3, 1, 1, None);
         let cfg = dir.path().join("adapter_config.json");

@@ -17,30 +17,19 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, AdapterError> {
 
 /// Parses a safetensors buffer; a truncated or corrupt file is `Malformed`.
 pub fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>, AdapterError> {
-    SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Malformed {
-        path: path.into(),
-        reason: format!("not a readable safetensors file: {e}"),
-    })
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| AdapterError::Malformed { path: path.into(), reason: format!("not a readable safetensors file: {e}") })
 }
 
 /// The `__metadata__` map of a safetensors buffer (None when absent).
-pub fn metadata(
-    bytes: &[u8],
-    path: &Path,
-) -> Result<Option<std::collections::HashMap<String, String>>, AdapterError> {
-    let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| AdapterError::Malformed {
-        path: path.into(),
-        reason: format!("not a readable safetensors file: {e}"),
-    })?;
+pub fn metadata(bytes: &[u8], path: &Path) -> Result<Option<std::collections::HashMap<String, String>>, AdapterError> {
+    let (_, md) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| AdapterError::Malformed { path: path.into(), reason: format!("not a readable safetensors file: {e}") })?;
     Ok(md.metadata().clone())
 }
 
 /// Converts a floating-point tensor view to an f32 CPU tensor; other dtypes are `Unsupported`.
-pub fn view_to_f32(
-    view: &safetensors::tensor::TensorView<'_>,
-    path: &Path,
-    name: &str,
-) -> Result<Tensor, AdapterError> {
+pub fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, path: &Path, name: &str) -> Result<Tensor, AdapterError> {
     let dtype = match view.dtype() {
         Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,

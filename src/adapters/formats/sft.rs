@@ -63,9 +63,8 @@ fn check_shape(name: &str, got: &[usize], want: (usize, usize), path: &Path) -> 
 /// Loads composable-sft's `pytorch_diff.bin` (embedding diffs included).
 pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas, AdapterError> {
     let file = std::fs::File::open(path).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot open: {e}") })?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
-        malformed(path, format!("not a zip archive ({e}); only the zip format of torch.save (torch >= 1.6) is supported"))
-    })?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| malformed(path, format!("not a zip archive ({e}); only the zip format of torch.save (torch >= 1.6) is supported")))?;
     let pkl = (0..zip.len())
         .filter_map(|i| zip.name_for_index(i).map(String::from))
         .find(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
@@ -199,7 +198,12 @@ fn read_tensor<R: Read + std::io::Seek>(
     let (callable, args) = obj.reduce().map_err(|_| bad("is not a tensor".into()))?;
     match &callable {
         Object::Class { module_name, class_name } if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
-        other => return Err(unsupported(path, format!("parameter `{name}`: `{field}` is built by {other:?}, expected torch._utils._rebuild_tensor_v2"))),
+        other => {
+            return Err(unsupported(
+                path,
+                format!("parameter `{name}`: `{field}` is built by {other:?}, expected torch._utils._rebuild_tensor_v2"),
+            ))
+        }
     }
     let mut args = args.tuple().map_err(|_| bad("has malformed rebuild arguments".into()))?;
     if args.len() < 4 {
@@ -234,7 +238,8 @@ fn read_tensor<R: Read + std::io::Seek>(
         return Err(bad(format!("has an invalid layout (offset {offset}, size {n}, stride {step})")));
     }
     let overflow = || bad(format!("has an invalid layout (offset {offset}, size {n}, stride {step})"));
-    let last = if n == 0 { Some(offset) } else { (n - 1).checked_mul(step).and_then(|x| x.checked_add(offset)).and_then(|x| x.checked_add(1)) };
+    let last =
+        if n == 0 { Some(offset) } else { (n - 1).checked_mul(step).and_then(|x| x.checked_add(offset)).and_then(|x| x.checked_add(1)) };
     let last = last.ok_or_else(overflow)?;
     if last > numel {
         return Err(bad(format!("reads past its storage ({last} > {numel} elements)")));
@@ -336,7 +341,10 @@ pub fn save_sparse_safetensors(path: &Path, deltas: &ModuleDeltas) -> Result<(),
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (t, d) in &deltas.targets {
         let MatrixDelta::Sparse(m) = d else {
-            return Err(unsupported(path, format!("`{}` is not a sparse delta; only sparse targets can be saved as {SPARSE_FORMAT}", t.hf_name())));
+            return Err(unsupported(
+                path,
+                format!("`{}` is not a sparse delta; only sparse targets can be saved as {SPARSE_FORMAT}", t.hf_name()),
+            ));
         };
         let name = t.hf_name();
         shapes.insert(name.clone(), vec![m.rows(), m.cols()]);
@@ -419,7 +427,10 @@ mod tests {
         assert!(matches!(load_sparse_safetensors(&p, &BaseShapes::new(cfg)), Err(AdapterError::Shape { .. })));
         // A dense target cannot be saved in the sparse format.
         let mut dd = ModuleDeltas::default();
-        dd.targets.insert(k0(), MatrixDelta::Dense(candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()));
+        dd.targets.insert(
+            k0(),
+            MatrixDelta::Dense(candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()),
+        );
         assert!(matches!(save_sparse_safetensors(&dir.path().join("x.safetensors"), &dd), Err(AdapterError::Unsupported { .. })));
     }
 
@@ -431,8 +442,14 @@ mod tests {
             let ib: Vec<u8> = idx.iter().flat_map(|x| x.to_le_bytes()).collect();
             let vb: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
             let views = vec![
-                ("model.layers.0.self_attn.k_proj.weight.indices", safetensors::tensor::TensorView::new(Dtype::U32, vec![idx.len()], &ib).unwrap()),
-                ("model.layers.0.self_attn.k_proj.weight.values", safetensors::tensor::TensorView::new(Dtype::F32, vec![vals.len()], &vb).unwrap()),
+                (
+                    "model.layers.0.self_attn.k_proj.weight.indices",
+                    safetensors::tensor::TensorView::new(Dtype::U32, vec![idx.len()], &ib).unwrap(),
+                ),
+                (
+                    "model.layers.0.self_attn.k_proj.weight.values",
+                    safetensors::tensor::TensorView::new(Dtype::F32, vec![vals.len()], &vb).unwrap(),
+                ),
             ];
             let md = HashMap::from([("format".to_string(), SPARSE_FORMAT.to_string()), ("shapes".to_string(), shapes.to_string())]);
             safetensors::serialize_to_file(views, Some(md), &p).unwrap();

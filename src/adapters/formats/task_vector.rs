@@ -72,11 +72,8 @@ fn load_checked(path: &Path, base: &BaseShapes) -> Result<Vec<(Target, Tensor)>,
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let view = st.tensor(&name).map_err(|e| AdapterError::Malformed { path: path.into(), reason: format!("`{name}`: {e}") })?;
-        let target = Target::from_hf_name(&name)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: name.clone() })?;
-        let want = base
-            .shape(target)
-            .ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: name.clone() })?;
+        let target = Target::from_hf_name(&name).ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: name.clone() })?;
+        let want = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: path.into(), target: name.clone() })?;
         if view.shape() != [want.0, want.1] {
             return Err(AdapterError::Shape {
                 path: path.into(),
@@ -89,7 +86,6 @@ fn load_checked(path: &Path, base: &BaseShapes) -> Result<Vec<(Target, Tensor)>,
     }
     Ok(out)
 }
-
 
 #[cfg(test)]
 mod tests {

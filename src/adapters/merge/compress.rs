@@ -16,8 +16,7 @@ use crate::kernels::sparse_layout::SparseMatrix;
 pub fn exact_form(rows: usize, cols: usize, d: &[f32]) -> Result<MatrixDelta, AdapterError> {
     let nnz = d.iter().filter(|x| **x != 0.0).count();
     if nnz * 3 < d.len() {
-        let (flat, vals): (Vec<u64>, Vec<f32>) =
-            d.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i as u64, *v)).unzip();
+        let (flat, vals): (Vec<u64>, Vec<f32>) = d.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i as u64, *v)).unzip();
         let m = SparseMatrix::from_flat(rows, cols, &flat, &vals).map_err(AdapterError::Tensor)?;
         Ok(MatrixDelta::Sparse(m))
     } else {

@@ -84,7 +84,11 @@ pub(crate) fn ties(n: usize, terms: &[Term<'_>], density: f64) -> Vec<f32> {
                     cnt += 1;
                 }
             }
-            if cnt == 0 { 0.0 } else { (s / cnt as f64) as f32 }
+            if cnt == 0 {
+                0.0
+            } else {
+                (s / cnt as f64) as f32
+            }
         })
         .collect()
 }
@@ -104,7 +108,6 @@ pub(crate) fn dare_seed(seed: u64, component: usize, t: Target) -> u64 {
     }
     h ^ seed
 }
-
 
 #[cfg(test)]
 mod tests {

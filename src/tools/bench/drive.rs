@@ -8,8 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
-use super::stats::percentile;
 use super::context::Ctx;
+use super::stats::percentile;
 use crate::adapters::composition::CompositionSpec;
 use crate::adapters::store::AdapterStore;
 use crate::engine::actor::{EventResult, StreamEvent};

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::context::{Ctx, Results};
 use super::drive::{self, long_prompt, ms, prompts, Job};
 use super::scenarios::{ensure_loras, p50_p90, row, since_ms};
 use super::stats::{peak_rss_mb, percentile, Row, Zipf};
 use super::synth;
-use super::context::{Ctx, Results};
 use crate::adapters::cache::CacheSnapshot;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::store::AdapterStore;
@@ -32,7 +32,14 @@ fn ensure_library(ctx: &Ctx) -> anyhow::Result<()> {
     let dir = ctx.work.join("zipf");
     synth::ensure(&dir, "1000 PEFT LoRAs (r=8, q_proj+v_proj, f16)", || {
         for k in 0..LIBRARY {
-            synth::write_lora(&ctx.work.join(zipf_id(k)), &ctx.base, &[Proj::Q, Proj::V], 8, synth::Elem::F16, ctx.seed.wrapping_mul(7919) + 10_000 + k as u64)?;
+            synth::write_lora(
+                &ctx.work.join(zipf_id(k)),
+                &ctx.base,
+                &[Proj::Q, Proj::V],
+                8,
+                synth::Elem::F16,
+                ctx.seed.wrapping_mul(7919) + 10_000 + k as u64,
+            )?;
             if (k + 1) % 250 == 0 {
                 eprintln!("[bench]   {}/{LIBRARY} written", k + 1);
             }
@@ -109,7 +116,11 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     for k in 0..HOT {
         store.module(&zipf_id(k))?;
     }
-    eprintln!("[bench]   zipf1000: {shape}, cache of {HOT} modules ({:.0} MB), top {HOT} preloaded in {:.1} s ...", budget as f64 / 1e6, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "[bench]   zipf1000: {shape}, cache of {HOT} modules ({:.0} MB), top {HOT} preloaded in {:.1} s ...",
+        budget as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
     let mb = (one as f64) / 1e6;
     let notes = format!(
         "LoRA r=8 on q_proj+v_proj only (f16 files, {:.2} MB; {mb:.1} MB resident), Zipf(1.0) over {LIBRARY}, cache holds {HOT} (top {HOT} preloaded); {shape}{}",
@@ -127,7 +138,14 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     }
     let preload_s = t0.elapsed().as_secs_f64();
     eprintln!("[bench]   allhot: all {LIBRARY} modules preloaded in {preload_s:.1} s ...");
-    let (h_row, h_tok_s) = zipf_run(ctx, "allhot", &store, &jobs, base, &format!("same requests, all {LIBRARY} modules resident (preloaded in {preload_s:.1} s)"))?;
+    let (h_row, h_tok_s) = zipf_run(
+        ctx,
+        "allhot",
+        &store,
+        &jobs,
+        base,
+        &format!("same requests, all {LIBRARY} modules resident (preloaded in {preload_s:.1} s)"),
+    )?;
     let mut z_row = z_row;
     z_row.notes = format!("zipf1000 / allhot tok/s = {:.2}; {}", z_tok_s / h_tok_s.max(1e-9), z_row.notes);
     res.rows.push(z_row);
@@ -222,7 +240,11 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         if any_ended() {
             break;
         }
-        let probe = Job { prompt: long_prompt(PROBE_LEN, ctx.vocab, ctx.seed.wrapping_add(k as u64)), new_tokens: 4, composition: CompositionSpec::default() };
+        let probe = Job {
+            prompt: long_prompt(PROBE_LEN, ctx.vocab, ctx.seed.wrapping_add(k as u64)),
+            new_tokens: 4,
+            composition: CompositionSpec::default(),
+        };
         let t_probe = Instant::now();
         let mut rx = drive::submit(ctx, None, &probe, format!("probe-{k}"))?;
         let mut first = None;
@@ -240,7 +262,10 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         // probe's TTFT.
         let marks: Vec<usize> = (0..n).map(count).collect();
         let quiet = (first - t_probe).mul_f64(1.5);
-        wait_until(&|| ((0..n).all(|i| count(i) >= marks[i] + SETTLE) && first.elapsed() >= quiet) || any_ended(), "tokens after the probe")?;
+        wait_until(
+            &|| ((0..n).all(|i| count(i) >= marks[i] + SETTLE) && first.elapsed() >= quiet) || any_ended(),
+            "tokens after the probe",
+        )?;
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
@@ -250,7 +275,8 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let streams: Vec<Vec<Instant>> = stamps.iter().map(|s| s.lock().expect("stamps").clone()).collect();
     // All gaps, without each stream's first two (its own prefill and start-up).
     let all: Vec<f64> = streams.iter().flat_map(|v| v.windows(2).skip(2).map(|w| ms(w[1] - w[0]))).collect();
-    let (mut ttft, mut stall, mut max_gap, mut steady, mut jitter, mut typical) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ttft, mut stall, mut max_gap, mut steady, mut jitter, mut typical) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut settled = None;
     for &(t, first) in &probes {
         let mut before = Vec::new();

@@ -211,7 +211,10 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
 
 /// The 1-minute load average of the host (other processes skew every number here).
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "?".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 #[cfg(test)]

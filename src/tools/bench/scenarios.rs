@@ -3,12 +3,12 @@
 use std::path::Path;
 use std::time::Instant;
 
+use super::context::{Ctx, Results};
 use super::drive::{self, ms, prompts, Job, Summary};
 use super::stats::{peak_rss_mb, percentile, Row};
 use super::synth::{self, PolyShape};
-use super::context::{Ctx, Results};
-use crate::adapters::formats::poly::Routing;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
+use crate::adapters::formats::poly::Routing;
 use crate::adapters::store::AdapterStore;
 use crate::model::linear::Proj;
 
@@ -83,7 +83,14 @@ pub fn single(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
 }
 
 /// Runs `comps.len()` streams submitted at once, one composition each.
-fn streams_row(ctx: &Ctx, name: &str, store: Option<&AdapterStore>, comps: Vec<CompositionSpec>, base: Option<f64>, notes: String) -> anyhow::Result<Row> {
+fn streams_row(
+    ctx: &Ctx,
+    name: &str,
+    store: Option<&AdapterStore>,
+    comps: Vec<CompositionSpec>,
+    base: Option<f64>,
+    notes: String,
+) -> anyhow::Result<Row> {
     let jobs: Vec<Job> = prompts(comps.len(), ctx.vocab, ctx.seed)
         .into_iter()
         .zip(comps)
@@ -98,7 +105,14 @@ fn streams_row(ctx: &Ctx, name: &str, store: Option<&AdapterStore>, comps: Vec<C
 
 /// `base32`: N base-only streams; tok/s = all generated tokens / (first submit .. last token).
 pub fn base_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
-    let r = streams_row(ctx, "base32", None, vec![CompositionSpec::default(); ctx.streams], None, "base model only; tok/s = all tokens / wall".into())?;
+    let r = streams_row(
+        ctx,
+        "base32",
+        None,
+        vec![CompositionSpec::default(); ctx.streams],
+        None,
+        "base model only; tok/s = all tokens / wall".into(),
+    )?;
     res.base_streams = r.tok_s;
     let mut r = r;
     r.ratio_to_base = Some(1.0);
@@ -168,7 +182,13 @@ pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     synth::ensure(&dir, "4 language + 8 task sparse modules (0.5% density)", || {
         for (kind, n, off) in [("lang", LANGS, 500u64), ("task", TASKS, 600)] {
             for i in 0..n {
-                nnz = synth::write_sparse(&dir.join(format!("{kind}_{i}")), &ctx.base, &Proj::ALL, DENSITY, ctx.seed.wrapping_mul(1000) + off + i as u64)?;
+                nnz = synth::write_sparse(
+                    &dir.join(format!("{kind}_{i}")),
+                    &ctx.base,
+                    &Proj::ALL,
+                    DENSITY,
+                    ctx.seed.wrapping_mul(1000) + off + i as u64,
+                )?;
             }
         }
         Ok(())

@@ -158,7 +158,15 @@ mod tests {
     #[test]
     fn renders_markdown() {
         let rows = vec![
-            Row { scenario: "base32".into(), streams: 32, tok_s: Some(123.456), ratio_to_base: Some(1.0), ttft_p50_ms: Some(10.2), ttft_p99_ms: Some(20.9), ..Default::default() },
+            Row {
+                scenario: "base32".into(),
+                streams: 32,
+                tok_s: Some(123.456),
+                ratio_to_base: Some(1.0),
+                ttft_p50_ms: Some(10.2),
+                ttft_p99_ms: Some(20.9),
+                ..Default::default()
+            },
             Row { scenario: "coldload".into(), notes: "a|b".into(), ..Default::default() },
         ];
         let t = render_table(&rows);

@@ -62,8 +62,7 @@ fn module_prefix(layer: usize, p: Proj) -> String {
 }
 
 fn shape_of(base: &BaseShapes, layer: usize, p: Proj) -> anyhow::Result<(usize, usize)> {
-    base.shape(Target::Linear(LinearId { layer, proj: p }))
-        .with_context(|| format!("the base model has no layers.{layer}.{}", p.hf_name()))
+    base.shape(Target::Linear(LinearId { layer, proj: p })).with_context(|| format!("the base model has no layers.{layer}.{}", p.hf_name()))
 }
 
 fn names(projs: &[Proj]) -> Vec<&'static str> {
@@ -121,9 +120,17 @@ pub fn write_poly(dir: &Path, base: &BaseShapes, projs: &[Proj], s: PolyShape, s
             anyhow::ensure!(inp % q == 0 && out % q == 0, "n_splits {q} does not divide {out}x{inp}");
             let pre = module_prefix(layer, p);
             let a_std = 0.5 / (inp as f32).sqrt();
-            tensors.push(Named { name: format!("{pre}.poly_lora_A"), shape: vec![q, k, inp / q, r], data: gaussian(&mut rng, k * inp * r, a_std) });
+            tensors.push(Named {
+                name: format!("{pre}.poly_lora_A"),
+                shape: vec![q, k, inp / q, r],
+                data: gaussian(&mut rng, k * inp * r, a_std),
+            });
             // PEFT divides by r (no alpha): scale B up so the delta magnitude matches the LoRAs'.
-            tensors.push(Named { name: format!("{pre}.poly_lora_B"), shape: vec![q, k, r, out / q], data: gaussian(&mut rng, k * r * out, 0.02 * 2.0 * r as f32) });
+            tensors.push(Named {
+                name: format!("{pre}.poly_lora_B"),
+                shape: vec![q, k, r, out / q],
+                data: gaussian(&mut rng, k * r * out, 0.02 * 2.0 * r as f32),
+            });
             tensors.push(Named {
                 name: format!("{pre}.poly_router.module_logits"),
                 shape: vec![s.n_tasks, q * k],
@@ -268,10 +275,14 @@ mod tests {
         let d3 = tmp("sparse");
         let nnz = write_sparse(&d3, &base, &Proj::ALL, 0.2, 3).unwrap();
         let sp = crate::adapters::formats::sft::load_sparse_safetensors(&d3.join("sparse_delta.safetensors"), &base).unwrap();
-        let got: usize = sp.targets.values().map(|t| match t {
-            MatrixDelta::Sparse(m) => m.nnz(),
-            _ => 0,
-        }).sum();
+        let got: usize = sp
+            .targets
+            .values()
+            .map(|t| match t {
+                MatrixDelta::Sparse(m) => m.nnz(),
+                _ => 0,
+            })
+            .sum();
         assert!(nnz > 0 && got == nnz);
         for x in [d, d2, d3] {
             let _ = std::fs::remove_dir_all(x);

@@ -134,7 +134,8 @@ mod tests {
             #[command(flatten)]
             a: LoadgenArgs,
         }
-        let t = T::try_parse_from(["t", "--mix", "m.json", "--duration", "500ms", "--stream", "false", "--mode", "open", "--rate", "2.5"]).unwrap();
+        let t = T::try_parse_from(["t", "--mix", "m.json", "--duration", "500ms", "--stream", "false", "--mode", "open", "--rate", "2.5"])
+            .unwrap();
         assert_eq!(t.a.duration, Duration::from_millis(500));
         assert!(!t.a.stream);
         assert_eq!((t.a.mode, t.a.rate), (LoadMode::Open, Some(2.5)));

@@ -107,7 +107,13 @@ fn status_err(s: &tonic::Status) -> (String, String) {
     (code_name(s.code()).to_string(), s.message().to_string())
 }
 
-async fn stream_request(client: &mut InferenceClient<Channel>, req: pb::GenerateRequest, started: Instant, timeout: Duration, live: &AtomicU64) -> Measured {
+async fn stream_request(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+    started: Instant,
+    timeout: Duration,
+    live: &AtomicU64,
+) -> Measured {
     let mut request = tonic::Request::new(req);
     request.set_timeout(timeout);
     let mut stream = match client.generate_stream(request).await {
@@ -146,7 +152,13 @@ async fn stream_request(client: &mut InferenceClient<Channel>, req: pb::Generate
     (Ok(()), ttft, itl, tokens)
 }
 
-async fn unary_request(client: &mut InferenceClient<Channel>, req: pb::GenerateRequest, started: Instant, timeout: Duration, live: &AtomicU64) -> Measured {
+async fn unary_request(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+    started: Instant,
+    timeout: Duration,
+    live: &AtomicU64,
+) -> Measured {
     let mut request = tonic::Request::new(req);
     request.set_timeout(timeout);
     match client.generate(request).await {

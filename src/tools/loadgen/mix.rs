@@ -381,7 +381,9 @@ mod tests {
         assert!(c.iter().all(|x| (*x as f64 / 40_000.0 - 0.25).abs() < 0.01), "{c:?}");
 
         // The same seed draws the same request sequence.
-        let mix = Mix::parse(r#"{"entries":[{"prompt":"a"},{"prompt":"b","weight":2}],"zipf":{"s":1.1,"template":"lora_{}","count":1000}}"#).unwrap();
+        let mix =
+            Mix::parse(r#"{"entries":[{"prompt":"a"},{"prompt":"b","weight":2}],"zipf":{"s":1.1,"template":"lora_{}","count":1000}}"#)
+                .unwrap();
         let draw = |seed| {
             let mut r = StdRng::seed_from_u64(seed);
             (0..50).map(|_| mix.draw(&mut r).1).collect::<Vec<_>>()

@@ -86,8 +86,8 @@ mod driver;
 mod mix;
 mod report;
 
-use driver::drive;
 pub use args::{parse_duration, LoadMode, LoadgenArgs};
+use driver::drive;
 pub use driver::exp_interarrival;
 pub use mix::{Mix, MixDelta, MixEntry, MixFile, MixRoute, WeightedPicker, Zipf, ZipfSpec};
 pub use report::{build_report, code_name, percentile, summarize, EntryCounts, Outcome, Report, RequestCounts, RunInfo, Summary};

@@ -187,7 +187,10 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
         let s = summarize(&[5.0, 1.0, 3.0, 2.0, 4.0]);
-        assert_eq!(s, Summary { count: 5, mean: Some(3.0), p50: Some(3.0), p90: Some(5.0), p99: Some(5.0), min: Some(1.0), max: Some(5.0) });
+        assert_eq!(
+            s,
+            Summary { count: 5, mean: Some(3.0), p50: Some(3.0), p90: Some(5.0), p99: Some(5.0), min: Some(1.0), max: Some(5.0) }
+        );
         assert_eq!(summarize(&[]).p50, None);
     }
 
@@ -213,7 +216,16 @@ mod tests {
             itl: vec![],
             output_tokens: 0,
         };
-        let info = RunInfo { target: "http://127.0.0.1:1".into(), mode: LoadMode::Closed, concurrency: 2, rate: None, stream: true, seed: 0, warmup: Duration::ZERO, entry_names: vec!["a".into()] };
+        let info = RunInfo {
+            target: "http://127.0.0.1:1".into(),
+            mode: LoadMode::Closed,
+            concurrency: 2,
+            rate: None,
+            stream: true,
+            seed: 0,
+            warmup: Duration::ZERO,
+            entry_names: vec!["a".into()],
+        };
         let r = build_report(&info, &[ok(0, 1000, 10), ok(500, 2000, 30), err.clone(), err], 3, 1, t, at(2000));
         assert_eq!(r.requests, RequestCounts { ok: 2, errors: 2, dropped: 3, cancelled: 1 });
         assert_eq!(r.errors_by_code.get("RESOURCE_EXHAUSTED"), Some(&2));
@@ -228,7 +240,20 @@ mod tests {
         assert_eq!(r.by_entry["a"], EntryCounts { ok: 2, errors: 0, output_tokens: 40 });
         assert_eq!(r.by_entry["entries[1]"], EntryCounts { ok: 0, errors: 2, output_tokens: 0 });
         let json = serde_json::to_value(&r).unwrap();
-        for key in ["target", "mode", "concurrency", "duration_s", "requests", "errors_by_code", "output_tokens", "output_tokens_per_s", "requests_per_s", "ttft_ms", "itl_ms", "latency_ms"] {
+        for key in [
+            "target",
+            "mode",
+            "concurrency",
+            "duration_s",
+            "requests",
+            "errors_by_code",
+            "output_tokens",
+            "output_tokens_per_s",
+            "requests_per_s",
+            "ttft_ms",
+            "itl_ms",
+            "latency_ms",
+        ] {
             assert!(json.get(key).is_some(), "{key}");
         }
         assert_eq!(json["mode"], "closed");

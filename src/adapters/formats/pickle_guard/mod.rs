@@ -132,10 +132,7 @@ pub fn scan_with(bytes: &[u8], limits: Limits) -> Result<Scan, Refusal> {
 
 /// [`scan`] for entry `entry` of the archive at `path`, refusals as `Malformed` naming both.
 pub fn check(path: &Path, entry: &str, bytes: &[u8]) -> Result<Scan, AdapterError> {
-    scan(bytes).map_err(|r| AdapterError::Malformed {
-        path: path.into(),
-        reason: format!("pickle `{entry}` refused before parsing: {r}"),
-    })
+    scan(bytes).map_err(|r| AdapterError::Malformed { path: path.into(), reason: format!("pickle `{entry}` refused before parsing: {r}") })
 }
 
 /// Checks `bytes` (entry `entry` of the archive at `path`) with [`check`], then parses the same
@@ -437,7 +434,11 @@ impl Scanner<'_> {
                 let args = self.pop()?;
                 let obj = self.pop()?;
                 if obj.kind == Kind::Dict && args.kind == Kind::Dict {
-                    let item = Item { kind: Kind::Dict, size: obj.size.saturating_add(args.size).saturating_sub(1), depth: obj.depth.max(args.depth) };
+                    let item = Item {
+                        kind: Kind::Dict,
+                        size: obj.size.saturating_add(args.size).saturating_sub(1),
+                        depth: obj.depth.max(args.depth),
+                    };
                     self.push_new(item, 0)?;
                 } else {
                     let mut s = Sum::default();
