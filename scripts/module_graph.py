@@ -7,7 +7,8 @@ deepest module file that exists. With --check it also fails (exit 1) when
   - two or more modules use each other, directly or through others (an import cycle),
   - `unsafe` appears outside src/kernels/,
   - a file in src/ has more than 600 lines,
-  - a module file does not open with a `//!` comment.
+  - a module file does not open with a `//!` comment,
+  - the graph in README.md's Layout section differs from the one printed.
 
 Usage: scripts/module_graph.py [--check] [--src DIR]
 """
@@ -132,9 +133,18 @@ def main() -> int:
             problems.append(f"{p}: `unsafe` outside src/kernels/")
 
     name = lambda m: "::".join(m) if m else "crate"
+    lines = []
     for m in sorted(graph):
         deps = ", ".join(sorted(name(d) for d in graph[m]))
-        print(f"{name(m)} -> {deps}" if deps else f"{name(m)}")
+        lines.append(f"{name(m)} -> {deps}" if deps else f"{name(m)}")
+    print("\n".join(lines))
+    readme = src.parent / "README.md"
+    if readme.is_file():
+        text = readme.read_text()
+        at = text.find("## Layout")
+        block = re.search(r"```text\n(.*?)```", text[at:], re.S) if at >= 0 else None
+        if block is None or block.group(1).rstrip("\n").split("\n") != lines:
+            problems.append("README.md: the module graph in the Layout section is not current (paste this script's output)")
 
     # Cycles: strongly connected components with more than one module (Tarjan).
     index, low, on, stack, sccs, counter = {}, {}, set(), [], [], [0]
