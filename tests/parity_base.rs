@@ -115,11 +115,14 @@ fn generate_cli_json_contract_and_quantized_chat_answer() {
     assert_eq!(first[0]["id"].as_u64().unwrap() as u32, ids_of(&cases["cases"]["base"]["top5_ids"][0])[0]);
     assert!(v["text"].is_string());
 
-    // Quantized weights, chat template, plain-text output.
+    // Quantized weights, chat template, plain-text output. The question asks for one word: asked
+    // bare, the first answer token is a near-tie in 8-bit arithmetic ("L'" at -1.93 vs "The" at
+    // -2.11 on a CPU without AVX-512, the order flipped with the int8 kernel), so the answer
+    // depended on the CPU's kernel path.
     let out = std::process::Command::new(exe)
         .args(["generate", "--model"])
         .arg(&model)
-        .args(["--chat", "What is the capital of France?", "--max-new-tokens", "16"])
+        .args(["--chat", "What is the capital of France? Answer in one word.", "--max-new-tokens", "16"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
