@@ -65,22 +65,11 @@ def resolve(mod: tuple, inline: int, head: str, segs: list, known: set) -> tuple
         base = mod
         if inline:
             return None  # a path inside an inline module (tests): not another file
-    else:  # super: the parent of the module this file defines (of the file, inside inline mods)
-        if inline:
-            inline -= 1
-            if inline == 0 and len(segs) >= 1:
-                # `super::x` inside `mod tests { }` names the file module itself.
-                base = mod
-                path = base
-                best = None
-                for s in segs:
-                    path = path + (s,)
-                    if path in known:
-                        best = path
-                    else:
-                        break
-                return best
-            return None
+    elif inline == 1:
+        base = mod  # `super::x` inside `mod tests { }` names the file module itself
+    elif inline:
+        return None
+    else:  # super: the parent of the module this file defines
         base = mod[:-1]
         while segs and segs[0] == "super":
             base, segs = base[:-1], segs[1:]
