@@ -37,6 +37,9 @@ pub struct CpuFeatures {
     /// `MODSERVE_INT8_GEMM=0`: the int8 GEMM over Q8_0 panels and the compact (8-bit) low-rank
     /// factors.
     pub int8: bool,
+    /// AVX, AVX2, FMA and F16C, and not switched off with `MODSERVE_INT8_GEMM=0`: the int8 GEMM's
+    /// AVX2 variant (8-row panels, `vpmaddubsw` / `vpmaddwd`), used where the VNNI tier is absent.
+    pub int8_avx2: bool,
 }
 
 /// The CPU-feature probe (run once; later calls read the cached answer).
@@ -54,12 +57,13 @@ fn probe(int8_off: bool) -> CpuFeatures {
     let avx = has!("avx");
     let avx2_fma = avx && has!("avx2") && has!("fma");
     let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512 && has!("f16c") }
+    let f16c = has!("f16c");
+    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512 && f16c, int8_avx2: !int8_off && avx2_fma && f16c }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn probe(_int8_off: bool) -> CpuFeatures {
-    CpuFeatures { avx: false, avx2_fma: false, int8: false }
+    CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false }
 }
 
 /// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors).
