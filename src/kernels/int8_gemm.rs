@@ -274,7 +274,7 @@ struct QuantRows {
 impl QuantRows {
     fn new(x: &[f32], m: usize, k: usize, variant: Variant) -> Self {
         assert!(variant.supported(), "int8 kernel variant {variant:?} on a CPU without it");
-        assert!(k % QK == 0 && x.len() == m * k, "int8 matmul: {} inputs for {m} rows of {k}", x.len());
+        assert!(k.is_multiple_of(QK) && x.len() == m * k, "int8 matmul: {} inputs for {m} rows of {k}", x.len());
         let nb = k / QK;
         let mut q = vec![0i8; m * k];
         let mut d = vec![0f32; m * nb];
