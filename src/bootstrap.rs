@@ -62,3 +62,26 @@ pub fn open_adapter_store(model: &LoadedModel, adapters: &AdapterArgs, auto_regi
         None => None,
     })
 }
+
+/// The KV-memory budget: `configured` bytes, or (0) a quarter of the memory this process may
+/// use: the cgroup's limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) when one is set, else the
+/// machine's `MemTotal`. Falls back to 1 GiB when neither can be read.
+pub fn kv_budget(configured: u64) -> usize {
+    if configured > 0 {
+        return configured as usize;
+    }
+    let read_u64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let cgroup = read_u64("/sys/fs/cgroup/memory.max").or_else(|| read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    });
+    // cgroup v1 reports "no limit" as a huge number.
+    let limit = match (cgroup, machine) {
+        (Some(c), Some(m)) => c.min(m),
+        (c, m) => c.or(m).unwrap_or(4 << 30),
+    };
+    let budget = (limit / 4) as usize;
+    tracing::info!(bytes = budget, limit, "KV-memory budget (a quarter of the memory limit; --max-kv-bytes sets it)");
+    budget
+}

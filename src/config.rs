@@ -97,6 +97,12 @@ pub struct ServeArgs {
     /// Largest number of sequences generating at once.
     #[arg(long, env = "MODSERVE_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
+    /// KV-cache memory of all running sequences, in bytes: a request is admitted only when its
+    /// KV (prompt + max_new_tokens positions) fits beside the others', and waits in the queue
+    /// otherwise; one that alone needs more is RESOURCE_EXHAUSTED. 0 = a quarter of the
+    /// container's memory limit (cgroup), or of the machine's memory.
+    #[arg(long, env = "MODSERVE_MAX_KV_BYTES", default_value_t = 0)]
+    pub max_kv_bytes: u64,
     /// Largest number of token rows in one batch step (decode tokens + prefill chunks).
     #[arg(long, env = "MODSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,

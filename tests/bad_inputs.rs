@@ -80,6 +80,7 @@ fn lora_cfg(r: usize, targets: serde_json::Value, layers: Option<Vec<usize>>, ex
 }
 
 fn save(tensors: Vec<(String, Tensor)>, path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
     candle_core::safetensors::save(&map, path).unwrap();
 }
@@ -113,11 +114,15 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Rewrites the zip `src` into `dst`, transforming the entry whose name ends with `suffix`.
 fn rewrite_zip(src: &Path, dst: &Path, suffix: &str, f: impl Fn(Vec<u8>) -> Vec<u8>) {
+    rewrite_zip_as(src, dst, suffix, zip::CompressionMethod::Stored, f)
+}
+
+fn rewrite_zip_as(src: &Path, dst: &Path, suffix: &str, method: zip::CompressionMethod, f: impl Fn(Vec<u8>) -> Vec<u8>) {
     use std::io::{Read, Write};
     let mut zin = zip::ZipArchive::new(std::fs::File::open(src).unwrap()).unwrap();
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
     let mut zout = zip::ZipWriter::new(std::fs::File::create(dst).unwrap());
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(method).large_file(true);
     let mut hit = false;
     for i in 0..zin.len() {
         let mut e = zin.by_index(i).unwrap();
@@ -133,6 +138,18 @@ fn rewrite_zip(src: &Path, dst: &Path, suffix: &str, f: impl Fn(Vec<u8>) -> Vec<
     }
     zout.finish().unwrap();
     assert!(hit, "no entry ending in {suffix} in {}", src.display());
+}
+
+/// Peak resident memory of a process (VmHWM), in KiB.
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let st = std::process::Command::new("mkfifo").arg(path).status().expect("mkfifo");
+    assert!(st.success(), "mkfifo {}", path.display());
 }
 
 fn write_json(path: &Path, text: &str) {
@@ -301,14 +318,26 @@ fn build_root(root: &Path, outside: &Path) {
         p
     });
 
-    // --- Dense task vectors (top-level files are registered by file name) ----------------------------
-    save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[10, 10], 26))], &root.join("tv_wrong_shape.safetensors"));
+    // A small file whose data.pkl inflates to 300 MB (deflate): the reader must stop long before.
+    rewrite_zip_as(&diff, &root.join("sft_inflating_pickle/pytorch_diff.bin"), "data.pkl", zip::CompressionMethod::Deflated, |_| {
+        let mut p = b"\x80\x02N".to_vec();
+        p.resize(300 << 20, b'N');
+        p
+    });
+    let bomb_len = std::fs::metadata(root.join("sft_inflating_pickle/pytorch_diff.bin")).unwrap().len();
+    assert!(bomb_len < 2 << 20, "the inflating pickle should be a small file ({bomb_len} bytes)");
+
+    // --- Dense task vectors (folders holding task_vector.safetensors) ---------------------------------
+    save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[10, 10], 26))], &root.join("tv_wrong_shape/task_vector.safetensors"));
     let mut v = vals(192 * HIDDEN, 27);
     v[5] = f32::NAN;
     save(
         vec![("model.layers.0.self_attn.v_proj.weight".into(), Tensor::from_vec(v, (192, HIDDEN), &Device::Cpu).unwrap())],
-        &root.join("tv_nan.safetensors"),
+        &root.join("tv_nan/task_vector.safetensors"),
     );
+    // Loose files at the root are not modules (only folders are registered at start).
+    write_json(&root.join("notes.json"), r#"{"method": "task_arithmetic", "components": [{"task_vector": "x.safetensors"}]}"#);
+    save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[HIDDEN, HIDDEN], 40))], &root.join("loose.safetensors"));
 
     // --- Merge recipes --------------------------------------------------------------------------------
     write_json(
@@ -345,6 +374,14 @@ fn build_root(root: &Path, outside: &Path) {
     );
     save(vec![("model.layers.0.self_attn.q_proj.weight".into(), t(&[HIDDEN, HIDDEN], 31))], &outside.join("tv.safetensors"));
     std::os::unix::fs::symlink(outside.join("tv.safetensors"), root.join("recipe_symlink_out/tv.safetensors")).unwrap();
+    // Named pipes where files are expected: opening one for reading blocks until a writer comes.
+    write_json(
+        &root.join("recipe_fifo/recipe.json"),
+        r#"{"method": "task_arithmetic", "components": [{"task_vector": "tv.safetensors", "lambda": 1.0}]}"#,
+    );
+    mkfifo(&root.join("recipe_fifo/tv.safetensors"));
+    write_json(&root.join("lora_fifo/adapter_config.json"), &q0_cfg(4));
+    mkfifo(&root.join("lora_fifo/adapter_model.safetensors"));
 
     // --- Symbolic links leaving the root ---------------------------------------------------------------
     write_lora(&outside.join("lora_out"), &q0_cfg(4), q0(4, 32));
@@ -390,6 +427,10 @@ fn code_of(s: &tonic::Status) -> String {
 type Outcome = Result<(), (Code, String, String)>;
 
 fn err_outcome(e: tonic::Status) -> Outcome {
+    // Echoed input is cut: a message over 4 KB is a failure of its own.
+    if e.message().len() > 4096 {
+        return Err((e.code(), "message_too_long".into(), format!("{} bytes", e.message().len())));
+    }
     Err((e.code(), code_of(&e), e.message().chars().take(200).collect()))
 }
 
@@ -597,8 +638,14 @@ fn table() -> Vec<Case> {
     add("pytorch_diff.bin with a truncated storage", gen(delta("sft_truncated_storage")), e(MALFORMED));
     add("pytorch_diff.bin with a memo deep-copy bomb pickle", gen(delta("sft_memo_bomb")), e(MALFORMED));
     add("pytorch_diff.bin with a pickle nested 200 000 deep", gen(delta("sft_deep_pickle")), e(MALFORMED));
-    add("task vector with a wrong shape", gen(delta("tv_wrong_shape.safetensors")), e(SHAPE));
-    add("task vector with a NaN", gen(delta("tv_nan.safetensors")), e(NON_FINITE));
+    add("pytorch_diff.bin whose 1 MB data.pkl inflates to 300 MB", gen(delta("sft_inflating_pickle")), e(MALFORMED));
+    add("task vector with a wrong shape", gen(delta("tv_wrong_shape")), e(SHAPE));
+    add("task vector with a NaN", gen(delta("tv_nan")), e(NON_FINITE));
+    add("a loose *.json at the root is not a module", gen(delta("notes.json")), e(UNKNOWN));
+    add("a loose *.safetensors at the root is not a module", gen(delta("loose.safetensors")), e(UNKNOWN));
+    add("recipe whose component is a named pipe (FIFO)", gen(delta("recipe_fifo")), e(UNSUPPORTED));
+    add("describe of the FIFO recipe answers too", Call::Describe("recipe_fifo".into()), e(UNSUPPORTED));
+    add("LoRA whose weights file is a named pipe", gen(delta("lora_fifo")), e(UNSUPPORTED));
     add("recipe referencing a missing file", gen(delta("recipe_missing")), e(RECIPE));
     add("recipe with a `..` path", gen(delta("recipe_dotdot")), e(RECIPE));
     add("recipe with lambda 1e999 (JSON stand-in for inf/NaN)", gen(delta("recipe_nan_lambda")), e(RECIPE));
@@ -633,6 +680,13 @@ fn table() -> Vec<Case> {
     add("register id with '@'", reg("a@b", "lora_qv_r4"), e(PATH));
     add("register id of 300 bytes", reg(&"x".repeat(300), "lora_qv_r4"), e(PATH));
     add("register a missing path", reg("ghost", "no/such/folder"), e((Code::NotFound, "adapter_io")));
+    add("register a loose file explicitly (allowed: a task vector)", reg("loose_tv", "loose.safetensors"), Want::Ok);
+    add("...and it serves", gen(delta("loose_tv")), Want::Ok);
+    add("...and is evicted again (the cache check below)", Call::Evict("loose_tv".into()), Want::Ok);
+    let long = "m".repeat(100_000);
+    add("unknown module id of 100 KB", gen(delta(&long)), e(UNKNOWN));
+    add("register a path of 100 KB", reg("long_path", &long), e((Code::NotFound, "adapter_io")));
+    add("evict an id of 100 KB", Call::Evict(long.clone()), e(UNKNOWN));
     add("unregister unknown", Call::Unregister("no_such_module".into()), e(UNKNOWN));
     add("describe unknown", Call::Describe("no_such_module".into()), e(UNKNOWN));
     add("describe a broken module reports the load error", Call::Describe("lora_nan".into()), e(NON_FINITE));
@@ -740,8 +794,9 @@ const BAD_REGISTERED: &[&str] = &[
     "sft_truncated_storage",
     "sft_memo_bomb",
     "sft_deep_pickle",
-    "tv_wrong_shape.safetensors",
-    "tv_nan.safetensors",
+    "sft_inflating_pickle",
+    "tv_wrong_shape",
+    "tv_nan",
     "recipe_missing",
     "recipe_dotdot",
     "recipe_nan_lambda",
@@ -749,6 +804,8 @@ const BAD_REGISTERED: &[&str] = &[
     "recipe_unknown_method",
     "recipe_bad_component",
     "recipe_symlink_out",
+    "recipe_fifo",
+    "lora_fifo",
     "inner_symlink",
 ];
 
@@ -787,6 +844,9 @@ async fn bad_inputs_table_then_server_still_serves_and_caches_nothing_broken() {
     for id in BAD_REGISTERED.iter().chain(&["lora_qv_r4", "poly_qvup", "sft_lang", "sft_task", "tiny_ok"]) {
         assert!(listed.iter().any(|l| l == id), "{id} was not registered at start: {listed:?}");
     }
+    for loose in ["notes.json", "loose.safetensors"] {
+        assert!(!listed.iter().any(|l| l == loose), "the loose file {loose} was registered at start as a module");
+    }
 
     // Warm the good modules the table uses successfully, then snapshot the cache.
     for req in [delta("lora_qv_r4"), task("poly_qvup", 0), delta("sft_task"), delta("sft_lang"), delta("tiny_ok"), weights(&[0.25; 4])] {
@@ -796,6 +856,7 @@ async fn bad_inputs_table_then_server_still_serves_and_caches_nothing_broken() {
     let entries0 = metric(&before, "modserve_adapter_cache_entries", "").unwrap();
     let bytes0 = metric(&before, "modserve_adapter_cache_bytes", "").unwrap();
 
+    let hwm0 = vm_hwm_kb(server.child.id());
     let cases = table();
     let n = cases.len();
     let mut failures = Vec::new();
@@ -822,6 +883,13 @@ async fn bad_inputs_table_then_server_still_serves_and_caches_nothing_broken() {
         }
     }
     println!("{} cases, {} failed", n, failures.len());
+    // No hostile file made the server allocate far more than its size (the inflating pickle
+    // alone would add 300 MB).
+    let hwm1 = vm_hwm_kb(server.child.id());
+    println!("server peak RSS: {} MB before the table, {} MB after", hwm0 / 1024, hwm1 / 1024);
+    if hwm1.saturating_sub(hwm0) > 150 << 10 {
+        failures.push(format!("the table raised the server's peak RSS by {} MB (bound 150 MB)", (hwm1 - hwm0) / 1024));
+    }
 
     // Nothing broken became resident; the cache holds exactly what it held before the table.
     let modules = a.list(pb::ListRequest {}).await.unwrap().into_inner().modules;

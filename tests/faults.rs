@@ -389,23 +389,21 @@ async fn sigterm_under_load_drains_all_streams() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// f) One request whose sampling fails (a positive, finite, subnormal temperature makes every
-/// logit / t infinite) must fail alone: its batch neighbour, already streaming, completes.
+/// f) One request that fails inside a shared batch step (the debug-build fault hook makes the
+/// sequences whose prompt holds token 9999 fail after their step, as a sampling failure would)
+/// must fail alone, with INTERNAL: its batch neighbour, already streaming, completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_failing_request_does_not_abort_its_batch_neighbours() {
     let _g = SERIAL.lock().await;
-    let server = spawn(&[]);
+    let server = common::server::spawn_with_env(&[], &[("MODSERVE_FAULT_INJECT", "seq_fail:9999")], std::process::Stdio::inherit());
     let (mut c, _) = clients(&server).await;
     let (s, got) = open(&mut c, text("Once upon a time", 80), 1).await;
-    let poison = pb::GenerateRequest { temperature: 1e-40, ..text("Hello there", 8) };
-    let poisoned = c.generate(poison).await;
+    let poisoned = c.generate(req(vec![9999, 504], 8)).await;
     let neighbour = drain(s, got).await;
-    println!("f) poisoned request: {:?}", poisoned.as_ref().map(|r| r.get_ref().token_ids.len()).map_err(|e| (e.code(), code_of(e))));
     let d = neighbour.unwrap_or_else(|e| panic!("the neighbour stream was aborted by another request's failure: {e}"));
     assert_eq!((d.tokens.len(), d.finish.as_str()), (80, "length"));
-    if let Err(e) = poisoned {
-        assert_ne!(e.code(), Code::Internal, "a client-chosen temperature must not be an INTERNAL error: {e}");
-    }
+    let e = poisoned.expect_err("the poisoned request must fail");
+    assert_eq!((e.code(), code_of(&e).as_str()), (Code::Internal, "internal"), "{e}");
 }
 
 /// g) Cache bookkeeping around evictions: the cache gauges follow an explicit Evict, and a

@@ -1,35 +1,64 @@
 //! Errors of the adapter layer. Every error names the file (or module id) and the problem, and has
 //! a stable code string for gRPC details and metrics labels.
-use std::path::PathBuf;
+//!
+//! Invariant: strings a caller supplied (module ids, paths) are echoed through [`clip`], so a
+//! message stays small whatever the input (gRPC clients refuse status metadata over 16 KB).
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+/// Longest echo of one caller-supplied string in an error message, in bytes.
+pub const ECHO_BYTES: usize = 256;
+
+/// `s` cut to [`ECHO_BYTES`] (at a character boundary) and marked as cut, or `s` itself.
+pub fn clip(s: &str) -> Cow<'_, str> {
+    clip_to(s, ECHO_BYTES)
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary) and marked as cut, or `s` itself.
+pub fn clip_to(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}...[{} more bytes cut]", &s[..end], s.len() - end))
+}
+
+/// A path for an error message, clipped like [`clip`].
+pub fn clip_path(p: &Path) -> String {
+    clip(&p.to_string_lossy()).into_owned()
+}
 
 /// Errors while loading, validating, composing or merging adapter modules.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AdapterError {
-    #[error("{path}: {reason}")]
+    #[error("{}: {reason}", clip_path(path))]
     Io { path: PathBuf, reason: String },
-    #[error("{path}: malformed file: {reason}")]
+    #[error("{}: malformed file: {reason}", clip_path(path))]
     Malformed { path: PathBuf, reason: String },
-    #[error("{path}: unsupported: {reason}")]
+    #[error("{}: unsupported: {reason}", clip_path(path))]
     Unsupported { path: PathBuf, reason: String },
-    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    #[error("{}: tensor `{}` has shape {got:?}, expected {expected:?}", clip_path(path), clip(tensor))]
     Shape { path: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },
-    #[error("{path}: tensor `{tensor}` contains {what} values")]
+    #[error("{}: tensor `{}` contains {what} values", clip_path(path), clip(tensor))]
     NonFinite { path: PathBuf, tensor: String, what: &'static str },
-    #[error("{path}: `{target}` is not a parameter of the base model")]
+    #[error("{}: `{}` is not a parameter of the base model", clip_path(path), clip(target))]
     UnknownTarget { path: PathBuf, target: String },
-    #[error("module `{0}` is not registered")]
+    #[error("module `{}` is not registered", clip(.0))]
     UnknownModule(String),
-    #[error("module `{module}`: unknown task id {task} (the inventory has {n_tasks} tasks)")]
+    #[error("module `{}`: unknown task id {task} (the inventory has {n_tasks} tasks)", clip(module))]
     UnknownTask { module: String, task: i64, n_tasks: usize },
-    #[error("module id `{id}` is refused: {reason}")]
+    #[error("module id `{}` is refused: {reason}", clip(id))]
     BadPath { id: String, reason: String },
-    #[error("module `{module}` is a {kind}, which cannot be used {usage}")]
+    #[error("module `{}` is a {kind}, which cannot be used {usage}", clip(module))]
     WrongKind { module: String, kind: &'static str, usage: &'static str },
     #[error("limit exceeded: {0}")]
     Limit(String),
     #[error("invalid composition: {0}")]
     Composition(String),
-    #[error("merge recipe {path}: {reason}")]
+    #[error("merge recipe {}: {reason}", clip_path(path))]
     Recipe { path: PathBuf, reason: String },
     #[error("tensor operation failed: {0}")]
     Tensor(String),

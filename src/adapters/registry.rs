@@ -103,7 +103,7 @@ pub fn detect_kind(path: &Path) -> Result<ModuleKind, AdapterError> {
     }
     let cfg = path.join("adapter_config.json");
     if cfg.is_file() {
-        let text = std::fs::read_to_string(&cfg).map_err(|e| AdapterError::Io { path: cfg.clone(), reason: e.to_string() })?;
+        let text = super::source::read_regular_to_string(&cfg)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| AdapterError::Malformed { path: cfg.clone(), reason: e.to_string() })?;
         return match v.get("peft_type").and_then(|t| t.as_str()) {

@@ -13,6 +13,38 @@ use sha2::{Digest, Sha256};
 
 use super::error::AdapterError;
 
+/// Opens `path` for reading if it is a regular file (symlinks followed), and refuses FIFOs,
+/// sockets and devices without blocking: the open uses `O_NONBLOCK` (a FIFO would otherwise wait
+/// for a writer forever, and with it every request waiting on the same load), and the kind is
+/// checked on the opened descriptor, so a swap between a check and the open cannot slip one
+/// through. Every file a module or recipe names is opened here.
+pub fn open_regular(path: &Path) -> Result<std::fs::File, AdapterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: format!("cannot open: {e}") };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
+    let kind = file.metadata().map_err(io)?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() { "a folder" } else { "not a regular file (a FIFO, socket or device)" };
+        return Err(AdapterError::Unsupported { path: path.into(), reason: format!("{what}: only regular files are read") });
+    }
+    Ok(file)
+}
+
+/// The whole of a regular file (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> Result<Vec<u8>, AdapterError> {
+    use std::io::Read;
+    let mut file = open_regular(path)?;
+    let mut bytes = Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot read: {e}") })?;
+    Ok(bytes)
+}
+
+/// A regular file as UTF-8 text (see [`open_regular`]).
+pub fn read_regular_to_string(path: &Path) -> Result<String, AdapterError> {
+    String::from_utf8(read_regular(path)?)
+        .map_err(|e| AdapterError::Malformed { path: path.into(), reason: format!("not UTF-8 text: {e}") })
+}
+
 /// The files of a module, sorted: the path itself, or the regular files (symlinks followed) directly
 /// inside its folder.
 pub fn module_files(path: &Path) -> Result<Vec<PathBuf>, AdapterError> {
@@ -87,7 +119,7 @@ impl ModuleBytes {
             h.update(&(name.len() as u64).to_le_bytes());
             h.update(name);
             let io = |e: std::io::Error| AdapterError::Io { path: f.clone(), reason: e.to_string() };
-            let mut file = std::fs::File::open(&f).map_err(io)?;
+            let mut file = open_regular(&f)?;
             if keep(&f) {
                 let mut bytes = take_buffer(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
                 file.read_to_end(&mut bytes).map_err(io)?;

@@ -16,6 +16,7 @@ use super::status::status;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::engine::actor::{EventResult, FinishInfo, StreamEvent};
+use crate::engine::error::EngineError;
 use crate::engine::output::Collected;
 use crate::engine::prepare::{EngineRequest, PromptInput};
 use crate::engine::sequence::GenerateSpec;
@@ -171,7 +172,8 @@ impl pb::inference_server::Inference for InferenceApi {
         self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
         let rx = self.start(&md, r).await.map_err(count_error)?;
-        let out = Collected::collect(rx).await.map_err(|e| count_error(e.into()))?;
+        let engine = self.state.ready().map(|r| r.engine.clone());
+        let out = Collected::collect(rx).await.map_err(|e| count_error(engine_end(engine.as_ref(), e).into()))?;
         let f = out.finish.expect("collect() guarantees a finish");
         metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
         let (usage, timings) = usage_timings(&f);
@@ -193,18 +195,29 @@ impl pb::inference_server::Inference for InferenceApi {
         self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
         let rx = self.start(&md, r).await.map_err(count_error)?;
-        let stream = FinishGuard { inner: tokio_stream::wrappers::ReceiverStream::new(rx), ended: false }
+        let engine = self.state.ready().map(|r| r.engine.clone());
+        let stream = FinishGuard { inner: tokio_stream::wrappers::ReceiverStream::new(rx), ended: false, engine }
             .map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
+/// The error of a stream the engine closed without a final event: the engine died (UNAVAILABLE,
+/// whatever the stream buffer held), or else the request was dropped as a slow client.
+fn engine_end(engine: Option<&crate::engine::actor::EngineHandle>, e: EngineError) -> EngineError {
+    match e {
+        EngineError::SlowClient if engine.is_some_and(|h| h.died()) => EngineError::Stopped,
+        e => e,
+    }
+}
+
 /// Ends a stream with an error when the engine closed it without a final event (the request was
-/// dropped as a slow client), instead of a silent, successful-looking end.
+/// dropped as a slow client, or the engine died), instead of a silent, successful-looking end.
 struct FinishGuard {
     inner: tokio_stream::wrappers::ReceiverStream<EventResult>,
     /// A final event or an error went out.
     ended: bool,
+    engine: Option<crate::engine::actor::EngineHandle>,
 }
 
 impl Stream for FinishGuard {
@@ -221,7 +234,7 @@ impl Stream for FinishGuard {
             }
             Poll::Ready(None) if !self.ended => {
                 self.ended = true;
-                Poll::Ready(Some(Err(crate::engine::error::EngineError::SlowClient)))
+                Poll::Ready(Some(Err(engine_end(self.engine.as_ref(), EngineError::SlowClient))))
             }
             other => other,
         }

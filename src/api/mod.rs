@@ -54,12 +54,29 @@ pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers every module folder found directly under the adapter root, by folder name.
+/// Registers every module folder found directly under the adapter root, by folder name. Only
+/// folders are modules at start: loose files (notes, a stray JSON or safetensors file) are skipped
+/// and logged, as are folders whose kind cannot be detected; `Register` may still name a file.
 fn register_existing(store: &AdapterStore) {
-    let Ok(rd) = std::fs::read_dir(store.registry().root().path()) else { return };
+    let root = store.registry().root().path();
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) => return tracing::warn!(root = %root.display(), "adapter root not scanned: {e}"),
+    };
     for e in rd.flatten() {
-        let (Some(name), path) = (e.file_name().to_str().map(str::to_string), e.path()) else { continue };
-        if name.starts_with('.') || detect_kind(&path).is_err() {
+        let (Some(name), path) = (e.file_name().to_str().map(str::to_string), e.path()) else {
+            tracing::warn!(entry = ?e.file_name(), "skipped at start: the name is not UTF-8");
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if !path.is_dir() {
+            tracing::info!(entry = %name, "skipped at start: not a folder (only folders under the adapter root are modules)");
+            continue;
+        }
+        if let Err(e) = detect_kind(&path) {
+            tracing::warn!(entry = %name, "skipped at start: {e}");
             continue;
         }
         match store.registry().register(&name, None) {
@@ -95,6 +112,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let cfg = EngineConfig {
             max_queued: args.max_queued,
             max_running: args.max_running,
+            max_kv_bytes: crate::bootstrap::kv_budget(args.max_kv_bytes),
             max_batch_tokens: args.max_batch_tokens,
             prefill_chunk: args.prefill_chunk,
             max_decode_stall: crate::engine::actor::decode_stall(args.max_decode_stall_ms),
@@ -128,6 +146,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             match loaded {
                 Ok(Ok(ready)) => {
                     metrics::gauge!("modserve_model_load_seconds").set(t0.elapsed().as_secs_f64());
+                    let engine = ready.engine.clone();
+                    let watch_health = health.clone();
+                    // If the engine thread dies, nothing can serve: say so, let the in-flight
+                    // requests' UNAVAILABLE errors go out, and exit non-zero (Kubernetes restarts).
+                    tokio::spawn(async move {
+                        engine.ended().await;
+                        if engine.died() {
+                            set_health(&watch_health, ServingStatus::NotServing).await;
+                            tracing::error!("the engine thread died: exiting with status 70");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            std::process::exit(70);
+                        }
+                    });
                     state.set_ready(ready);
                     if !state.is_draining() {
                         set_health(&health, ServingStatus::Serving).await;

@@ -2,7 +2,8 @@
 //!
 //! Requests arrive prepared (tokenized, validated, composition pinned) through a bounded channel
 //! (`max_queued`: a full queue is refused at once). Between steps the actor admits new requests up
-//! to `max_running`, drops sequences whose client went away (their KV memory is freed with them),
+//! to `max_running` and while their KV memory fits `max_kv_bytes` (prompt + `max_new_tokens`
+//! positions reserved up front; oldest first; one that alone exceeds it is RESOURCE_EXHAUSTED), drops sequences whose client went away (their KV memory is freed with them),
 //! fails those past their deadline, and plans the next step (decode tokens first, then chunked
 //! prefill, within `max_batch_tokens`; while sequences decode, the prefill rows of a step are
 //! limited to what measured step costs allow within `max_decode_stall`). Every step runs the base
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::error::EngineError;
+use super::faults::Faults;
 use super::prepare::{PreparedRequest, TextFrontEnd};
 use super::scheduler::{chunk_keys, plan_step, SeqState, StepBudget, StepCostModel};
 use super::sequence::{FinishReason, Sequence};
@@ -42,6 +44,8 @@ pub struct EngineConfig {
     /// Events buffered per request before the sequence pauses.
     pub stream_buffer: usize,
     pub slow_client_timeout: Duration,
+    /// KV-cache memory of all running sequences together, in bytes (0 = unlimited).
+    pub max_kv_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             max_decode_stall: Some(Duration::from_millis(DEFAULT_MAX_DECODE_STALL_MS)),
             stream_buffer: 64,
             slow_client_timeout: Duration::from_secs(30),
+            max_kv_bytes: 0,
         }
     }
 }
@@ -96,6 +101,10 @@ pub struct EngineStats {
     pub kv_bytes: AtomicUsize,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
+    /// The engine thread ended by a panic (set before its requests' channels close).
+    pub died: std::sync::atomic::AtomicBool,
+    /// Woken when the engine thread ends, cleanly or not.
+    pub ended: tokio::sync::Notify,
 }
 
 struct Submission {
@@ -183,10 +192,59 @@ pub fn spawn_engine(llama: Arc<Llama>, front: Arc<TextFrontEnd>, cfg: EngineConf
     let (tx, rx) = mpsc::channel::<Submission>(cfg.max_queued.max(1));
     let stats = Arc::new(EngineStats::default());
     let handle = EngineHandle { tx, stats: stats.clone(), max_queued: cfg.max_queued, stream_buffer: cfg.stream_buffer };
-    std::thread::Builder::new()
-        .name("modserve-engine".into())
-        .spawn(move || EngineLoop { llama, front, cfg, stats, running: Vec::new(), cost: StepCostModel::default() }.run(rx))?;
+    std::thread::Builder::new().name("modserve-engine".into()).spawn(move || {
+        let ended = EndSignal(stats.clone());
+        EngineLoop {
+            llama,
+            front,
+            cfg,
+            stats,
+            running: Vec::new(),
+            head: None,
+            cost: StepCostModel::default(),
+            faults: Faults::from_env(),
+        }
+        .run(rx);
+        drop(ended);
+    })?;
     Ok(handle)
+}
+
+impl EngineHandle {
+    /// True once the engine thread died (a panic outside a step's containment).
+    pub fn died(&self) -> bool {
+        self.stats.died.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the engine thread has ended.
+    pub async fn ended(&self) {
+        self.stats.ended.notified().await
+    }
+}
+
+/// Wakes [`EngineHandle::ended`] when the engine thread ends, however it ends.
+struct EndSignal(Arc<EngineStats>);
+
+impl Drop for EndSignal {
+    fn drop(&mut self) {
+        self.0.ended.notify_one();
+    }
+}
+
+impl Drop for EngineLoop {
+    /// On a panic, marks the engine dead and tells every request before their channels close.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.stats.died.store(true, Ordering::SeqCst);
+            tracing::error!(running = self.running.len(), "the engine thread died: failing every request");
+            for a in &self.running {
+                let _ = a.tx.try_send(Err(EngineError::Stopped));
+            }
+            if let Some(s) = &self.head {
+                let _ = s.tx.try_send(Err(EngineError::Stopped));
+            }
+        }
+    }
 }
 
 struct EngineLoop {
@@ -195,31 +253,48 @@ struct EngineLoop {
     cfg: EngineConfig,
     stats: Arc<EngineStats>,
     running: Vec<Active>,
+    /// The oldest request not yet admitted because its KV memory does not fit yet (later ones
+    /// wait behind it in the channel: no overtaking, so a large request is not starved).
+    head: Option<Submission>,
     /// Measured step costs; size the prefill share of decode steps.
     cost: StepCostModel,
+    faults: Faults,
 }
 
 impl EngineLoop {
     fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
         let mut open = true;
         loop {
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.head.is_none() {
                 if !open {
                     break;
                 }
                 match rx.blocking_recv() {
-                    Some(s) => self.admit(s),
+                    Some(s) => self.head = Some(s),
                     None => break,
                 }
             }
-            while open && self.running.len() < self.cfg.max_running.max(1) {
-                match rx.try_recv() {
-                    Ok(s) => self.admit(s),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            while self.running.len() < self.cfg.max_running.max(1) {
+                let s = match self.head.take() {
+                    Some(s) => s,
+                    None if !open => break,
+                    None => match rx.try_recv() {
+                        Ok(s) => s,
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    },
+                };
+                if !self.kv_fits(&s) {
+                    self.head = Some(s);
+                    break;
                 }
+                self.admit(s);
             }
-            metrics::gauge!("modserve_queue_depth").set(rx.len() as f64);
+            metrics::gauge!("modserve_queue_depth").set((rx.len() + usize::from(self.head.is_some())) as f64);
+            self.expire_head();
             self.housekeeping();
             // The step runs on a rayon worker, so its parallel kernels fork and join within the
             // pool instead of waking this thread after each one (hundreds per step).
@@ -231,10 +306,46 @@ impl EngineLoop {
         tracing::info!("engine stopped");
     }
 
-    fn admit(&mut self, s: Submission) {
-        let Submission { req, tx } = s;
+    /// KV positions a request reserves: its prompt and `max_new_tokens`, within the context.
+    fn kv_need(&self, req: &PreparedRequest) -> (usize, usize) {
         let cfg = &self.llama.cfg;
         let capacity = (req.spec.prompt_ids.len() + req.spec.max_new_tokens).min(cfg.max_position_embeddings);
+        (capacity, SeqKvCache::bytes(cfg, capacity))
+    }
+
+    /// True when the request's KV memory fits beside the running sequences' (always true for a
+    /// request that alone exceeds the budget: [`Self::admit`] refuses it).
+    fn kv_fits(&self, s: &Submission) -> bool {
+        let budget = self.cfg.max_kv_bytes;
+        let need = self.kv_need(&s.req).1;
+        budget == 0 || need > budget || self.stats.kv_bytes.load(Ordering::Relaxed) + need <= budget
+    }
+
+    /// Ends the waiting head request if its client left or its deadline passed.
+    fn expire_head(&mut self) {
+        let Some(s) = &self.head else { return };
+        if s.tx.is_closed() {
+            self.head = None;
+            metrics::counter!("modserve_cancelled_total").increment(1);
+        } else if s.req.deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = s.tx.try_send(Err(EngineError::DeadlineExceeded));
+            metrics::counter!("modserve_deadline_exceeded_total").increment(1);
+            self.head = None;
+        }
+    }
+
+    fn admit(&mut self, s: Submission) {
+        let (capacity, need) = self.kv_need(&s.req);
+        let Submission { req, tx } = s;
+        if self.cfg.max_kv_bytes > 0 && need > self.cfg.max_kv_bytes {
+            metrics::counter!("modserve_kv_budget_refusals_total").increment(1);
+            let _ = tx.try_send(Err(EngineError::KvBudget(format!(
+                "the request needs {need} bytes of KV cache ({capacity} positions: prompt + max_new_tokens), more than --max-kv-bytes {}",
+                self.cfg.max_kv_bytes
+            ))));
+            return;
+        }
+        let cfg = &self.llama.cfg;
         let cache = match SeqKvCache::new(cfg, capacity, self.llama.device()) {
             Ok(c) => c,
             Err(e) => {
@@ -309,9 +420,10 @@ impl EngineLoop {
                         metrics::counter!("modserve_cancelled_total").increment(1);
                         false
                     } else if a.deadline.is_some_and(|d| now >= d) {
-                        let _ = a.tx.try_send(Err(EngineError::DeadlineExceeded));
                         metrics::counter!("modserve_deadline_exceeded_total").increment(1);
-                        false
+                        // Kept until the error is delivered (or the client is found gone).
+                        a.fail(EngineError::DeadlineExceeded);
+                        !matches!(a.flush(), Flush::Done | Flush::Closed)
                     } else {
                         true
                     }
@@ -355,9 +467,28 @@ impl EngineLoop {
                 a.scheduled_at = Some(t0);
             }
         }
+        let fault = |id: Option<u32>| {
+            id.is_some_and(|id| self.running.iter().zip(&plan).any(|(a, &p)| p > 0 && a.seq.spec.prompt_ids.contains(&id)))
+        };
+        if fault(self.faults.engine_panic) {
+            panic!("fault injection: engine_panic");
+        }
+        let step_fault = fault(self.faults.step_panic);
+        // A panic inside the step (a kernel's assertion, a bug) fails this step's sequences only;
+        // the model is shared read-only, and the failed sequences are aborted with their caches.
         let result = {
             let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|a| &mut a.seq).collect();
-            run_step(&self.llama, &mut seqs, &plan)
+            let llama = &self.llama;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if step_fault {
+                    panic!("fault injection: step_panic");
+                }
+                run_step(llama, &mut seqs, &plan).map_err(|e| e.to_string())
+            }))
+            .unwrap_or_else(|p| {
+                let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                Err(format!("panic in the batch step: {}", msg.unwrap_or_else(|| "(no message)".into())))
+            })
         };
         let step_s = t0.elapsed().as_secs_f64();
         let (mut prefill_rows, mut prefill_keys) = (0, 0);
@@ -396,15 +527,18 @@ impl EngineLoop {
         match result {
             Ok(events) => {
                 let mut generated = 0u64;
+                let seq_fail = self.faults.seq_fail;
                 for (a, ev) in self.running.iter_mut().zip(events) {
                     let ev = match ev {
+                        Some(Ok(_)) if seq_fail.is_some_and(|id| a.seq.spec.prompt_ids.contains(&id)) => {
+                            a.fail(EngineError::Internal("the sequence failed: fault injection: seq_fail".into()));
+                            continue;
+                        }
                         None => continue,
                         Some(Ok(ev)) => ev,
                         Some(Err(e)) => {
                             tracing::warn!(request_id = %a.request_id, "sequence failed: {e}");
-                            a.pending.clear();
-                            let _ = a.tx.try_send(Err(EngineError::InvalidArgument(e.to_string())));
-                            a.seq_abort();
+                            a.fail(EngineError::Internal(format!("the sequence failed: {e}")));
                             continue;
                         }
                     };
@@ -430,9 +564,7 @@ impl EngineLoop {
                 tracing::error!("batch step failed: {e}");
                 for (a, &p) in self.running.iter_mut().zip(&plan) {
                     if p > 0 {
-                        a.pending.clear();
-                        let _ = a.tx.try_send(Err(EngineError::Internal(e.to_string())));
-                        a.seq_abort();
+                        a.fail(EngineError::Internal(e.clone()));
                     }
                 }
             }
@@ -442,9 +574,15 @@ impl EngineLoop {
 }
 
 impl Active {
-    /// Marks the sequence finished without a final event (after an error was sent).
-    fn seq_abort(&mut self) {
+    /// Ends the sequence with `e` as its terminal event: the tokens not yet delivered are
+    /// dropped, and the error is queued like any event, so it reaches the client even when the
+    /// stream buffer is full (the sequence stays until it is delivered, the client leaves, or
+    /// the slow-client timeout drops it).
+    fn fail(&mut self, e: EngineError) {
+        self.pending.clear();
+        self.pending.push_back(Err(e));
         self.seq.abort();
+        let _ = self.flush();
     }
 }
 

@@ -13,6 +13,8 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("limit exceeded: {0}")]
     Limit(String),
+    #[error("KV memory budget exceeded: {0}")]
+    KvBudget(String),
     #[error("the request's deadline passed")]
     DeadlineExceeded,
     #[error("the client stopped reading the stream")]
@@ -21,6 +23,8 @@ pub enum EngineError {
     Adapter(#[from] AdapterError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the engine stopped (the server is exiting): retry on another replica")]
+    Stopped,
 }
 
 impl EngineError {
@@ -31,10 +35,12 @@ impl EngineError {
             Self::NotReady => "not_ready",
             Self::InvalidArgument(_) => "invalid_argument",
             Self::Limit(_) => "limit_exceeded",
+            Self::KvBudget(_) => "kv_budget_exceeded",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::SlowClient => "slow_client",
             Self::Adapter(e) => e.code(),
             Self::Internal(_) => "internal",
+            Self::Stopped => "engine_stopped",
         }
     }
 }

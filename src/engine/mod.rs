@@ -3,6 +3,7 @@
 //! and sequence state; everything reaching it is already validated.
 pub mod actor;
 pub mod error;
+pub mod faults;
 pub mod output;
 pub mod prepare;
 pub mod scheduler;

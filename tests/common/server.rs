@@ -35,12 +35,17 @@ pub fn spawn(extra: &[&str]) -> TestServer {
 /// [`spawn`] with the server's stderr (its log) sent to `stderr`, at `RUST_LOG` = `filter` if
 /// given.
 pub fn spawn_logging(extra: &[&str], filter: Option<&str>, stderr: impl Into<Stdio>) -> TestServer {
+    spawn_with_env(extra, filter.map(|f| ("RUST_LOG", f)).as_slice(), stderr)
+}
+
+/// [`spawn`] with extra environment variables for the server process.
+pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)], stderr: impl Into<Stdio>) -> TestServer {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_modserve"))
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &metrics_addr, "--threads", "2", "--model"])
         .arg(super::reference_model())
         .args(extra)
-        .envs(filter.map(|f| ("RUST_LOG", f)))
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

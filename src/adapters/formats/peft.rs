@@ -31,7 +31,7 @@ pub(crate) fn unsupported(path: &Path, reason: impl Into<String>) -> AdapterErro
 
 /// Reads and parses a JSON config file.
 pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T, AdapterError> {
-    let bytes = std::fs::read(path).map_err(|e| AdapterError::Io { path: path.into(), reason: e.to_string() })?;
+    let bytes = crate::adapters::source::read_regular(path)?;
     serde_json::from_slice(&bytes).map_err(|e| malformed(path, format!("invalid adapter config: {e}")))
 }
 
@@ -59,13 +59,13 @@ pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Re
         let tensors = safetensors_from_buffer(bytes, &st)?;
         return Ok((st, tensors));
     }
-    if st.is_file() {
-        let bytes = std::fs::read(&st).map_err(|e| AdapterError::Io { path: st.clone(), reason: e.to_string() })?;
+    if st.exists() {
+        let bytes = crate::adapters::source::read_regular(&st)?;
         let tensors = safetensors_from_buffer(&bytes, &st)?;
         return Ok((st, tensors));
     }
     let bin = dir.join("adapter_model.bin");
-    if bin.is_file() {
+    if bin.exists() {
         let v = crate::adapters::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
         return Ok((bin, v));
     }
@@ -94,17 +94,14 @@ fn read_pth(bin: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
     use candle_core::pickle::Object;
     use std::io::Read;
     let bad = |reason: String| malformed(bin, format!("not a readable PyTorch checkpoint: {reason}"));
-    let file = std::fs::File::open(bin).map_err(|e| AdapterError::Io { path: bin.into(), reason: e.to_string() })?;
+    let file = crate::adapters::source::open_regular(bin)?;
     let file_len = file.metadata().map_err(|e| AdapterError::Io { path: bin.into(), reason: e.to_string() })?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(format!("not a zip archive ({e})")))?;
     let pickles: Vec<String> = zip.file_names().filter(|n| n.ends_with("data.pkl")).map(String::from).collect();
     // By name, the last entry of a name winning (as candle's map of tensor infos).
     let mut infos = BTreeMap::new();
     for entry in pickles {
-        let mut bytes = Vec::new();
-        zip.by_name(&entry)
-            .and_then(|mut f| f.read_to_end(&mut bytes).map_err(Into::into))
-            .map_err(|e| bad(format!("archive entry `{entry}`: {e}")))?;
+        let bytes = super::pickle_guard::read_zip_entry(&mut zip, &entry, super::pickle_guard::MAX_PICKLE_BYTES, bin)?;
         let obj = match super::pickle_guard::parse(bin, &entry, &bytes)? {
             Object::Build { callable, args } => match *callable {
                 Object::Reduce { callable, .. } if matches!(&*callable, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") => {

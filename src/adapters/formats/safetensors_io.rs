@@ -12,7 +12,7 @@ use crate::adapters::error::AdapterError;
 
 /// Reads a whole file, mapping I/O failures to `Io` naming it.
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, AdapterError> {
-    std::fs::read(path).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot read: {e}") })
+    crate::adapters::source::read_regular(path)
 }
 
 /// Parses a safetensors buffer; a truncated or corrupt file is `Malformed`.

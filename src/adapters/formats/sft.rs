@@ -62,7 +62,7 @@ fn check_shape(name: &str, got: &[usize], want: (usize, usize), path: &Path) -> 
 
 /// Loads composable-sft's `pytorch_diff.bin` (embedding diffs included).
 pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas, AdapterError> {
-    let file = std::fs::File::open(path).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot open: {e}") })?;
+    let file = crate::adapters::source::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| malformed(path, format!("not a zip archive ({e}); only the zip format of torch.save (torch >= 1.6) is supported")))?;
     let pkl = (0..zip.len())
@@ -70,7 +70,7 @@ pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas,
         .find(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
         .ok_or_else(|| malformed(path, "no `data.pkl` entry in the archive"))?;
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or("").to_string();
-    let pickle = read_entry(&mut zip, &pkl, path)?;
+    let pickle = super::pickle_guard::read_zip_entry(&mut zip, &pkl, super::pickle_guard::MAX_PICKLE_BYTES, path)?;
     // Scanned for memo deep-copy bombs, deep nesting and truncation before candle parses it.
     let root = super::pickle_guard::parse(path, &pkl, &pickle)?;
     let body = dict_entry(root, "body").ok_or_else(|| malformed(path, "the pickled object has no `body` dict"))?;
@@ -91,11 +91,11 @@ pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas,
         let steps = fields.remove("index_steps").ok_or_else(|| bad("no `index_steps`"))?;
         let steps = match steps {
             Object::List(_) | Object::Tuple(_) => ints(steps).ok_or_else(|| bad("`index_steps` holds non-integers"))?,
-            t @ Object::Reduce { .. } => read_tensor(t, &mut zip, &prefix, path, &name, Kind::Index)?.into_ints(),
+            t @ Object::Reduce { .. } => read_tensor(t, &mut zip, &prefix, path, &name, Kind::Index, rows * cols)?.into_ints(),
             _ => return Err(bad("`index_steps` is neither a list nor a tensor")),
         };
         let values = fields.remove("values").ok_or_else(|| bad("no `values`"))?;
-        let values = read_tensor(values, &mut zip, &prefix, path, &name, Kind::Value)?.into_floats();
+        let values = read_tensor(values, &mut zip, &prefix, path, &name, Kind::Value, rows * cols)?.into_floats();
         if values.len() != steps.len() {
             return Err(bad(&format!("{} index steps but {} values", steps.len(), values.len())));
         }
@@ -118,13 +118,6 @@ pub fn load_pytorch_diff(path: &Path, base: &BaseShapes) -> Result<ModuleDeltas,
     }
     out.validate(base, path)?;
     Ok(out)
-}
-
-fn read_entry<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, name: &str, path: &Path) -> Result<Vec<u8>, AdapterError> {
-    let mut f = zip.by_name(name).map_err(|e| malformed(path, format!("archive entry `{name}`: {e}")))?;
-    let mut buf = Vec::with_capacity(f.size().min(1 << 30) as usize);
-    f.read_to_end(&mut buf).map_err(|e| malformed(path, format!("archive entry `{name}` is unreadable: {e}")))?;
-    Ok(buf)
 }
 
 /// `dict[key]` for a pickled dict with string keys.
@@ -192,6 +185,7 @@ fn read_tensor<R: Read + std::io::Seek>(
     path: &Path,
     name: &str,
     kind: Kind,
+    max_elems: usize,
 ) -> Result<TensorData, AdapterError> {
     let field = if kind == Kind::Value { "values" } else { "index_steps" };
     let bad = |what: String| malformed(path, format!("parameter `{name}`: `{field}` {what}"));
@@ -244,8 +238,14 @@ fn read_tensor<R: Read + std::io::Seek>(
     if last > numel {
         return Err(bad(format!("reads past its storage ({last} > {numel} elements)")));
     }
-    let bytes = read_entry(zip, &format!("{prefix}data/{key}"), path)?;
-    if (bytes.len() as i64) < numel.checked_mul(width).ok_or_else(overflow)? {
+    // A parameter's diff has at most one entry per element: a larger storage is refused before
+    // any of it is read, and the read stops at the declared size.
+    if numel as u64 > max_elems as u64 {
+        return Err(bad(format!("claims a storage of {numel} elements for a parameter of {max_elems}")));
+    }
+    let want = numel.checked_mul(width).ok_or_else(overflow)?;
+    let bytes = super::pickle_guard::read_zip_entry(zip, &format!("{prefix}data/{key}"), want as u64, path)?;
+    if (bytes.len() as i64) < want {
         return Err(bad(format!("storage `{key}` is truncated ({} bytes for {numel} elements)", bytes.len())));
     }
     let at = |i: i64| -> usize { ((offset + i * step) * width) as usize };

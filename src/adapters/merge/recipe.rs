@@ -102,7 +102,7 @@ struct ComponentFile {
 /// Reads and validates a recipe; every referenced file must exist inside the recipe's folder.
 pub fn load_recipe(path: &Path) -> Result<Recipe, AdapterError> {
     let err = |reason: String| AdapterError::Recipe { path: path.into(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot read: {e}") })?;
+    let text = crate::adapters::source::read_regular_to_string(path)?;
     let f: RecipeFile = serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON recipe: {e}")))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -48,6 +48,33 @@ pub const MAX_COPIED_NODES: u64 = 10_000_000;
 /// clone and `Debug` of a much deeper object can overflow a 2 MiB thread stack.
 pub const MAX_DEPTH: u32 = 100;
 
+/// Largest pickle (`data.pkl`) read from a torch.save archive. A checkpoint's pickle holds only
+/// names, shapes and storage references (tensor bytes live in their own entries): a few hundred
+/// bytes per tensor, under 1 MB for every real adapter. Reading stops here, so an entry that
+/// inflates to gigabytes from a small file costs at most this much memory.
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Reads archive entry `name` of a torch.save zip, at most `cap` bytes after decompression. An
+/// entry that inflates past `cap` is refused after `cap + 1` bytes were read (a zip bomb costs at
+/// most `cap`), and the buffer reserved up front is bounded by `cap`, never by the size the
+/// archive claims.
+pub fn read_zip_entry<R: std::io::Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    name: &str,
+    cap: u64,
+    path: &Path,
+) -> Result<Vec<u8>, AdapterError> {
+    use std::io::Read;
+    let bad = |reason: String| AdapterError::Malformed { path: path.into(), reason };
+    let f = zip.by_name(name).map_err(|e| bad(format!("archive entry `{name}`: {e}")))?;
+    let mut buf = Vec::with_capacity(f.size().min(cap).min(64 << 20) as usize);
+    f.take(cap.saturating_add(1)).read_to_end(&mut buf).map_err(|e| bad(format!("archive entry `{name}` is unreadable: {e}")))?;
+    if buf.len() as u64 > cap {
+        return Err(bad(format!("archive entry `{name}` inflates past {cap} bytes, more than its contents can need: refused")));
+    }
+    Ok(buf)
+}
+
 /// Bytes of string data counted as one node.
 const BYTES_PER_NODE: u64 = 64;
 

@@ -1,0 +1,75 @@
+//! KV-memory admission (`--max-kv-bytes`): many requests with large `max_new_tokens` against a
+//! budget that holds four of them. None fails that could wait, all finish, the KV memory of the
+//! running set never exceeds the budget, and a request that alone needs more than the budget is
+//! RESOURCE_EXHAUSTED naming the limit.
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::server::{metric, scrape, spawn, wait_serving};
+use modserve::pb;
+use modserve::pb::generate_request::Prompt;
+use modserve::pb::inference_client::InferenceClient;
+use tonic::Code;
+
+/// KV bytes per position of the reference model (SmolLM2-135M: 30 layers, 3 KV heads of 64, f32,
+/// keys and values).
+const BYTES_PER_POSITION: usize = 2 * 30 * 3 * 64 * 4;
+
+fn req(ids: Vec<u32>, n: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest { prompt: Some(Prompt::TokenIds(pb::TokenIds { ids })), max_new_tokens: n, min_new_tokens: n, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_wait_for_kv_memory_and_all_finish_within_the_budget() {
+    let per_request = (2 + 64) * BYTES_PER_POSITION;
+    let budget = 4 * per_request;
+    let server = spawn(&["--max-kv-bytes", &budget.to_string(), "--max-running", "64"]);
+    wait_serving(&server.url, Duration::from_secs(60)).await;
+    let c = InferenceClient::connect(server.url.clone()).await.unwrap();
+
+    // Watch the engine's KV gauge and running count while the load runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, addr) = (stop.clone(), server.metrics_addr.clone());
+        std::thread::spawn(move || {
+            let (mut max_kv, mut max_running, mut samples) = (0f64, 0f64, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let text = scrape(&addr);
+                max_kv = max_kv.max(metric(&text, "modserve_kv_cache_bytes", "").unwrap_or(0.0));
+                max_running = max_running.max(metric(&text, "modserve_running_sequences", "").unwrap_or(0.0));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (max_kv, max_running, samples)
+        })
+    };
+    let mut joins = Vec::new();
+    for i in 0..16u32 {
+        let mut c = c.clone();
+        joins.push(tokio::spawn(async move { c.generate(req(vec![504, 2365 + i], 64)).await }));
+    }
+    for (i, j) in joins.into_iter().enumerate() {
+        let r = j.await.unwrap().unwrap_or_else(|e| panic!("request {i} failed instead of waiting for KV memory: {e}")).into_inner();
+        assert_eq!((r.token_ids.len(), r.finish_reason.as_str()), (64, "length"), "request {i}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (max_kv, max_running, samples) = watcher.join().unwrap();
+    println!("KV budget {budget} bytes: peak KV gauge {max_kv}, peak running {max_running} ({samples} samples)");
+    assert!(samples > 10, "too few metric samples ({samples})");
+    assert!(max_kv <= budget as f64, "the KV memory of the running set reached {max_kv} > budget {budget}");
+    assert!(max_running <= 4.0, "{max_running} sequences ran at once; the budget holds 4");
+    assert!(max_running >= 2.0, "the budget holds 4 sequences; only {max_running} ran at once");
+
+    // One request needing more than the whole budget is refused at once, naming the limit.
+    let mut c2 = c.clone();
+    let e = c2.generate(req(vec![504, 2365], 300)).await.expect_err("a request larger than the budget");
+    let code = e.metadata().get("modserve-error-code").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!((e.code(), code.as_str()), (Code::ResourceExhausted, "kv_budget_exceeded"), "{e}");
+    assert!(e.message().contains("--max-kv-bytes"), "{}", e.message());
+    // ...and the server still serves.
+    let r = c2.generate(req(vec![504, 2365], 8)).await.expect("after the refusal").into_inner();
+    assert_eq!(r.token_ids.len(), 8);
+}
