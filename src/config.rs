@@ -263,6 +263,13 @@ pub struct LimitArgs {
     /// Largest LoRA / Poly rank.
     #[arg(long, env = "MODSERVE_MAX_ADAPTER_RANK", default_value_t = 256)]
     pub max_adapter_rank: usize,
+    /// Cold module loads, merges and Poly mixtures running at once (a cache hit takes no slot).
+    #[arg(long, env = "MODSERVE_MAX_CONCURRENT_LOADS", default_value_t = crate::adapters::gate::DEFAULT_LOAD_SLOTS)]
+    pub max_concurrent_loads: usize,
+    /// Requests waiting for a load slot (each within its deadline); beyond this a request that
+    /// needs a cold load is RESOURCE_EXHAUSTED (`adapter_load_busy`).
+    #[arg(long, env = "MODSERVE_MAX_WAITING_LOADS", default_value_t = crate::adapters::gate::DEFAULT_LOAD_WAITERS)]
+    pub max_waiting_loads: usize,
 }
 
 /// Log output format.

@@ -34,8 +34,13 @@ pub fn clip_path(p: &Path) -> String {
 /// Errors while loading, validating, composing or merging adapter modules.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AdapterError {
+    /// A file or folder that does not exist (NOT_FOUND).
     #[error("{}: {reason}", clip_path(path))]
     Io { path: PathBuf, reason: String },
+    /// A file that exists but could not be read (permissions, a symlink loop, an I/O error):
+    /// the server's failure, not the caller's (INTERNAL).
+    #[error("{}: {reason}", clip_path(path))]
+    Unreadable { path: PathBuf, reason: String },
     #[error("{}: malformed file: {reason}", clip_path(path))]
     Malformed { path: PathBuf, reason: String },
     #[error("{}: unsupported: {reason}", clip_path(path))]
@@ -56,6 +61,8 @@ pub enum AdapterError {
     WrongKind { module: String, kind: &'static str, usage: &'static str },
     #[error("limit exceeded: {0}")]
     Limit(String),
+    #[error("too many module loads at once: {0}")]
+    Busy(String),
     #[error("invalid composition: {0}")]
     Composition(String),
     #[error("merge recipe {}: {reason}", clip_path(path))]
@@ -69,6 +76,7 @@ impl AdapterError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Io { .. } => "adapter_io",
+            Self::Unreadable { .. } => "adapter_unreadable",
             Self::Malformed { .. } => "adapter_malformed",
             Self::Unsupported { .. } => "adapter_unsupported",
             Self::Shape { .. } => "adapter_shape",
@@ -80,8 +88,20 @@ impl AdapterError {
             Self::WrongKind { .. } => "adapter_kind",
             Self::Composition(_) => "invalid_composition",
             Self::Limit(_) => "limit_exceeded",
+            Self::Busy(_) => "adapter_load_busy",
             Self::Recipe { .. } => "merge_recipe",
             Self::Tensor(_) => "adapter_tensor",
+        }
+    }
+
+    /// An I/O error on `path`: `Io` (NOT_FOUND) when the path does not exist, `Unreadable`
+    /// (INTERNAL) for every other failure.
+    pub fn io(path: &Path, what: &str, e: std::io::Error) -> Self {
+        use std::io::ErrorKind::{NotADirectory, NotFound};
+        let reason = format!("{what}: {e}");
+        match e.kind() {
+            NotFound | NotADirectory => Self::Io { path: path.into(), reason },
+            _ => Self::Unreadable { path: path.into(), reason },
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`merge`]: recipes (EWR, task arithmetic, linear, TIES, DARE, Fisher) built into one module;
 //! - [`loader`]: the kind dispatch, limits and confinement of one load, and Poly mixtures;
 //! - [`cache`]: the byte-bounded hot cache of loaded versions;
+//! - [`gate`]: the bound on concurrent loads, merges and mixtures;
 //! - [`store`]: resolves a request's [`composition`] into pinned deltas;
 //! - [`batch`]: applies every chunk's composition to its own rows inside a batch step.
 //!
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod composition;
 pub mod error;
 pub mod formats;
+pub mod gate;
 pub mod loader;
 pub mod merge;
 pub mod module_deltas;

@@ -20,7 +20,7 @@ use super::error::AdapterError;
 /// through. Every file a module or recipe names is opened here.
 pub fn open_regular(path: &Path) -> Result<std::fs::File, AdapterError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: format!("cannot open: {e}") };
+    let io = |e: std::io::Error| AdapterError::io(path, "cannot open", e);
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
     let kind = file.metadata().map_err(io)?.file_type();
     if !kind.is_file() {
@@ -35,7 +35,7 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>, AdapterError> {
     use std::io::Read;
     let mut file = open_regular(path)?;
     let mut bytes = Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(|e| AdapterError::Io { path: path.into(), reason: format!("cannot read: {e}") })?;
+    file.read_to_end(&mut bytes).map_err(|e| AdapterError::io(path, "cannot read", e))?;
     Ok(bytes)
 }
 
@@ -51,7 +51,7 @@ pub fn module_files(path: &Path) -> Result<Vec<PathBuf>, AdapterError> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let io = |e: std::io::Error| AdapterError::Io { path: path.into(), reason: e.to_string() };
+    let io = |e: std::io::Error| AdapterError::io(path, "cannot list", e);
     let mut files = Vec::new();
     for e in std::fs::read_dir(path).map_err(io)? {
         let p = e.map_err(io)?.path();
@@ -66,7 +66,7 @@ pub fn module_files(path: &Path) -> Result<Vec<PathBuf>, AdapterError> {
 /// Size, mtime and inode of every file of a module: changes when a file is swapped or edited.
 pub fn fingerprint(path: &Path) -> Result<String, AdapterError> {
     use std::os::unix::fs::MetadataExt;
-    let io = |p: &Path, e: std::io::Error| AdapterError::Io { path: p.into(), reason: e.to_string() };
+    let io = |p: &Path, e: std::io::Error| AdapterError::io(p, "cannot stat", e);
     let files = module_files(path)?;
     let mut parts = Vec::with_capacity(files.len());
     for f in files {
@@ -87,7 +87,7 @@ pub fn module_bytes(path: &Path) -> Result<u64, AdapterError> {
     let mut total = 0;
     // Symlinks followed: a linked file counts with its real size.
     for f in module_files(path)? {
-        total += std::fs::metadata(&f).map_err(|e| AdapterError::Io { path: f.clone(), reason: e.to_string() })?.len();
+        total += std::fs::metadata(&f).map_err(|e| AdapterError::io(&f, "cannot stat", e))?.len();
     }
     Ok(total)
 }
@@ -118,7 +118,7 @@ impl ModuleBytes {
             let name = f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
             h.update(&(name.len() as u64).to_le_bytes());
             h.update(name);
-            let io = |e: std::io::Error| AdapterError::Io { path: f.clone(), reason: e.to_string() };
+            let io = |e: std::io::Error| AdapterError::io(&f, "cannot read", e);
             let mut file = open_regular(&f)?;
             if keep(&f) {
                 let mut bytes = take_buffer(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
@@ -179,5 +179,34 @@ fn give_buffer(b: Vec<u8>) {
         if pool.len() < KEPT_BUFFERS {
             pool.push(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only regular files are read, and how a read fails decides the gRPC code: a missing file is
+    /// NOT_FOUND (`adapter_io`), an unreadable one INTERNAL (`adapter_unreadable`), a FIFO or a
+    /// folder `adapter_unsupported`, each answered at once.
+    #[test]
+    fn read_regular_refuses_without_blocking_and_classifies_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.safetensors");
+        assert_eq!(read_regular(&missing).unwrap_err().code(), "adapter_io");
+        let looped = dir.path().join("loop");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let e = read_regular(&looped).unwrap_err();
+        assert_eq!(e.code(), "adapter_unreadable", "{e}");
+        assert_eq!(read_regular(dir.path()).unwrap_err().code(), "adapter_unsupported");
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read_regular(&fifo).map(|_| ()).map_err(|e| e.code())).unwrap());
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO must not block");
+        assert_eq!(got, Err("adapter_unsupported"));
+        let file = dir.path().join("ok.bin");
+        std::fs::write(&file, b"abc").unwrap();
+        assert_eq!(read_regular(&file).unwrap(), b"abc");
     }
 }

@@ -6,6 +6,7 @@
 //! module's file fingerprint, so a file changed on disk is loaded as a new version while in-flight
 //! requests keep the old one; Poly mixtures are derived data cached per (inventory version, routing).
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::cache::ModuleCache;
 use super::composition::{Composition, CompositionSpec};
@@ -22,11 +23,18 @@ pub struct AdapterStore {
     registry: Registry,
     cache: ModuleCache<LoadedModule>,
     loader: ModuleLoader,
+    /// Bounds concurrent cold loads and mixtures (a cache hit never takes a slot).
+    gate: super::gate::LoadGate,
 }
 
 impl AdapterStore {
     pub fn new(registry: Registry, cache_bytes: usize, base: BaseShapes, base_weight: BaseWeightFn) -> Self {
-        Self { registry, cache: ModuleCache::new(cache_bytes), loader: ModuleLoader::new(base, base_weight) }
+        Self {
+            registry,
+            cache: ModuleCache::new(cache_bytes),
+            loader: ModuleLoader::new(base, base_weight),
+            gate: super::gate::LoadGate::new(super::gate::DEFAULT_LOAD_SLOTS, super::gate::DEFAULT_LOAD_WAITERS),
+        }
     }
 
     /// Finished modules' tensors live on `device` (the model's).
@@ -44,6 +52,12 @@ impl AdapterStore {
 
     pub fn with_limits(mut self, limits: AdapterLimits) -> Self {
         self.loader.limits = limits;
+        self
+    }
+
+    /// At most `slots` cold loads or mixtures at once, and `max_waiting` callers waiting for one.
+    pub fn with_load_slots(mut self, slots: usize, max_waiting: usize) -> Self {
+        self.gate = super::gate::LoadGate::new(slots, max_waiting);
         self
     }
 
@@ -72,15 +86,32 @@ impl AdapterStore {
 
     /// The current version of module `id`, loading it if needed.
     pub fn module(&self, id: &str) -> Result<Arc<LoadedModule>, AdapterError> {
+        self.module_by(id, None)
+    }
+
+    /// [`Self::module`], waiting for a load slot at most until `deadline`.
+    pub fn module_by(&self, id: &str, deadline: Option<Instant>) -> Result<Arc<LoadedModule>, AdapterError> {
         let reg = self.registry.get(id)?;
         let fp = fingerprint(&reg.path)?;
         let key = format!("{id}#{}", short_hash(fp.as_bytes()));
-        self.cache.get_or_load(&key, || self.loader.load(&reg, self.registry.root().path()))
+        self.cache.get_or_load(&key, || {
+            let _slot = self.gate.acquire(deadline)?;
+            self.loader.load(&reg, self.registry.root().path())
+        })
     }
 
     /// The mixed LoRA of a Poly inventory for `routing` (cached per inventory version and routing).
     pub fn poly_mix(&self, id: &str, routing: &Routing) -> Result<(Arc<LoadedModule>, Arc<LoadedModule>), AdapterError> {
-        let inv = self.module(id)?;
+        self.poly_mix_by(id, routing, None)
+    }
+
+    fn poly_mix_by(
+        &self,
+        id: &str,
+        routing: &Routing,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<LoadedModule>, Arc<LoadedModule>), AdapterError> {
+        let inv = self.module_by(id, deadline)?;
         let ModuleData::Poly(p) = &inv.data else {
             return Err(AdapterError::WrongKind { module: id.into(), kind: inv.kind.as_str(), usage: "as a Poly routing inventory" });
         };
@@ -89,12 +120,20 @@ impl AdapterStore {
             Routing::Weights(w) => format!("w={}", short_hash(format!("{w:?}").as_bytes())),
         };
         let key = format!("{id}#{}#{rkey}", inv.version);
-        let mix = self.cache.get_or_load(&key, || self.loader.mix(id, p, routing, &key, &rkey))?;
+        let mix = self.cache.get_or_load(&key, || {
+            let _slot = self.gate.acquire(deadline)?;
+            self.loader.mix(id, p, routing, &key, &rkey)
+        })?;
         Ok((inv, mix))
     }
 
     /// Resolves and pins a request's composition.
     pub fn resolve(&self, spec: &CompositionSpec) -> Result<Composition, AdapterError> {
+        self.resolve_by(spec, None)
+    }
+
+    /// [`Self::resolve`], waiting for load slots at most until `deadline`.
+    pub fn resolve_by(&self, spec: &CompositionSpec, deadline: Option<Instant>) -> Result<Composition, AdapterError> {
         let n = spec.deltas.len() + spec.route.is_some() as usize;
         if n > self.loader.limits.max_components {
             return Err(AdapterError::Limit(format!("{n} components; max_components is {}", self.loader.limits.max_components)));
@@ -106,7 +145,7 @@ impl AdapterStore {
             if !d.scale.is_finite() {
                 return Err(AdapterError::Composition(format!("scale of `{}` is {} (must be finite)", d.id, d.scale)));
             }
-            let m = self.module(&d.id)?;
+            let m = self.module_by(&d.id, deadline)?;
             let Some(deltas) = m.deltas() else {
                 return Err(AdapterError::WrongKind {
                     module: d.id.clone(),
@@ -119,7 +158,7 @@ impl AdapterStore {
             pinned.push(m);
         }
         if let Some((id, routing)) = &spec.route {
-            let (inv, mix) = self.poly_mix(id, routing)?;
+            let (inv, mix) = self.poly_mix_by(id, routing, deadline)?;
             let deltas = mix.deltas().expect("a mixture holds deltas").clone();
             parts.push((deltas, 1.0));
             key.push_str(&format!("{}#{};", mix.id, inv.version));
@@ -127,5 +166,34 @@ impl AdapterStore {
             pinned.push(mix);
         }
         Ok(Composition { parts, pinned, key })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::registry::AdapterRoot;
+    use crate::adapters::testing::{tiny_base, write_f32};
+
+    /// A cold load takes a gate slot: with every slot held and no room to wait, the load is
+    /// refused at once (`adapter_load_busy`); a cached module never needs a slot.
+    #[test]
+    fn cold_loads_take_a_slot_and_hits_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        for name in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            write_f32(&dir.path().join(name).join("task_vector.safetensors"), &[(q, vec![8, 8], vec![0.5; 64])]);
+        }
+        let registry = Registry::new(AdapterRoot::new(dir.path()).unwrap(), true);
+        let base_weight: BaseWeightFn = Arc::new(|_| Err(AdapterError::Tensor("no base".into())));
+        let store = AdapterStore::new(registry, 1 << 20, tiny_base(), base_weight).with_load_slots(1, 0);
+        store.module("a").expect("a cold load with a free slot");
+        let held = store.gate.acquire(None).unwrap();
+        let e = store.module("b").err().expect("no slot and no room to wait");
+        assert_eq!(e.code(), "adapter_load_busy", "{e}");
+        store.module("a").expect("a cache hit needs no slot");
+        drop(held);
+        store.module("b").expect("the slot is free again");
     }
 }

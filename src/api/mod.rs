@@ -124,11 +124,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Ready> {
                 let model = crate::bootstrap::load_model(&model_args)?;
                 let store = crate::bootstrap::open_adapter_store(&model, &adapter_args, false)?.map(|s| {
-                    Arc::new(s.with_limits(AdapterLimits {
-                        max_components: limits.max_components,
-                        max_file_bytes: limits.max_adapter_file_bytes,
-                        max_rank: limits.max_adapter_rank,
-                    }))
+                    Arc::new(
+                        s.with_limits(AdapterLimits {
+                            max_components: limits.max_components,
+                            max_file_bytes: limits.max_adapter_file_bytes,
+                            max_rank: limits.max_adapter_rank,
+                        })
+                        .with_load_slots(limits.max_concurrent_loads, limits.max_waiting_loads),
+                    )
                 });
                 if let Some(s) = &store {
                     register_existing(s);

@@ -59,7 +59,8 @@ pub fn adapter_code(e: &AdapterError) -> Code {
         | AdapterError::NonFinite { .. }
         | AdapterError::UnknownTarget { .. }
         | AdapterError::Recipe { .. } => Code::FailedPrecondition,
-        AdapterError::Tensor(_) => Code::Internal,
+        AdapterError::Tensor(_) | AdapterError::Unreadable { .. } => Code::Internal,
+        AdapterError::Busy(_) => Code::ResourceExhausted,
     }
 }
 

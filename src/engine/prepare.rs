@@ -150,7 +150,7 @@ impl TextFrontEnd {
         } else {
             let store = store
                 .ok_or_else(|| EngineError::InvalidArgument("this server has no adapter root; compositions are unavailable".into()))?;
-            Some(Arc::new(store.resolve(&req.composition)?))
+            Some(Arc::new(store.resolve_by(&req.composition, req.deadline)?))
         };
         let mut spec = req.spec;
         spec.prompt_ids = ids;
