@@ -95,9 +95,26 @@ impl ModuleLoader {
         super::error::guard_parser(&reg.path, "module", || self.load_unguarded(reg, root))
     }
 
+    /// The files and folders a merge reads besides the top-level files of its own folder (which
+    /// the module's own fingerprint and size already cover): nested component files and
+    /// component folders. Empty for every other kind.
+    pub fn merge_sources(reg: &Registration) -> Result<Vec<std::path::PathBuf>, AdapterError> {
+        if reg.kind != ModuleKind::Merge {
+            return Ok(Vec::new());
+        }
+        let recipe_path = if reg.path.is_dir() { reg.path.join("recipe.json") } else { reg.path.clone() };
+        let recipe = super::merge::load_recipe(&recipe_path)?;
+        let own = if reg.path.is_dir() { reg.path.as_path() } else { reg.path.parent().unwrap_or(Path::new("")) };
+        Ok(recipe.sources().into_iter().filter(|p| p.is_dir() || p.parent() != Some(own)).collect())
+    }
+
     fn load_unguarded(&self, reg: &Registration, root: &Path) -> Result<LoadedModule, AdapterError> {
         check_confined(reg, root)?;
-        let size = module_bytes(&reg.path)?;
+        let sources = Self::merge_sources(reg)?;
+        let mut size = module_bytes(&reg.path)?;
+        for s in &sources {
+            size += module_bytes(s)?;
+        }
         if size > self.limits.max_file_bytes {
             return Err(AdapterError::Limit(format!(
                 "module `{}` has {size} bytes of files; max_adapter_file_bytes is {}",
@@ -109,7 +126,16 @@ impl ModuleLoader {
         let bytes = ModuleBytes::read(&reg.path, |f| {
             matches!(reg.kind, ModuleKind::Lora | ModuleKind::Poly) && f.file_name().is_some_and(|n| n == "adapter_model.safetensors")
         })?;
-        let version = bytes.version.clone();
+        let mut version = bytes.version.clone();
+        if !sources.is_empty() {
+            // A merge's version names its components' contents too: an edit inside a component
+            // folder is a new version, never the old merge served on.
+            let mut all = version.clone();
+            for s in &sources {
+                all.push_str(&super::source::content_hash(s)?);
+            }
+            version = short_hash(all.as_bytes());
+        }
         let hash_ms = t_hash.elapsed().as_secs_f64() * 1e3;
         let t_parse = std::time::Instant::now();
         let file = |name: &str| if reg.path.is_dir() { reg.path.join(name) } else { reg.path.clone() };

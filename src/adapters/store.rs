@@ -92,7 +92,13 @@ impl AdapterStore {
     /// [`Self::module`], waiting for a load slot at most until `deadline`.
     pub fn module_by(&self, id: &str, deadline: Option<Instant>) -> Result<Arc<LoadedModule>, AdapterError> {
         let reg = self.registry.get(id)?;
-        let fp = fingerprint(&reg.path)?;
+        let mut fp = fingerprint(&reg.path)?;
+        // A merge's sources are part of its fingerprint. A recipe that cannot be read here is
+        // left to the load, which checks confinement first and reports the error.
+        for s in ModuleLoader::merge_sources(&reg).unwrap_or_default() {
+            fp.push('|');
+            fp.push_str(&fingerprint(&s).unwrap_or_default());
+        }
         let key = format!("{id}#{}", short_hash(fp.as_bytes()));
         self.cache.get_or_load(&key, || {
             let _slot = self.gate.acquire(deadline)?;
@@ -195,5 +201,39 @@ mod tests {
         store.module("a").expect("a cache hit needs no slot");
         drop(held);
         store.module("b").expect("the slot is free again");
+    }
+
+    /// A merge whose component sits in a subfolder of the recipe's folder: editing that file
+    /// makes a new version (not the old merge served on), and its bytes count against the size
+    /// limit.
+    #[test]
+    fn merges_cover_nested_component_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        let m = dir.path().join("m");
+        std::fs::create_dir_all(m.join("parts")).unwrap();
+        std::fs::write(
+            m.join("recipe.json"),
+            r#"{"method": "task_arithmetic", "components": [{"task_vector": "parts/tv.safetensors", "lambda": 1.0}]}"#,
+        )
+        .unwrap();
+        write_f32(&m.join("parts/tv.safetensors"), &[(q, vec![8, 8], vec![0.5; 64])]);
+        let registry = Registry::new(AdapterRoot::new(dir.path()).unwrap(), true);
+        let base_weight: BaseWeightFn = Arc::new(|_| Err(AdapterError::Tensor("no base".into())));
+        let store = AdapterStore::new(registry, 1 << 20, tiny_base(), base_weight);
+        let v1 = store.module("m").unwrap().version.clone();
+        // Edit the nested component (a new file: new inode, new contents).
+        let tmp = m.join("parts/tv.tmp");
+        write_f32(&tmp, &[(q, vec![8, 8], vec![0.25; 64])]);
+        std::fs::rename(&tmp, m.join("parts/tv.safetensors")).unwrap();
+        let v2 = store.module("m").unwrap().version.clone();
+        assert_ne!(v1, v2, "an edit inside the component folder must make a new version");
+        // The component's bytes count: a limit above the recipe alone but below recipe + component.
+        let registry = Registry::new(AdapterRoot::new(dir.path()).unwrap(), true);
+        let base_weight: BaseWeightFn = Arc::new(|_| Err(AdapterError::Tensor("no base".into())));
+        let limits = AdapterLimits { max_file_bytes: 200, ..AdapterLimits::default() };
+        let store = AdapterStore::new(registry, 1 << 20, tiny_base(), base_weight).with_limits(limits);
+        let e = store.module("m").err().expect("the component's bytes exceed the limit");
+        assert_eq!(e.code(), "limit_exceeded", "{e}");
     }
 }

@@ -72,6 +72,21 @@ pub struct Recipe {
     pub compress: Option<Compression>,
 }
 
+impl Recipe {
+    /// Every file or folder the recipe reads (component task vectors, their Fisher files and the
+    /// base Fisher file): what the merged module's fingerprint, size and version must cover.
+    pub fn sources(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.fisher_base.iter().cloned().collect();
+        for c in &self.components {
+            v.push(c.task_vector.clone());
+            v.extend(c.fisher.iter().cloned());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RecipeFile {
