@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::server::{spawn_with_env, wait_serving};
+use common::server::{first_error, spawn_with_env, wait_exit, wait_serving};
 use modserve::pb;
 use modserve::pb::generate_request::Prompt;
 use modserve::pb::inference_client::InferenceClient;
@@ -45,14 +45,7 @@ async fn a_panicking_step_fails_its_requests_and_the_engine_goes_on() {
     assert!(e.message().contains("panic in the batch step"), "{}", e.message());
     // Streaming sees the same error as its terminal item.
     let mut s = c.generate_stream(req(vec![POISON, 2365], 4)).await.unwrap().into_inner();
-    let mut last = None;
-    while let Some(item) = s.next().await {
-        if let Err(e) = item {
-            last = Some(e);
-            break;
-        }
-    }
-    let e = last.expect("the stream must end with an error");
+    let e = first_error(&mut s).await.expect("the stream must end with an error");
     assert_eq!((e.code(), code_of(&e).as_str()), (Code::Internal, "internal"));
     // The engine goes on: later requests complete, several at once.
     let mut joins = Vec::new();
@@ -82,14 +75,7 @@ async fn a_dead_engine_fails_in_flight_requests_and_the_process_exits() {
     // The poisoned request kills the engine thread.
     let poisoned = c.generate(req(vec![POISON, 504], 4)).await.expect_err("the engine died under it");
     assert_eq!((poisoned.code(), code_of(&poisoned).as_str()), (Code::Unavailable, "engine_stopped"), "{poisoned}");
-    let mut end = None;
-    while let Some(item) = s.next().await {
-        if let Err(e) = item {
-            end = Some(e);
-            break;
-        }
-    }
-    let e = end.expect("the in-flight stream must end with an error, not silently");
+    let e = first_error(&mut s).await.expect("the in-flight stream must end with an error, not silently");
     assert_eq!((e.code(), code_of(&e).as_str()), (Code::Unavailable, "engine_stopped"), "{e}");
     // Health turns NOT_SERVING while the process is still up (it exits half a second later).
     let (t0, mut seen) = (Instant::now(), Vec::new());
@@ -105,13 +91,6 @@ async fn a_dead_engine_fails_in_flight_requests_and_the_process_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(seen.last(), Some(&(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)), "health seen: {seen:?}");
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "the server did not exit after its engine died");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(&mut server, Duration::from_secs(10), "the server did not exit after its engine died").await;
     assert_eq!(status.code(), Some(70), "exit status {status}");
 }

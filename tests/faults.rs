@@ -378,14 +378,7 @@ async fn sigterm_under_load_drains_all_streams() {
         let d = h.await.unwrap().unwrap_or_else(|e| panic!("stream {i} during drain: {e}"));
         assert_eq!((d.tokens.len(), d.finish.as_str(), d.generated), (60, "length", 60), "stream {i}");
     }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no exit after draining");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = common::server::wait_exit(&mut server, Duration::from_secs(30), "no exit after draining").await;
     assert_eq!(status.code(), Some(0));
 }
 

@@ -221,14 +221,7 @@ async fn overload_cancellation_and_deadlines() {
     req.set_timeout(Duration::from_millis(300));
     let t0 = std::time::Instant::now();
     let mut s = client.generate_stream(req).await.unwrap().into_inner();
-    let mut err = None;
-    while let Some(c) = s.next().await {
-        if let Err(e) = c {
-            err = Some(e);
-            break;
-        }
-    }
-    let e = err.expect("the stream must end with an error");
+    let e = common::server::first_error(&mut s).await.expect("the stream must end with an error");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
     assert!(t0.elapsed() < Duration::from_secs(10));
     let t1 = std::time::Instant::now();

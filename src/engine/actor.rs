@@ -575,14 +575,13 @@ impl EngineLoop {
 
 impl Active {
     /// Ends the sequence with `e` as its terminal event: the tokens not yet delivered are
-    /// dropped, and the error is queued like any event, so it reaches the client even when the
-    /// stream buffer is full (the sequence stays until it is delivered, the client leaves, or
-    /// the slow-client timeout drops it).
+    /// dropped, and the error is queued like any event (housekeeping delivers it), so it reaches
+    /// the client even when the stream buffer is full (the sequence stays until it is delivered,
+    /// the client leaves, or the slow-client timeout drops it).
     fn fail(&mut self, e: EngineError) {
         self.pending.clear();
         self.pending.push_back(Err(e));
         self.seq.abort();
-        let _ = self.flush();
     }
 }
 

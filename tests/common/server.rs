@@ -103,3 +103,26 @@ pub fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
         .filter(|l| l[name.len()..].starts_with(['{', ' ']))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Reads a stream until its first error (returned), or its end (None).
+pub async fn first_error<T>(s: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
+    use tokio_stream::StreamExt;
+    while let Some(item) = s.next().await {
+        if let Err(e) = item {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// Waits for the server process to exit, panicking with `what` after `timeout`.
+pub async fn wait_exit(server: &mut TestServer, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(t0.elapsed() < timeout, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

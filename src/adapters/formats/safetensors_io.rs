@@ -10,7 +10,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::adapters::error::AdapterError;
 
-/// Reads a whole file, mapping I/O failures to `Io` naming it.
+/// Reads a whole regular file ([`crate::adapters::source::read_regular`]: FIFOs and devices are
+/// refused without blocking; a missing file is `Io`, another I/O failure `Unreadable`).
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, AdapterError> {
     crate::adapters::source::read_regular(path)
 }
