@@ -88,6 +88,22 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "MODSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// OpenAI-compatible HTTP API listen address (`/v1/models`, `/v1/completions`,
+    /// `/v1/chat/completions`, `/health`), with the same tokens, TLS and limits as gRPC; empty
+    /// (the default) to disable.
+    #[arg(long, env = "MODSERVE_HTTP_LISTEN", default_value = "")]
+    pub http_listen: String,
+    /// Folder of the server's own durable state (saved compositions); created when missing.
+    #[arg(long, env = "MODSERVE_STATE_DIR", default_value = "state")]
+    pub state_dir: PathBuf,
+    /// The base model's name in requests and listings (`model`); default: the model file's name
+    /// without `.gguf` (or the model folder's name). `base` always works as well.
+    #[arg(long, env = "MODSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Per-module metrics: how many distinct module ids (and, separately, composition names) get
+    /// their own label value; the first ones seen keep it, later ones count under `other`.
+    #[arg(long, env = "MODSERVE_METRICS_TOP_MODULES", default_value_t = 32)]
+    pub metrics_top_modules: usize,
     /// Prometheus `/metrics` listen address (HTTP); empty to disable.
     #[arg(long, env = "MODSERVE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: String,

@@ -53,6 +53,14 @@ pub enum AdapterError {
     UnknownTarget { path: PathBuf, target: String },
     #[error("module `{}` is not registered", clip(.0))]
     UnknownModule(String),
+    #[error("composition `{}` is not saved", clip(.0))]
+    UnknownComposition(String),
+    /// A request's `model` names nothing the server has.
+    #[error("model `{}` is neither the base model, a registered module, a saved composition nor a composition expression (`a+b@0.5+inv#task=1`)", clip(.0))]
+    UnknownModel(String),
+    /// The server's own state (saved compositions) could not be read or written (INTERNAL).
+    #[error("server state {}: {reason}", clip_path(path))]
+    State { path: PathBuf, reason: String },
     #[error("module `{}`: unknown task id {task} (the inventory has {n_tasks} tasks)", clip(module))]
     UnknownTask { module: String, task: i64, n_tasks: usize },
     #[error("module id `{}` is refused: {reason}", clip(id))]
@@ -83,6 +91,9 @@ impl AdapterError {
             Self::NonFinite { .. } => "adapter_non_finite",
             Self::UnknownTarget { .. } => "adapter_unknown_target",
             Self::UnknownModule(_) => "unknown_module",
+            Self::UnknownComposition(_) => "unknown_composition",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::State { .. } => "state_io",
             Self::UnknownTask { .. } => "unknown_task",
             Self::BadPath { .. } => "adapter_path",
             Self::WrongKind { .. } => "adapter_kind",

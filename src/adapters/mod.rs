@@ -26,6 +26,7 @@ pub mod gate;
 pub mod loader;
 pub mod merge;
 pub mod module_deltas;
+pub mod named;
 pub mod registry;
 pub mod source;
 pub mod store;

@@ -193,8 +193,10 @@ fn validate_id(id: &str) -> Result<(), AdapterError> {
     if id.is_empty() || id.len() > 256 {
         return Err(bad("module ids are 1 to 256 bytes"));
     }
-    if id.chars().any(|c| c.is_control() || c == '#' || c == '@') {
-        return Err(bad("module ids may not contain control characters, `#` or `@`"));
+    if id.chars().any(|c| c.is_control() || crate::adapters::composition::EXPRESSION_CHARS.contains(&c)) {
+        return Err(bad(
+            "module ids may not contain control characters, `+`, `@` or `#` (they separate the parts of a composition expression)",
+        ));
     }
     Ok(())
 }

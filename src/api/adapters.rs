@@ -9,6 +9,7 @@ use tonic::{Code, Request, Response, Status};
 use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
+use crate::adapters::composition::{parse_expression, to_expression, CompositionSpec};
 use crate::adapters::loader::{LoadedModule, ModuleData};
 use crate::adapters::registry::Registration;
 use crate::adapters::store::AdapterStore;
@@ -28,6 +29,18 @@ impl AdaptersApi {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+}
+
+fn composition_info(ready: &super::state::Ready, name: String, spec: &CompositionSpec, replaced: bool) -> pb::CompositionInfo {
+    let (deltas, route) = super::inference::spec_to_pb(spec);
+    pb::CompositionInfo {
+        name,
+        deltas,
+        route,
+        expression: to_expression(spec),
+        missing_modules: super::submit::missing_modules(ready, spec),
+        replaced,
+    }
 }
 
 fn cache_prefix(id: &str) -> String {
@@ -155,5 +168,62 @@ impl pb::adapters_server::Adapters for AdaptersApi {
         store.registry().get(&id)?;
         let n = store.cache().evict_prefix(&cache_prefix(&id));
         Ok(Response::new(pb::EvictResponse { evicted: n as u32 }))
+    }
+
+    async fn save_composition(&self, request: Request<pb::SaveCompositionRequest>) -> Result<Response<pb::CompositionInfo>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
+        let ready = self.state.loaded()?;
+        let r = request.into_inner();
+        let spec = if r.expression.is_empty() {
+            super::inference::spec_from_pb(r.deltas, r.route)?
+        } else if r.deltas.is_empty() && r.route.is_none() {
+            parse_expression(&r.expression)?
+        } else {
+            return Err(status(Code::InvalidArgument, "invalid_composition", "give either an expression or deltas/route, not both"));
+        };
+        if ready.store.as_ref().is_some_and(|s| s.registry().get(&r.name).is_ok())
+            || r.name == super::submit::BASE_ALIAS
+            || r.name == ready.base_name
+        {
+            return Err(status(
+                Code::AlreadyExists,
+                "name_taken",
+                format!("`{}` already names a module or the base model", crate::adapters::error::clip(&r.name)),
+            ));
+        }
+        let book = ready.book.clone();
+        let (name, spec2) = (r.name.clone(), spec.clone());
+        let replaced = blocking(move || Ok(book.save(&name, spec2)?)).await?;
+        tracing::info!(composition = %r.name, expression = %to_expression(&spec), replaced, "composition saved");
+        Ok(Response::new(composition_info(ready, r.name, &spec, replaced)))
+    }
+
+    async fn delete_composition(&self, request: Request<pb::CompositionRef>) -> Result<Response<pb::DeleteCompositionResponse>, Status> {
+        self.tokens.check(&request, Scope::Admin)?;
+        let ready = self.state.loaded()?;
+        let name = request.into_inner().name;
+        let book = ready.book.clone();
+        blocking(move || Ok(book.delete(&name)?)).await?;
+        Ok(Response::new(pb::DeleteCompositionResponse {}))
+    }
+
+    async fn list_compositions(
+        &self,
+        request: Request<pb::ListCompositionsRequest>,
+    ) -> Result<Response<pb::ListCompositionsResponse>, Status> {
+        self.tokens.check(&request, Scope::Inference)?;
+        let ready = self.state.loaded()?;
+        let compositions = ready.book.list().into_iter().map(|(n, s)| composition_info(ready, n, &s, false)).collect();
+        Ok(Response::new(pb::ListCompositionsResponse { compositions }))
+    }
+
+    async fn list_models(&self, request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.tokens.check(&request, Scope::Inference)?;
+        let ready = self.state.loaded()?;
+        let models = super::submit::catalog(ready)
+            .into_iter()
+            .map(|e| pb::ModelEntry { id: e.id, kind: e.kind.into(), detail: e.detail, missing_modules: e.missing })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

@@ -91,10 +91,14 @@ impl TokenSet {
 
     /// Checks the request's `authorization: Bearer ...` for `need`.
     pub fn check<T>(&self, req: &Request<T>, need: Scope) -> Result<(), Status> {
+        self.check_header(req.metadata().get("authorization").and_then(|v| v.to_str().ok()), need)
+    }
+
+    /// Checks an `Authorization` header value (gRPC metadata or HTTP header) for `need`.
+    pub fn check_header(&self, header: Option<&str>, need: Scope) -> Result<(), Status> {
         if self.is_empty() {
             return Ok(());
         }
-        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
             return Err(status(Code::Unauthenticated, "unauthenticated", "missing `authorization: Bearer <token>`"));
         };

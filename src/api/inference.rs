@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::Receiver;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
@@ -13,6 +14,7 @@ use tonic::{Code, Request, Response, Status};
 use super::auth::{Scope, TokenSet};
 use super::state::ServingState;
 use super::status::status;
+use super::submit::{self, combine, resolve_model, UsageLabels};
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::engine::actor::{EventResult, FinishInfo, StreamEvent};
@@ -38,21 +40,16 @@ impl InferenceApi {
         Self { state, tokens }
     }
 
-    async fn start(&self, metadata: &MetadataMap, r: pb::GenerateRequest) -> Result<tokio::sync::mpsc::Receiver<EventResult>, Status> {
+    /// Resolves the request's `model`, prepares and submits it; returns its events and the labels
+    /// its metrics are counted under.
+    async fn start(&self, metadata: &MetadataMap, mut r: pb::GenerateRequest) -> Result<(Receiver<EventResult>, UsageLabels), Status> {
         let ready = self.state.accepting()?;
-        let req = to_engine_request(r, grpc_deadline(metadata))?;
-        let span = tracing::info_span!("request", request_id = %req.request_id, composition = ?req.composition);
-        // Entered only around synchronous work: a guard held across the await below stayed
-        // entered on the worker thread while other requests ran there, and tracing-subscriber
-        // then panicked ("tried to clone a span that already closed") under concurrent load.
-        let front = ready.front.clone();
-        let store = ready.store.clone();
-        let prepare = span.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare.in_scope(|| front.prepare(store.as_deref(), req)))
-            .await
-            .map_err(|e| status(Code::Internal, "internal", e.to_string()))??;
-        let rx = span.in_scope(|| ready.engine.submit(prepared))?;
-        Ok(rx)
+        let model = std::mem::take(&mut r.model);
+        let mut req = to_engine_request(r, grpc_deadline(metadata))?;
+        let resolved = resolve_model(ready, &model)?;
+        req.composition = combine(resolved.spec.clone(), std::mem::take(&mut req.composition))?;
+        let labels = UsageLabels::new(ready, &resolved, &req.composition);
+        Ok((submit::start(&self.state, req).await?, labels))
     }
 }
 
@@ -100,13 +97,25 @@ pub fn to_engine_request(r: pb::GenerateRequest, deadline: Option<Instant>) -> R
         top_logprobs: r.top_logprobs as usize,
     };
     sampling.validate().map_err(|e| invalid(e.to_string()))?;
-    let composition = CompositionSpec {
-        deltas: r
-            .deltas
+    let composition = spec_from_pb(r.deltas, r.route)?;
+    let max_new_tokens = if r.max_new_tokens == 0 { DEFAULT_MAX_NEW_TOKENS } else { r.max_new_tokens as usize };
+    Ok(EngineRequest {
+        prompt,
+        spec: GenerateSpec { prompt_ids: Vec::new(), max_new_tokens, min_new_tokens: r.min_new_tokens as usize, stop: r.stop, sampling },
+        composition,
+        deadline,
+        request_id: if r.request_id.is_empty() { uuid_like() } else { r.request_id },
+    })
+}
+
+/// A composition from its protobuf parts (a scale of 0 reads as 1 unless `scale_is_set`).
+pub fn spec_from_pb(deltas: Vec<pb::DeltaRef>, route: Option<pb::PolyRoute>) -> Result<CompositionSpec, Status> {
+    Ok(CompositionSpec {
+        deltas: deltas
             .into_iter()
             .map(|d| DeltaRef { scale: if d.scale == 0.0 && !d.scale_is_set { 1.0 } else { d.scale }, id: d.module_id })
             .collect(),
-        route: match r.route {
+        route: match route {
             None => None,
             Some(pb::PolyRoute { inventory_id, routing }) => Some((
                 inventory_id,
@@ -117,15 +126,20 @@ pub fn to_engine_request(r: pb::GenerateRequest, deadline: Option<Instant>) -> R
                 },
             )),
         },
-    };
-    let max_new_tokens = if r.max_new_tokens == 0 { DEFAULT_MAX_NEW_TOKENS } else { r.max_new_tokens as usize };
-    Ok(EngineRequest {
-        prompt,
-        spec: GenerateSpec { prompt_ids: Vec::new(), max_new_tokens, min_new_tokens: r.min_new_tokens as usize, stop: r.stop, sampling },
-        composition,
-        deadline,
-        request_id: if r.request_id.is_empty() { uuid_like() } else { r.request_id },
     })
+}
+
+/// The protobuf parts of a composition.
+pub fn spec_to_pb(spec: &CompositionSpec) -> (Vec<pb::DeltaRef>, Option<pb::PolyRoute>) {
+    let deltas = spec.deltas.iter().map(|d| pb::DeltaRef { module_id: d.id.clone(), scale: d.scale, scale_is_set: true }).collect();
+    let route = spec.route.as_ref().map(|(inv, r)| pb::PolyRoute {
+        inventory_id: inv.clone(),
+        routing: Some(match r {
+            Routing::Task(t) => pb::poly_route::Routing::TaskId(*t),
+            Routing::Weights(w) => pb::poly_route::Routing::Weights(pb::RoutingWeights { values: w.clone() }),
+        }),
+    });
+    (deltas, route)
 }
 
 fn uuid_like() -> String {
@@ -144,7 +158,7 @@ fn usage_timings(f: &FinishInfo) -> (pb::Usage, pb::Timings) {
     )
 }
 
-fn to_chunk(ev: StreamEvent) -> pb::GenerateChunk {
+fn to_chunk(ev: StreamEvent, labels: &UsageLabels) -> pb::GenerateChunk {
     match ev {
         StreamEvent::Token { token, top: t, text } => pb::GenerateChunk {
             text,
@@ -156,6 +170,7 @@ fn to_chunk(ev: StreamEvent) -> pb::GenerateChunk {
         StreamEvent::Finished(f) => {
             let (usage, timings) = usage_timings(&f);
             metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
+            labels.record(&f);
             pb::GenerateChunk { finish_reason: f.reason.as_str().into(), usage: Some(usage), timings: Some(timings), ..Default::default() }
         }
     }
@@ -171,11 +186,12 @@ impl pb::inference_server::Inference for InferenceApi {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
         self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
-        let rx = self.start(&md, r).await.map_err(count_error)?;
+        let (rx, labels) = self.start(&md, r).await.map_err(count_error)?;
         let engine = self.state.ready().map(|r| r.engine.clone());
         let out = Collected::collect(rx).await.map_err(|e| count_error(engine_end(engine.as_ref(), e).into()))?;
         let f = out.finish.expect("collect() guarantees a finish");
         metrics::counter!("modserve_requests_total", "code" => "ok").increment(1);
+        labels.record(&f);
         let (usage, timings) = usage_timings(&f);
         Ok(Response::new(pb::GenerateResponse {
             text: out.text,
@@ -194,17 +210,16 @@ impl pb::inference_server::Inference for InferenceApi {
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
         self.tokens.check(&request, Scope::Inference).map_err(count_error)?;
         let (md, _, r) = request.into_parts();
-        let rx = self.start(&md, r).await.map_err(count_error)?;
+        let (rx, labels) = self.start(&md, r).await.map_err(count_error)?;
         let engine = self.state.ready().map(|r| r.engine.clone());
-        let stream = FinishGuard { inner: tokio_stream::wrappers::ReceiverStream::new(rx), ended: false, engine }
-            .map(|ev| ev.map(to_chunk).map_err(|e| count_error(e.into())));
+        let stream = FinishGuard::new(rx, engine).map(move |ev| ev.map(|ev| to_chunk(ev, &labels)).map_err(|e| count_error(e.into())));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
 /// The error of a stream the engine closed without a final event: the engine died (UNAVAILABLE,
 /// whatever the stream buffer held), or else the request was dropped as a slow client.
-fn engine_end(engine: Option<&crate::engine::actor::EngineHandle>, e: EngineError) -> EngineError {
+pub fn engine_end(engine: Option<&crate::engine::actor::EngineHandle>, e: EngineError) -> EngineError {
     match e {
         EngineError::SlowClient if engine.is_some_and(|h| h.died()) => EngineError::Stopped,
         e => e,
@@ -213,11 +228,17 @@ fn engine_end(engine: Option<&crate::engine::actor::EngineHandle>, e: EngineErro
 
 /// Ends a stream with an error when the engine closed it without a final event (the request was
 /// dropped as a slow client, or the engine died), instead of a silent, successful-looking end.
-struct FinishGuard {
+pub struct FinishGuard {
     inner: tokio_stream::wrappers::ReceiverStream<EventResult>,
     /// A final event or an error went out.
     ended: bool,
     engine: Option<crate::engine::actor::EngineHandle>,
+}
+
+impl FinishGuard {
+    pub fn new(rx: Receiver<EventResult>, engine: Option<crate::engine::actor::EngineHandle>) -> Self {
+        Self { inner: tokio_stream::wrappers::ReceiverStream::new(rx), ended: false, engine }
+    }
 }
 
 impl Stream for FinishGuard {

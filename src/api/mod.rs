@@ -7,9 +7,11 @@
 //! exits at once.
 pub mod adapters;
 pub mod auth;
+pub mod http;
 pub mod inference;
 pub mod state;
 pub mod status;
+pub mod submit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +54,12 @@ pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
         .install()?;
     tracing::info!(%addr, "metrics on /metrics");
     Ok(())
+}
+
+/// The default name of the base model: its file name without `.gguf`, or its folder's name.
+pub fn base_model_name(source: &std::path::Path) -> String {
+    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
 }
 
 /// Registers every module folder found directly under the adapter root, by folder name. Only
@@ -98,6 +106,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
+    let http_public = !args.http_listen.is_empty() && args.http_listen.parse::<SocketAddr>().map(|a| !a.ip().is_loopback()).unwrap_or(true);
+    if tokens.is_empty() && http_public && !args.security.insecure_allow_anonymous {
+        anyhow::bail!(
+            "refusing to serve HTTP on {} without authentication: give --auth-tokens-file, listen on loopback, or pass --insecure-allow-anonymous",
+            args.http_listen
+        );
+    }
     install_metrics(&args.metrics_listen)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -109,6 +124,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let model_args = args.model.clone();
         let adapter_args = args.adapters.clone();
         let limits = args.limits.clone();
+        let (state_dir, served_name, top_n) = (args.state_dir.clone(), args.served_model_name.clone(), args.metrics_top_modules);
         let cfg = EngineConfig {
             max_queued: args.max_queued,
             max_running: args.max_running,
@@ -142,8 +158,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     max_stop_strings: limits.max_stop_strings,
                     max_stop_bytes: limits.max_stop_bytes,
                 }));
+                let book = Arc::new(crate::adapters::named::CompositionBook::open(&state_dir)?);
+                tracing::info!(state_dir = %state_dir.display(), compositions = book.list().len(), "saved compositions loaded");
+                let base_name = served_name.unwrap_or_else(|| base_model_name(&model.source));
                 let engine = spawn_engine(model.llama.clone(), front.clone(), cfg)?;
-                Ok(Ready { engine, front, store })
+                Ok(Ready { engine, front, store, book, base_name, labels: submit::label_budget(top_n) })
             })
             .await;
             match loaded {
@@ -184,11 +203,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Older clients (grpcurl before 1.8.8, grpcio-reflection's descriptor database) speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "listening");
     // Scripts and tests read this line to learn the port when --listen uses port 0.
     println!("modserve listening on {local}");
+
+    let http = if args.http_listen.is_empty() {
+        None
+    } else {
+        let st = http::HttpState { serving: state.clone(), tokens: tokens.clone() };
+        Some(http::start(&args.http_listen, st, &args.security, args.limits.max_request_bytes).await?)
+    };
 
     let drain_timeout = Duration::from_secs(args.drain_timeout);
     let shutdown = {
@@ -213,6 +244,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             tracing::info!("drained");
+            if let Some(h) = &http {
+                h.shutdown(Duration::from_secs(1));
+            }
         }
     };
     let mut builder = tonic::transport::Server::builder();
@@ -232,6 +266,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(admin)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);

@@ -1,4 +1,4 @@
-//! What the gRPC services share: the engine handle, the text front end and the adapter store once
+//! What the gRPC services and the HTTP API share: the engine handle, the text front end and the adapter store once
 //! the model is loaded, and the draining flag.
 //!
 //! Invariant: before the model is ready, or once draining has begun, every inference call is
@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use tonic::{Code, Status};
 
 use super::status::status;
+use crate::adapters::named::CompositionBook;
 use crate::adapters::store::AdapterStore;
 use crate::engine::actor::EngineHandle;
 use crate::engine::prepare::TextFrontEnd;
@@ -18,6 +19,12 @@ pub struct Ready {
     pub engine: EngineHandle,
     pub front: Arc<TextFrontEnd>,
     pub store: Option<Arc<AdapterStore>>,
+    /// Saved compositions.
+    pub book: Arc<CompositionBook>,
+    /// The base model's name (`model` in requests and listings).
+    pub base_name: String,
+    /// Bounds the label values of per-module metrics.
+    pub labels: Arc<super::submit::LabelBudget>,
 }
 
 /// Shared serving state.
@@ -45,6 +52,11 @@ impl ServingState {
         if self.is_draining() {
             return Err(status(Code::Unavailable, "draining", "the server is shutting down"));
         }
+        self.ready.get().ok_or_else(|| status(Code::Unavailable, "not_ready", "the model is still loading"))
+    }
+
+    /// The ready state regardless of draining, or UNAVAILABLE while the model loads.
+    pub fn loaded(&self) -> Result<&Ready, Status> {
         self.ready.get().ok_or_else(|| status(Code::Unavailable, "not_ready", "the model is still loading"))
     }
 

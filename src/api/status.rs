@@ -49,7 +49,11 @@ impl From<AdapterError> for Status {
 /// (FAILED_PRECONDITION: fix the module, not the request).
 pub fn adapter_code(e: &AdapterError) -> Code {
     match e {
-        AdapterError::UnknownModule(_) | AdapterError::UnknownTask { .. } | AdapterError::Io { .. } => Code::NotFound,
+        AdapterError::UnknownModule(_)
+        | AdapterError::UnknownComposition(_)
+        | AdapterError::UnknownModel(_)
+        | AdapterError::UnknownTask { .. }
+        | AdapterError::Io { .. } => Code::NotFound,
         AdapterError::BadPath { .. } | AdapterError::Composition(_) | AdapterError::WrongKind { .. } | AdapterError::Limit(_) => {
             Code::InvalidArgument
         }
@@ -59,9 +63,34 @@ pub fn adapter_code(e: &AdapterError) -> Code {
         | AdapterError::NonFinite { .. }
         | AdapterError::UnknownTarget { .. }
         | AdapterError::Recipe { .. } => Code::FailedPrecondition,
-        AdapterError::Tensor(_) | AdapterError::Unreadable { .. } => Code::Internal,
+        AdapterError::Tensor(_) | AdapterError::Unreadable { .. } | AdapterError::State { .. } => Code::Internal,
         AdapterError::Busy(_) => Code::ResourceExhausted,
     }
+}
+
+/// The HTTP status of a gRPC code (the OpenAI-compatible API answers with these), and the
+/// OpenAI error `type` that goes with it.
+pub fn http_status(code: Code) -> (u16, &'static str) {
+    match code {
+        Code::Ok => (200, ""),
+        Code::InvalidArgument | Code::OutOfRange => (400, "invalid_request_error"),
+        Code::Unauthenticated => (401, "authentication_error"),
+        Code::PermissionDenied => (403, "permission_error"),
+        Code::NotFound => (404, "not_found_error"),
+        Code::AlreadyExists | Code::Aborted => (409, "conflict_error"),
+        Code::FailedPrecondition => (422, "invalid_request_error"),
+        Code::ResourceExhausted => (429, "rate_limit_error"),
+        Code::Cancelled => (499, "cancelled"),
+        Code::Unimplemented => (501, "server_error"),
+        Code::Unavailable => (503, "server_error"),
+        Code::DeadlineExceeded => (504, "timeout_error"),
+        Code::Internal | Code::Unknown | Code::DataLoss => (500, "server_error"),
+    }
+}
+
+/// The stable error code a status carries (`internal` when it has none).
+pub fn stable_code(s: &Status) -> String {
+    s.metadata().get("modserve-error-code").and_then(|v| v.to_str().ok()).unwrap_or("internal").to_string()
 }
 
 #[cfg(test)]
