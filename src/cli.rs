@@ -28,8 +28,8 @@ pub enum Command {
     FetchModel(FetchArgs),
     /// Generate text in-process (no server).
     Generate(GenerateArgs),
-    /// Start the gRPC server.
-    Serve(ServeArgs),
+    /// Start the server (gRPC, and the OpenAI HTTP API with --http-listen).
+    Serve(Box<ServeArgs>),
     /// Run the in-process benchmark scenarios and print a table.
     Bench(BenchArgs),
     /// Load-test a running server over gRPC and print a JSON report.

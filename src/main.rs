@@ -75,7 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => {
             modserve::bootstrap::set_threads(a.model.threads);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(modserve::api::serve(a))
+            rt.block_on(modserve::api::serve(*a))
         }
     }
 }

@@ -11,6 +11,7 @@ use super::error::AdapterError;
 use super::formats::poly::Routing;
 use super::loader::LoadedModule;
 use super::module_deltas::ModuleDeltas;
+pub use super::registry::EXPRESSION_CHARS;
 
 /// One `(module id, scale)` of a composition.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,10 +76,6 @@ pub fn parse_route(s: &str) -> Result<(String, Routing), AdapterError> {
         _ => Err(AdapterError::Composition(format!("`{s}`: `{r}` is neither a task id nor a list of weights"))),
     }
 }
-
-/// Characters that separate the parts of a composition expression; module ids and composition
-/// names may not contain them.
-pub const EXPRESSION_CHARS: [char; 3] = ['+', '@', '#'];
 
 /// Parses a composition expression: terms joined by `+`, each `MODULE[@SCALE]` or a Poly route
 /// `INVENTORY#task=N` / `INVENTORY#w=W1,W2,...` (at most one route). Whitespace around terms is

@@ -14,9 +14,10 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::composition::{CompositionSpec, DeltaRef, EXPRESSION_CHARS};
+use super::composition::{CompositionSpec, DeltaRef};
 use super::error::AdapterError;
 use super::formats::poly::Routing;
+use super::registry::EXPRESSION_CHARS;
 
 /// File name inside the state folder.
 pub const FILE_NAME: &str = "compositions.json";

@@ -188,12 +188,16 @@ impl Registry {
 }
 
 /// Ids are printable, at most 256 bytes, and contain no `#` (used in cache keys).
+/// Characters that separate the parts of a composition expression (`a+b@0.5+inv#task=1`);
+/// module ids and composition names may not contain them.
+pub const EXPRESSION_CHARS: [char; 3] = ['+', '@', '#'];
+
 fn validate_id(id: &str) -> Result<(), AdapterError> {
     let bad = |reason: &str| AdapterError::BadPath { id: id.into(), reason: reason.into() };
     if id.is_empty() || id.len() > 256 {
         return Err(bad("module ids are 1 to 256 bytes"));
     }
-    if id.chars().any(|c| c.is_control() || crate::adapters::composition::EXPRESSION_CHARS.contains(&c)) {
+    if id.chars().any(|c| c.is_control() || EXPRESSION_CHARS.contains(&c)) {
         return Err(bad(
             "module ids may not contain control characters, `+`, `@` or `#` (they separate the parts of a composition expression)",
         ));

@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod auth;
 pub mod http;
 pub mod inference;
+pub mod labels;
 pub mod state;
 pub mod status;
 pub mod submit;
@@ -162,7 +163,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::info!(state_dir = %state_dir.display(), compositions = book.list().len(), "saved compositions loaded");
                 let base_name = served_name.unwrap_or_else(|| base_model_name(&model.source));
                 let engine = spawn_engine(model.llama.clone(), front.clone(), cfg)?;
-                Ok(Ready { engine, front, store, book, base_name, labels: submit::label_budget(top_n) })
+                Ok(Ready { engine, front, store, book, base_name, labels: Arc::new(labels::LabelBudget::new(top_n)) })
             })
             .await;
             match loaded {

@@ -24,7 +24,7 @@ pub struct Ready {
     /// The base model's name (`model` in requests and listings).
     pub base_name: String,
     /// Bounds the label values of per-module metrics.
-    pub labels: Arc<super::submit::LabelBudget>,
+    pub labels: Arc<super::labels::LabelBudget>,
 }
 
 /// Shared serving state.

@@ -8,17 +8,15 @@
 //! registered; the store checks that when it resolves the composition). Metric labels are module
 //! ids and composition names only, at most `top_n` distinct values each, the rest under `other`:
 //! no request can grow the number of series without bound.
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
 use tokio::sync::mpsc::Receiver;
 use tonic::{Code, Status};
 
 use super::state::{Ready, ServingState};
 use super::status::status;
-use crate::adapters::composition::{parse_expression, CompositionSpec, EXPRESSION_CHARS};
+use crate::adapters::composition::{parse_expression, CompositionSpec};
 use crate::adapters::error::AdapterError;
 use crate::adapters::named::module_ids;
+use crate::adapters::registry::EXPRESSION_CHARS;
 use crate::engine::actor::{EventResult, FinishInfo};
 use crate::engine::prepare::EngineRequest;
 
@@ -133,34 +131,6 @@ pub fn catalog(ready: &Ready) -> Vec<CatalogEntry> {
     out
 }
 
-/// Label values with a bounded count: the first `top_n` distinct values seen keep their own
-/// label, later ones are counted under `other`.
-pub struct LabelBudget {
-    top_n: usize,
-    seen: Mutex<HashSet<String>>,
-}
-
-/// The label of everything beyond the budget.
-pub const OTHER_LABEL: &str = "other";
-
-impl LabelBudget {
-    pub fn new(top_n: usize) -> Self {
-        Self { top_n, seen: Mutex::new(HashSet::new()) }
-    }
-
-    pub fn label(&self, value: &str) -> String {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(value) {
-            return value.to_string();
-        }
-        if seen.len() < self.top_n {
-            seen.insert(value.to_string());
-            return value.to_string();
-        }
-        OTHER_LABEL.into()
-    }
-}
-
 /// Per-module and per-composition labels of one request, fixed when it is admitted.
 #[derive(Debug, Clone, Default)]
 pub struct UsageLabels {
@@ -192,27 +162,9 @@ impl UsageLabels {
     }
 }
 
-/// Builds a fresh [`LabelBudget`] shared by a server's front ends.
-pub fn label_budget(top_n: usize) -> Arc<LabelBudget> {
-    Arc::new(LabelBudget::new(top_n))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn labels_are_bounded() {
-        let b = LabelBudget::new(2);
-        assert_eq!(b.label("a"), "a");
-        assert_eq!(b.label("b"), "b");
-        assert_eq!(b.label("c"), OTHER_LABEL);
-        assert_eq!(b.label("a"), "a");
-        for i in 0..1000 {
-            assert_eq!(b.label(&format!("x{i}")), OTHER_LABEL);
-        }
-        assert_eq!(b.seen.lock().unwrap().len(), 2);
-    }
 
     #[test]
     fn combining_keeps_one_route() {

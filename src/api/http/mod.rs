@@ -6,6 +6,7 @@
 //! HTTP code by the one table in [`super::status`], and sent in OpenAI's error shape
 //! (`{"error": {"message", "type", "param", "code"}}`, `code` = the stable error code). Requests
 //! are refused (503) while the model loads or the server drains, as gRPC calls are.
+mod common;
 mod openai;
 mod respond;
 
@@ -19,54 +20,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tonic::Status;
 
-use super::auth::{Scope, TokenSet};
-use super::state::ServingState;
-use super::status::{http_status, stable_code};
+use super::auth::Scope;
+use super::status::stable_code;
 use crate::config::SecurityArgs;
 
-/// What every handler shares.
-#[derive(Clone)]
-pub struct HttpState {
-    pub serving: Arc<ServingState>,
-    pub tokens: TokenSet,
-}
-
-/// An error on its way out: a gRPC status, rendered as OpenAI's error JSON.
-pub struct ApiError(pub Status);
-
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        Self(s)
-    }
-}
-
-impl From<crate::adapters::error::AdapterError> for ApiError {
-    fn from(e: crate::adapters::error::AdapterError) -> Self {
-        Self(e.into())
-    }
-}
-
-/// OpenAI's error body for a status.
-pub fn error_body(s: &Status) -> serde_json::Value {
-    let (_, kind) = http_status(s.code());
-    serde_json::json!({"error": {"message": s.message(), "type": kind, "param": null, "code": stable_code(s)}})
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (code, _) = http_status(self.0.code());
-        metrics::counter!("modserve_http_requests_total", "status" => code.to_string()).increment(1);
-        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(error_body(&self.0))).into_response()
-    }
-}
-
-/// A 400 with the stable code `invalid_argument` (or `unsupported_field`).
-pub fn bad_request(stable: &str, msg: impl Into<String>) -> ApiError {
-    ApiError(super::status::status(tonic::Code::InvalidArgument, stable, msg))
-}
+pub use common::{bad_request, error_body, ApiError, HttpState};
 
 async fn require_inference(State(st): State<HttpState>, req: Request, next: Next) -> Response {
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{bad_request, ApiError};
+use super::common::{bad_request, ApiError};
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::engine::prepare::{EngineRequest, PromptInput};

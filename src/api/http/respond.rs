@@ -16,8 +16,8 @@ use axum::Json;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::common::{error_body, ApiError, HttpState};
 use super::openai::{ChatRequest, CompletionRequest, Parsed};
-use super::{error_body, ApiError, HttpState};
 use crate::api::inference::{engine_end, FinishGuard};
 use crate::api::submit::{combine, resolve_model, start, UsageLabels};
 use crate::engine::actor::{FinishInfo, StreamEvent};
@@ -143,7 +143,7 @@ async fn run(st: HttpState, p: Parsed, kind: Kind) -> Result<Response, ApiError>
             Ok(StreamEvent::Token { token, top, text }) => {
                 let lp = want_logprobs.then(|| match kind {
                     Kind::Chat => json!({"content": [tokens.chat_entry(&token, &top)]}),
-                    Kind::Completion => tokens.completion_logprobs(&[(token.clone(), top.clone())], offset),
+                    Kind::Completion => tokens.completion_logprobs(&[(token, top.clone())], offset),
                 });
                 offset += text.len();
                 let choice = match kind {
@@ -188,7 +188,7 @@ async fn run(st: HttpState, p: Parsed, kind: Kind) -> Result<Response, ApiError>
 
 /// Reads a JSON body with OpenAI-shaped errors for malformed input.
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| super::bad_request("invalid_argument", format!("request body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| super::common::bad_request("invalid_argument", format!("request body: {e}")))
 }
 
 pub async fn completions(State(st): State<HttpState>, bytes: axum::body::Bytes) -> Response {
