@@ -13,6 +13,8 @@ pub struct TestServer {
     pub child: Child,
     pub url: String,
     pub metrics_addr: String,
+    /// The OpenAI HTTP API's address, when started with `--http-listen`.
+    pub http_addr: Option<String>,
 }
 
 impl Drop for TestServer {
@@ -41,9 +43,16 @@ pub fn spawn_logging(extra: &[&str], filter: Option<&str>, stderr: impl Into<Std
 /// [`spawn`] with extra environment variables for the server process.
 pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)], stderr: impl Into<Stdio>) -> TestServer {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
+    // Each server gets its own state folder (saved compositions) unless the test names one.
+    let state = (!extra.contains(&"--state-dir")).then(|| {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::env::temp_dir().join(format!("modserve-test-state-{}-{n}", std::process::id()))
+    });
     let mut child = Command::new(env!("CARGO_BIN_EXE_modserve"))
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &metrics_addr, "--threads", "2", "--model"])
         .arg(super::reference_model())
+        .args(state.iter().flat_map(|p| [std::ffi::OsStr::new("--state-dir"), p.as_os_str()]))
         .args(extra)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -58,9 +67,15 @@ pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)], stderr: impl Into<St
             break format!("http://{addr}");
         }
     };
+    let http_addr = extra.contains(&"--http-listen").then(|| loop {
+        let line = lines.next().expect("server exited before its HTTP listener").unwrap();
+        if let Some(addr) = line.strip_prefix("modserve http listening on ") {
+            break addr.to_string();
+        }
+    });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    TestServer { child, url, metrics_addr }
+    TestServer { child, url, metrics_addr, http_addr }
 }
 
 /// Polls the health service until `modserve.v1.Inference` is SERVING (or panics after `timeout`).
