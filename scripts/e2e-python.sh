@@ -4,7 +4,11 @@
 # starts `modserve serve` on a free loopback port with the parity adapter kit, waits for the health
 # service to report SERVING, and runs tests/python/test_e2e.py (health, reflection, Adapters.List,
 # streamed generations with a LoRA and a Poly route checked against HF transformers + PEFT tokens,
-# NOT_FOUND for an unknown module). The server is always stopped. Exits non-zero on any failure.
+# NOT_FOUND for an unknown module), then tests/python/test_openai.py against the OpenAI-compatible
+# HTTP API of the same server with the official `openai` package (chat and completions, streamed
+# and not, base / LoRA / named composition / expression / Poly route equal to gRPC, errors) and
+# the stock grpcio-reflection (v1alpha) client. The server is always stopped. Exits non-zero on
+# any failure.
 #
 # Needs: python3 (with venv + pip) and network access to PyPI; cargo when the binary is missing.
 # Environment:
@@ -23,7 +27,7 @@ BIN=${MODSERVE_BIN:-$ROOT/target/debug/modserve}
 MODEL=${MODSERVE_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 READY_TIMEOUT=${PY_E2E_READY_TIMEOUT:-120}
 # Versions that resolve together on PyPI (grpcio-tools 1.76 needs protobuf >= 6.31.1, < 7).
-PY_PKGS=(grpcio==1.76.0 grpcio-tools==1.76.0 grpcio-health-checking==1.76.0 grpcio-reflection==1.76.0 protobuf==6.33.5)
+PY_PKGS=(grpcio==1.76.0 grpcio-tools==1.76.0 grpcio-health-checking==1.76.0 grpcio-reflection==1.76.0 protobuf==6.33.5 openai==3.57.0)
 
 log() { echo "e2e-python: $*" >&2; }
 
@@ -48,7 +52,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # (a) Python environment.
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection' 2>/dev/null; then
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, openai' 2>/dev/null; then
   log "creating venv $VENV"
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
@@ -85,6 +89,7 @@ fi
 # A free port for /metrics (picked by binding port 0, then released).
 METRICS_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 NO_COLOR=1 "$BIN" serve --listen 127.0.0.1:0 --metrics-listen "127.0.0.1:$METRICS_PORT" \
+  --http-listen 127.0.0.1:0 --state-dir "$WORK/state" \
   --adapter-root tests/fixtures/parity --model "$MODEL" --weights f32 --threads 2 \
   >"$WORK/server.out" 2>"$WORK/server.log" &
 SERVER_PID=$!
@@ -97,6 +102,13 @@ for _ in $(seq 300); do  # up to 30 s for the bind
   sleep 0.1
 done
 [[ -n "$ADDR" ]] || { log "server did not print its address"; exit 1; }
+HTTP_ADDR=""
+for _ in $(seq 100); do
+  HTTP_ADDR=$(sed -n 's/^modserve http listening on \(.*\)$/\1/p' "$WORK/server.out" | head -n 1)
+  [[ -n "$HTTP_ADDR" ]] && break
+  sleep 0.1
+done
+[[ -n "$HTTP_ADDR" ]] || { log "server did not print its HTTP address"; exit 1; }
 log "server pid $SERVER_PID on $ADDR; waiting for SERVING (up to ${READY_TIMEOUT}s)"
 
 "$PY" - "$ADDR" "$READY_TIMEOUT" "$SERVER_PID" <<'EOF'
@@ -124,3 +136,4 @@ EOF
 
 # (d) The tests.
 "$PY" tests/python/test_e2e.py --target "$ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json
+"$PY" tests/python/test_openai.py --grpc "$ADDR" --http "$HTTP_ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json
