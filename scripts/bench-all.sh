@@ -11,7 +11,9 @@
 #      module ids lora_000.., sft_lang_0.., sft_task_0.., poly_inv), then `modserve loadgen` per mix
 #      (closed loop, 32 streams, 5 s warm-up, 30 s window, 32 new tokens per request): base32,
 #      lora32 (each request one of the 32 LoRAs, uniformly), sft32 (the 32 lang_i + task_j
-#      compositions), poly32 (task ids 0-31);
+#      compositions), poly32 (task ids 0-31); then the mixes of HTTP_MIXES (default base32 and
+#      lora32) once more over the OpenAI HTTP API of the same server (`loadgen --protocol http`,
+#      same requests), each right after its gRPC run, with the ratio HTTP / gRPC;
 #   7. ttft_under_load once more.
 # Each step prints its table; the outputs are also kept in OUT_DIR (NN-step.txt, bench rows as
 # NN-step.json, loadgen reports as grpc-MIX.json).
@@ -27,6 +29,7 @@
 #   BENCH_STREAMS, BENCH_TOKENS, BENCH_LONG_TOKENS   streams (32) and new tokens (32 and 128),
 #                    smaller for a quick check of the script only
 #   GRPC_WARMUP, GRPC_DURATION                       loadgen windows (5s, 30s)
+#   HTTP_MIXES       the step-6 mixes also run over HTTP (default "base32 lora32"; empty: none)
 #   MODSERVE_MODEL   the GGUF (default models/SmolLM2-135M-Instruct.Q4_1.gguf: `modserve fetch-model`)
 # Peers (the ratios' references; see ../shared/peers/README.md for their setup). A peer step is
 # skipped, with a note, when its script or inputs are missing:
@@ -152,7 +155,7 @@ if step 6; then
 
   say "grpc: serve --threads $THREADS --adapter-root $AROOT"
   "$BIN" serve --threads "$THREADS" --model "$MODEL" --adapter-root "$AROOT" --listen 127.0.0.1:0 --metrics-listen "" \
-    >"$OUT/grpc-server.out" 2>"$OUT/grpc-server.log" &
+    --http-listen 127.0.0.1:0 --state-dir "$OUT/grpc-state" >"$OUT/grpc-server.out" 2>"$OUT/grpc-server.log" &
   SERVER_PID=$!
   trap 'kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT
   ADDR=""
@@ -163,17 +166,30 @@ if step 6; then
     sleep 0.1
   done
   grep -q "model ready: serving" "$OUT/grpc-server.log" || { say "grpc: the server did not get ready"; exit 1; }
+  HTTP_ADDR="$(sed -n 's/^modserve http listening on //p' "$OUT/grpc-server.out" | head -1)"
+  HTTP_MIXES=" ${HTTP_MIXES-base32 lora32} "
   for mix in base32 lora32 sft32 poly32; do
-    say "grpc: loadgen $mix"
-    "$BIN" loadgen --target "http://$ADDR" --concurrency "$STREAMS" --warmup "${GRPC_WARMUP:-5s}" --duration "${GRPC_DURATION:-30s}" \
-      --mix "$OUT/grpc-$mix.mix.json" --report "$OUT/grpc-$mix.json" --quiet >/dev/null
-    python3 - "$mix" "$OUT/grpc-$mix.json" <<'PY'
+    protos=grpc
+    [[ "$HTTP_MIXES" == *" $mix "* ]] && protos="grpc http"
+    for proto in $protos; do
+      target="http://$ADDR"
+      [[ "$proto" == http ]] && target="http://$HTTP_ADDR"
+      say "$proto: loadgen $mix"
+      "$BIN" loadgen --protocol "$proto" --target "$target" --concurrency "$STREAMS" --warmup "${GRPC_WARMUP:-5s}" \
+        --duration "${GRPC_DURATION:-30s}" --mix "$OUT/grpc-$mix.mix.json" --report "$OUT/$proto-$mix.json" --quiet >/dev/null
+      python3 - "$proto" "$mix" "$OUT/$proto-$mix.json" "$OUT/grpc-$mix.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[2]))
+proto, mix, path, grpc_path = sys.argv[1:5]
+r = json.load(open(path))
 q = r["requests"]
-print(f"grpc {sys.argv[1]}: {r['output_tokens_per_s']} tok/s, ok {q['ok']}, errors {q['errors']}, "
-      f"TTFT p50/p99 {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, ITL p50/p99 {r['itl_ms']['p50']}/{r['itl_ms']['p99']} ms")
+line = (f"{proto} {mix}: {r['output_tokens_per_s']} tok/s, ok {q['ok']}, errors {q['errors']}, "
+        f"TTFT p50/p99 {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, ITL p50/p99 {r['itl_ms']['p50']}/{r['itl_ms']['p99']} ms")
+if proto == "http":
+    g = json.load(open(grpc_path))["output_tokens_per_s"]
+    line += f" | HTTP / gRPC = {r['output_tokens_per_s'] / g:.3f}" if g else ""
+print(line)
 PY
+    done
   done
   kill -TERM "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true

@@ -9,12 +9,25 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+/// The protocol requests are sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Grpc,
+    Http,
+}
+
 /// Load generator options.
 #[derive(Debug, Args)]
 pub struct LoadgenArgs {
-    /// Server URL (plain HTTP/2, e.g. http://127.0.0.1:50051).
+    /// Server URL: the gRPC address (plain HTTP/2, e.g. http://127.0.0.1:50051), or with
+    /// `--protocol http` the OpenAI HTTP API's (e.g. http://127.0.0.1:8080).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub target: String,
+    /// grpc: `Inference.GenerateStream` / `Generate`; http: the OpenAI API (`/v1/completions`,
+    /// `/v1/chat/completions`, server-sent events when streaming) of a server with --http-listen.
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub protocol: Protocol,
     /// Closed loop: number of workers. Open loop: most requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,

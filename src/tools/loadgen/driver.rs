@@ -1,6 +1,6 @@
 //! The load generator's driver: connects to the target, runs the closed loop (one worker per
 //! `--concurrency` slot) or the open loop (Poisson arrivals, dropped when every slot is busy),
-//! sends each request over gRPC (streaming or unary) and measures it, prints progress and drains
+//! sends each request over gRPC (streaming or unary) or the OpenAI HTTP API and measures it, prints progress and drains
 //! the requests in flight at the end.
 //!
 //! Invariants: at most `--concurrency` requests are in flight; a request is recorded only if it
@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
 
-use super::args::{LoadMode, LoadgenArgs};
+use super::args::{LoadMode, LoadgenArgs, Protocol};
 use super::mix::{worker_seed, Mix};
 use super::report::{build_report, code_name, Outcome, Report, RunInfo};
 use crate::pb;
@@ -43,8 +43,14 @@ struct Shared {
     max_reached: tokio::sync::Notify,
 }
 
+/// Where requests go.
+enum Transport {
+    Grpc(InferenceClient<Channel>),
+    Http(super::http::HttpTarget),
+}
+
 struct Ctx {
-    client: InferenceClient<Channel>,
+    transport: Transport,
     mix: Mix,
     shared: Arc<Shared>,
     stream: bool,
@@ -75,13 +81,12 @@ impl Ctx {
         let started = Instant::now();
         let sh = &self.shared;
         sh.in_flight.fetch_add(1, Ordering::SeqCst);
-        let mut client = self.client.clone();
         let timeout = self.request_timeout;
         let fut = async {
-            if self.stream {
-                stream_request(&mut client, req, started, timeout, &sh.live_tokens).await
-            } else {
-                unary_request(&mut client, req, started, timeout, &sh.live_tokens).await
+            match &self.transport {
+                Transport::Grpc(client) if self.stream => stream_request(&mut client.clone(), req, started, timeout, &sh.live_tokens).await,
+                Transport::Grpc(client) => unary_request(&mut client.clone(), req, started, timeout, &sh.live_tokens).await,
+                Transport::Http(target) => super::http::http_request(target, req, self.stream, started, &sh.live_tokens).await,
             }
         };
         let (result, ttft, itl, tokens) = match tokio::time::timeout(timeout + Duration::from_millis(250), fut).await {
@@ -101,7 +106,7 @@ impl Ctx {
     }
 }
 
-type Measured = (Result<(), (String, String)>, Option<Duration>, Vec<Duration>, u64);
+pub(super) type Measured = (Result<(), (String, String)>, Option<Duration>, Vec<Duration>, u64);
 
 fn status_err(s: &tonic::Status) -> (String, String) {
     (code_name(s.code()).to_string(), s.message().to_string())
@@ -173,19 +178,24 @@ async fn unary_request(
 }
 
 pub(super) async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> anyhow::Result<Report> {
-    let endpoint = Endpoint::from_shared(args.target.clone())
-        .with_context(|| format!("--target {}", args.target))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {}", args.target))?;
-    let client = InferenceClient::new(channel).max_decoding_message_size(64 << 20);
+    let transport = match args.protocol {
+        Protocol::Grpc => {
+            let endpoint = Endpoint::from_shared(args.target.clone())
+                .with_context(|| format!("--target {}", args.target))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true);
+            let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {}", args.target))?;
+            Transport::Grpc(InferenceClient::new(channel).max_decoding_message_size(64 << 20))
+        }
+        Protocol::Http => Transport::Http(super::http::HttpTarget::new(&args.target, args.concurrency)),
+    };
 
     let shared = Arc::new(Shared::default());
     let t0 = Instant::now();
     let window_start = t0 + args.warmup;
     let end = window_start + args.duration;
     let ctx = Arc::new(Ctx {
-        client,
+        transport,
         mix,
         shared: shared.clone(),
         stream: args.stream,
@@ -278,6 +288,7 @@ pub(super) async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> an
     let outcomes = std::mem::take(&mut *shared.outcomes.lock().unwrap());
     let info = RunInfo {
         target: args.target.clone(),
+        protocol: args.protocol,
         mode: args.mode,
         concurrency: args.concurrency,
         rate,

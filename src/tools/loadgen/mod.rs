@@ -1,4 +1,4 @@
-//! `modserve loadgen`: a gRPC load generator that replays a mix of prompts and adapter
+//! `modserve loadgen`: a gRPC (or OpenAI HTTP, `--protocol http`) load generator that replays a mix of prompts and adapter
 //! compositions against a running `modserve serve` and prints one JSON report on stdout.
 //!
 //! # Usage
@@ -7,7 +7,7 @@
 //! modserve loadgen --target http://127.0.0.1:50051 --mix tests/fixtures/loadgen/mixed.json \
 //!     [--concurrency 8] [--duration 30s] [--mode closed|open] [--rate 4.0] [--max-requests N] \
 //!     [--warmup 5s] [--report out.json] [--stream true|false] [--seed 0] \
-//!     [--request-timeout 120s] [--grace 10s]
+//!     [--request-timeout 120s] [--grace 10s] [--protocol grpc|http]
 //! ```
 //!
 //! * **closed** loop (default): `--concurrency` workers, each sends its next request when the
@@ -83,6 +83,7 @@ use anyhow::{bail, Context};
 
 mod args;
 mod driver;
+mod http;
 mod mix;
 mod report;
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tonic::Code;
 
-use super::args::LoadMode;
+use super::args::{LoadMode, Protocol};
 
 pub use crate::tools::stats::{percentile, summarize, Summary};
 
@@ -54,6 +54,7 @@ pub struct RequestCounts {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub target: String,
+    pub protocol: Protocol,
     pub mode: LoadMode,
     pub concurrency: usize,
     pub rate: Option<f64>,
@@ -78,6 +79,7 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct RunInfo {
     pub target: String,
+    pub protocol: Protocol,
     pub mode: LoadMode,
     pub concurrency: usize,
     pub rate: Option<f64>,
@@ -129,6 +131,7 @@ pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelle
     let per_s = |n: u64| if secs > 0.0 { round3(n as f64 / secs) } else { 0.0 };
     Report {
         target: info.target.clone(),
+        protocol: info.protocol,
         mode: info.mode,
         concurrency: info.concurrency,
         rate: info.rate,
@@ -218,6 +221,7 @@ mod tests {
         };
         let info = RunInfo {
             target: "http://127.0.0.1:1".into(),
+            protocol: Protocol::Grpc,
             mode: LoadMode::Closed,
             concurrency: 2,
             rate: None,
