@@ -356,6 +356,37 @@ async fn dropped_slow_client_sees_aborted_when_it_reads() {
     }
 }
 
+/// d'') A terminal error reaches a stream whose buffer is full: a client that does not read
+/// (64-byte window, 4-chunk buffer, no slow-client drop for 60 s) past its request's deadline
+/// (grpc-timeout 3 s, which tonic's client only sends, never enforces) reads, afterwards, the
+/// buffered tokens and then the server's DEADLINE_EXCEEDED with its stable code, not ABORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminal_error_reaches_a_full_stream_buffer() {
+    let _g = SERIAL.lock().await;
+    let server = spawn(&["--stream-buffer", "4", "--slow-client-timeout", "60"]);
+    let _ = clients(&server).await;
+    let mut slow_client = tiny_window_client(&server.url).await;
+    let mut r = tonic::Request::new(text("Tell me a very long story about the sea.", 1500));
+    r.set_timeout(Duration::from_secs(3));
+    let slow = slow_client.generate_stream(r).await.unwrap().into_inner();
+    // The deadline passes while the buffer is full: the sequence stops and frees its KV memory
+    // (it stays only to deliver its error).
+    let admitted = wait_metric(&server, "modserve_kv_cache_bytes", |v| v > 0.0, Duration::from_secs(10)).await;
+    assert!(admitted.unwrap_or(0.0) > 0.0, "the stream was never admitted");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let kv = wait_metric(&server, "modserve_kv_cache_bytes", |v| v == 0.0, Duration::from_secs(5)).await;
+    assert_eq!(kv, Some(0.0), "the sequence kept its KV memory past its deadline");
+    let expired = metric(&scrape(&server.metrics_addr), "modserve_deadline_exceeded_total", "").unwrap_or(0.0);
+    assert!(expired >= 1.0, "no deadline counted");
+    let out = tokio::time::timeout(Duration::from_secs(10), drain(slow, vec![])).await.expect("the stream ends");
+    match out {
+        Err(e) => {
+            assert_eq!((e.code(), code_of(&e).as_str()), (Code::DeadlineExceeded, "deadline_exceeded"), "{e}");
+        }
+        Ok(d) => panic!("the stream ended OK after {} tokens ({:?}) past its deadline", d.tokens.len(), d.finish),
+    }
+}
+
 /// e) SIGTERM with 8 streams in flight: all 8 finish completely, new requests are UNAVAILABLE,
 /// and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -140,7 +140,7 @@ async fn tls_and_mutual_tls() {
         path.to_str().unwrap().to_string()
     };
     let (cert, key, ca) = (w("server.pem", &p.server.0), w("server.key", &p.server.1), w("ca.pem", &p.ca_pem));
-    let server = spawn(&["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca]);
+    let server = spawn(&["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca, "--http-listen", "127.0.0.1:0"]);
     let url = server.url.replace("http://", "https://").replace("127.0.0.1", "localhost");
     let base_tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&p.ca_pem)).domain_name("localhost");
     // With a client certificate signed by the CA: served (wait for the model through TLS).
@@ -172,4 +172,54 @@ async fn tls_and_mutual_tls() {
     if let Ok(ch) = plain {
         assert!(InferenceClient::new(ch).generate(small(2)).await.is_err());
     }
+    // The HTTP API uses the same TLS files: HTTPS with a client certificate is served, without
+    // one the handshake fails, and plain HTTP gets no answer.
+    let http = server.http_addr.clone().unwrap();
+    let (status, body) = https_get(&http, "/v1/models", &p.ca_pem, Some(&p.client)).expect("HTTPS with a client certificate");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"base\""), "{body}");
+    assert!(https_get(&http, "/health", &p.ca_pem, None).is_err(), "mTLS must reject HTTPS clients without a certificate");
+    let mut s = std::net::TcpStream::connect(&http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1"), "plain HTTP answered on the TLS port");
+}
+
+/// One HTTPS/1.0 GET with rustls (trusting `ca_pem`, presenting `client` if given).
+fn https_get(addr: &str, path: &str, ca_pem: &str, client: Option<&(String, String)>) -> Result<(u16, String), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let b =
+        rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    match tls.read_to_end(&mut out) {
+        Ok(_) => {}
+        // The server may close without close_notify after a complete response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("no status line: {text}"))?;
+    Ok((status, text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()))
 }

@@ -30,48 +30,7 @@ use crate::model::kv_cache::SeqKvCache;
 use crate::model::llama::Llama;
 use crate::model::sampling::TokenLogprob;
 
-/// Sizing of the engine.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    pub max_queued: usize,
-    pub max_running: usize,
-    pub max_batch_tokens: usize,
-    pub prefill_chunk: usize,
-    /// Latency that prefill rows may add to a step that also carries decode tokens (sized by
-    /// [`StepCostModel`] from measured step costs; at least one prefill row per step). None: no
-    /// limit beyond `max_batch_tokens` / `prefill_chunk`.
-    pub max_decode_stall: Option<Duration>,
-    /// Events buffered per request before the sequence pauses.
-    pub stream_buffer: usize,
-    pub slow_client_timeout: Duration,
-    /// KV-cache memory of all running sequences together, in bytes (0 = unlimited).
-    pub max_kv_bytes: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            max_queued: 256,
-            max_running: 64,
-            max_batch_tokens: 512,
-            prefill_chunk: 256,
-            max_decode_stall: Some(Duration::from_millis(DEFAULT_MAX_DECODE_STALL_MS)),
-            stream_buffer: 64,
-            slow_client_timeout: Duration::from_secs(30),
-            max_kv_bytes: 0,
-        }
-    }
-}
-
-/// Default of `--max-decode-stall-ms`. The planner aims at 80% of it; on a 2-core VM the measured
-/// stall p50 sat 2-5 ms above the plan with single outliers 15-20 ms higher, so 40 keeps the
-/// stall of decoding streams under 50 ms (docs/BENCHMARKS.md).
-pub const DEFAULT_MAX_DECODE_STALL_MS: u64 = 40;
-
-/// `--max-decode-stall-ms` as [`EngineConfig::max_decode_stall`] (0 = off).
-pub fn decode_stall(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
-}
+pub use super::config::{decode_stall, EngineConfig, DEFAULT_MAX_DECODE_STALL_MS};
 
 /// Why and how a generation ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -393,6 +352,7 @@ impl EngineLoop {
         let now = Instant::now();
         let timeout = self.cfg.slow_client_timeout;
         let stats = self.stats.clone();
+        let llama = self.llama.clone();
         self.running.retain_mut(|a| {
             let keep = match a.flush() {
                 Flush::Closed => {
@@ -402,6 +362,13 @@ impl EngineLoop {
                     false
                 }
                 Flush::Blocked => {
+                    // A deadline passes whether or not the client reads: the sequence stops, its
+                    // KV memory is freed, and the error waits in `pending` for room in the buffer.
+                    if a.seq.finished().is_none() && a.deadline.is_some_and(|d| now >= d) {
+                        metrics::counter!("modserve_deadline_exceeded_total").increment(1);
+                        a.fail(EngineError::DeadlineExceeded);
+                        a.release_kv(&llama, &stats);
+                    }
                     let since = *a.blocked_since.get_or_insert(now);
                     if now - since > timeout {
                         tracing::warn!(request_id = %a.request_id, "client stopped reading: dropped");
@@ -423,7 +390,11 @@ impl EngineLoop {
                         metrics::counter!("modserve_deadline_exceeded_total").increment(1);
                         // Kept until the error is delivered (or the client is found gone).
                         a.fail(EngineError::DeadlineExceeded);
-                        !matches!(a.flush(), Flush::Done | Flush::Closed)
+                        let keep = !matches!(a.flush(), Flush::Done | Flush::Closed);
+                        if keep {
+                            a.release_kv(&llama, &stats);
+                        }
+                        keep
                     } else {
                         true
                     }
@@ -582,6 +553,19 @@ impl Active {
         self.pending.clear();
         self.pending.push_back(Err(e));
         self.seq.abort();
+    }
+
+    /// Frees the KV cache of a sequence that will not run again but waits to deliver its
+    /// terminal event (its budget share is returned at once).
+    fn release_kv(&mut self, llama: &Llama, stats: &EngineStats) {
+        if self.kv_bytes == 0 {
+            return;
+        }
+        if let Ok(empty) = SeqKvCache::new(&llama.cfg, 0, llama.device()) {
+            self.seq.cache = empty;
+            stats.kv_bytes.fetch_sub(self.kv_bytes, Ordering::Relaxed);
+            self.kv_bytes = 0;
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::args::{LoadMode, LoadgenArgs, Protocol};
 use super::mix::{worker_seed, Mix};
-use super::report::{build_report, code_name, Outcome, Report, RunInfo};
+use super::report::{build_report, code_name, Measured, Outcome, Report, RunInfo};
 use crate::pb;
 use crate::pb::inference_client::InferenceClient;
 
@@ -105,8 +105,6 @@ impl Ctx {
         }
     }
 }
-
-pub(super) type Measured = (Result<(), (String, String)>, Option<Duration>, Vec<Duration>, u64);
 
 fn status_err(s: &tonic::Status) -> (String, String) {
     (code_name(s.code()).to_string(), s.message().to_string())

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 
-use super::driver::Measured;
+use super::report::Measured;
 use crate::pb;
 
 /// A pooled HTTP/1.1 client for one target.

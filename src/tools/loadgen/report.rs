@@ -75,6 +75,10 @@ pub struct Report {
     pub by_entry: BTreeMap<String, EntryCounts>,
 }
 
+/// What one request gave: its result (or gRPC-style code and message), TTFT, inter-token gaps
+/// and output tokens.
+pub type Measured = (Result<(), (String, String)>, Option<Duration>, Vec<Duration>, u64);
+
 /// Run settings echoed in the report.
 #[derive(Debug, Clone)]
 pub struct RunInfo {
