@@ -3,17 +3,20 @@
 //! One call per layer: rotary embedding of every row's queries and keys at its own position,
 //! the new keys/values written into each sequence's host KV cache, then causal attention of every
 //! (sequence, query head) in parallel (rayon) against that sequence's cache. It replaces a dozen
-//! small tensor ops per sequence and layer, which dominate batched decode otherwise.
-//! Invariants: the math is exactly Hugging Face Llama's (rotate-half RoPE, softmax in f32 with the
-//! max subtracted, GQA head `h` reading kv head `h / group`); a sequence only ever reads its own
-//! cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
+//! small tensor ops per sequence and layer, which dominate batched decode otherwise. Every family
+//! runs here: the layer's [`AttnParams`] carry its RoPE table (base, linear scaling, rotated
+//! dimensions), score scale, sliding window and soft-cap.
+//! Invariants: the math is exactly Hugging Face's (rotate-half RoPE over the first `rotary_dim`
+//! dims, soft-cap before the mask, softmax in f32 with the max subtracted, GQA head `h` reading kv
+//! head `h / group`, window `W` showing positions `i - W < j <= i`); a sequence only ever reads
+//! its own cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
 //! [`HeadAttention`] in `kernels::attention`.
 use rayon::prelude::*;
 
 use super::kv_cache::SeqKvCache;
 use crate::kernels::attention::HeadAttention;
 
-/// Precomputed rotary tables, `[max_positions][head_dim / 2]`.
+/// Precomputed rotary tables, `[max_positions][rotary_dim / 2]`.
 pub struct RopeTables {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -21,9 +24,11 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    /// Tables for `rotary_dim` rotated dimensions, base `theta`, positions divided by
+    /// `linear_factor` (transformers: `inv_freq / factor`).
+    pub fn new(rotary_dim: usize, theta: f32, linear_factor: f32, max_positions: usize) -> Self {
+        let half = rotary_dim / 2;
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / rotary_dim as f32) / linear_factor).collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -36,7 +41,7 @@ impl RopeTables {
         Self { cos, sin, half }
     }
 
-    /// Rotates one head vector (`2 * half` values) to position `pos`.
+    /// Rotates the first `2 * half` values of one head vector to position `pos`.
     #[inline]
     fn rotate(&self, x: &mut [f32], pos: usize) {
         let h = self.half;
@@ -58,13 +63,24 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// One layer's attention settings.
+pub struct AttnParams<'a> {
+    pub rope: &'a RopeTables,
+    /// Score scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f32,
+    /// Sliding window: `W` positions visible, the query's own included.
+    pub window: Option<usize>,
+    /// `cap * tanh(score / cap)` before the mask.
+    pub softcap: Option<f32>,
+}
+
 /// `q` `[rows, n_heads*hd]`, `k`/`v` `[rows, n_kv*hd]` (host, row-major; q and k are rotated in
 /// place); `spans[i] = (first row, rows, position)` of `caches[i]`. Returns `[rows, n_heads*hd]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: usize,
     shape: AttnShape,
-    rope: &RopeTables,
+    params: &AttnParams<'_>,
     q: &mut [f32],
     k: &mut [f32],
     v: &[f32],
@@ -72,6 +88,7 @@ pub fn attention(
     caches: &mut [&mut SeqKvCache],
 ) -> Vec<f32> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let rope = params.rope;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     // RoPE and cache writes, per sequence.
     for (&(start, len, pos), cache) in spans.iter().zip(caches.iter_mut()) {
@@ -94,7 +111,7 @@ pub fn attention(
     let rows: usize = spans.iter().map(|s| s.1).sum::<usize>().max(spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0));
     let mut out = vec![0f32; rows * qw];
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (scale, window, softcap) = (params.scale, params.window, params.softcap);
     let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
     // One task per (sequence, head): its rows' outputs for that head.
     let tasks: Vec<(usize, usize)> = (0..spans.len()).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
@@ -116,6 +133,8 @@ pub fn attention(
                 len,
                 pos,
                 scale,
+                window,
+                softcap,
             };
             (s, h, head.run())
         })

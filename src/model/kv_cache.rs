@@ -2,7 +2,10 @@
 //!
 //! On the CPU the cache is plain host memory, `[n_kv_heads][capacity][head_dim]` per layer, read and
 //! written by the fused attention kernel (`model::attention`); on other devices it is a pair of
-//! tensors of the same layout written in place with `slice_set`. Never grown by concatenation.
+//! tensors of the same layout written in place with `slice_set`, used by the tensor-op attention
+//! (`model::device_attention`; [`SeqKvCache::new_tensors`] makes one on the CPU too, so that path
+//! is tested without a GPU). Never grown by concatenation. Sliding-window layers keep every
+//! position like the others (the window is applied by the attention, not by the cache).
 //! Invariant: positions `0..len` are filled in every layer; `len <= capacity`.
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -24,8 +27,23 @@ pub struct SeqKvCache {
 impl SeqKvCache {
     /// Allocates room for `capacity` positions in every layer.
     pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
+        Self::with_store(cfg, capacity, device, device.is_cpu())
+    }
+
+    /// A cache held as device tensors even on the CPU: the model then runs this sequence's attention
+    /// with tensor ops, as on a GPU.
+    pub fn new_tensors(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
+        Self::with_store(cfg, capacity, device, false)
+    }
+
+    /// Whether the cache is host memory (the fused CPU kernel's layout).
+    pub fn is_host(&self) -> bool {
+        matches!(self.store, Store::Host { .. })
+    }
+
+    fn with_store(cfg: &LlamaConfig, capacity: usize, device: &Device, host: bool) -> Result<Self> {
         let per_layer = cfg.num_key_value_heads * capacity * cfg.head_dim;
-        let store = if device.is_cpu() {
+        let store = if host {
             Store::Host {
                 keys: (0..cfg.num_hidden_layers).map(|_| vec![0f32; per_layer]).collect(),
                 values: (0..cfg.num_hidden_layers).map(|_| vec![0f32; per_layer]).collect(),

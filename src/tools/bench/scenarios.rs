@@ -10,7 +10,6 @@ use super::synth::{self, PolyShape};
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::adapters::store::AdapterStore;
-use crate::model::linear::Proj;
 
 /// Cache budget of the stores that must hold everything (no eviction while measuring).
 const BIG_CACHE: usize = 8 << 30;
@@ -136,7 +135,14 @@ pub fn ensure_lora(ctx: &Ctx, i: usize) -> anyhow::Result<String> {
     if !dir.exists() {
         let tmp = ctx.work.join(format!("{id}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
-        synth::write_lora(&tmp, &ctx.base, &Proj::ALL, 8, synth::Elem::F32, ctx.seed.wrapping_mul(1000).wrapping_add(i as u64))?;
+        synth::write_lora(
+            &tmp,
+            &ctx.base,
+            &ctx.base.projections(),
+            8,
+            synth::Elem::F32,
+            ctx.seed.wrapping_mul(1000).wrapping_add(i as u64),
+        )?;
         std::fs::rename(&tmp, &dir)?;
     }
     Ok(id)
@@ -185,7 +191,7 @@ pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
                 nnz = synth::write_sparse(
                     &dir.join(format!("{kind}_{i}")),
                     &ctx.base,
-                    &Proj::ALL,
+                    &ctx.base.projections(),
                     DENSITY,
                     ctx.seed.wrapping_mul(1000) + off + i as u64,
                 )?;
@@ -218,7 +224,7 @@ pub fn poly_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let shape = PolyShape { n_tasks: 32, n_skills: 8, n_splits: 2, r: 8 };
     let dir = ctx.work.join("poly").join("inv");
     synth::ensure(&dir, "a Poly inventory (32 tasks, 8 skills, 2 splits, r=8)", || {
-        synth::write_poly(&dir, &ctx.base, &Proj::ALL, shape, ctx.seed.wrapping_mul(1000) + 700)
+        synth::write_poly(&dir, &ctx.base, &ctx.base.projections(), shape, ctx.seed.wrapping_mul(1000) + 700)
     })?;
     let comps: Vec<CompositionSpec> = (0..ctx.streams)
         .map(|s| CompositionSpec { deltas: Vec::new(), route: Some(("poly/inv".into(), Routing::Task((s % shape.n_tasks) as i64))) })

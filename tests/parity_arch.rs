@@ -1,0 +1,65 @@
+//! Model families against the architecture parity kit (tests/fixtures/arch, transformers + PEFT in
+//! float32 from bf16 weights): Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 and Phi-3, from their
+//! Hugging Face folders and, where the kit has one, their GGUF files; the base model and the kit's
+//! LoRA (on Phi-3, on the fused `qkv_proj` / `gate_up_proj`). Per prompt: next-token logits within
+//! 2e-3 x max|logit|, the same top-5 ids, log-probs within 0.01, and the same 16 greedy tokens
+//! (prefill in chunks of 5, so chunks straddle the sliding windows); then per family one mixed
+//! batch of requests with and without the adapter equals each alone. The logits are checked with
+//! both attention paths: the fused CPU kernel and the tensor-op one GPUs run.
+mod common;
+
+use common::arch::{assert_logits_match, cases, ids_of, prompts, reference_logits, Family, FAMILIES, GGUF_FAMILIES};
+use modserve::engine::sequence::Sequence;
+use modserve::engine::step::run_to_completion;
+use modserve::model::linear::WeightMode;
+
+/// Base and LoRA cases of one loaded family: logits, top-5, log-probs, greedy alone, then all six
+/// (case, prompt) sequences in one mixed batch.
+fn check_family(fam: &Family) {
+    let cases = cases();
+    let arch = &cases["archs"][fam.name.as_str()];
+    let prompts = prompts(&cases);
+    let lora = fam.composition(&[("lora", 1.0)]);
+    let mut batch: Vec<(String, usize, Sequence)> = Vec::new();
+    for case in ["base", "lora"] {
+        let c = &arch["cases"][case];
+        let comp = (case == "lora").then_some(&lora);
+        let reference = reference_logits(&cases, &fam.name, case);
+        for (p, ids) in prompts.iter().enumerate() {
+            let what = format!("{} {case} prompt {p}", fam.name);
+            let ours = fam.logits(comp.map(|c| c.as_ref()), ids);
+            assert_logits_match(&what, &ours, &reference[p], &c["top5_ids"][p], &c["top5_logprobs"][p]);
+            // The tensor-op attention (the GPU path), run on the CPU.
+            let tensors = fam.logits_with(comp.map(|c| c.as_ref()), ids, true);
+            assert_logits_match(&format!("{what} (tensor attention)"), &tensors, &reference[p], &c["top5_ids"][p], &c["top5_logprobs"][p]);
+            let mut solo = fam.sequence(ids, 16, comp);
+            run_to_completion(&fam.model.llama, &mut [&mut solo], 5).unwrap();
+            assert_eq!(solo.generated, ids_of(&c["greedy"][p]), "{what}: greedy tokens");
+            batch.push((case.into(), p, fam.sequence(ids, 16, comp)));
+        }
+    }
+    let mut refs: Vec<&mut Sequence> = batch.iter_mut().map(|(_, _, s)| s).collect();
+    run_to_completion(&fam.model.llama, &mut refs, 7).unwrap();
+    for (case, p, s) in &batch {
+        assert_eq!(
+            s.generated,
+            ids_of(&arch["cases"][case.as_str()]["greedy"][*p]),
+            "{} {case} prompt {p}: greedy in the mixed batch",
+            fam.name
+        );
+    }
+}
+
+#[test]
+fn hf_folders_match_transformers_base_and_lora() {
+    for name in FAMILIES {
+        check_family(&Family::hf(name, WeightMode::F32));
+    }
+}
+
+#[test]
+fn gguf_files_match_transformers_base_and_lora() {
+    for name in GGUF_FAMILIES {
+        check_family(&Family::gguf(name, WeightMode::F32));
+    }
+}
