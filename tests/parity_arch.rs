@@ -63,3 +63,37 @@ fn gguf_files_match_transformers_base_and_lora() {
         check_family(&Family::gguf(name, WeightMode::F32));
     }
 }
+
+/// Sliding-window layers on the CPU keep a ring of `window - 1 + round rows` positions. With
+/// rounds of 3 rows the rings of the kit's windowed families (mistral 16, gemma2 8, gemma3 12)
+/// wrap many times within the 40- and 120-token prompts, chunks are taken in rounds, and the
+/// results must still be the kit's; the rings really are that small.
+#[test]
+fn wrapped_sliding_window_rings_still_match_transformers() {
+    use modserve::model::kv_cache::SeqKvCache;
+    use modserve::model::linear::NoDeltas;
+    use modserve::model::llama::SeqChunk;
+    let cases = cases();
+    let prompts = prompts(&cases);
+    for name in ["mistral", "gemma2", "gemma3"] {
+        let fam = Family::hf(name, WeightMode::F32);
+        let cfg = &fam.model.llama.cfg;
+        let c = &cases["archs"][name]["cases"]["base"];
+        let reference = common::arch::reference_logits(&cases, name, "base");
+        for (p, ids) in prompts.iter().enumerate() {
+            let cap = ids.len() + 16;
+            let mut cache = SeqKvCache::with_window_round_rows(cfg, cap, 3).unwrap();
+            for l in 0..cfg.num_hidden_layers {
+                let want = cfg.layer_attn(l).window.map_or(cap, |w| cap.min(w + 2));
+                assert_eq!(cache.layer_capacity(l), want, "{name} layer {l}");
+            }
+            let out = fam.model.llama.forward(&mut [SeqChunk { tokens: ids, cache: &mut cache, want_logits: true }], &NoDeltas).unwrap();
+            let ours: Vec<f32> = out.get(0).unwrap().to_vec1().unwrap();
+            assert_logits_match(&format!("{name} ring prompt {p}"), &ours, &reference[p], &c["top5_ids"][p], &c["top5_logprobs"][p]);
+            let cache = SeqKvCache::with_window_round_rows(cfg, cap, 3).unwrap();
+            let mut s = fam.sequence_with(ids, 16, None, cache);
+            run_to_completion(&fam.model.llama, &mut [&mut s], 11).unwrap();
+            assert_eq!(s.generated, ids_of(&c["greedy"][p]), "{name} ring prompt {p}: greedy");
+        }
+    }
+}

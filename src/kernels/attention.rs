@@ -2,7 +2,8 @@
 //! keys, a softmax in f32 with the max subtracted, and the weighted sum of its cached values.
 //!
 //! Invariants: the math is Hugging Face's; rows see only positions up to their own (causal) and,
-//! with a sliding window `W`, none before `own - W + 1`; a soft-cap `c` maps each scaled score to
+//! with a sliding window `W`, none before `own - W + 1`; positions live in a ring of slots
+//! (`p % ring`), whose caller guarantees it still holds every visible position; a soft-cap `c` maps each scaled score to
 //! `c * tanh(score / c)` before the softmax; every read is a bounds-checked slice except inside [`dot_avx2`], which reads
 //! `min(a.len(), b.len())` values of each input.
 
@@ -14,10 +15,13 @@ pub struct HeadAttention<'a> {
     pub q_stride: usize,
     /// Offset of this head within a query row.
     pub q_off: usize,
-    /// The sequence's cached keys of this head's kv head, position after position (`hd` each).
+    /// The sequence's cached keys of this head's kv head, `ring` slots of `hd` values; position
+    /// `p` is in slot `p % ring`.
     pub keys: &'a [f32],
     /// The cached values, laid out as `keys`.
     pub values: &'a [f32],
+    /// Slots in `keys` / `values` (the cache capacity, or a sliding-window layer's ring).
+    pub ring: usize,
     /// Head dimension.
     pub hd: usize,
     /// First row of the sequence in the step.
@@ -69,9 +73,13 @@ impl HeadAttention<'_> {
             let visible = self.pos + i + 1;
             let first = self.window.map_or(0, |w| visible.saturating_sub(w));
             let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores[first..visible].iter_mut().enumerate() {
-                let j = first + j;
-                *sc = dot(qv, &self.keys[j * hd..(j + 1) * hd]) * self.scale;
+            let mut slot = first % self.ring;
+            for sc in scores[first..visible].iter_mut() {
+                *sc = dot(qv, &self.keys[slot * hd..(slot + 1) * hd]) * self.scale;
+                slot += 1;
+                if slot == self.ring {
+                    slot = 0;
+                }
                 if let Some(c) = self.softcap {
                     *sc = c * (*sc / c).tanh();
                 }
@@ -84,11 +92,15 @@ impl HeadAttention<'_> {
             }
             let inv = 1.0 / sum;
             let orow = &mut o[i * hd..(i + 1) * hd];
-            for (j, sc) in scores[first..visible].iter().enumerate() {
-                let j = first + j;
+            let mut slot = first % self.ring;
+            for sc in scores[first..visible].iter() {
                 let p = sc * inv;
-                for (ov, vv) in orow.iter_mut().zip(&self.values[j * hd..(j + 1) * hd]) {
+                for (ov, vv) in orow.iter_mut().zip(&self.values[slot * hd..(slot + 1) * hd]) {
                     *ov += p * vv;
+                }
+                slot += 1;
+                if slot == self.ring {
+                    slot = 0;
                 }
             }
         }

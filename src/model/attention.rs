@@ -88,62 +88,87 @@ pub fn attention(
     caches: &mut [&mut SeqKvCache],
 ) -> Vec<f32> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
-    let rope = params.rope;
+    let (rope, scale, window, softcap) = (params.rope, params.scale, params.window, params.softcap);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
-    // RoPE and cache writes, per sequence.
-    for (&(start, len, pos), cache) in spans.iter().zip(caches.iter_mut()) {
-        let cap = cache.capacity();
-        let (kc, vc) = cache.host_layer_mut(layer).expect("host KV cache on the CPU path");
-        for i in 0..len {
-            let (r, p) = (start + i, pos + i);
-            for h in 0..n_heads {
-                rope.rotate(&mut q[r * qw + h * hd..r * qw + (h + 1) * hd], p);
-            }
-            for h in 0..n_kv_heads {
-                let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
-                rope.rotate(kr, p);
-                let at = (h * cap + p) * hd;
-                kc[at..at + hd].copy_from_slice(kr);
-                vc[at..at + hd].copy_from_slice(&v[r * kw + h * hd..r * kw + (h + 1) * hd]);
-            }
-        }
-    }
+    let group = n_heads / n_kv_heads;
     let rows: usize = spans.iter().map(|s| s.1).sum::<usize>().max(spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0));
     let mut out = vec![0f32; rows * qw];
-    let group = n_heads / n_kv_heads;
-    let (scale, window, softcap) = (params.scale, params.window, params.softcap);
-    let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
-    // One task per (sequence, head): its rows' outputs for that head.
-    let tasks: Vec<(usize, usize)> = (0..spans.len()).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(s, h)| {
-            let (start, len, pos) = spans[s];
-            let cap = caches[s].capacity();
-            let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
-            let kvh = h / group;
-            let head = HeadAttention {
-                q,
-                q_stride: qw,
-                q_off: h * hd,
-                keys: &kc[kvh * cap * hd..],
-                values: &vc[kvh * cap * hd..],
-                hd,
-                start,
-                len,
-                pos,
-                scale,
-                window,
-                softcap,
-            };
-            (s, h, head.run())
+    // A sliding-window layer whose ring is shorter than the sequence takes a chunk in rounds of
+    // at most `ring - window + 1` rows: each round's keys are written, then attended, before the
+    // next round's overwrite the oldest slots. Other layers take each chunk in one round.
+    let round_rows: Vec<usize> = spans
+        .iter()
+        .zip(caches.iter())
+        .map(|(&(_, len, pos), c)| match window {
+            Some(w) if c.layer_capacity(layer) < pos + len => c.layer_capacity(layer) + 1 - w,
+            _ => len.max(1),
         })
         .collect();
-    for (s, h, o) in results {
-        let (start, len, _) = spans[s];
-        for i in 0..len {
-            let r = start + i;
-            out[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+    let rounds = spans.iter().zip(&round_rows).map(|(s, &b)| s.1.div_ceil(b)).max().unwrap_or(0);
+    for round in 0..rounds {
+        // This round's rows of each sequence: (first row, rows, position), possibly empty.
+        let part: Vec<(usize, usize, usize)> = spans
+            .iter()
+            .zip(&round_rows)
+            .map(|(&(start, len, pos), &b)| {
+                let a = (round * b).min(len);
+                (start + a, (len - a).min(b), pos + a)
+            })
+            .collect();
+        // RoPE and cache writes, per sequence.
+        for (&(start, len, pos), cache) in part.iter().zip(caches.iter_mut()) {
+            let cap = cache.layer_capacity(layer);
+            let (kc, vc) = cache.host_layer_mut(layer).expect("host KV cache on the CPU path");
+            for i in 0..len {
+                let (r, p) = (start + i, pos + i);
+                for h in 0..n_heads {
+                    rope.rotate(&mut q[r * qw + h * hd..r * qw + (h + 1) * hd], p);
+                }
+                for h in 0..n_kv_heads {
+                    let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
+                    rope.rotate(kr, p);
+                    let at = (h * cap + p % cap) * hd;
+                    kc[at..at + hd].copy_from_slice(kr);
+                    vc[at..at + hd].copy_from_slice(&v[r * kw + h * hd..r * kw + (h + 1) * hd]);
+                }
+            }
+        }
+        let q: &[f32] = q;
+        let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
+        // One task per (sequence, head): its rows' outputs for that head.
+        let tasks: Vec<(usize, usize)> =
+            (0..part.len()).filter(|&s| part[s].1 > 0).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(s, h)| {
+                let (start, len, pos) = part[s];
+                let cap = caches[s].layer_capacity(layer);
+                let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
+                let kvh = h / group;
+                let head = HeadAttention {
+                    q,
+                    q_stride: qw,
+                    q_off: h * hd,
+                    keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                    values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                    ring: cap,
+                    hd,
+                    start,
+                    len,
+                    pos,
+                    scale,
+                    window,
+                    softcap,
+                };
+                (s, h, head.run())
+            })
+            .collect();
+        for (s, h, o) in results {
+            let (start, len, _) = part[s];
+            for i in 0..len {
+                let r = start + i;
+                out[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+            }
         }
     }
     out

@@ -94,6 +94,36 @@ fn gguf_stem(proj: Proj) -> &'static str {
     }
 }
 
+/// The tokenizer of a GGUF file: built from its metadata (byte-level BPE); where the file has
+/// none, or one of a kind not built here (e.g. SentencePiece `llama` vocabularies), a
+/// `tokenizer.json` beside the file; else none (token-id prompts only), with a warning.
+fn gguf_tokenizer(path: &Path, content: &gguf_file::Content) -> Result<Option<tokenizers::Tokenizer>, LoadError> {
+    let sidecar = path.with_file_name("tokenizer.json");
+    let from_sidecar = || -> Result<Option<tokenizers::Tokenizer>, LoadError> {
+        if sidecar.is_file() {
+            let t = tokenizer::tokenizer_from_file(&sidecar)
+                .map_err(|e| LoadError::Tokenizer { path: sidecar.clone(), reason: e.to_string() })?;
+            Ok(Some(t))
+        } else {
+            Ok(None)
+        }
+    };
+    if !content.metadata.contains_key("tokenizer.ggml.tokens") {
+        return from_sidecar();
+    }
+    match tokenizer::tokenizer_from_gguf(content) {
+        Ok(t) => Ok(Some(t)),
+        Err(e @ (tokenizer::TokenizerError::UnsupportedModel(_) | tokenizer::TokenizerError::UnsupportedPre(_))) => {
+            let t = from_sidecar()?;
+            if t.is_none() {
+                tracing::warn!(path = %path.display(), "{e}; no tokenizer.json beside the file: only token-id prompts will work");
+            }
+            Ok(t)
+        }
+        Err(e) => Err(LoadError::Tokenizer { path: path.into(), reason: e.to_string() }),
+    }
+}
+
 /// Loads a GGUF file.
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let io = |source| LoadError::Io { path: path.to_path_buf(), source };
@@ -185,11 +215,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         };
         blocks.push(assemble_block(&cfg, &mut lin, &mut norm)?);
     }
-    let tok = if content.metadata.contains_key("tokenizer.ggml.tokens") {
-        Some(tokenizer::tokenizer_from_gguf(&content).map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?)
-    } else {
-        None
-    };
+    let tok = gguf_tokenizer(path, &content)?;
     let chat_template = ChatTemplate::from_gguf(&content).map_err(|e| LoadError::Tokenizer { path: path.into(), reason: e.to_string() })?;
     let eos_token_ids = cfg.eos_token_ids.clone();
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;

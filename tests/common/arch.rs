@@ -93,6 +93,12 @@ impl Family {
 
     /// A greedy sequence over `ids` that generates exactly `new` tokens with `comp`.
     pub fn sequence(&self, ids: &[u32], new: usize, comp: Option<&Arc<Composition>>) -> Sequence {
+        let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, self.model.llama.device()).unwrap();
+        self.sequence_with(ids, new, comp, cache)
+    }
+
+    /// [`Self::sequence`] over a given cache.
+    pub fn sequence_with(&self, ids: &[u32], new: usize, comp: Option<&Arc<Composition>>, cache: SeqKvCache) -> Sequence {
         let spec = GenerateSpec {
             prompt_ids: ids.to_vec(),
             max_new_tokens: new,
@@ -100,7 +106,6 @@ impl Family {
             stop: vec![],
             sampling: SamplingParams::default(),
         };
-        let cache = SeqKvCache::new(&self.model.llama.cfg, ids.len() + new, self.model.llama.device()).unwrap();
         let mut s = Sequence::new(spec, cache, None, self.model.eos_token_ids.clone().into()).unwrap();
         s.composition = comp.cloned();
         s
