@@ -1,4 +1,4 @@
-//! SFT sparse deltas, Poly inventories and task vectors on every family of the architecture kit,
+//! SFT sparse deltas, Poly inventories, task vectors and merges on every family of the architecture kit,
 //! checked against the definition `W' = W + delta`: per family, random modules are written with that
 //! family's Hugging Face parameter / PEFT module names (Phi-3: the fused `qkv_proj` and
 //! `gate_up_proj`), the dense delta is computed here from the files alone (Poly by PEFT's formula),
@@ -189,7 +189,7 @@ fn write_merged_folder(src: &Path, dst: &Path, deltas: &HashMap<String, Tensor>)
 }
 
 #[test]
-fn sft_poly_and_task_vectors_equal_their_merged_folders_on_every_family() {
+fn sft_poly_task_vectors_and_merges_equal_their_merged_folders_on_every_family() {
     let cases = cases();
     let prompts = prompts(&cases);
     for (fi, name) in FAMILIES.iter().enumerate() {
@@ -198,10 +198,29 @@ fn sft_poly_and_task_vectors_equal_their_merged_folders_on_every_family() {
         let fam = Family::hf(name, WeightMode::F32);
         let base = BaseShapes::new(fam.model.llama.cfg.clone());
         let mut rng = StdRng::seed_from_u64(7 + fi as u64);
+        // A task-arithmetic merge of a task vector (x0.5) and a sparse delta (x1), from a recipe.
+        let merge_dir = root.join("merge");
+        let tv_part = write_task_vector(&merge_dir.join("a"), &base, &mut rng);
+        let sft_part = write_sparse(&merge_dir.join("b"), &base, &mut rng);
+        let recipe = serde_json::json!({"method": "task_arithmetic", "components": [
+            {"task_vector": "a/task_vector.safetensors", "lambda": 0.5},
+            {"task_vector": "b/sparse_delta.safetensors", "lambda": 1.0},
+        ]});
+        std::fs::write(merge_dir.join("recipe.json"), recipe.to_string()).unwrap();
+        let mut merged_delta: HashMap<String, Tensor> = sft_part;
+        for (name, t) in tv_part {
+            let half = (t * 0.5).unwrap();
+            let sum = match merged_delta.remove(&name) {
+                Some(s) => (s + half).unwrap(),
+                None => half,
+            };
+            merged_delta.insert(name, sum);
+        }
         let modules = [
             ("tv", write_task_vector(&root.join("tv"), &base, &mut rng), None),
             ("sft", write_sparse(&root.join("sft"), &base, &mut rng), None),
             ("poly", write_poly(&root.join("poly"), &base, &mut rng, 1), Some(Routing::Task(1))),
+            ("merge", merged_delta, None),
         ];
         let registry = modserve::adapters::registry::Registry::new(modserve::adapters::registry::AdapterRoot::new(&root).unwrap(), true);
         let store = modserve::adapters::store::AdapterStore::for_model(registry, 1 << 30, fam.model.llama.clone());
