@@ -206,25 +206,23 @@ pub fn read(text: &str) -> Result<LlamaConfig, ConfigError> {
             }
             windows_from_layer_types(&types, window).map_err(|e| unsupported(family, e))?
         }
-        None => (0..layers)
-            .map(|i| match family {
-                Family::Llama => None,
-                Family::Mistral | Family::Phi3 => window,
-                Family::Qwen2 | Family::Qwen3 => {
-                    let first = usize_of(o, "max_window_layers").ok().flatten().unwrap_or(28);
-                    window.filter(|_| i >= first)
-                }
-                Family::Gemma2 => window.filter(|_| i % 2 == 0),
-                Family::Gemma3 => {
-                    let pattern = usize_of(o, "sliding_window_pattern")
-                        .ok()
-                        .flatten()
-                        .or(usize_of(o, "_sliding_window_pattern").ok().flatten())
-                        .unwrap_or(6);
-                    window.filter(|_| pattern == 0 || (i + 1) % pattern != 0)
-                }
-            })
-            .collect(),
+        None => {
+            // The family's default layout where the file has no `layer_types`.
+            let first_sliding = usize_of(o, "max_window_layers")?.unwrap_or(28);
+            let pattern = match usize_of(o, "sliding_window_pattern")? {
+                Some(p) => p,
+                None => usize_of(o, "_sliding_window_pattern")?.unwrap_or(6),
+            };
+            (0..layers)
+                .map(|i| match family {
+                    Family::Llama => None,
+                    Family::Mistral | Family::Phi3 => window,
+                    Family::Qwen2 | Family::Qwen3 => window.filter(|_| i >= first_sliding),
+                    Family::Gemma2 => window.filter(|_| i % 2 == 0),
+                    Family::Gemma3 => window.filter(|_| pattern == 0 || (i + 1) % pattern != 0),
+                })
+                .collect()
+        }
     };
     let layer_attn: Vec<LayerAttn> = windows
         .iter()

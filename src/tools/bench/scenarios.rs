@@ -171,7 +171,11 @@ pub fn lora_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let store = ctx.store(BIG_CACHE)?;
     let load_s = preload(&store, &comps)?;
     let mb = dir_mb(&ctx.work.join(&ids[0]));
-    let notes = format!("{} distinct r=8 LoRAs on all 7 projections ({mb:.1} MB each), preloaded in {load_s:.1} s", ids.len());
+    let notes = format!(
+        "{} distinct r=8 LoRAs on all {} projections ({mb:.1} MB each), preloaded in {load_s:.1} s",
+        ids.len(),
+        ctx.base.projections().len()
+    );
     let r = streams_row(ctx, "lora32", Some(&store), comps, res.base_streams, notes)?;
     res.rows.push(r);
     Ok(())
@@ -212,7 +216,10 @@ pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let load_s = preload(&store, &comps)?;
     let mb = dir_mb(&dir.join("task_0"));
     let nnz_note = if nnz > 0 { format!(", {nnz} non-zeros each") } else { String::new() };
-    let notes = format!("lang_i + task_j of {LANGS}+{TASKS} sparse modules, 0.5% of all 7 projections ({mb:.1} MB each{nnz_note}), preloaded in {load_s:.1} s");
+    let notes = format!(
+        "lang_i + task_j of {LANGS}+{TASKS} sparse modules, 0.5% of all {} projections ({mb:.1} MB each{nnz_note}), preloaded in {load_s:.1} s",
+        ctx.base.projections().len()
+    );
     let r = streams_row(ctx, "sft32", Some(&store), comps, res.base_streams, notes)?;
     res.rows.push(r);
     Ok(())
@@ -235,8 +242,9 @@ pub fn poly_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let inv_s = t0.elapsed().as_secs_f64();
     let mix_s = preload(&store, &comps)?;
     let notes = format!(
-        "one inventory ({:.0} MB; 32 tasks, 8 skills, 2 splits, r=8, all 7 projections), task id per stream; inventory load {inv_s:.1} s, {} mixtures {mix_s:.1} s, before timing",
+        "one inventory ({:.0} MB; 32 tasks, 8 skills, 2 splits, r=8, all {} projections), task id per stream; inventory load {inv_s:.1} s, {} mixtures {mix_s:.1} s, before timing",
         dir_mb(&dir),
+        ctx.base.projections().len(),
         ctx.streams.min(shape.n_tasks)
     );
     let r = streams_row(ctx, "poly32", Some(&store), comps, res.base_streams, notes)?;
