@@ -97,3 +97,32 @@ fn wrapped_sliding_window_rings_still_match_transformers() {
         }
     }
 }
+
+/// A float16 checkpoint (the kit's bf16 values, exactly representable in f16 at these magnitudes)
+/// and a float32 one load like the bf16 original: the kit's base logits for every prompt.
+#[test]
+fn f16_and_f32_checkpoints_load_like_bf16() {
+    use candle_core::DType;
+    let cases = cases();
+    for (name, dtype) in [("qwen3", DType::F16), ("phi3", DType::F16), ("gemma3", DType::F32)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = common::arch::dir(name).join("model");
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let w = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let w: std::collections::HashMap<String, candle_core::Tensor> =
+            w.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
+        candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
+        let fam = Family::load_from(name, tmp.path().to_path_buf(), WeightMode::F32);
+        let c = &cases["archs"][name]["cases"]["base"];
+        let reference = common::arch::reference_logits(&cases, name, "base");
+        for (p, ids) in prompts(&cases).iter().enumerate() {
+            assert_logits_match(
+                &format!("{name} {dtype:?} prompt {p}"),
+                &fam.logits(None, ids),
+                &reference[p],
+                &c["top5_ids"][p],
+                &c["top5_logprobs"][p],
+            );
+        }
+    }
+}

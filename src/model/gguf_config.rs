@@ -196,3 +196,76 @@ fn get_f64(md: &std::collections::HashMap<String, Value>, key: &str) -> Result<f
         other => Err(bad_key(key, format!("expected a float, got {:?}", other.value_type()))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+
+    /// Metadata of a 4-layer model of `arch` (hidden 8, 2 heads, head_dim 4), plus `extra`, and
+    /// tensors named `tensors` (shapes do not matter to the config reader).
+    fn content(arch: &str, extra: &[(&str, Value)], tensors: &[&str]) -> Content {
+        let mut md = HashMap::new();
+        let k = |s: &str| format!("{arch}.{s}");
+        md.insert("general.architecture".to_string(), Value::String(arch.into()));
+        for (key, v) in
+            [("block_count", 4u32), ("embedding_length", 8), ("feed_forward_length", 16), ("attention.head_count", 2), ("vocab_size", 10)]
+        {
+            md.insert(k(key), Value::U32(v));
+        }
+        for (key, v) in extra {
+            md.insert(k(key), v.clone());
+        }
+        let info = || TensorInfo { ggml_dtype: GgmlDType::F32, shape: candle_core::Shape::from(vec![1]), offset: 0 };
+        let tensor_infos = tensors.iter().map(|t| (t.to_string(), info())).collect();
+        Content { magic: VersionedMagic::GgufV3, metadata: md, tensor_infos, tensor_data_offset: 0 }
+    }
+
+    #[test]
+    fn llama_cpp_layouts_per_family() {
+        let windows = |c: &LlamaConfig| c.arch.layers.iter().map(|l| l.window).collect::<Vec<_>>();
+        let c = read(&content("gemma2", &[("attention.sliding_window", Value::U32(5))], &[])).unwrap();
+        assert_eq!(windows(&c), vec![Some(5), None, Some(5), None]);
+        assert_eq!((c.arch.attn_softcap, c.arch.final_softcap), (Some(50.0), Some(30.0)));
+        assert!(c.arch.sandwich_norms && c.arch.norm_weight_offset == 0.0 && c.arch.embed_scale == Some((8f64).sqrt() as f32));
+        let pattern = Value::Array(vec![Value::Bool(true), Value::Bool(false), Value::Bool(false), Value::Bool(true)]);
+        let c =
+            read(&content("gemma3", &[("attention.sliding_window", Value::U32(3)), ("attention.sliding_window_pattern", pattern)], &[]))
+                .unwrap();
+        assert_eq!(windows(&c), vec![Some(3), None, None, Some(3)]);
+        let c = read(&content("gemma3", &[("rope.freq_base_swa", Value::F32(7.0))], &[])).unwrap();
+        assert_eq!(windows(&c), vec![Some(4096), Some(4096), Some(4096), Some(4096)]);
+        assert_eq!(c.arch.layers[0].rope_theta, 7.0);
+        let c = read(&content("phi3", &[("attention.sliding_window", Value::U32(0))], &["blk.0.attn_qkv.weight"])).unwrap();
+        assert!(c.arch.fused_qkv && windows(&c).iter().all(|w| w.is_none()));
+        let c = read(&content(
+            "phi3",
+            &[("attention.sliding_window", Value::U32(6)), ("rope.dimension_count", Value::U32(2))],
+            &["blk.0.attn_qkv.weight"],
+        ))
+        .unwrap();
+        assert_eq!((windows(&c)[3], c.rotary_dim()), (Some(6), 2));
+        let c = read(&content("qwen2", &[], &["blk.0.attn_q.bias"])).unwrap();
+        assert!(c.arch.qkv_bias && !c.arch.o_bias && !c.arch.qk_norm);
+        assert!(read(&content("qwen3", &[], &[])).unwrap().arch.qk_norm);
+    }
+
+    #[test]
+    fn refuses_what_the_decoder_cannot_reproduce() {
+        for (c, needle) in [
+            (content("falcon", &[], &[]), "falcon"),
+            (content("phi3", &[], &[]), "attn_qkv"),
+            (content("phi3", &[], &["blk.0.attn_qkv.weight", "rope_factors_long.weight"]), "RoPE factors"),
+            (content("llama", &[("rope.scaling.type", Value::String("yarn".into()))], &[]), "yarn"),
+            (content("qwen2", &[("rope.dimension_count", Value::U32(2))], &[]), "partial rotary"),
+            (content("gemma2", &[], &["blk.0.ffn_down.bias"]), "MLP biases"),
+        ] {
+            let e = read(&c).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+}
