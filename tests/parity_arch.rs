@@ -126,3 +126,18 @@ fn f16_and_f32_checkpoints_load_like_bf16() {
         }
     }
 }
+
+/// An untied model (Phi-3) whose checkpoint lacks `lm_head.weight` is refused, naming the tensor,
+/// instead of silently using the embeddings as its head.
+#[test]
+fn untied_checkpoint_without_a_head_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::arch::dir("phi3").join("model");
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(w.remove("lm_head.weight").is_some());
+    candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
+    let opts = modserve::model::load::LoadOptions { weights: WeightMode::F32, device: candle_core::Device::Cpu };
+    let e = modserve::model::load::load(tmp.path(), &opts).err().expect("refused").to_string();
+    assert!(e.contains("lm_head.weight"), "{e}");
+}

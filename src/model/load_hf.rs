@@ -58,11 +58,9 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
     let offset = cfg.arch.norm_weight_offset;
     let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
     let final_norm = norm_multiplier(get("model.norm.weight", &[h])?, offset).map_err(cd)?;
-    let head = if tensors.contains_key("lm_head.weight") && !cfg.tie_word_embeddings {
-        get("lm_head.weight", &[cfg.vocab_size, h])?
-    } else {
-        embed.clone()
-    };
+    // Tied: the embeddings (transformers ignores a stored `lm_head.weight` then). Untied: the
+    // checkpoint must hold the head; it is never silently replaced by the embeddings.
+    let head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight", &[cfg.vocab_size, h])? };
     let lm_head = BaseWeight::from_dense(head, opts.weights).map_err(cd)?;
     let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
