@@ -43,7 +43,7 @@ impl RopeTables {
 
     /// Rotates the first `2 * half` values of one head vector to position `pos`.
     #[inline]
-    fn rotate(&self, x: &mut [f32], pos: usize) {
+    pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {
         let h = self.half;
         let (c, s) = (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h]);
         let (x1, x2) = x.split_at_mut(h);

@@ -127,3 +127,41 @@ impl<'s> DeviceAttention<'s> {
         Ok(Some(Tensor::from_vec(m, (group * len, total), &self.device)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partial rotary embedding (Phi-3 `partial_rotary_factor`): of a head of 8 values with 4
+    /// rotated, pairs (0, 2) and (1, 3) turn by `pos * base^(-2i/4)`, values 4..8 pass through; the
+    /// host tables and the device tensors agree with that formula.
+    #[test]
+    fn partial_rotary_turns_only_the_rotated_dims() {
+        let (base, pos, rot, hd) = (100.0f32, 5usize, 4usize, 8usize);
+        let x: Vec<f32> = (0..hd).map(|i| 0.3 + i as f32).collect();
+        let mut want = x.clone();
+        for i in 0..rot / 2 {
+            let a = pos as f32 * (1.0 / base.powf(2.0 * i as f32 / rot as f32));
+            let (u, v) = (x[i], x[i + rot / 2]);
+            want[i] = u * a.cos() - v * a.sin();
+            want[i + rot / 2] = v * a.cos() + u * a.sin();
+        }
+        let tables = RopeTables::new(rot, base, 1.0, 16);
+        let mut host = x.clone();
+        tables.rotate(&mut host, pos);
+        let dev = DeviceRope::new(&tables, 16, &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(x.clone(), (1, 1, 1, hd), &Device::Cpu).unwrap();
+        let on_device: Vec<f32> = dev.apply(&t, pos, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (name, got) in [("host", &host), ("device", &on_device)] {
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "{name} dim {i}: {g} vs {w}");
+            }
+        }
+        // A linear factor divides the positions.
+        let scaled = RopeTables::new(rot, base, 5.0, 16);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        scaled.rotate(&mut a, pos);
+        tables.rotate(&mut b, 1);
+        assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-5));
+    }
+}
