@@ -20,7 +20,7 @@ const ROWS: usize = 32;
 fn adapter(rng: &mut StdRng, compact: bool) -> ModuleDeltas {
     let mut m = ModuleDeltas::default();
     for layer in 0..LAYERS {
-        for proj in Proj::ALL {
+        for proj in Proj::UNFUSED {
             let (inp, out) = dims(proj);
             let a: Vec<f32> = (0..8 * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
             let b: Vec<f32> = (0..out * 8).map(|_| rng.random_range(-0.5f32..0.5)).collect();

@@ -25,7 +25,7 @@ const DENSITY: f64 = 0.005;
 fn module(rng: &mut StdRng) -> Arc<ModuleDeltas> {
     let mut m = ModuleDeltas::default();
     for layer in 0..LAYERS {
-        for proj in Proj::ALL {
+        for proj in Proj::UNFUSED {
             let (inp, out) = dims(proj);
             let nnz = ((inp * out) as f64 * DENSITY) as usize;
             let flat: Vec<u64> = (0..nnz).map(|_| rng.random_range(0..(inp * out) as u64)).collect();

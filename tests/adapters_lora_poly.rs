@@ -33,6 +33,7 @@ fn tiny_base() -> BaseShapes {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![2],
+        arch: Default::default(),
     })
 }
 
@@ -51,6 +52,7 @@ fn smollm2_base() -> BaseShapes {
         tie_word_embeddings: true,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        arch: Default::default(),
     })
 }
 
@@ -188,7 +190,7 @@ fn layers_to_transform_selects_layers() {
 #[test]
 fn default_adapter_name_and_all_linear_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let all: Vec<(usize, Proj)> = (0..2).flat_map(|l| Proj::ALL.map(|p| (l, p))).collect();
+    let all: Vec<(usize, Proj)> = (0..2).flat_map(|l| Proj::UNFUSED.map(|p| (l, p))).collect();
     let named = lora_tensors(&all, 2, &[]).into_iter().map(|(n, t)| (n.replace(".weight", ".default.weight"), t)).collect();
     write_lora(dir.path(), json!({"target_modules": "all-linear"}), named);
     let (d, info) = load_peft_lora(dir.path(), &tiny_base()).unwrap();

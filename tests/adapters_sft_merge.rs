@@ -34,6 +34,7 @@ fn config(vocab: usize, hidden: usize, ff: usize, layers: usize, heads: usize, k
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![2],
+        arch: Default::default(),
     })
 }
 

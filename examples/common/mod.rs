@@ -11,5 +11,7 @@ pub fn dims(p: Proj) -> (usize, usize) {
         Proj::K | Proj::V => (576, 192),
         Proj::Gate | Proj::Up => (576, 1536),
         Proj::Down => (1536, 576),
+        Proj::Qkv => (576, 960),
+        Proj::GateUp => (576, 3072),
     }
 }

@@ -89,6 +89,7 @@ pub fn tiny_base() -> BaseShapes {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![],
+        arch: Default::default(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Where a delta applies: [`Target`] (a linear weight of a layer, the embedding, the untied output
 //! head) named as Hugging Face names the parameter, and [`BaseShapes`], the base model's shapes of
-//! every adaptable parameter.
+//! every adaptable parameter (per family: Phi-3 has `qkv_proj` / `gate_up_proj` instead of q/k/v
+//! and gate/up).
 //!
 //! Invariant: [`Target::from_hf_name`] and [`Target::hf_name`] round-trip, and a target the base
 //! model lacks has no shape (every format checks its tensors against [`BaseShapes::shape`]).
@@ -65,14 +66,25 @@ impl BaseShapes {
             Target::Embedding => Some((c.vocab_size, h)),
             Target::LmHead => (!c.tie_word_embeddings).then_some((c.vocab_size, h)),
             Target::Linear(id) if id.layer >= c.num_hidden_layers => None,
-            Target::Linear(id) => Some(match id.proj {
-                Proj::Q => (q, h),
-                Proj::K | Proj::V => (kv, h),
-                Proj::O => (h, q),
-                Proj::Gate | Proj::Up => (ff, h),
-                Proj::Down => (h, ff),
-            }),
+            Target::Linear(id) => match id.proj {
+                Proj::Q | Proj::K | Proj::V if c.arch.fused_qkv => None,
+                Proj::Qkv if !c.arch.fused_qkv => None,
+                Proj::Gate | Proj::Up if c.arch.fused_gate_up => None,
+                Proj::GateUp if !c.arch.fused_gate_up => None,
+                Proj::Q => Some((q, h)),
+                Proj::K | Proj::V => Some((kv, h)),
+                Proj::O => Some((h, q)),
+                Proj::Gate | Proj::Up => Some((ff, h)),
+                Proj::Down => Some((h, ff)),
+                Proj::Qkv => Some((q + 2 * kv, h)),
+                Proj::GateUp => Some((2 * ff, h)),
+            },
         }
+    }
+
+    /// The projections every layer of this model has (`qkv_proj` instead of q/k/v on Phi-3, ...).
+    pub fn projections(&self) -> Vec<Proj> {
+        Proj::ALL.into_iter().filter(|&p| self.shape(Target::Linear(LinearId { layer: 0, proj: p })).is_some()).collect()
     }
 }
 
@@ -91,5 +103,25 @@ mod tests {
         );
         assert_eq!(Target::from_hf_name("model.layers.1.mlp.q_proj.weight"), None);
         assert_eq!(Target::from_hf_name("model.layers.1.self_attn.rotary.weight"), None);
+        assert_eq!(
+            Target::from_hf_name("model.layers.2.mlp.gate_up_proj.weight"),
+            Some(Target::Linear(LinearId { layer: 2, proj: Proj::GateUp }))
+        );
+    }
+
+    #[test]
+    fn fused_projections_exist_only_on_fused_models() {
+        let json = |t: &str| {
+            format!(
+                r#"{{"model_type":"{t}","vocab_size":16,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":4}}"#
+            )
+        };
+        let base = BaseShapes::new(LlamaConfig::from_hf_json(&json("qwen2")).unwrap());
+        assert_eq!(base.projections(), Proj::UNFUSED.to_vec());
+        let base = BaseShapes::new(LlamaConfig::from_hf_json(&json("phi3")).unwrap());
+        assert_eq!(base.projections(), vec![Proj::O, Proj::Down, Proj::Qkv, Proj::GateUp]);
+        assert_eq!(base.shape(Target::Linear(LinearId { layer: 1, proj: Proj::Qkv })), Some((16, 8)));
+        assert_eq!(base.shape(Target::Linear(LinearId { layer: 1, proj: Proj::GateUp })), Some((24, 8)));
+        assert_eq!(base.shape(Target::Linear(LinearId { layer: 1, proj: Proj::Q })), None);
     }
 }

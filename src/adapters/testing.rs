@@ -24,6 +24,7 @@ pub(crate) fn tiny_base() -> BaseShapes {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![2],
+        arch: Default::default(),
     })
 }
 

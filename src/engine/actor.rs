@@ -269,7 +269,7 @@ impl EngineLoop {
     fn kv_need(&self, req: &PreparedRequest) -> (usize, usize) {
         let cfg = &self.llama.cfg;
         let capacity = (req.spec.prompt_ids.len() + req.spec.max_new_tokens).min(cfg.max_position_embeddings);
-        (capacity, SeqKvCache::bytes(cfg, capacity))
+        (capacity, SeqKvCache::bytes(cfg, capacity, self.llama.device()))
     }
 
     /// True when the request's KV memory fits beside the running sequences' (always true for a
@@ -322,7 +322,7 @@ impl EngineLoop {
                 return;
             }
         };
-        let kv_bytes = SeqKvCache::bytes(cfg, capacity);
+        let kv_bytes = SeqKvCache::bytes(cfg, capacity, self.llama.device());
         self.stats.kv_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
         let mut a = Active {
             seq,

@@ -1,8 +1,10 @@
 //! The attention inner loop of one (sequence, query head): scores against the sequence's cached
 //! keys, a softmax in f32 with the max subtracted, and the weighted sum of its cached values.
 //!
-//! Invariants: the math is Hugging Face Llama's; rows see only positions up to their own
-//! (causal); every read is a bounds-checked slice except inside [`dot_avx2`], which reads
+//! Invariants: the math is Hugging Face's; rows see only positions up to their own (causal) and,
+//! with a sliding window `W`, none before `own - W + 1`; positions live in a ring of slots
+//! (`p % ring`), whose caller guarantees it still holds every visible position; a soft-cap `c` maps each scaled score to
+//! `c * tanh(score / c)` before the softmax; every read is a bounds-checked slice except inside [`dot_avx2`], which reads
 //! `min(a.len(), b.len())` values of each input.
 
 /// The attention of one head of one sequence over its rows.
@@ -13,10 +15,13 @@ pub struct HeadAttention<'a> {
     pub q_stride: usize,
     /// Offset of this head within a query row.
     pub q_off: usize,
-    /// The sequence's cached keys of this head's kv head, position after position (`hd` each).
+    /// The sequence's cached keys of this head's kv head, `ring` slots of `hd` values; position
+    /// `p` is in slot `p % ring`.
     pub keys: &'a [f32],
     /// The cached values, laid out as `keys`.
     pub values: &'a [f32],
+    /// Slots in `keys` / `values` (the cache capacity, or a sliding-window layer's ring).
+    pub ring: usize,
     /// Head dimension.
     pub hd: usize,
     /// First row of the sequence in the step.
@@ -25,8 +30,12 @@ pub struct HeadAttention<'a> {
     pub len: usize,
     /// Position of the first row (the cached positions before it are visible to all rows).
     pub pos: usize,
-    /// Score scale (`1 / sqrt(hd)`).
+    /// Score scale (`1 / sqrt(hd)`, or the family's).
     pub scale: f32,
+    /// Sliding window: the number of positions a row sees, itself included.
+    pub window: Option<usize>,
+    /// Attention-logit soft-cap.
+    pub softcap: Option<f32>,
 }
 
 impl HeadAttention<'_> {
@@ -62,22 +71,36 @@ impl HeadAttention<'_> {
             let r = self.start + i;
             let qv = &self.q[r * self.q_stride + self.q_off..r * self.q_stride + self.q_off + hd];
             let visible = self.pos + i + 1;
+            let first = self.window.map_or(0, |w| visible.saturating_sub(w));
             let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                *sc = dot(qv, &self.keys[j * hd..(j + 1) * hd]) * self.scale;
+            let mut slot = first % self.ring;
+            for sc in scores[first..visible].iter_mut() {
+                *sc = dot(qv, &self.keys[slot * hd..(slot + 1) * hd]) * self.scale;
+                slot += 1;
+                if slot == self.ring {
+                    slot = 0;
+                }
+                if let Some(c) = self.softcap {
+                    *sc = c * (*sc / c).tanh();
+                }
                 max = max.max(*sc);
             }
             let mut sum = 0f32;
-            for sc in scores[..visible].iter_mut() {
+            for sc in scores[first..visible].iter_mut() {
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
             let inv = 1.0 / sum;
             let orow = &mut o[i * hd..(i + 1) * hd];
-            for (j, sc) in scores[..visible].iter().enumerate() {
+            let mut slot = first % self.ring;
+            for sc in scores[first..visible].iter() {
                 let p = sc * inv;
-                for (ov, vv) in orow.iter_mut().zip(&self.values[j * hd..(j + 1) * hd]) {
+                for (ov, vv) in orow.iter_mut().zip(&self.values[slot * hd..(slot + 1) * hd]) {
                     *ov += p * vv;
+                }
+                slot += 1;
+                if slot == self.ring {
+                    slot = 0;
                 }
             }
         }

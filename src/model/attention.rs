@@ -3,17 +3,20 @@
 //! One call per layer: rotary embedding of every row's queries and keys at its own position,
 //! the new keys/values written into each sequence's host KV cache, then causal attention of every
 //! (sequence, query head) in parallel (rayon) against that sequence's cache. It replaces a dozen
-//! small tensor ops per sequence and layer, which dominate batched decode otherwise.
-//! Invariants: the math is exactly Hugging Face Llama's (rotate-half RoPE, softmax in f32 with the
-//! max subtracted, GQA head `h` reading kv head `h / group`); a sequence only ever reads its own
-//! cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
+//! small tensor ops per sequence and layer, which dominate batched decode otherwise. Every family
+//! runs here: the layer's [`AttnParams`] carry its RoPE table (base, linear scaling, rotated
+//! dimensions), score scale, sliding window and soft-cap.
+//! Invariants: the math is exactly Hugging Face's (rotate-half RoPE over the first `rotary_dim`
+//! dims, soft-cap before the mask, softmax in f32 with the max subtracted, GQA head `h` reading kv
+//! head `h / group`, window `W` showing positions `i - W < j <= i`); a sequence only ever reads
+//! its own cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
 //! [`HeadAttention`] in `kernels::attention`.
 use rayon::prelude::*;
 
 use super::kv_cache::SeqKvCache;
 use crate::kernels::attention::HeadAttention;
 
-/// Precomputed rotary tables, `[max_positions][head_dim / 2]`.
+/// Precomputed rotary tables, `[max_positions][rotary_dim / 2]`.
 pub struct RopeTables {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -21,9 +24,11 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    /// Tables for `rotary_dim` rotated dimensions, base `theta`, positions divided by
+    /// `linear_factor` (transformers: `inv_freq / factor`).
+    pub fn new(rotary_dim: usize, theta: f32, linear_factor: f32, max_positions: usize) -> Self {
+        let half = rotary_dim / 2;
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / rotary_dim as f32) / linear_factor).collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -36,9 +41,9 @@ impl RopeTables {
         Self { cos, sin, half }
     }
 
-    /// Rotates one head vector (`2 * half` values) to position `pos`.
+    /// Rotates the first `2 * half` values of one head vector to position `pos`.
     #[inline]
-    fn rotate(&self, x: &mut [f32], pos: usize) {
+    pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {
         let h = self.half;
         let (c, s) = (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h]);
         let (x1, x2) = x.split_at_mut(h);
@@ -58,13 +63,24 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// One layer's attention settings.
+pub struct AttnParams<'a> {
+    pub rope: &'a RopeTables,
+    /// Score scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f32,
+    /// Sliding window: `W` positions visible, the query's own included.
+    pub window: Option<usize>,
+    /// `cap * tanh(score / cap)` before the mask.
+    pub softcap: Option<f32>,
+}
+
 /// `q` `[rows, n_heads*hd]`, `k`/`v` `[rows, n_kv*hd]` (host, row-major; q and k are rotated in
 /// place); `spans[i] = (first row, rows, position)` of `caches[i]`. Returns `[rows, n_heads*hd]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: usize,
     shape: AttnShape,
-    rope: &RopeTables,
+    params: &AttnParams<'_>,
     q: &mut [f32],
     k: &mut [f32],
     v: &[f32],
@@ -72,59 +88,87 @@ pub fn attention(
     caches: &mut [&mut SeqKvCache],
 ) -> Vec<f32> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let (rope, scale, window, softcap) = (params.rope, params.scale, params.window, params.softcap);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
-    // RoPE and cache writes, per sequence.
-    for (&(start, len, pos), cache) in spans.iter().zip(caches.iter_mut()) {
-        let cap = cache.capacity();
-        let (kc, vc) = cache.host_layer_mut(layer).expect("host KV cache on the CPU path");
-        for i in 0..len {
-            let (r, p) = (start + i, pos + i);
-            for h in 0..n_heads {
-                rope.rotate(&mut q[r * qw + h * hd..r * qw + (h + 1) * hd], p);
-            }
-            for h in 0..n_kv_heads {
-                let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
-                rope.rotate(kr, p);
-                let at = (h * cap + p) * hd;
-                kc[at..at + hd].copy_from_slice(kr);
-                vc[at..at + hd].copy_from_slice(&v[r * kw + h * hd..r * kw + (h + 1) * hd]);
-            }
-        }
-    }
+    let group = n_heads / n_kv_heads;
     let rows: usize = spans.iter().map(|s| s.1).sum::<usize>().max(spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0));
     let mut out = vec![0f32; rows * qw];
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
-    // One task per (sequence, head): its rows' outputs for that head.
-    let tasks: Vec<(usize, usize)> = (0..spans.len()).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(s, h)| {
-            let (start, len, pos) = spans[s];
-            let cap = caches[s].capacity();
-            let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
-            let kvh = h / group;
-            let head = HeadAttention {
-                q,
-                q_stride: qw,
-                q_off: h * hd,
-                keys: &kc[kvh * cap * hd..],
-                values: &vc[kvh * cap * hd..],
-                hd,
-                start,
-                len,
-                pos,
-                scale,
-            };
-            (s, h, head.run())
+    // A sliding-window layer whose ring is shorter than the sequence takes a chunk in rounds of
+    // at most `ring - window + 1` rows: each round's keys are written, then attended, before the
+    // next round's overwrite the oldest slots. Other layers take each chunk in one round.
+    let round_rows: Vec<usize> = spans
+        .iter()
+        .zip(caches.iter())
+        .map(|(&(_, len, pos), c)| match window {
+            Some(w) if c.layer_capacity(layer) < pos + len => c.layer_capacity(layer) + 1 - w,
+            _ => len.max(1),
         })
         .collect();
-    for (s, h, o) in results {
-        let (start, len, _) = spans[s];
-        for i in 0..len {
-            let r = start + i;
-            out[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+    let rounds = spans.iter().zip(&round_rows).map(|(s, &b)| s.1.div_ceil(b)).max().unwrap_or(0);
+    for round in 0..rounds {
+        // This round's rows of each sequence: (first row, rows, position), possibly empty.
+        let part: Vec<(usize, usize, usize)> = spans
+            .iter()
+            .zip(&round_rows)
+            .map(|(&(start, len, pos), &b)| {
+                let a = (round * b).min(len);
+                (start + a, (len - a).min(b), pos + a)
+            })
+            .collect();
+        // RoPE and cache writes, per sequence.
+        for (&(start, len, pos), cache) in part.iter().zip(caches.iter_mut()) {
+            let cap = cache.layer_capacity(layer);
+            let (kc, vc) = cache.host_layer_mut(layer).expect("host KV cache on the CPU path");
+            for i in 0..len {
+                let (r, p) = (start + i, pos + i);
+                for h in 0..n_heads {
+                    rope.rotate(&mut q[r * qw + h * hd..r * qw + (h + 1) * hd], p);
+                }
+                for h in 0..n_kv_heads {
+                    let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
+                    rope.rotate(kr, p);
+                    let at = (h * cap + p % cap) * hd;
+                    kc[at..at + hd].copy_from_slice(kr);
+                    vc[at..at + hd].copy_from_slice(&v[r * kw + h * hd..r * kw + (h + 1) * hd]);
+                }
+            }
+        }
+        let q: &[f32] = q;
+        let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
+        // One task per (sequence, head): its rows' outputs for that head.
+        let tasks: Vec<(usize, usize)> =
+            (0..part.len()).filter(|&s| part[s].1 > 0).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(s, h)| {
+                let (start, len, pos) = part[s];
+                let cap = caches[s].layer_capacity(layer);
+                let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
+                let kvh = h / group;
+                let head = HeadAttention {
+                    q,
+                    q_stride: qw,
+                    q_off: h * hd,
+                    keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                    values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                    ring: cap,
+                    hd,
+                    start,
+                    len,
+                    pos,
+                    scale,
+                    window,
+                    softcap,
+                };
+                (s, h, head.run())
+            })
+            .collect();
+        for (s, h, o) in results {
+            let (start, len, _) = part[s];
+            for i in 0..len {
+                let r = start + i;
+                out[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+            }
         }
     }
     out

@@ -1,8 +1,9 @@
-//! Hyper-parameters of a Llama-family decoder, read from GGUF metadata (`llama.*` keys) or from a
-//! Hugging Face `config.json`. Invariant: `head_dim * num_attention_heads` is the attention width and
-//! `num_attention_heads` is a multiple of `num_key_value_heads` (checked by [`LlamaConfig::validate`]).
-use candle_core::quantized::gguf_file::{Content, Value};
-use serde::Deserialize;
+//! Hyper-parameters of the shared decoder, read from GGUF metadata (`model::gguf_config`) or
+//! from a Hugging Face `config.json` (`model::hf_config`), with the family's switches in
+//! [`LlamaConfig::arch`]. Invariant: `head_dim * num_attention_heads` is the attention width,
+//! `num_attention_heads` is a multiple of `num_key_value_heads`, and `arch.layers` is empty or
+//! has one entry per layer (checked by [`LlamaConfig::validate`]).
+use super::family::{Arch, LayerAttn};
 
 /// Errors raised while reading or checking a model configuration.
 #[derive(Debug, thiserror::Error)]
@@ -11,8 +12,10 @@ pub enum ConfigError {
     MissingKey { key: String },
     #[error("model metadata key `{key}` has the wrong type: {reason}")]
     BadKey { key: String, reason: String },
-    #[error("unsupported architecture `{0}` (only the llama family is supported)")]
-    Architecture(String),
+    #[error("unsupported model family `{name}` (supported: {supported})")]
+    Architecture { name: String, supported: String },
+    #[error("{family}: {what} is not supported")]
+    Unsupported { family: String, what: String },
     #[error("inconsistent model config: {0}")]
     Inconsistent(String),
 }
@@ -22,13 +25,14 @@ impl ConfigError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MissingKey { .. } | Self::BadKey { .. } => "model_metadata",
-            Self::Architecture(_) => "model_architecture",
+            Self::Architecture { .. } => "model_architecture",
+            Self::Unsupported { .. } => "model_unsupported",
             Self::Inconsistent(_) => "model_config",
         }
     }
 }
 
-/// The shape of the decoder.
+/// The shape of the decoder and its family's switches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
@@ -39,17 +43,53 @@ pub struct LlamaConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
+    /// RoPE base of full-attention layers (per layer: [`LlamaConfig::layer_attn`]).
     pub rope_theta: f32,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The family's switches (`Arch::default()` is plain Llama).
+    pub arch: Arch,
 }
 
 impl LlamaConfig {
     /// Number of query heads sharing one key/value head (grouped-query attention).
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Attention settings of `layer` (full attention with `rope_theta` when `arch.layers` is empty).
+    pub fn layer_attn(&self, layer: usize) -> LayerAttn {
+        self.arch.layers.get(layer).copied().unwrap_or(LayerAttn { window: None, rope_theta: self.rope_theta, rope_linear_factor: 1.0 })
+    }
+
+    /// Attention score scale (`arch.attn_scale`, else `head_dim^-0.5`).
+    pub fn attn_scale(&self) -> f32 {
+        if self.arch.attn_scale > 0.0 {
+            self.arch.attn_scale
+        } else {
+            (self.head_dim as f64).powf(-0.5) as f32
+        }
+    }
+
+    /// Rotated dimensions per head.
+    pub fn rotary_dim(&self) -> usize {
+        if self.arch.rotary_dim == 0 {
+            self.head_dim
+        } else {
+            self.arch.rotary_dim
+        }
+    }
+
+    /// Width of q_proj's output.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of k_proj's (and v_proj's) output.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
     }
 
     /// Checks the invariants the forward pass relies on.
@@ -64,206 +104,25 @@ impl LlamaConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and non-zero", self.head_dim));
         }
+        let rot = self.rotary_dim();
+        if rot == 0 || !rot.is_multiple_of(2) || rot > self.head_dim {
+            return bad(format!("rotary dimension {rot} must be even, non-zero and at most head_dim {}", self.head_dim));
+        }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return bad("vocab, hidden size and layer count must be non-zero".into());
         }
+        if !self.arch.layers.is_empty() && self.arch.layers.len() != self.num_hidden_layers {
+            return bad(format!("{} per-layer attention settings for {} layers", self.arch.layers.len(), self.num_hidden_layers));
+        }
+        if self.arch.layers.iter().any(|l| {
+            l.window == Some(0)
+                || !l.rope_theta.is_finite()
+                || l.rope_theta <= 0.0
+                || !l.rope_linear_factor.is_finite()
+                || l.rope_linear_factor <= 0.0
+        }) {
+            return bad("sliding windows, RoPE bases and RoPE factors must be positive".into());
+        }
         Ok(())
-    }
-
-    /// Reads the `llama.*` keys of a GGUF file.
-    pub fn from_gguf(content: &Content) -> Result<Self, ConfigError> {
-        let md = &content.metadata;
-        let arch = get_str(md, "general.architecture")?;
-        if arch != "llama" {
-            return Err(ConfigError::Architecture(arch));
-        }
-        let u = |k: &str| get_u64(md, &format!("llama.{k}")).map(|v| v as usize);
-        let heads = u("attention.head_count")?;
-        let hidden = u("embedding_length")?;
-        let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
-        let vocab = match u("vocab_size") {
-            Ok(v) => v,
-            Err(_) => match md.get("tokenizer.ggml.tokens") {
-                Some(Value::Array(a)) => a.len(),
-                _ => return Err(ConfigError::MissingKey { key: "llama.vocab_size".into() }),
-            },
-        };
-        let has_output = content.tensor_infos.contains_key("output.weight");
-        let cfg = Self {
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: u("feed_forward_length")?,
-            num_hidden_layers: u("block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: kv_heads,
-            head_dim,
-            rms_norm_eps: get_f64(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: get_f64(md, "llama.rope.freq_base").unwrap_or(10_000.0) as f32,
-            max_position_embeddings: u("context_length").unwrap_or(4096),
-            tie_word_embeddings: !has_output,
-            bos_token_id: get_u64(md, "tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
-            eos_token_ids: get_u64(md, "tokenizer.ggml.eos_token_id").ok().map(|v| vec![v as u32]).unwrap_or_default(),
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Reads a Hugging Face `config.json` (LlamaForCausalLM and compatible).
-    pub fn from_hf_json(text: &str) -> Result<Self, ConfigError> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Ids {
-            One(u32),
-            Many(Vec<u32>),
-        }
-        #[derive(Deserialize)]
-        struct Hf {
-            vocab_size: usize,
-            hidden_size: usize,
-            intermediate_size: usize,
-            num_hidden_layers: usize,
-            num_attention_heads: usize,
-            num_key_value_heads: Option<usize>,
-            head_dim: Option<usize>,
-            rms_norm_eps: Option<f64>,
-            rope_theta: Option<f64>,
-            max_position_embeddings: Option<usize>,
-            tie_word_embeddings: Option<bool>,
-            bos_token_id: Option<u32>,
-            eos_token_id: Option<Ids>,
-            model_type: Option<String>,
-            rope_scaling: Option<serde_json::Value>,
-            /// transformers >= 5 keeps `rope_theta` here.
-            rope_parameters: Option<serde_json::Value>,
-        }
-        let hf: Hf = serde_json::from_str(text).map_err(|e| ConfigError::BadKey { key: "config.json".into(), reason: e.to_string() })?;
-        if let Some(t) = &hf.model_type {
-            if t != "llama" && t != "mistral" {
-                return Err(ConfigError::Architecture(t.clone()));
-            }
-        }
-        if let Some(rs) = &hf.rope_scaling {
-            if !rs.is_null() {
-                return Err(ConfigError::Inconsistent(format!("rope_scaling {rs} is not supported")));
-            }
-        }
-        let mut rope_theta = hf.rope_theta;
-        if let Some(rp) = &hf.rope_parameters {
-            if let Some(t) = rp.get("rope_type").and_then(|t| t.as_str()) {
-                if t != "default" {
-                    return Err(ConfigError::Inconsistent(format!("rope_type `{t}` is not supported")));
-                }
-            }
-            if let Some(t) = rp.get("rope_theta").and_then(|t| t.as_f64()) {
-                rope_theta = Some(t);
-            }
-        }
-        let cfg = Self {
-            vocab_size: hf.vocab_size,
-            hidden_size: hf.hidden_size,
-            intermediate_size: hf.intermediate_size,
-            num_hidden_layers: hf.num_hidden_layers,
-            num_attention_heads: hf.num_attention_heads,
-            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
-            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: rope_theta.unwrap_or(10_000.0) as f32,
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: hf.bos_token_id,
-            eos_token_ids: match hf.eos_token_id {
-                Some(Ids::One(i)) => vec![i],
-                Some(Ids::Many(v)) => v,
-                None => vec![],
-            },
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-fn get<'a>(md: &'a std::collections::HashMap<String, Value>, key: &str) -> Result<&'a Value, ConfigError> {
-    md.get(key).ok_or_else(|| ConfigError::MissingKey { key: key.into() })
-}
-
-fn bad_key(key: &str, e: impl std::fmt::Display) -> ConfigError {
-    ConfigError::BadKey { key: key.into(), reason: e.to_string() }
-}
-
-fn get_str(md: &std::collections::HashMap<String, Value>, key: &str) -> Result<String, ConfigError> {
-    get(md, key)?.to_string().cloned().map_err(|e| bad_key(key, e))
-}
-
-fn get_u64(md: &std::collections::HashMap<String, Value>, key: &str) -> Result<u64, ConfigError> {
-    let v = get(md, key)?;
-    match v {
-        Value::U8(x) => Ok(*x as u64),
-        Value::U16(x) => Ok(*x as u64),
-        Value::U32(x) => Ok(*x as u64),
-        Value::U64(x) => Ok(*x),
-        Value::I8(x) if *x >= 0 => Ok(*x as u64),
-        Value::I16(x) if *x >= 0 => Ok(*x as u64),
-        Value::I32(x) if *x >= 0 => Ok(*x as u64),
-        Value::I64(x) if *x >= 0 => Ok(*x as u64),
-        other => Err(bad_key(key, format!("expected a non-negative integer, got {:?}", other.value_type()))),
-    }
-}
-
-fn get_f64(md: &std::collections::HashMap<String, Value>, key: &str) -> Result<f64, ConfigError> {
-    match get(md, key)? {
-        Value::F32(x) => Ok(*x as f64),
-        Value::F64(x) => Ok(*x),
-        other => Err(bad_key(key, format!("expected a float, got {:?}", other.value_type()))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hf_config_defaults_and_gqa() {
-        let c = LlamaConfig::from_hf_json(
-            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
-                "num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":true,
-                "eos_token_id":[2,3],"model_type":"llama"}"#,
-        )
-        .unwrap();
-        assert_eq!(c.head_dim, 2);
-        assert_eq!(c.group_size(), 2);
-        assert_eq!(c.eos_token_ids, vec![2, 3]);
-        assert!(c.tie_word_embeddings);
-    }
-
-    #[test]
-    fn reads_rope_theta_from_transformers_5_rope_parameters() {
-        let c = LlamaConfig::from_hf_json(
-            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
-                "num_attention_heads":4,"rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.rope_theta, 100000.0);
-        let e = LlamaConfig::from_hf_json(
-            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
-                "num_attention_heads":4,"rope_parameters":{"rope_theta":1.0,"rope_type":"yarn"}}"#,
-        );
-        assert!(e.is_err());
-    }
-
-    #[test]
-    fn rejects_bad_gqa_and_architecture() {
-        let e = LlamaConfig::from_hf_json(
-            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
-                "num_attention_heads":4,"num_key_value_heads":3}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.code(), "model_config");
-        let e = LlamaConfig::from_hf_json(
-            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,
-                "num_attention_heads":4,"model_type":"gpt2"}"#,
-        )
-        .unwrap_err();
-        assert!(matches!(e, ConfigError::Architecture(_)));
     }
 }

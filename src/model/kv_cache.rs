@@ -2,8 +2,15 @@
 //!
 //! On the CPU the cache is plain host memory, `[n_kv_heads][capacity][head_dim]` per layer, read and
 //! written by the fused attention kernel (`model::attention`); on other devices it is a pair of
-//! tensors of the same layout written in place with `slice_set`. Never grown by concatenation.
-//! Invariant: positions `0..len` are filled in every layer; `len <= capacity`.
+//! tensors of the same layout written in place with `slice_set`, used by the tensor-op attention
+//! (`model::device_attention`; [`SeqKvCache::new_tensors`] makes one on the CPU too, so that path
+//! is tested without a GPU). Never grown by concatenation. On the host, a sliding-window layer of
+//! window `W` keeps only a ring of `W - 1 + WINDOW_ROUND_ROWS` positions (position `p` in slot
+//! `p % ring`), enough for a round of up to [`WINDOW_ROUND_ROWS`] new rows to see its whole window
+//! (`model::attention` writes and attends long chunks in rounds); tensor caches keep every
+//! position (the window is then applied by the mask).
+//! Invariant: positions `0..len` are written in every layer, and each layer still holds the last
+//! `min(len, ring)` of them; `len <= capacity`.
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::LlamaConfig;
@@ -18,17 +25,57 @@ pub struct SeqKvCache {
     store: Store,
     len: usize,
     capacity: usize,
+    /// Positions held per layer (the ring size of a host sliding-window layer, else `capacity`).
+    layer_caps: Vec<usize>,
     head_dim: usize,
+}
+
+/// Rows of one sequence a host sliding-window layer writes and attends per round: its ring holds
+/// `window - 1 + WINDOW_ROUND_ROWS` positions.
+pub const WINDOW_ROUND_ROWS: usize = 256;
+
+/// Positions layer `layer` keeps for a sequence of `capacity` positions; `round_rows`: the rows per
+/// round of a host cache's sliding-window rings (None: no rings).
+fn layer_capacity(cfg: &LlamaConfig, layer: usize, capacity: usize, round_rows: Option<usize>) -> usize {
+    match (cfg.layer_attn(layer).window, round_rows) {
+        (Some(w), Some(r)) => capacity.min(w - 1 + r.max(1)),
+        _ => capacity,
+    }
 }
 
 impl SeqKvCache {
     /// Allocates room for `capacity` positions in every layer.
     pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
-        let per_layer = cfg.num_key_value_heads * capacity * cfg.head_dim;
-        let store = if device.is_cpu() {
+        Self::with_store(cfg, capacity, device, device.is_cpu().then_some(WINDOW_ROUND_ROWS))
+    }
+
+    /// A host cache whose sliding-window rings take rounds of `round_rows` rows (instead of
+    /// [`WINDOW_ROUND_ROWS`]): smaller rings, more rounds per long chunk. Tests use it to make
+    /// rings wrap within short prompts.
+    pub fn with_window_round_rows(cfg: &LlamaConfig, capacity: usize, round_rows: usize) -> Result<Self> {
+        Self::with_store(cfg, capacity, &Device::Cpu, Some(round_rows))
+    }
+
+    /// A cache held as device tensors even on the CPU: the model then runs this sequence's attention
+    /// with tensor ops, as on a GPU.
+    pub fn new_tensors(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
+        Self::with_store(cfg, capacity, device, None)
+    }
+
+    /// Whether the cache is host memory (the fused CPU kernel's layout).
+    pub fn is_host(&self) -> bool {
+        matches!(self.store, Store::Host { .. })
+    }
+
+    /// `round_rows`: Some for a host cache (with that round size), None for tensors.
+    fn with_store(cfg: &LlamaConfig, capacity: usize, device: &Device, round_rows: Option<usize>) -> Result<Self> {
+        let host = round_rows.is_some();
+        let layer_caps: Vec<usize> = (0..cfg.num_hidden_layers).map(|l| layer_capacity(cfg, l, capacity, round_rows)).collect();
+        let per_layer = |l: usize| cfg.num_key_value_heads * layer_caps[l] * cfg.head_dim;
+        let store = if host {
             Store::Host {
-                keys: (0..cfg.num_hidden_layers).map(|_| vec![0f32; per_layer]).collect(),
-                values: (0..cfg.num_hidden_layers).map(|_| vec![0f32; per_layer]).collect(),
+                keys: (0..cfg.num_hidden_layers).map(|l| vec![0f32; per_layer(l)]).collect(),
+                values: (0..cfg.num_hidden_layers).map(|l| vec![0f32; per_layer(l)]).collect(),
             }
         } else {
             let shape = (cfg.num_key_value_heads, capacity, cfg.head_dim);
@@ -40,12 +87,25 @@ impl SeqKvCache {
             }
             Store::Device { keys, values }
         };
-        Ok(Self { store, len: 0, capacity, head_dim: cfg.head_dim })
+        Ok(Self { store, len: 0, capacity, layer_caps, head_dim: cfg.head_dim })
     }
 
-    /// Bytes held by a cache of `capacity` positions (for memory accounting).
-    pub fn bytes(cfg: &LlamaConfig, capacity: usize) -> usize {
-        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * capacity * cfg.head_dim * 4
+    /// Bytes held by a cache of `capacity` positions made by [`SeqKvCache::new`] on `device` (for
+    /// memory accounting; sliding-window layers hold their ring on the CPU).
+    pub fn bytes(cfg: &LlamaConfig, capacity: usize, device: &Device) -> usize {
+        (0..cfg.num_hidden_layers)
+            .map(|l| {
+                2 * cfg.num_key_value_heads
+                    * layer_capacity(cfg, l, capacity, device.is_cpu().then_some(WINDOW_ROUND_ROWS))
+                    * cfg.head_dim
+                    * 4
+            })
+            .sum()
+    }
+
+    /// Positions `layer` holds (slot of position `p`: `p % layer_capacity`).
+    pub fn layer_capacity(&self, layer: usize) -> usize {
+        self.layer_caps[layer]
     }
 
     /// Number of positions already stored (the position of the next token).
@@ -106,8 +166,11 @@ impl SeqKvCache {
         debug_assert!(self.len <= self.capacity);
     }
 
-    /// Forgets positions from `len` on (e.g. to reuse a cache); the memory stays allocated.
+    /// Forgets positions from `len` on (e.g. to reuse a cache); the memory stays allocated. A
+    /// sliding-window ring that has wrapped cannot go back (its older slots were overwritten).
     pub fn truncate(&mut self, len: usize) {
+        let min_ring = self.layer_caps.iter().copied().min().unwrap_or(self.capacity);
+        assert!(len >= self.len || self.len <= min_ring, "cannot truncate a cache whose sliding-window ring has wrapped");
         self.len = self.len.min(len);
     }
 }

@@ -12,7 +12,8 @@ use crate::kernels::host::with_host_f32;
 use crate::kernels::int8_gemm::PackedQ8;
 use std::fmt;
 
-/// The seven adaptable projections of a Llama block, named as in Hugging Face / PEFT.
+/// The adaptable projections of a decoder block, named as in Hugging Face / PEFT. A model has
+/// either q/k/v or the fused `qkv_proj` (Phi-3), and either gate/up or `gate_up_proj`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proj {
     Q,
@@ -22,10 +23,17 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// Phi-3's fused projection, rows `[q | k | v]`.
+    Qkv,
+    /// Phi-3's fused projection, rows `[gate | up]`.
+    GateUp,
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    /// Every projection name; a given model has a subset (`BaseShapes::projections`).
+    pub const ALL: [Proj; 9] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down, Proj::Qkv, Proj::GateUp];
+    /// The projections of an unfused (Llama-like) block.
+    pub const UNFUSED: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
 
     /// The PEFT / Hugging Face module name (`q_proj`, ...).
     pub fn hf_name(self) -> &'static str {
@@ -37,13 +45,15 @@ impl Proj {
             Proj::Gate => "gate_proj",
             Proj::Up => "up_proj",
             Proj::Down => "down_proj",
+            Proj::Qkv => "qkv_proj",
+            Proj::GateUp => "gate_up_proj",
         }
     }
 
     /// The parent module in a Hugging Face parameter name (`self_attn` or `mlp`).
     pub fn hf_parent(self) -> &'static str {
         match self {
-            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            Proj::Q | Proj::K | Proj::V | Proj::O | Proj::Qkv => "self_attn",
             _ => "mlp",
         }
     }
@@ -256,17 +266,36 @@ impl BaseWeight {
     }
 }
 
-/// A projection of a decoder block: base weight plus the delta seam.
+/// A projection of a decoder block: base weight (and optional bias) plus the delta seam.
 pub struct Linear {
     id: LinearId,
     weight: BaseWeight,
+    /// `[out]`, added to every row (Qwen2's q/k/v); deltas never touch it.
+    bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
 }
 
 impl Linear {
     pub fn new(id: LinearId, weight: BaseWeight, out_dim: usize, in_dim: usize) -> Self {
-        Self { id, weight, in_dim, out_dim }
+        Self { id, weight, bias: None, in_dim, out_dim }
+    }
+
+    /// The same layer with a bias `[out]` (float32).
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     pub fn id(&self) -> LinearId {
@@ -316,7 +345,8 @@ impl Linear {
                         }
                     }
                     let t = Tensor::from_vec(y, (m, outs[i]), x.device())?;
-                    res.push(if dhs.is_some() { t } else { deltas.add_deltas(l.id, x, t)? });
+                    let t = if dhs.is_some() { t } else { deltas.add_deltas(l.id, x, t)? };
+                    res.push(l.add_bias(t)?);
                 }
                 Ok(res)
             }
@@ -330,6 +360,6 @@ impl Linear {
             return Ok(Self::forward_many(&[self], x, deltas)?.pop().expect("one output"));
         }
         let y = self.weight.matmul_t(x)?;
-        deltas.add_deltas(self.id, x, y)
+        self.add_bias(deltas.add_deltas(self.id, x, y)?)
     }
 }

@@ -1,43 +1,102 @@
-//! The Llama-family forward pass over a batch of sequences at independent positions.
+//! The one decoder forward pass shared by every family, over a batch of sequences at independent
+//! positions.
 //!
 //! One call processes the rows of every sequence in the step (a prefill chunk or one decode token
 //! each) as a single `[rows, hidden]` matrix through every linear layer, so each base weight is read
 //! once per step; attention runs per sequence against its own [`SeqKvCache`] and position.
-//! Invariants: weights are in Hugging Face layout (rotate-half RoPE); the model is immutable after
-//! load; a sequence's result does not depend on what else is in the batch beyond float rounding of
-//! the shared GEMMs.
+//! Family differences are the explicit switches of [`LlamaConfig::arch`] (biases live in the
+//! [`Linear`] layers; q/k norms, sandwich norms, embedding scale, activation, fused projections,
+//! per-layer windows and RoPE, soft-capping) — there is no second copy of this pass.
+//! Invariants: weights are in Hugging Face layout (rotate-half RoPE, norms already `1 + w` where
+//! the family computes so); the model is immutable after load; a sequence's result does not depend
+//! on what else is in the batch beyond float rounding of the shared GEMMs.
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_nn::ops::rms_norm;
 
-use super::attention::{attention, AttnShape, RopeTables};
+use super::attention::{attention, AttnParams, AttnShape, RopeTables};
 use super::config::LlamaConfig;
+use super::device_attention::{DeviceAttention, DeviceRope};
+use super::family::Activation;
 use super::kv_cache::SeqKvCache;
 use super::linear::{BaseWeight, Linear, LinearId, Proj, RowDeltas};
 
-/// One decoder block.
+/// The attention input projections: q/k/v, or Phi-3's fused `qkv_proj` (rows `[q | k | v]`).
+pub enum QkvProj {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP input projections: gate/up, or Phi-3's fused `gate_up_proj` (rows `[gate | up]`).
+pub enum GateUpProj {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
+/// One decoder block. Norm weights are the multipliers the family computes with (`1 + w` for
+/// Gemma).
 pub struct Block {
+    /// `input_layernorm`.
     pub attn_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub qkv: QkvProj,
+    /// Per-head RMSNorm weights `[head_dim]` of queries and keys (Qwen3, Gemma 3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub o: Linear,
+    /// Gemma: `post_attention_layernorm`, on the attention output before the residual add.
+    pub post_attn_norm: Option<Tensor>,
+    /// The norm before the MLP (`post_attention_layernorm` in Llama, `pre_feedforward_layernorm`
+    /// in Gemma).
     pub mlp_norm: Tensor,
-    pub gate: Linear,
-    pub up: Linear,
+    pub gate_up: GateUpProj,
     pub down: Linear,
+    /// Gemma: `post_feedforward_layernorm`, on the MLP output before the residual add.
+    pub post_mlp_norm: Option<Tensor>,
 }
 
 impl Block {
-    /// The block's linear layer for `proj`.
-    pub fn linear(&self, proj: Proj) -> &Linear {
-        match proj {
-            Proj::Q => &self.q,
-            Proj::K => &self.k,
-            Proj::V => &self.v,
-            Proj::O => &self.o,
-            Proj::Gate => &self.gate,
-            Proj::Up => &self.up,
-            Proj::Down => &self.down,
+    /// The block's linear layer for `proj`, if the block has one.
+    pub fn linear(&self, proj: Proj) -> Option<&Linear> {
+        match (proj, &self.qkv, &self.gate_up) {
+            (Proj::Q, QkvProj::Split { q, .. }, _) => Some(q),
+            (Proj::K, QkvProj::Split { k, .. }, _) => Some(k),
+            (Proj::V, QkvProj::Split { v, .. }, _) => Some(v),
+            (Proj::Qkv, QkvProj::Fused(l), _) => Some(l),
+            (Proj::O, ..) => Some(&self.o),
+            (Proj::Gate, _, GateUpProj::Split { gate, .. }) => Some(gate),
+            (Proj::Up, _, GateUpProj::Split { up, .. }) => Some(up),
+            (Proj::GateUp, _, GateUpProj::Fused(l)) => Some(l),
+            (Proj::Down, ..) => Some(&self.down),
+            _ => None,
+        }
+    }
+
+    /// q, k, v `[n, width]` for the normed input `h`.
+    fn project_qkv(&self, h: &Tensor, deltas: &dyn RowDeltas, q_dim: usize, kv_dim: usize) -> Result<[Tensor; 3]> {
+        match &self.qkv {
+            QkvProj::Split { q, k, v } => Linear::forward_many(&[q, k, v], h, deltas)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q/k/v: three outputs expected".into())),
+            QkvProj::Fused(l) => {
+                let y = l.forward(h, deltas)?;
+                Ok([
+                    y.narrow(1, 0, q_dim)?.contiguous()?,
+                    y.narrow(1, q_dim, kv_dim)?.contiguous()?,
+                    y.narrow(1, q_dim + kv_dim, kv_dim)?.contiguous()?,
+                ])
+            }
+        }
+    }
+
+    /// gate, up `[n, intermediate]` for the normed input `h`.
+    fn project_gate_up(&self, h: &Tensor, deltas: &dyn RowDeltas, ff: usize) -> Result<[Tensor; 2]> {
+        match &self.gate_up {
+            GateUpProj::Split { gate, up } => Linear::forward_many(&[gate, up], h, deltas)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into())),
+            GateUpProj::Fused(l) => {
+                let y = l.forward(h, deltas)?;
+                Ok([y.narrow(1, 0, ff)?.contiguous()?, y.narrow(1, ff, ff)?.contiguous()?])
+            }
         }
     }
 }
@@ -51,19 +110,41 @@ pub struct SeqChunk<'a> {
     pub want_logits: bool,
 }
 
-/// The decoder.
+/// The decoder (every family; see the module comment).
 pub struct Llama {
     pub cfg: LlamaConfig,
-    /// Token embeddings `[vocab, hidden]`, float32.
+    /// Token embeddings `[vocab, hidden]`, float32, unscaled.
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub final_norm: Tensor,
     /// Output head `[vocab, hidden]` (the embeddings when tied).
     pub lm_head: BaseWeight,
-    cos: Tensor,
-    sin: Tensor,
-    rope: RopeTables,
+    /// Rotary tables per distinct (base, scaling), and which one each layer uses.
+    ropes: Vec<RopeTables>,
+    /// The same tables as tensors, made on first use by the tensor-op attention.
+    device_ropes: std::sync::OnceLock<Vec<DeviceRope>>,
+    rope_of_layer: Vec<usize>,
     device: Device,
+}
+
+/// RMSNorm over the last dimension of each `width`-wide head of `x` `[n, heads * width]`.
+fn head_norm(x: &Tensor, w: &Tensor, width: usize, eps: f32) -> Result<Tensor> {
+    let (n, total) = x.dims2()?;
+    rms_norm(&x.reshape((n * total / width, width))?, w, eps)?.reshape((n, total))
+}
+
+fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
+    match w {
+        Some(w) => rms_norm(&x, w, eps),
+        None => Ok(x),
+    }
+}
+
+fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
+    match cap {
+        Some(c) => (x / c as f64)?.tanh()? * c as f64,
+        None => Ok(x),
+    }
 }
 
 impl Llama {
@@ -76,14 +157,25 @@ impl Llama {
         lm_head: BaseWeight,
         device: Device,
     ) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
         let max = cfg.max_position_embeddings;
-        let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, max as u32, &device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
-        let freqs = pos.matmul(&inv)?;
-        let rope = RopeTables::new(cfg.head_dim, cfg.rope_theta, max);
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, rope, cfg, embed, blocks, final_norm, lm_head, device })
+        let rot = cfg.rotary_dim();
+        let mut kinds: Vec<(f32, f32)> = Vec::new();
+        let mut rope_of_layer = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let a = cfg.layer_attn(l);
+            let kind = (a.rope_theta, a.rope_linear_factor);
+            let i = kinds.iter().position(|&k| k == kind).unwrap_or_else(|| {
+                kinds.push(kind);
+                kinds.len() - 1
+            });
+            rope_of_layer.push(i);
+        }
+        let ropes: Vec<RopeTables> = kinds.iter().map(|&(theta, f)| RopeTables::new(rot, theta, f, max)).collect();
+        let device_ropes = std::sync::OnceLock::new();
+        if !device.is_cpu() {
+            let _ = device_ropes.set(ropes.iter().map(|r| DeviceRope::new(r, max, &device)).collect::<Result<_>>()?);
+        }
+        Ok(Self { ropes, device_ropes, rope_of_layer, cfg, embed, blocks, final_norm, lm_head, device })
     }
 
     pub fn device(&self) -> &Device {
@@ -92,13 +184,14 @@ impl Llama {
 
     /// The linear layer identified by `id`.
     pub fn linear(&self, id: LinearId) -> Option<&Linear> {
-        self.blocks.get(id.layer).map(|b| b.linear(id.proj))
+        self.blocks.get(id.layer).and_then(|b| b.linear(id.proj))
     }
 
     /// Runs one batch step. Returns next-token logits `[k, vocab]` for the `k` chunks that asked
     /// for them, in chunk order. Every chunk's cache advances by its token count.
     pub fn forward(&self, chunks: &mut [SeqChunk<'_>], deltas: &dyn RowDeltas) -> Result<Tensor> {
         let cfg = &self.cfg;
+        let arch = &cfg.arch;
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(chunks.len());
         for c in chunks.iter() {
@@ -121,37 +214,65 @@ impl Llama {
         let n = ids.len();
         let id_tensor = Tensor::from_vec(ids.clone(), n, &self.device)?;
         let mut x = deltas.add_embedding_deltas(&ids, self.embed.index_select(&id_tensor, 0)?)?;
-        let masks = if self.device.is_cpu() {
-            Vec::new()
-        } else {
-            spans.iter().map(|&(_, len, pos)| self.causal_mask(len, pos)).collect::<Result<Vec<_>>>()?
-        };
+        if let Some(s) = arch.embed_scale {
+            x = (x * s as f64)?;
+        }
         let eps = cfg.rms_norm_eps as f32;
         let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let shape = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd };
+        let host = chunks.iter().all(|c| c.cache.is_host());
+        if !host && chunks.iter().any(|c| c.cache.is_host()) {
+            candle_core::bail!("a batch step mixes host and tensor KV caches")
+        }
+        let mut dev_attn = if host {
+            None
+        } else {
+            if self.device_ropes.get().is_none() {
+                let max = cfg.max_position_embeddings;
+                let _ = self.device_ropes.set(self.ropes.iter().map(|r| DeviceRope::new(r, max, &self.device)).collect::<Result<_>>()?);
+            }
+            Some(DeviceAttention::new(shape, &spans, &self.device))
+        };
         for (layer, b) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, &b.attn_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&b.q, &b.k, &b.v], &h, deltas)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("q/k/v: three outputs expected".into()))?;
-            let attn = if self.device.is_cpu() {
-                let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
-                let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
-                let vh = v.flatten_all()?.to_vec1::<f32>()?;
-                let mut caches: Vec<&mut SeqKvCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
-                let shape = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd };
-                let o = attention(layer, shape, &self.rope, &mut qh, &mut kh, &vh, &spans, &mut caches);
-                Tensor::from_vec(o, (n, hq * hd), &self.device)?
-            } else {
-                self.attention_tensors(layer, &q, &k, &v, &spans, &masks, chunks, scale)?
+            let la = cfg.layer_attn(layer);
+            let params = AttnParams {
+                rope: &self.ropes[self.rope_of_layer[layer]],
+                scale: cfg.attn_scale(),
+                window: la.window,
+                softcap: arch.attn_softcap,
             };
-            x = (x + b.o.forward(&attn.contiguous()?, deltas)?)?;
+            let h = rms_norm(&x, &b.attn_norm, eps)?;
+            let [mut q, mut k, v] = b.project_qkv(&h, deltas, cfg.q_dim(), cfg.kv_dim())?;
+            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+                q = head_norm(&q, qn, hd, eps)?;
+                k = head_norm(&k, kn, hd, eps)?;
+            }
+            let attn = match dev_attn.as_mut() {
+                None => {
+                    let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+                    let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+                    let vh = v.flatten_all()?.to_vec1::<f32>()?;
+                    let mut caches: Vec<&mut SeqKvCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
+                    let o = attention(layer, shape, &params, &mut qh, &mut kh, &vh, &spans, &mut caches);
+                    Tensor::from_vec(o, (n, hq * hd), &self.device)?
+                }
+                Some(d) => {
+                    let mut caches: Vec<&mut SeqKvCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
+                    let ropes = self.device_ropes.get().expect("made above");
+                    d.run(layer, &ropes[self.rope_of_layer[layer]], &params, &q, &k, &v, &mut caches)?
+                }
+            };
+            let a = opt_norm(b.o.forward(&attn.contiguous()?, deltas)?, &b.post_attn_norm, eps)?;
+            x = (x + a)?;
             let h = rms_norm(&x, &b.mlp_norm, eps)?;
-            let [g, u]: [Tensor; 2] = Linear::forward_many(&[&b.gate, &b.up], &h, deltas)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
-            let m = (candle_nn::ops::silu(&g)? * u)?;
-            x = (x + b.down.forward(&m, deltas)?)?;
+            let [g, u] = b.project_gate_up(&h, deltas, cfg.intermediate_size)?;
+            let g = match arch.activation {
+                Activation::Silu => candle_nn::ops::silu(&g)?,
+                Activation::GeluTanh => g.gelu()?,
+                Activation::GeluErf => g.gelu_erf()?,
+            };
+            let m = opt_norm(b.down.forward(&(g * u)?, deltas)?, &b.post_mlp_norm, eps)?;
+            x = (x + m)?;
         }
         for (c, &(_, len, _)) in chunks.iter_mut().zip(spans.iter()) {
             c.cache.advance(len);
@@ -165,71 +286,7 @@ impl Llama {
         let x = x.index_select(&rows, 0)?;
         let x = rms_norm(&x, &self.final_norm, eps)?;
         let y = self.lm_head.matmul_t(&x)?;
-        deltas.add_lm_head_deltas(&wanted, &x, y)
-    }
-
-    /// Attention with tensor ops per sequence (non-CPU devices).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_tensors(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        spans: &[(usize, usize, usize)],
-        masks: &[Option<Tensor>],
-        chunks: &mut [SeqChunk<'_>],
-        scale: f64,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let group = cfg.group_size();
-        let mut outs = Vec::with_capacity(spans.len());
-        for (ci, &(start, len, pos)) in spans.iter().enumerate() {
-            let cos = self.cos.narrow(0, pos, len)?;
-            let sin = self.sin.narrow(0, pos, len)?;
-            let qs = q.narrow(0, start, len)?.reshape((1, len, hq, hd))?;
-            let ks = k.narrow(0, start, len)?.reshape((1, len, hkv, hd))?;
-            let qs = candle_nn::rotary_emb::rope_thd(&qs.contiguous()?, &cos, &sin)?;
-            let ks = candle_nn::rotary_emb::rope_thd(&ks.contiguous()?, &cos, &sin)?;
-            // [len, heads, hd] -> [heads, len, hd]
-            let ks = ks.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            let vs = v.narrow(0, start, len)?.reshape((len, hkv, hd))?.transpose(0, 1)?.contiguous()?;
-            let (kc, vc) = chunks[ci].cache.append(layer, &ks, &vs)?;
-            // Query heads h = kv * group + g share kv head `kv`: [hkv, group*len, hd].
-            let qs = qs.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((hkv, group * len, hd))?;
-            let att = (qs.matmul(&kc.t()?)? * scale)?;
-            let att = match &masks[ci] {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = softmax_last_dim(&att)?;
-            let o = att.matmul(&vc)?; // [hkv, group*len, hd]
-            let o = o.reshape((hq, len, hd))?.transpose(0, 1)?.reshape((len, hq * hd))?;
-            outs.push(o);
-        }
-        let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
-        Ok(attn)
-    }
-
-    /// Additive mask `[group*len, pos+len]` letting query `i` (at `pos+i`) see keys `0..=pos+i`;
-    /// `None` for a single query, which may see everything cached.
-    fn causal_mask(&self, len: usize, pos: usize) -> Result<Option<Tensor>> {
-        if len == 1 {
-            return Ok(None);
-        }
-        let total = pos + len;
-        let group = self.cfg.group_size();
-        let mut m = vec![0f32; group * len * total];
-        for g in 0..group {
-            for i in 0..len {
-                let row = &mut m[(g * len + i) * total..(g * len + i + 1) * total];
-                for v in row.iter_mut().skip(pos + i + 1) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (group * len, total), &self.device)?))
+        softcap(deltas.add_lm_head_deltas(&wanted, &x, y)?, arch.final_softcap)
     }
 
     /// Dimension of the last axis of the logits.

@@ -37,4 +37,5 @@ pub fn cases() -> serde_json::Value {
     serde_json::from_str(&text).expect("cases.json parses")
 }
 
+pub mod arch;
 pub mod server;

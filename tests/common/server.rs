@@ -42,6 +42,11 @@ pub fn spawn_logging(extra: &[&str], filter: Option<&str>, stderr: impl Into<Std
 
 /// [`spawn`] with extra environment variables for the server process.
 pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)], stderr: impl Into<Stdio>) -> TestServer {
+    spawn_model(&super::reference_model(), extra, env, stderr)
+}
+
+/// [`spawn_with_env`] serving the model at `model` (a GGUF file or a Hugging Face folder).
+pub fn spawn_model(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)], stderr: impl Into<Stdio>) -> TestServer {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     // Each server gets its own state folder (saved compositions) unless the test names one.
     let state = (!extra.contains(&"--state-dir")).then(|| {
@@ -51,7 +56,7 @@ pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)], stderr: impl Into<St
     });
     let mut child = Command::new(env!("CARGO_BIN_EXE_modserve"))
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &metrics_addr, "--threads", "2", "--model"])
-        .arg(super::reference_model())
+        .arg(model)
         .args(state.iter().flat_map(|p| [std::ffi::OsStr::new("--state-dir"), p.as_os_str()]))
         .args(extra)
         .envs(env.iter().copied())

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::adapters::error::AdapterError;
 use crate::adapters::source::ModuleBytes;
 use crate::adapters::target::{BaseShapes, Target};
-use crate::model::linear::{LinearId, Proj};
+use crate::model::linear::LinearId;
 
 pub(crate) fn suffix_match(module: &str, key: &str) -> bool {
     module == key || module.strip_suffix(key).is_some_and(|p| p.ends_with('.'))
@@ -240,7 +240,7 @@ fn layer_index(path: &str) -> Option<usize> {
 pub(crate) fn candidate_modules(base: &BaseShapes) -> Vec<(String, Target)> {
     let mut v = Vec::new();
     for layer in 0..base.cfg.num_hidden_layers {
-        for proj in Proj::ALL {
+        for proj in base.projections() {
             let path = format!("model.layers.{layer}.{}.{}", proj.hf_parent(), proj.hf_name());
             v.push((path, Target::Linear(LinearId { layer, proj })));
         }

@@ -319,6 +319,7 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_ids: vec![2],
+            arch: Default::default(),
         })
     }
 

@@ -10,7 +10,6 @@ use super::synth::{self, PolyShape};
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::adapters::store::AdapterStore;
-use crate::model::linear::Proj;
 
 /// Cache budget of the stores that must hold everything (no eviction while measuring).
 const BIG_CACHE: usize = 8 << 30;
@@ -136,7 +135,14 @@ pub fn ensure_lora(ctx: &Ctx, i: usize) -> anyhow::Result<String> {
     if !dir.exists() {
         let tmp = ctx.work.join(format!("{id}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
-        synth::write_lora(&tmp, &ctx.base, &Proj::ALL, 8, synth::Elem::F32, ctx.seed.wrapping_mul(1000).wrapping_add(i as u64))?;
+        synth::write_lora(
+            &tmp,
+            &ctx.base,
+            &ctx.base.projections(),
+            8,
+            synth::Elem::F32,
+            ctx.seed.wrapping_mul(1000).wrapping_add(i as u64),
+        )?;
         std::fs::rename(&tmp, &dir)?;
     }
     Ok(id)
@@ -165,7 +171,11 @@ pub fn lora_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let store = ctx.store(BIG_CACHE)?;
     let load_s = preload(&store, &comps)?;
     let mb = dir_mb(&ctx.work.join(&ids[0]));
-    let notes = format!("{} distinct r=8 LoRAs on all 7 projections ({mb:.1} MB each), preloaded in {load_s:.1} s", ids.len());
+    let notes = format!(
+        "{} distinct r=8 LoRAs on all {} projections ({mb:.1} MB each), preloaded in {load_s:.1} s",
+        ids.len(),
+        ctx.base.projections().len()
+    );
     let r = streams_row(ctx, "lora32", Some(&store), comps, res.base_streams, notes)?;
     res.rows.push(r);
     Ok(())
@@ -185,7 +195,7 @@ pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
                 nnz = synth::write_sparse(
                     &dir.join(format!("{kind}_{i}")),
                     &ctx.base,
-                    &Proj::ALL,
+                    &ctx.base.projections(),
                     DENSITY,
                     ctx.seed.wrapping_mul(1000) + off + i as u64,
                 )?;
@@ -206,7 +216,10 @@ pub fn sft_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let load_s = preload(&store, &comps)?;
     let mb = dir_mb(&dir.join("task_0"));
     let nnz_note = if nnz > 0 { format!(", {nnz} non-zeros each") } else { String::new() };
-    let notes = format!("lang_i + task_j of {LANGS}+{TASKS} sparse modules, 0.5% of all 7 projections ({mb:.1} MB each{nnz_note}), preloaded in {load_s:.1} s");
+    let notes = format!(
+        "lang_i + task_j of {LANGS}+{TASKS} sparse modules, 0.5% of all {} projections ({mb:.1} MB each{nnz_note}), preloaded in {load_s:.1} s",
+        ctx.base.projections().len()
+    );
     let r = streams_row(ctx, "sft32", Some(&store), comps, res.base_streams, notes)?;
     res.rows.push(r);
     Ok(())
@@ -218,7 +231,7 @@ pub fn poly_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let shape = PolyShape { n_tasks: 32, n_skills: 8, n_splits: 2, r: 8 };
     let dir = ctx.work.join("poly").join("inv");
     synth::ensure(&dir, "a Poly inventory (32 tasks, 8 skills, 2 splits, r=8)", || {
-        synth::write_poly(&dir, &ctx.base, &Proj::ALL, shape, ctx.seed.wrapping_mul(1000) + 700)
+        synth::write_poly(&dir, &ctx.base, &ctx.base.projections(), shape, ctx.seed.wrapping_mul(1000) + 700)
     })?;
     let comps: Vec<CompositionSpec> = (0..ctx.streams)
         .map(|s| CompositionSpec { deltas: Vec::new(), route: Some(("poly/inv".into(), Routing::Task((s % shape.n_tasks) as i64))) })
@@ -229,8 +242,9 @@ pub fn poly_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let inv_s = t0.elapsed().as_secs_f64();
     let mix_s = preload(&store, &comps)?;
     let notes = format!(
-        "one inventory ({:.0} MB; 32 tasks, 8 skills, 2 splits, r=8, all 7 projections), task id per stream; inventory load {inv_s:.1} s, {} mixtures {mix_s:.1} s, before timing",
+        "one inventory ({:.0} MB; 32 tasks, 8 skills, 2 splits, r=8, all {} projections), task id per stream; inventory load {inv_s:.1} s, {} mixtures {mix_s:.1} s, before timing",
         dir_mb(&dir),
+        ctx.base.projections().len(),
         ctx.streams.min(shape.n_tasks)
     );
     let r = streams_row(ctx, "poly32", Some(&store), comps, res.base_streams, notes)?;

@@ -250,6 +250,7 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_ids: vec![],
+            arch: Default::default(),
         })
     }
 
@@ -263,7 +264,7 @@ mod tests {
     fn written_modules_load_through_the_real_loaders() {
         let base = tiny_base();
         let d = tmp("lora");
-        write_lora(&d, &base, &Proj::ALL, 2, Elem::F16, 1).unwrap();
+        write_lora(&d, &base, &Proj::UNFUSED, 2, Elem::F16, 1).unwrap();
         let (m, info) = crate::adapters::formats::lora::load_peft_lora(&d, &base).unwrap();
         assert_eq!((info.rank, m.targets.len()), (2, 14));
         let d2 = tmp("poly");
@@ -273,7 +274,7 @@ mod tests {
         assert_eq!((p.n_tasks(), p.n_skills(), p.n_splits(), p.rank()), (3, 4, 2, 2));
         assert_eq!(p.mix(&crate::adapters::formats::poly::Routing::Task(2)).unwrap().targets.len(), 4);
         let d3 = tmp("sparse");
-        let nnz = write_sparse(&d3, &base, &Proj::ALL, 0.2, 3).unwrap();
+        let nnz = write_sparse(&d3, &base, &Proj::UNFUSED, 0.2, 3).unwrap();
         let sp = crate::adapters::formats::sft::load_sparse_safetensors(&d3.join("sparse_delta.safetensors"), &base).unwrap();
         let got: usize = sp
             .targets
