@@ -387,6 +387,44 @@ async fn terminal_error_reaches_a_full_stream_buffer() {
     }
 }
 
+/// g) A burst of requests that each need a different cold module, against one load slot and no
+/// room to wait: the server never loads more than that at once, and the requests it cannot take
+/// get RESOURCE_EXHAUSTED `adapter_load_busy` at once, while the others complete; once the burst
+/// is over every module loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_cold_loads_is_bounded_by_the_load_gate() {
+    let _g = SERIAL.lock().await;
+    let ids: Vec<String> = (0..24).map(|i| format!("lora_{i:02}")).collect();
+    let mods: Vec<(&str, &str)> = ids.iter().map(|id| ("lora_all_r8", id.as_str())).collect();
+    let root = temp_root(&mods);
+    let server = spawn(&["--adapter-root", root.path().to_str().unwrap(), "--max-concurrent-loads", "1", "--max-waiting-loads", "0"]);
+    let (c, _) = clients(&server).await;
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let mut c = c.clone();
+        let r = pb::GenerateRequest { deltas: vec![delta(id)], ..text("Hello", 2) };
+        tasks.push(tokio::spawn(async move { c.generate(r).await.map(|_| ()) }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                assert_eq!((e.code(), code_of(&e).as_str()), (Code::ResourceExhausted, "adapter_load_busy"), "{e}");
+                busy += 1;
+            }
+        }
+    }
+    println!("g) 24 cold modules at once, 1 load slot, no waiting room: {ok} served, {busy} busy");
+    assert!(ok >= 1 && busy >= 1, "{ok} served, {busy} busy: the gate did not act");
+    // Afterwards, one at a time, every module loads.
+    let mut c = c.clone();
+    for id in &ids {
+        let r = pb::GenerateRequest { deltas: vec![delta(id)], ..text("Hello", 2) };
+        c.generate(r).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+}
+
 /// e) SIGTERM with 8 streams in flight: all 8 finish completely, new requests are UNAVAILABLE,
 /// and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

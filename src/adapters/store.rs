@@ -25,6 +25,9 @@ pub struct AdapterStore {
     loader: ModuleLoader,
     /// Bounds concurrent cold loads and mixtures (a cache hit never takes a slot).
     gate: super::gate::LoadGate,
+    /// A merge's component paths, by its path, with the fingerprint of its own files when they
+    /// were read: the recipe is parsed again only when it changed, not on every request.
+    merge_sources: dashmap::DashMap<std::path::PathBuf, (String, Vec<std::path::PathBuf>)>,
 }
 
 impl AdapterStore {
@@ -34,6 +37,7 @@ impl AdapterStore {
             cache: ModuleCache::new(cache_bytes),
             loader: ModuleLoader::new(base, base_weight),
             gate: super::gate::LoadGate::new(super::gate::DEFAULT_LOAD_SLOTS, super::gate::DEFAULT_LOAD_WAITERS),
+            merge_sources: dashmap::DashMap::new(),
         }
     }
 
@@ -95,9 +99,21 @@ impl AdapterStore {
         let mut fp = fingerprint(&reg.path)?;
         // A merge's sources are part of its fingerprint. A recipe that cannot be read here is
         // left to the load, which checks confinement first and reports the error.
-        for s in ModuleLoader::merge_sources(&reg).unwrap_or_default() {
-            fp.push('|');
-            fp.push_str(&fingerprint(&s).unwrap_or_default());
+        if reg.kind == super::registry::ModuleKind::Merge {
+            // (The map's read guard must end before an insert into the same shard.)
+            let cached = self.merge_sources.get(&reg.path).filter(|e| e.0 == fp).map(|e| e.1.clone());
+            let sources = match cached {
+                Some(s) => s,
+                None => {
+                    let s = ModuleLoader::merge_sources(&reg).unwrap_or_default();
+                    self.merge_sources.insert(reg.path.clone(), (fp.clone(), s.clone()));
+                    s
+                }
+            };
+            for s in sources {
+                fp.push('|');
+                fp.push_str(&fingerprint(&s).unwrap_or_default());
+            }
         }
         let key = format!("{id}#{}", short_hash(fp.as_bytes()));
         self.cache.get_or_load(&key, || {
@@ -228,6 +244,17 @@ mod tests {
         std::fs::rename(&tmp, m.join("parts/tv.safetensors")).unwrap();
         let v2 = store.module("m").unwrap().version.clone();
         assert_ne!(v1, v2, "an edit inside the component folder must make a new version");
+        // The recipe was parsed once for both requests; a new recipe is parsed again.
+        assert_eq!(store.merge_sources.get(&m).map(|e| e.1.len()), Some(1));
+        write_f32(&m.join("parts/tv2.safetensors"), &[(q, vec![8, 8], vec![0.125; 64])]);
+        std::fs::write(
+            m.join("recipe.json"),
+            r#"{"method": "task_arithmetic", "components": [{"task_vector": "parts/tv.safetensors", "lambda": 1.0}, {"task_vector": "parts/tv2.safetensors", "lambda": 1.0}]}"#,
+        )
+        .unwrap();
+        let v3 = store.module("m").unwrap().version.clone();
+        assert_ne!(v2, v3, "a new recipe is a new version");
+        assert_eq!(store.merge_sources.get(&m).map(|e| e.1.len()), Some(2), "the new recipe's sources are used");
         // The component's bytes count: a limit above the recipe alone but below recipe + component.
         let registry = Registry::new(AdapterRoot::new(dir.path()).unwrap(), true);
         let base_weight: BaseWeightFn = Arc::new(|_| Err(AdapterError::Tensor("no base".into())));
