@@ -162,3 +162,24 @@ fn phi3_partial_rotary_runs_the_same_on_both_attention_paths() {
     let moved = host.iter().zip(&full.logits(None, ids)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(moved > 0.05, "partial rotary made no difference ({moved})");
 }
+
+/// `generation_config.json`'s end-of-turn ids join `config.json`'s, and a chat template given as
+/// a list of named templates uses `default`.
+#[test]
+fn folder_eos_ids_and_named_chat_templates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::arch::dir("gemma3").join("model");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(tmp.path().join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
+    let tc = serde_json::json!({"eos_token": "<|im_end|>", "chat_template": [
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{{ eos_token }}"}]});
+    std::fs::write(tmp.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let opts = modserve::model::load::LoadOptions { weights: WeightMode::F32, device: candle_core::Device::Cpu };
+    let m = modserve::model::load::load(tmp.path(), &opts).unwrap();
+    assert_eq!(m.eos_token_ids, vec![2, 7]);
+    let msgs = [modserve::model::chat::ChatMessage::new("user", "hi")];
+    assert_eq!(m.chat_template.unwrap().render(&msgs, false).unwrap(), "[hi]<|im_end|>");
+}

@@ -81,7 +81,7 @@ impl HeadAttention<'_> {
                     slot = 0;
                 }
                 if let Some(c) = self.softcap {
-                    *sc = c * (*sc / c).tanh();
+                    *sc = c * super::tanh::tanh(*sc / c);
                 }
                 max = max.max(*sc);
             }

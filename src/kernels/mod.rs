@@ -5,7 +5,7 @@
 //! and their host layout ([`lowrank`]), the sparse delta layout and its tile kernel
 //! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), the
 //! shared-output helper for parallel tasks that write disjoint parts of one buffer
-//! ([`shared_out`]), host views of candle tensors ([`host`]) and the process's allocator
+//! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), host views of candle tensors ([`host`]) and the process's allocator
 //! settings ([`alloc`]). GPU kernels and their CPU references will live beside these, in `cuda/`.
 //!
 //! Invariants:
@@ -24,6 +24,7 @@ pub mod lowrank;
 pub mod shared_out;
 pub mod sparse_layout;
 pub mod sparse_tile;
+pub mod tanh;
 
 /// What this CPU can run, probed once. Each flag covers every feature the kernels of its tier
 /// enable with `#[target_feature]`.

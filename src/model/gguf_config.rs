@@ -155,7 +155,15 @@ pub fn read(content: &Content) -> Result<LlamaConfig, ConfigError> {
         max_position_embeddings: u("context_length").unwrap_or(4096),
         tie_word_embeddings: !tensor("output.weight"),
         bos_token_id: get_u64(md, "tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
-        eos_token_ids: get_u64(md, "tokenizer.ggml.eos_token_id").ok().map(|v| vec![v as u32]).unwrap_or_default(),
+        // End of sequence, and llama.cpp's end of turn where the file names one (instruct models).
+        eos_token_ids: ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().fold(Vec::new(), |mut ids, k| {
+            if let Ok(v) = get_u64(md, k) {
+                if !ids.contains(&(v as u32)) {
+                    ids.push(v as u32);
+                }
+            }
+            ids
+        }),
         arch,
     };
     cfg.validate()?;
@@ -249,6 +257,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((windows(&c)[3], c.rotary_dim()), (Some(6), 2));
+        let mut q = content("qwen2", &[], &["blk.0.attn_q.bias"]);
+        q.metadata.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(1));
+        q.metadata.insert("tokenizer.ggml.eot_token_id".into(), Value::U32(106));
+        assert_eq!(read(&q).unwrap().eos_token_ids, vec![1, 106]);
         let c = read(&content("qwen2", &[], &["blk.0.attn_q.bias"])).unwrap();
         assert!(c.arch.qkv_bias && !c.arch.o_bias && !c.arch.qk_norm);
         assert!(read(&content("qwen3", &[], &[])).unwrap().arch.qk_norm);

@@ -140,8 +140,19 @@ fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
     }
 }
 
+/// Applies `f` to the values of `x` on the host, in parallel chunks.
+fn host_map(x: Tensor, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = x.shape().clone();
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    v.par_chunks_mut(1 << 14).for_each(f);
+    Tensor::from_vec(v, shape, x.device())
+}
+
+/// `cap * tanh(x / cap)` (the vectorised tanh on the CPU).
 fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
     match cap {
+        Some(c) if x.device().is_cpu() => host_map(x, |v| crate::kernels::tanh::softcap_in_place(v, c)),
         Some(c) => (x / c as f64)?.tanh()? * c as f64,
         None => Ok(x),
     }

@@ -95,7 +95,7 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
         None
     };
     let chat_template = read_hf_chat_template(dir)?;
-    let eos_token_ids = cfg.eos_token_ids.clone();
+    let eos_token_ids = eos_ids(dir, &cfg.eos_token_ids)?;
     let llama = Llama::new(cfg, embed, blocks, final_norm, lm_head, dev.clone()).map_err(cd)?;
     Ok(LoadedModel {
         llama: std::sync::Arc::new(llama),
@@ -104,6 +104,26 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadEr
         eos_token_ids,
         source: dir.into(),
     })
+}
+
+/// The ids that end generation: `config.json`'s, plus `generation_config.json`'s (instruct models
+/// list their end-of-turn token there, e.g. Gemma's `<end_of_turn>`).
+fn eos_ids(dir: &Path, from_config: &[u32]) -> Result<Vec<u32>, LoadError> {
+    let p = dir.join("generation_config.json");
+    let mut ids = from_config.to_vec();
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(ids) };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Format { path: p.clone(), reason: e.to_string() })?;
+    let more: Vec<u32> = match v.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        None => vec![],
+    };
+    for id in more {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 /// The chat template of a Hugging Face folder: `tokenizer_config.json`'s `chat_template`, else
@@ -123,8 +143,17 @@ fn read_hf_chat_template(dir: &Path) -> Result<Option<ChatTemplate>, LoadError> 
         }
     };
     let jinja = dir.join("chat_template.jinja");
-    let (template, from) = match v.get("chat_template").and_then(|t| t.as_str()) {
-        Some(t) => (t.to_string(), p.clone()),
+    // A string, or (older tokenizers) a list of `{name, template}` of which `default` is used.
+    let in_config = match v.get("chat_template") {
+        Some(serde_json::Value::String(t)) => Some(t.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template").and_then(|t| t.as_str()).map(String::from)),
+        _ => None,
+    };
+    let (template, from) = match in_config {
+        Some(t) => (t, p.clone()),
         None => match std::fs::read_to_string(&jinja) {
             Ok(t) => (t, jinja),
             Err(_) => return Ok(None),
