@@ -7,8 +7,10 @@
 # NOT_FOUND for an unknown module), then tests/python/test_openai.py against the OpenAI-compatible
 # HTTP API of the same server with the official `openai` package (chat and completions, streamed
 # and not, base / LoRA / named composition / expression / Poly route equal to gRPC, errors) and
-# the stock grpcio-reflection (v1alpha) client. The server is always stopped. Exits non-zero on
-# any failure.
+# the stock grpcio-reflection (v1alpha) client. Both run twice: against a server with
+# `--weights f32` (the kit's tokens exactly) and one with the default `--weights quantized` (the
+# kit's first token in our top 5, every delta moving the logprobs, HTTP equal to gRPC). The server
+# is always stopped. Exits non-zero on any failure.
 #
 # Needs: python3 (with venv + pip) and network access to PyPI; cargo when the binary is missing.
 # Environment:
@@ -86,32 +88,33 @@ if [[ ! -f "$MODEL" && -z "${MODSERVE_MODEL:-}" ]]; then
 fi
 [[ -f "$MODEL" ]] || { log "model $MODEL not found"; exit 1; }
 
-# A free port for /metrics (picked by binding port 0, then released).
-METRICS_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
-NO_COLOR=1 "$BIN" serve --listen 127.0.0.1:0 --metrics-listen "127.0.0.1:$METRICS_PORT" \
-  --http-listen 127.0.0.1:0 --state-dir "$WORK/state" \
-  --adapter-root tests/fixtures/parity --model "$MODEL" --weights f32 --threads 2 \
-  >"$WORK/server.out" 2>"$WORK/server.log" &
-SERVER_PID=$!
+run_mode() {  # run_mode f32|quantized: one server with those weights, both test files
+  # A free port for /metrics (picked by binding port 0, then released).
+  METRICS_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+  NO_COLOR=1 "$BIN" serve --listen 127.0.0.1:0 --metrics-listen "127.0.0.1:$METRICS_PORT" \
+    --http-listen 127.0.0.1:0 --state-dir "$WORK/state-$1" \
+    --adapter-root tests/fixtures/parity --model "$MODEL" --weights "$1" --threads 2 \
+    >"$WORK/server.out" 2>"$WORK/server.log" &
+  SERVER_PID=$!
 
-ADDR=""
-for _ in $(seq 300); do  # up to 30 s for the bind
-  ADDR=$(sed -n 's/^modserve listening on \(.*\)$/\1/p' "$WORK/server.out" | head -n 1)
-  [[ -n "$ADDR" ]] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { log "server exited before listening"; exit 1; }
-  sleep 0.1
-done
-[[ -n "$ADDR" ]] || { log "server did not print its address"; exit 1; }
-HTTP_ADDR=""
-for _ in $(seq 100); do
-  HTTP_ADDR=$(sed -n 's/^modserve http listening on \(.*\)$/\1/p' "$WORK/server.out" | head -n 1)
-  [[ -n "$HTTP_ADDR" ]] && break
-  sleep 0.1
-done
-[[ -n "$HTTP_ADDR" ]] || { log "server did not print its HTTP address"; exit 1; }
-log "server pid $SERVER_PID on $ADDR; waiting for SERVING (up to ${READY_TIMEOUT}s)"
+  ADDR=""
+  for _ in $(seq 300); do  # up to 30 s for the bind
+    ADDR=$(sed -n 's/^modserve listening on \(.*\)$/\1/p' "$WORK/server.out" | head -n 1)
+    [[ -n "$ADDR" ]] && break
+    kill -0 "$SERVER_PID" 2>/dev/null || { log "server exited before listening"; exit 1; }
+    sleep 0.1
+  done
+  [[ -n "$ADDR" ]] || { log "server did not print its address"; exit 1; }
+  HTTP_ADDR=""
+  for _ in $(seq 100); do
+    HTTP_ADDR=$(sed -n 's/^modserve http listening on \(.*\)$/\1/p' "$WORK/server.out" | head -n 1)
+    [[ -n "$HTTP_ADDR" ]] && break
+    sleep 0.1
+  done
+  [[ -n "$HTTP_ADDR" ]] || { log "server did not print its HTTP address"; exit 1; }
+  log "server pid $SERVER_PID on $ADDR; waiting for SERVING (up to ${READY_TIMEOUT}s)"
 
-"$PY" - "$ADDR" "$READY_TIMEOUT" "$SERVER_PID" <<'EOF'
+  "$PY" - "$ADDR" "$READY_TIMEOUT" "$SERVER_PID" <<'EOF'
 import os, sys, time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -134,6 +137,17 @@ while time.monotonic() < deadline:
 sys.exit(f"e2e-python: not SERVING after {timeout}s (last: {last})")
 EOF
 
-# (d) The tests.
-"$PY" tests/python/test_e2e.py --target "$ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json
-"$PY" tests/python/test_openai.py --grpc "$ADDR" --http "$HTTP_ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json
+  # (d) The tests.
+  "$PY" tests/python/test_e2e.py --target "$ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json --weights "$1"
+  "$PY" tests/python/test_openai.py --grpc "$ADDR" --http "$HTTP_ADDR" --stubs "$STUBS" --cases tests/fixtures/parity/cases.json --weights "$1"
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+
+# f32 reproduces the kit exactly; quantized (the default mode users run) checks the same
+# protocol behaviour with the looser parity of tests/parity_adapters.rs.
+for weights in f32 quantized; do
+  log "=== --weights $weights"
+  run_mode "$weights"
+done
