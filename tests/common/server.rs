@@ -15,12 +15,17 @@ pub struct TestServer {
     pub metrics_addr: String,
     /// The OpenAI HTTP API's address, when started with `--http-listen`.
     pub http_addr: Option<String>,
+    /// The state folder this helper made (removed on drop).
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(d) = &self.state_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -80,7 +85,7 @@ pub fn spawn_model(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]
     });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    TestServer { child, url, metrics_addr, http_addr }
+    TestServer { child, url, metrics_addr, http_addr, state_dir: state }
 }
 
 /// Polls the health service until `modserve.v1.Inference` is SERVING (or panics after `timeout`).
