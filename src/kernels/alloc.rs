@@ -9,11 +9,22 @@
 /// now come from the heap, and a heap's free top is kept up to 1 GB. Call once, first thing.
 /// (mimalloc was tried instead: it backs fresh pages with 2 MB huge pages, and a cold adapter load
 /// went from 10 to 30 ms, zeroing them.)
+///
+/// The number of malloc arenas is capped at the core count (at least 2; glibc's default is 8 per
+/// core): module loads run on tokio's blocking threads, which come and go, and each arena kept its
+/// own freed memory, so RSS crept. `scripts/soak.sh 600s 32` on 2 cores (2026-12-03): RSS +7.6%
+/// from the 1/4 mark to the end (534 -> 575 MB) with glibc's default, +1.6% (446 -> 453 MB) with 2
+/// arenas, at the same throughput (9369 vs 9618 requests, 0 errors).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation thresholds; called before other threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    {
+        let arenas = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+        let arenas = i32::try_from(arenas).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only changes glibc's allocation settings; called before other threads.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
     }
 }
