@@ -28,6 +28,25 @@ pub fn set_threads(threads: Option<usize>) {
 
 pub use crate::kernels::alloc::keep_freed_memory;
 
+/// Starts the thread that hands free heap pages back to the kernel every `every` (see
+/// [`crate::kernels::alloc::return_free_memory`]): the allocator keeps freed memory for the
+/// steps' buffers, and this bounds what module loads and evictions leave behind. Each pass is
+/// timed (`modserve_malloc_trim_seconds`); the next step re-faults the few MB of buffers it
+/// needs.
+pub fn spawn_memory_trimmer(every: std::time::Duration) {
+    let spawned = std::thread::Builder::new().name("modserve-trim".into()).spawn(move || loop {
+        std::thread::sleep(every);
+        let t0 = std::time::Instant::now();
+        let released = crate::kernels::alloc::return_free_memory();
+        let took = t0.elapsed();
+        metrics::histogram!("modserve_malloc_trim_seconds").record(took.as_secs_f64());
+        tracing::debug!(released, took_ms = took.as_secs_f64() * 1e3, "returned free heap pages to the kernel");
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("could not start the memory trimmer thread: {e}");
+    }
+}
+
 /// The model path: `--model`, or the default model in the models folder (fetched if missing).
 pub fn resolve_model_path(args: &ModelArgs) -> anyhow::Result<PathBuf> {
     if let Some(p) = &args.model {

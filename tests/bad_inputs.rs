@@ -142,9 +142,7 @@ fn rewrite_zip_as(src: &Path, dst: &Path, suffix: &str, method: zip::Compression
 
 /// Peak resident memory of a process (VmHWM), in KiB.
 fn vm_hwm_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    common::server::proc_kib(pid, "VmHWM")
 }
 
 fn mkfifo(path: &Path) {

@@ -93,9 +93,7 @@ async fn wait_metric(server: &TestServer, name: &str, ok: impl Fn(f64) -> bool, 
 
 /// Resident set of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    common::server::proc_kib(pid, "VmRSS")
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -77,7 +77,7 @@ pub struct ModuleLoader {
     pub(crate) base: BaseShapes,
     base_weight: BaseWeightFn,
     pub(crate) limits: AdapterLimits,
-    /// Hold rank-8 low-rank factors as 8-bit blocks in the CPU kernels (set for an int8 base).
+    /// Hold low-rank factors (ranks up to 128) as 8-bit blocks in the CPU kernels (set for an int8 base).
     pub(crate) compact_factors: bool,
     /// The model's device. Modules are parsed, merged and mixed on the host; their finished
     /// low-rank and dense tensors are then moved here once, at load (sparse deltas stay on the

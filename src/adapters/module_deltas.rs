@@ -100,7 +100,7 @@ impl ModuleDeltas {
     }
 
     /// Builds the CPU kernel layout of the low-rank targets (idempotent; call off the engine
-    /// thread); `compact`: hold rank-8 factors as 8-bit blocks (see [`HostLowRank`]).
+    /// thread); `compact`: hold the factors (ranks up to 128) as 8-bit blocks (see [`HostLowRank`]).
     pub fn prepare_host(&self, compact: bool) -> Result<(), AdapterError> {
         if self.host.get().is_some() {
             return Ok(());

@@ -115,6 +115,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     install_metrics(&args.metrics_listen)?;
+    crate::bootstrap::spawn_memory_trimmer(std::time::Duration::from_secs(30));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let state = Arc::new(ServingState::default());

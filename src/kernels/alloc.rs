@@ -28,3 +28,21 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// Returns the free pages of every malloc arena to the kernel (glibc's `malloc_trim(0)`, which
+/// also releases whole free pages in the middle of a heap, not only its top). With the settings
+/// of [`keep_freed_memory`] freed memory otherwise stays resident, and a server that loads and
+/// evicts modules of many sizes fragments its heaps: RSS crept by 2% in 10 minutes of
+/// `scripts/soak.sh` even with the arena cap. Returns whether any memory was released. Safe to
+/// call from any thread at any time (it takes each arena's lock in turn).
+pub fn return_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks glibc's own free lists under their locks.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

@@ -32,7 +32,7 @@ pub mod tanh;
 pub struct CpuFeatures {
     /// AVX: the 8-lane transposes and the scaled adds of the sparse step.
     pub avx: bool,
-    /// AVX, AVX2 and FMA: the attention dot product, the rank-8 f32 row kernel, the sparse tile.
+    /// AVX, AVX2 and FMA: the attention dot product, the f32 low-rank row kernel, the sparse tile.
     pub avx2_fma: bool,
     /// AVX-512 F/BW/VL/VNNI, F16C, AVX2 and FMA, and not switched off with
     /// `MODSERVE_INT8_GEMM=0`: the int8 GEMM over Q8_0 panels and the compact (8-bit) low-rank

@@ -111,6 +111,16 @@ pub async fn wait_serving(url: &str, timeout: Duration) -> Vec<i32> {
     }
 }
 
+/// A field of `/proc/<pid>/status` in KiB: `VmRSS` (resident now) or `VmHWM` (peak resident).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// GETs `/metrics` over plain HTTP/1.0.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};

@@ -41,4 +41,6 @@ pub struct Results {
     pub rows: Vec<Row>,
     /// tok/s of `base32` (the reference of the 32-stream adapter scenarios).
     pub base_streams: Option<f64>,
+    /// tok/s of `base128` (the reference of `lora128`).
+    pub base_wide: Option<f64>,
 }

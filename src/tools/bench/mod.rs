@@ -30,15 +30,30 @@ pub use stats::Row;
 /// Every scenario, in the order they run.
 /// `zipf1000` runs last: its all-hot half holds every module resident, which raises the
 /// process-wide peak RSS that every later row would report.
-pub const SCENARIOS: [&str; 8] = ["single", "base32", "lora32", "sft32", "poly32", "coldload", "ttft_under_load", "zipf1000"];
+pub const SCENARIOS: [&str; 13] = [
+    "single",
+    "base32",
+    "lora32",
+    "sft32",
+    "poly32",
+    "lora32_r16",
+    "lora32_r64",
+    "lora32_mixed",
+    "base128",
+    "lora128",
+    "coldload",
+    "ttft_under_load",
+    "zipf1000",
+];
 
 /// Benchmark options.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Scenarios to run, comma-separated: single, base32, lora32, sft32, poly32, zipf1000 (also
-    /// reports `allhot`), coldload, ttft_under_load. Default: all.
+    /// Scenarios to run, comma-separated: single, base32, lora32, sft32, poly32, lora32_r16,
+    /// lora32_r64, lora32_mixed (ranks 8/16/32/64 in one batch), base128, lora128 (128 streams),
+    /// zipf1000 (also reports `allhot`), coldload, ttft_under_load. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Tokens each request generates (single and the 32-stream scenarios).
@@ -119,7 +134,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     let model = crate::bootstrap::load_model(&args.model)?;
     let front = Arc::new(TextFrontEnd::from_model(&model));
     let cfg = EngineConfig {
-        max_running: 64.max(args.streams),
+        max_running: scenarios::WIDE_STREAMS.max(args.streams),
         max_queued: 256.max(args.streams * 2),
         max_batch_tokens: args.max_batch_tokens,
         prefill_chunk: args.prefill_chunk,
@@ -155,6 +170,8 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             "lora32" => scenarios::lora_streams(&ctx, &mut res)?,
             "sft32" => scenarios::sft_streams(&ctx, &mut res)?,
             "poly32" => scenarios::poly_streams(&ctx, &mut res)?,
+            "base128" => scenarios::base_streams_wide(&ctx, &mut res)?,
+            "lora32_r16" | "lora32_r64" | "lora32_mixed" | "lora128" => scenarios::lora_streams_named(&ctx, &mut res, name)?,
             "zipf1000" => load::zipf(&ctx, &mut res)?,
             "coldload" => load::coldload(&ctx, &mut res)?,
             "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,

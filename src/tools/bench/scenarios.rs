@@ -104,19 +104,26 @@ fn streams_row(
 
 /// `base32`: N base-only streams; tok/s = all generated tokens / (first submit .. last token).
 pub fn base_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
-    let r = streams_row(
-        ctx,
-        "base32",
-        None,
-        vec![CompositionSpec::default(); ctx.streams],
-        None,
-        "base model only; tok/s = all tokens / wall".into(),
-    )?;
-    res.base_streams = r.tok_s;
-    let mut r = r;
-    r.ratio_to_base = Some(1.0);
-    res.rows.push(r);
+    res.base_streams = base_row(ctx, res, "base32", ctx.streams)?;
     Ok(())
+}
+
+/// `base128`: [`WIDE_STREAMS`] base-only streams (how a step's cost grows with the batch).
+pub fn base_streams_wide(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    res.base_wide = base_row(ctx, res, "base128", WIDE_STREAMS)?;
+    Ok(())
+}
+
+/// Streams of `base128` and `lora128`.
+pub const WIDE_STREAMS: usize = 128;
+
+fn base_row(ctx: &Ctx, res: &mut Results, name: &str, streams: usize) -> anyhow::Result<Option<f64>> {
+    let mut r =
+        streams_row(ctx, name, None, vec![CompositionSpec::default(); streams], None, "base model only; tok/s = all tokens / wall".into())?;
+    r.ratio_to_base = Some(1.0);
+    let tok_s = r.tok_s;
+    res.rows.push(r);
+    Ok(tok_s)
 }
 
 /// Loads every module of `ids` (and Poly routings) into `store` before timing; returns seconds.
@@ -130,7 +137,13 @@ fn preload(store: &AdapterStore, comps: &[CompositionSpec]) -> anyhow::Result<f6
 
 /// Writes LoRA `i` (r=8, all 7 projections, f32: ~10 MB on SmolLM2-135M) of the shared set.
 pub fn ensure_lora(ctx: &Ctx, i: usize) -> anyhow::Result<String> {
-    let id = format!("{LORA_DIR}/lora_{i:03}");
+    ensure_lora_rank(ctx, i, 8)
+}
+
+/// Writes LoRA `i` of rank `rank` (all 7 projections, f32) of the shared set of that rank.
+pub fn ensure_lora_rank(ctx: &Ctx, i: usize, rank: usize) -> anyhow::Result<String> {
+    let folder = if rank == 8 { LORA_DIR.to_string() } else { format!("lora_r{rank}_all") };
+    let id = format!("{folder}/lora_{i:03}");
     let dir = ctx.work.join(&id);
     if !dir.exists() {
         let tmp = ctx.work.join(format!("{id}.partial"));
@@ -139,7 +152,7 @@ pub fn ensure_lora(ctx: &Ctx, i: usize) -> anyhow::Result<String> {
             &tmp,
             &ctx.base,
             &ctx.base.projections(),
-            8,
+            rank,
             synth::Elem::F32,
             ctx.seed.wrapping_mul(1000).wrapping_add(i as u64),
         )?;
@@ -165,18 +178,40 @@ pub fn dir_mb(p: &Path) -> f64 {
 
 /// `lora32`: N streams, each with its own PEFT LoRA (r=8 on all 7 projections), preloaded.
 pub fn lora_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
-    let ids = ensure_loras(ctx, ctx.streams)?;
+    lora_streams_of(ctx, res, "lora32", ctx.streams, &[8], res.base_streams)
+}
+
+/// `lora32_r16`, `lora32_r64`, `lora32_mixed` (ranks 8/16/32/64 in one batch, stream `i` rank
+/// `ranks[i % 4]`) and `lora128` (128 streams of r=8): like `lora32`.
+pub fn lora_streams_named(ctx: &Ctx, res: &mut Results, name: &str) -> anyhow::Result<()> {
+    match name {
+        "lora32_r16" => lora_streams_of(ctx, res, name, ctx.streams, &[16], res.base_streams),
+        "lora32_r64" => lora_streams_of(ctx, res, name, ctx.streams, &[64], res.base_streams),
+        "lora32_mixed" => lora_streams_of(ctx, res, name, ctx.streams, &[8, 16, 32, 64], res.base_streams),
+        "lora128" => lora_streams_of(ctx, res, name, WIDE_STREAMS, &[8], res.base_wide),
+        other => anyhow::bail!("not a LoRA scenario: {other}"),
+    }
+}
+
+/// `streams` streams, stream `i` with its own PEFT LoRA of rank `ranks[i % ranks.len()]` on all 7
+/// projections, preloaded; the notes give the file and resident bytes per module.
+fn lora_streams_of(ctx: &Ctx, res: &mut Results, name: &str, streams: usize, ranks: &[usize], base: Option<f64>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let ids = (0..streams).map(|i| ensure_lora_rank(ctx, i, ranks[i % ranks.len()])).collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!("[bench]   {streams} PEFT LoRAs (ranks {ranks:?}, all projections) ready in {:.1} s", t0.elapsed().as_secs_f64());
     let comps: Vec<CompositionSpec> =
         ids.iter().map(|id| CompositionSpec { deltas: vec![DeltaRef { id: id.clone(), scale: 1.0 }], route: None }).collect();
     let store = ctx.store(BIG_CACHE)?;
     let load_s = preload(&store, &comps)?;
-    let mb = dir_mb(&ctx.work.join(&ids[0]));
+    let file_mb: f64 = ids.iter().map(|id| dir_mb(&ctx.work.join(id))).sum::<f64>() / ids.len() as f64;
+    let resident_mb = store.cache().snapshot().bytes as f64 / 1e6 / ids.len() as f64;
+    let rank_text = ranks.iter().map(|r| format!("r={r}")).collect::<Vec<_>>().join("/");
     let notes = format!(
-        "{} distinct r=8 LoRAs on all {} projections ({mb:.1} MB each), preloaded in {load_s:.1} s",
+        "{} distinct {rank_text} LoRAs on all {} projections ({file_mb:.1} MB file, {resident_mb:.1} MB resident per module on average), preloaded in {load_s:.1} s",
         ids.len(),
         ctx.base.projections().len()
     );
-    let r = streams_row(ctx, "lora32", Some(&store), comps, res.base_streams, notes)?;
+    let r = streams_row(ctx, name, Some(&store), comps, base, notes)?;
     res.rows.push(r);
     Ok(())
 }
