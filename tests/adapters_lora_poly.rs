@@ -353,3 +353,33 @@ fn kit_poly_mixes_like_peft() {
     let e = inv.mix(&Routing::Task(3)).unwrap_err();
     assert!(matches!(e, AdapterError::UnknownTask { task: 3, n_tasks: 3, .. }), "{e}");
 }
+
+/// A loaded LoRA keeps one copy of its factors on the CPU, in the kernels' layout: no more
+/// bytes than its f32 file with f32 factors, and as 8-bit blocks about a quarter of them (27% at
+/// rank 8; a rank below 8 is padded to 8 columns, so 53% at rank 4); and the packed module still
+/// computes the delta of the file's factors (dense reconstruction within the 8-bit error).
+#[test]
+fn a_loaded_lora_is_resident_in_no_more_than_its_file_bytes() {
+    let base = smollm2_base();
+    for name in ["lora_qv_r4", "lora_all_r8", "lora_all_r4_rslora"] {
+        let dir = common::fixture(&format!("parity/{name}"));
+        let file = std::fs::metadata(dir.join("adapter_model.safetensors")).unwrap().len() as usize;
+        let (d, _) = load_peft_lora(&dir, &base).unwrap();
+        let t = lin(7, Proj::V);
+        let want = d.targets[&t].to_dense().unwrap();
+        let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let f32_host = d.clone().into_host(false).unwrap();
+        let compact = d.into_host(true).unwrap();
+        println!("{name}: file {file} B, f32 resident {} B, compact resident {} B", f32_host.bytes(), compact.bytes());
+        assert!(f32_host.bytes() <= file, "{name}: f32 factors resident in {} B > file {file} B", f32_host.bytes());
+        let bound = if name.contains("r8") { file * 3 / 10 } else { file * 6 / 10 };
+        assert!(compact.bytes() <= bound, "{name}: compact factors resident in {} B > {bound} B (file {file} B)", compact.bytes());
+        for (what, m) in [("f32", &f32_host), ("compact", &compact)] {
+            assert!(matches!(m.targets[&t], MatrixDelta::Packed(_)), "{name} {what}: not packed");
+            let got = m.targets[&t].to_dense().unwrap();
+            let err = (got - &want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() / norm;
+            let tol = if what == "f32" { 1e-6 } else { 0.02 };
+            assert!(err <= tol, "{name} {what}: dense delta off by {err} (relative L2)");
+        }
+    }
+}

@@ -85,6 +85,8 @@ async fn kit_over_grpc_streaming_and_unary_with_all_compositions_in_flight() {
     let info = admin.describe(pb::ModuleRef { module_id: "lora_all_r8".into() }).await.unwrap().into_inner();
     assert_eq!((info.kind.as_str(), info.rank, info.targets.len()), ("lora", 8, 210));
     assert!(!info.version.is_empty() && info.bytes > 0);
+    // One resident copy of the factors: no more than the f32 file's bytes.
+    assert!(info.bytes <= info.file_bytes, "resident {} B > file {} B", info.bytes, info.file_bytes);
 
     let cases = common::cases();
     let prompts: Vec<Vec<u32>> = cases["prompt_token_ids"].as_array().unwrap().iter().map(ids_of).collect();

@@ -52,6 +52,9 @@ pub struct LoadedModule {
     pub data: ModuleData,
     /// Largest LoRA rank, if low-rank.
     pub rank: Option<usize>,
+    /// Bytes of the files it was loaded from (a merge's components included; 0 for a Poly
+    /// mixture, derived from its inventory in memory).
+    pub file_bytes: u64,
 }
 
 impl Weighted for LoadedModule {
@@ -178,15 +181,15 @@ impl ModuleLoader {
         };
         let prepare_ms = t_prep.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(module = %reg.id, hash_ms, parse_ms, prepare_ms, "module loaded");
-        Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank })
+        Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank, file_bytes: size })
     }
 
     /// Readies parsed deltas for the model: on the CPU, the kernels' host layout; on a GPU, the
     /// tensors moved to its memory.
     fn finish(&self, d: Arc<ModuleDeltas>) -> Result<Arc<ModuleDeltas>, AdapterError> {
         if self.device.is_cpu() {
-            d.prepare_host(self.compact_factors)?;
-            Ok(d)
+            let owned = Arc::try_unwrap(d).unwrap_or_else(|shared| (*shared).clone());
+            Ok(Arc::new(owned.into_host(self.compact_factors)?))
         } else {
             Ok(Arc::new(d.to_device(&self.device)?))
         }
@@ -205,6 +208,7 @@ impl ModuleLoader {
             version: short_hash(key.as_bytes()),
             data: ModuleData::Deltas(self.finish(Arc::new(d))?),
             rank: Some(p.rank()),
+            file_bytes: 0,
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The data model of a delta, the common currency of every adapter kind: a module's additive
 //! change to the base model, per target, in the cheapest exact form (low-rank factors, sparse by
 //! output row, or dense). The host layouts the CPU kernels read (the sparse block layout, the
-//! per-row low-rank layout) live in `kernels`; a [`ModuleDeltas`] holds them once prepared.
+//! per-row low-rank layout) live in `kernels`. On the CPU a loaded module's low-rank targets are
+//! converted to the kernels' layout ([`MatrixDelta::Packed`], by [`ModuleDeltas::into_host`]),
+//! which is then their only copy: prefill GEMMs, merges and device copies widen it on demand.
 //!
 //! Formats (PEFT LoRA, Poly, composable-sft, task vectors, merges) all produce a [`ModuleDeltas`];
 //! the batch step only ever sees these. Invariants: shapes match the base parameter they target
@@ -9,6 +11,7 @@
 //! factors have any module scale folded into `b`; tensors are float32 and immutable once built.
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -29,6 +32,18 @@ pub enum MatrixDelta {
     Sparse(SparseMatrix),
     /// `[out, in]`.
     Dense(Tensor),
+    /// A low-rank delta in the CPU kernels' layout (f32, or 8-bit blocks for an int8 base), the
+    /// module's only copy of those factors.
+    Packed(Arc<HostLowRank>),
+}
+
+/// `(a [r, in], b [out, r])` CPU tensors of packed factors (widened from the compact form).
+fn widened(h: &HostLowRank) -> Result<(Tensor, Tensor), AdapterError> {
+    let (at, bt) = h.factors();
+    let cpu = &candle_core::Device::Cpu;
+    let a = Tensor::from_vec(at, (h.in_dim(), h.rank()), cpu)?.t()?.contiguous()?;
+    let b = Tensor::from_vec(bt, (h.rank(), h.out_dim()), cpu)?.t()?.contiguous()?;
+    Ok((a, b))
 }
 
 impl MatrixDelta {
@@ -38,6 +53,18 @@ impl MatrixDelta {
             Self::LowRank { a, b } => (b.dim(0)?, a.dim(1)?),
             Self::Sparse(s) => (s.rows(), s.cols()),
             Self::Dense(d) => d.dims2()?,
+            Self::Packed(h) => (h.out_dim(), h.in_dim()),
+        })
+    }
+
+    /// `self`, with packed factors widened back to [`MatrixDelta::LowRank`] CPU tensors.
+    pub fn unpacked(&self) -> Result<Self, AdapterError> {
+        Ok(match self {
+            Self::Packed(h) => {
+                let (a, b) = widened(h)?;
+                Self::LowRank { a, b }
+            }
+            other => other.clone(),
         })
     }
 
@@ -47,6 +74,7 @@ impl MatrixDelta {
             Self::LowRank { a, b } => (a.elem_count() + b.elem_count()) * 4,
             Self::Sparse(s) => s.bytes(),
             Self::Dense(d) => d.elem_count() * 4,
+            Self::Packed(h) => h.bytes(),
         }
     }
 
@@ -56,12 +84,14 @@ impl MatrixDelta {
             Self::LowRank { a, b } => b.matmul(a)?,
             Self::Sparse(s) => Tensor::from_vec(s.to_dense(), (s.rows(), s.cols()), &candle_core::Device::Cpu)?,
             Self::Dense(d) => d.clone(),
+            Self::Packed(_) => return self.unpacked()?.to_dense(),
         })
     }
 
     /// Multiplies the delta by `s`.
     pub fn scaled(&self, s: f32) -> Result<Self, AdapterError> {
         Ok(match self {
+            Self::Packed(_) => return self.unpacked()?.scaled(s),
             Self::LowRank { a, b } => Self::LowRank { a: a.clone(), b: (b * s as f64)? },
             Self::Sparse(m) => Self::Sparse(m.scaled(s)),
             Self::Dense(d) => Self::Dense((d * s as f64)?),
@@ -73,15 +103,12 @@ impl MatrixDelta {
 #[derive(Debug, Clone, Default)]
 pub struct ModuleDeltas {
     pub targets: BTreeMap<Target, MatrixDelta>,
-    /// CPU layout of the low-rank targets, built once by [`ModuleDeltas::prepare_host`].
-    host: std::sync::OnceLock<BTreeMap<Target, HostLowRank>>,
 }
 
 impl ModuleDeltas {
-    /// Resident bytes (tensors plus the CPU kernel layout once prepared).
+    /// Resident bytes.
     pub fn bytes(&self) -> usize {
-        let host: usize = self.host.get().map(|h| h.values().map(HostLowRank::bytes).sum()).unwrap_or(0);
-        self.targets.values().map(|d| d.bytes()).sum::<usize>() + host
+        self.targets.values().map(|d| d.bytes()).sum::<usize>()
     }
 
     /// A copy whose low-rank and dense tensors live on `device` (a GPU model's). Sparse matrices
@@ -93,35 +120,43 @@ impl ModuleDeltas {
                 MatrixDelta::LowRank { a, b } => MatrixDelta::LowRank { a: a.to_device(device)?, b: b.to_device(device)? },
                 MatrixDelta::Dense(w) => MatrixDelta::Dense(w.to_device(device)?),
                 MatrixDelta::Sparse(s) => MatrixDelta::Sparse(s.clone()),
+                MatrixDelta::Packed(h) => {
+                    let (a, b) = widened(h)?;
+                    MatrixDelta::LowRank { a: a.to_device(device)?, b: b.to_device(device)? }
+                }
             };
             targets.insert(*t, moved);
         }
-        Ok(Self { targets, host: Default::default() })
+        Ok(Self { targets })
     }
 
-    /// Builds the CPU kernel layout of the low-rank targets (idempotent; call off the engine
-    /// thread); `compact`: hold the factors (ranks up to 128) as 8-bit blocks (see [`HostLowRank`]).
-    pub fn prepare_host(&self, compact: bool) -> Result<(), AdapterError> {
-        if self.host.get().is_some() {
-            return Ok(());
-        }
+    /// Converts the low-rank factors of the linear targets to the CPU kernels' layout
+    /// ([`MatrixDelta::Packed`], their only copy from then on; call off the engine thread);
+    /// `compact`: hold them (ranks up to 128) as 8-bit blocks (see [`HostLowRank`]). Embedding
+    /// and output-head deltas keep their tensors (they are multiplied by row lookups and GEMMs).
+    pub fn into_host(mut self, compact: bool) -> Result<Self, AdapterError> {
         use rayon::prelude::*;
         // In parallel: a cold load waits on this.
-        let m: BTreeMap<Target, HostLowRank> = self
+        let packed: Vec<(Target, MatrixDelta)> = self
             .targets
             .par_iter()
             .filter_map(|(t, d)| match d {
-                MatrixDelta::LowRank { a, b } if a.device().is_cpu() => Some(host_low_rank(a, b, compact).map(|h| (*t, h))),
+                MatrixDelta::LowRank { a, b } if a.device().is_cpu() && matches!(t, Target::Linear(_)) => {
+                    Some(host_low_rank(a, b, compact).map(|h| (*t, MatrixDelta::Packed(Arc::new(h)))))
+                }
                 _ => None,
             })
             .collect::<Result<_, _>>()?;
-        let _ = self.host.set(m);
-        Ok(())
+        self.targets.extend(packed);
+        Ok(self)
     }
 
-    /// The CPU layout of a low-rank target, if prepared.
+    /// The CPU layout of a low-rank target, if packed.
     pub fn host_low_rank(&self, t: &Target) -> Option<&HostLowRank> {
-        self.host.get()?.get(t)
+        match self.targets.get(t)? {
+            MatrixDelta::Packed(h) => Some(h),
+            _ => None,
+        }
     }
 
     /// Checks every target exists in the base model with the delta's shape and that all values
@@ -165,6 +200,7 @@ fn check_finite(d: &MatrixDelta, path: &Path, name: &str) -> Result<(), AdapterE
         MatrixDelta::Sparse(s) => bad(s.values()),
         MatrixDelta::Dense(t) => host(t)?,
         MatrixDelta::LowRank { a, b } => host(a)?.or(host(b)?),
+        MatrixDelta::Packed(_) => None, // packed from checked factors
     };
     match found {
         Some(what) => Err(AdapterError::NonFinite { path: path.into(), tensor: name.into(), what }),

@@ -61,6 +61,7 @@ pub fn module_info(store: &AdapterStore, reg: &Registration, loaded: Option<&Loa
     if let Some(m) = loaded {
         use crate::adapters::cache::Weighted;
         info.bytes = m.bytes() as u64;
+        info.file_bytes = m.file_bytes;
         info.version = m.version.clone();
         info.rank = m.rank.unwrap_or(0) as u32;
         match &m.data {

@@ -6,9 +6,12 @@
 //! the row widths and the buffers' sizes (release builds too) before entering SIMD code. Results
 //! do not depend on which kernel ran beyond float summation order (f32 factors) or the documented
 //! 8-bit error (compact factors).
-/// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, rp]` = A^T and `bt` `[rp, out]`
-/// = B^T (scale folded), `rp` the rank rounded up to a multiple of [`GROUP`] (padding columns are
-/// zero), so both products are contiguous axpy loops that vectorise, 8 rank columns per vector.
+/// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, r]` = A^T and `bt` `[r, out]`
+/// = B^T (scale folded), so both products are contiguous axpy loops that vectorise, 8 rank
+/// columns per vector (a masked load for the last group of a rank that is not a multiple of 8).
+/// This is the module's only resident copy of the factors on the CPU: prefill (GEMMs), merges
+/// and the GPU widen it on demand ([`HostLowRank::factors`]), so a module takes no more than its
+/// f32 file's bytes, and about a quarter of them compact.
 ///
 /// With `compact` (any rank up to [`MAX_KERNEL_RANK`]), both factors are held as 8-bit blocks for
 /// a VNNI kernel: the row `x` is quantized per 32 inputs as the base kernel quantizes
@@ -25,7 +28,7 @@
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLowRank {
     rank: usize,
-    /// `rank` rounded up to a multiple of [`GROUP`]: the width of the layouts below.
+    /// `rank` rounded up to a multiple of [`GROUP`]: the width of the compact layout.
     rp: usize,
     in_dim: usize,
     out_dim: usize,
@@ -130,11 +133,11 @@ impl HostLowRank {
             let (b8, sb) = pack_b(b, out_dim, rank, rp);
             HostFactors::Int8 { a4, sa, b8, sb }
         } else {
-            // a [rank, in] -> at [in, rp]; b [out, rank] -> bt [rp, out]; padding stays zero.
-            let (mut at, mut bt) = (vec![0f32; in_dim * rp], vec![0f32; rp * out_dim]);
+            // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out].
+            let (mut at, mut bt) = (vec![0f32; in_dim * rank], vec![0f32; rank * out_dim]);
             for (j, row) in a.chunks_exact(in_dim).enumerate() {
                 for (i, &v) in row.iter().enumerate() {
-                    at[i * rp + j] = v;
+                    at[i * rank + j] = v;
                 }
             }
             for (o, row) in b.chunks_exact(rank).enumerate() {
@@ -173,16 +176,16 @@ impl HostLowRank {
         #[cfg(target_arch = "x86_64")]
         {
             match &self.factors {
-                HostFactors::F32 { at, bt } if self.rp <= MAX_KERNEL_RANK && super::cpu().avx2_fma => {
+                HostFactors::F32 { at, bt } if self.rank <= MAX_KERNEL_RANK && super::cpu().avx2_fma => {
                     assert!(
-                        self.rp.is_multiple_of(GROUP) && at.len() == self.in_dim * self.rp && bt.len() == self.rp * self.out_dim,
-                        "f32 factors of width {}",
-                        self.rp
+                        at.len() == self.in_dim * self.rank && bt.len() == self.rank * self.out_dim,
+                        "f32 factors of rank {}",
+                        self.rank
                     );
-                    // SAFETY: the CPU supports the features; the widths, the padded rank (a
-                    // multiple of 8, at most MAX_KERNEL_RANK) and the factors' sizes (in_dim x rp
-                    // and rp x out_dim values) were checked above.
-                    unsafe { lowrank_f32_avx2(x, y, scale, self.rp, at, bt) };
+                    // SAFETY: the CPU supports the features; the widths, the rank (at most
+                    // MAX_KERNEL_RANK) and the factors' sizes (in_dim x rank and rank x out_dim
+                    // values) were checked above.
+                    unsafe { lowrank_f32_avx2(x, y, scale, self.rank, at, bt) };
                     return;
                 }
                 HostFactors::Int8 { a4, sa, b8, sb } if super::cpu().int8 => {
@@ -249,7 +252,8 @@ impl HostLowRank {
         let (rp, out) = (self.rp, self.out_dim);
         match &self.factors {
             HostFactors::F32 { at, bt } => {
-                for (xi, row) in x.iter().zip(at.chunks_exact(rp)) {
+                let t = &mut t[..self.rank];
+                for (xi, row) in x.iter().zip(at.chunks_exact(self.rank)) {
                     for (tj, a) in t.iter_mut().zip(row) {
                         *tj += xi * a;
                     }
@@ -277,6 +281,32 @@ impl HostLowRank {
         }
     }
 
+    /// The factors as f32 `(at [in, r], bt [r, out])` = (A^T, B^T) (scale folded), widened from
+    /// the compact form (with its 8-bit error) where the factors are held so: what prefill
+    /// segments multiply with, and what merges and a GPU copy start from.
+    pub fn factors(&self) -> (Vec<f32>, Vec<f32>) {
+        let (r, rp, n, out) = (self.rank, self.rp, self.in_dim, self.out_dim);
+        match &self.factors {
+            HostFactors::F32 { at, bt } => (at.clone(), bt.clone()),
+            HostFactors::Int8 { a4, sa, b8, sb } => {
+                let mut at = vec![0f32; n * r];
+                for (i, row) in at.chunks_exact_mut(r).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (a4[((i / 4) * rp + j) * 4 + i % 4] as f32 - 128.0) * sa[(i / FACTOR_BLOCK) * rp + j];
+                    }
+                }
+                let mut bt = vec![0f32; r * out];
+                for (j, row) in bt.chunks_exact_mut(out).enumerate() {
+                    for (o, v) in row.iter_mut().enumerate() {
+                        *v = (b8[b8_index(o, j, rp)] as f32 - 128.0) * sb[o / FACTOR_BLOCK];
+                    }
+                }
+                (at, bt)
+            }
+        }
+    }
+
+    /// Resident bytes of the factors.
     pub fn bytes(&self) -> usize {
         match &self.factors {
             HostFactors::F32 { at, bt } => (at.len() + bt.len()) * 4,
@@ -285,34 +315,39 @@ impl HostLowRank {
     }
 }
 
-/// Row kernel on f32 factors of padded rank `rp` (a multiple of 8, at most [`MAX_KERNEL_RANK`]):
-/// per group of 8 rank columns four independent accumulators for `x A^T`, then one pass over
-/// `y` per 8 outputs for the second product.
+/// Row kernel on f32 factors of rank `r` (at most [`MAX_KERNEL_RANK`]): per group of 8 rank
+/// columns (the last one loaded masked when `r` is not a multiple of 8) four independent
+/// accumulators for `x A^T`, then one pass over `y` per 8 outputs for the second product.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn lowrank_f32_avx2(x: &[f32], y: &mut [f32], scale: f32, rp: usize, at: &[f32], bt: &[f32]) {
+unsafe fn lowrank_f32_avx2(x: &[f32], y: &mut [f32], scale: f32, r: usize, at: &[f32], bt: &[f32]) {
     use std::arch::x86_64::*;
     let (n, out) = (x.len(), y.len());
     let (ap, bp) = (at.as_ptr(), bt.as_ptr());
     let mut tv = [0f32; MAX_KERNEL_RANK];
-    for c in 0..rp / GROUP {
+    for c in 0..r.div_ceil(GROUP) {
         let gp = ap.add(c * GROUP);
+        let width = (r - c * GROUP).min(GROUP);
+        let lanes: [i32; 8] = std::array::from_fn(|k| if k < width { -1 } else { 0 });
+        let mask = _mm256_loadu_si256(lanes.as_ptr() as *const __m256i);
+        // A full group is a plain load; the last, partial one reads only its `width` columns.
+        let load = |p: *const f32| if width == GROUP { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask) };
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 4 <= n {
             for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i + u)), _mm256_loadu_ps(gp.add((i + u) * rp)), *a);
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i + u)), load(gp.add((i + u) * r)), *a);
             }
             i += 4;
         }
         while i < n {
-            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i)), _mm256_loadu_ps(gp.add(i * rp)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(i)), load(gp.add(i * r)), acc[0]);
             i += 1;
         }
         let t = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])), _mm256_set1_ps(scale));
         _mm256_storeu_ps(tv.as_mut_ptr().add(c * GROUP), t);
     }
-    let tv = &tv[..rp];
+    let tv = &tv[..r];
     let yp = y.as_mut_ptr();
     let mut o = 0;
     while o + 8 <= out {
@@ -532,6 +567,13 @@ mod tests {
                 h.add_row_q(&x, &q, &mut yq, 0.75);
                 assert_eq!(y, yq, "r={r} {inp}->{out} compact={compact}: add_row_q differs from add_row");
                 let got: Vec<f32> = y.iter().enumerate().map(|(i, g)| g - (i % 7) as f32).collect();
+                // The factors widened back to f32 (what prefill and merges multiply with).
+                let (at_w, bt_w) = h.factors();
+                assert_eq!((at_w.len(), bt_w.len()), (inp * r, r * out));
+                let t: Vec<f32> = (0..r).map(|j| (0..inp).map(|i| x[i] * at_w[i * r + j]).sum()).collect();
+                let widened: Vec<f32> = (0..out).map(|o| 0.75 * (0..r).map(|j| t[j] * bt_w[j * out + o]).sum::<f32>()).collect();
+                let tol = if h.is_compact() { 0.03 } else { 1e-5 };
+                assert!(rel(&widened) <= tol, "r={r} {inp}->{out} compact={compact}: widened factors off by {}", rel(&widened));
                 // The portable kernel (other ranks, other CPUs) on the same factors.
                 let mut portable = vec![0f32; out];
                 h.add_row_generic(&x, &mut portable, 0.75);

@@ -72,6 +72,13 @@ pub fn delta_product(m: &MatrixDelta, x: &Tensor, scale: f32) -> Result<Tensor> 
     let s = scale as f64;
     match m {
         MatrixDelta::LowRank { a, b } => x.matmul(&a.t()?)?.matmul(&b.t()?)? * s,
+        MatrixDelta::Packed(h) => {
+            // A prefill segment: widen the factors for two GEMMs (as many bytes as the GEMMs read).
+            let (at, bt) = h.factors();
+            let at = Tensor::from_vec(at, (h.in_dim(), h.rank()), x.device())?;
+            let bt = Tensor::from_vec(bt, (h.rank(), h.out_dim()), x.device())?;
+            x.matmul(&at)?.matmul(&bt)? * s
+        }
         MatrixDelta::Dense(d) => x.matmul(&d.t()?)? * s,
         MatrixDelta::Sparse(sp) => {
             let n = x.dim(0)?;
@@ -172,9 +179,9 @@ fn add_chunk_deltas(
     for (target, out, dst) in outs {
         for (deltas, scale) in &c.parts {
             let Some(m) = deltas.targets.get(&target) else { continue };
-            match (m, deltas.host_low_rank(&target)) {
-                (MatrixDelta::Sparse(_), _) => {} // done by add_sparse_grouped
-                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS && h.is_compact() => {
+            match m {
+                MatrixDelta::Sparse(_) => {} // done by add_sparse_grouped
+                MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS && h.is_compact() => {
                     if !quantized {
                         if qrows.len() < len {
                             qrows.resize_with(len, QuantRow::default);
@@ -188,7 +195,7 @@ fn add_chunk_deltas(
                         h.add_row_q(xr, q, yr, *scale);
                     }
                 }
-                (MatrixDelta::LowRank { .. }, Some(h)) if len <= ROW_KERNEL_MAX_ROWS => {
+                MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS => {
                     for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
                         h.add_row(xr, yr, *scale);
                     }
@@ -277,6 +284,15 @@ impl RowDeltas for BatchDeltas<'_> {
                             let v = b.get(tok)?.unsqueeze(0)?.matmul(a)?.squeeze(0)?.to_vec1::<f32>()?;
                             for (o, v) in row.iter_mut().zip(v) {
                                 *o += scale * v;
+                            }
+                        }
+                        MatrixDelta::Packed(h) => {
+                            // Not produced for embeddings (`ModuleDeltas::into_host` packs linear
+                            // targets only); widened here so the match stays total.
+                            let (at, bt) = h.factors();
+                            let (rank, out) = (h.rank(), h.out_dim());
+                            for (i, o) in row.iter_mut().enumerate() {
+                                *o += scale * (0..rank).map(|j| bt[j * out + tok] * at[i * rank + j]).sum::<f32>();
                             }
                         }
                     }

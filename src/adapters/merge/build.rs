@@ -210,7 +210,7 @@ pub fn merge(
         match &stored {
             MatrixDelta::Sparse(_) => report.sparse += 1,
             MatrixDelta::Dense(_) => report.dense += 1,
-            MatrixDelta::LowRank { .. } => report.low_rank += 1,
+            MatrixDelta::LowRank { .. } | MatrixDelta::Packed(_) => report.low_rank += 1,
         }
         report.nnz += nnz as u64;
         report.elements += n as u64;
