@@ -1,10 +1,11 @@
 //! One-core timing of the per-row LoRA kernels (`HostLowRank::add_row`) for the `lora32` shape:
-//! 32 decode rows, each with its own r=8 adapter on all 7 projections of SmolLM2-135M's 30
-//! layers, in f32 and compact (8-bit, VNNI) form, with 32 distinct adapters (factors streamed
-//! from memory) and with one adapter shared by all rows (factors in cache). Also prints a
-//! sequential read of 320 MB as the machine's one-core streaming bandwidth.
+//! 32 decode rows, each with its own adapter of rank RANK (default 8) on all 7 projections of
+//! SmolLM2-135M's 30 layers, in f32 and compact (8-bit, VNNI) form, with 32 distinct adapters
+//! (factors streamed from memory) and with one adapter shared by all rows (factors in cache).
+//! Also prints a sequential read of 320 MB as the machine's one-core streaming bandwidth, and
+//! the factor bytes one decode step reads, so the figure can be set against that bound.
 //!
-//!     cargo run --release --example lora_row_kernel
+//!     cargo run --release --example lora_row_kernel [RANK]
 use candle_core::{Device, Tensor};
 use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use modserve::adapters::target::Target;
@@ -17,23 +18,23 @@ use common::{dims, LAYERS};
 
 const ROWS: usize = 32;
 
-fn adapter(rng: &mut StdRng, compact: bool) -> ModuleDeltas {
+fn adapter(rng: &mut StdRng, compact: bool, rank: usize) -> ModuleDeltas {
     let mut m = ModuleDeltas::default();
     for layer in 0..LAYERS {
         for proj in Proj::UNFUSED {
             let (inp, out) = dims(proj);
-            let a: Vec<f32> = (0..8 * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let b: Vec<f32> = (0..out * 8).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let a = Tensor::from_vec(a, (8, inp), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(b, (out, 8), &Device::Cpu).unwrap();
+            let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            let b: Vec<f32> = (0..out * rank).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            let a = Tensor::from_vec(a, (rank, inp), &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(b, (out, rank), &Device::Cpu).unwrap();
             m.targets.insert(Target::Linear(LinearId { layer, proj }), MatrixDelta::LowRank { a, b });
         }
     }
-    m.prepare_host(compact).unwrap();
-    m
+    m.into_host(compact).unwrap()
 }
 
 fn main() {
+    let rank: usize = std::env::args().nth(1).map(|r| r.parse().expect("RANK: a number")).unwrap_or(8);
     let big = vec![1f32; 80 << 20];
     let t0 = Instant::now();
     let s: f32 = big.chunks_exact(16).map(|c| c.iter().sum::<f32>()).sum();
@@ -44,7 +45,8 @@ fn main() {
     let mut y = vec![0f32; 1536];
     for compact in [false, true] {
         for distinct in [ROWS, 1] {
-            let adapters: Vec<ModuleDeltas> = (0..distinct).map(|_| adapter(&mut rng, compact)).collect();
+            let adapters: Vec<ModuleDeltas> = (0..distinct).map(|_| adapter(&mut rng, compact, rank)).collect();
+            let step_mb = adapters[0].bytes() as f64 * ROWS.min(distinct * ROWS) as f64 / distinct.max(1) as f64 / 1e6;
             let targets: Vec<Target> = adapters[0].targets.keys().copied().collect();
             let iters = 10;
             let t0 = Instant::now();
@@ -79,7 +81,7 @@ fn main() {
             }
             let ds = t0.elapsed().as_secs_f64() / iters as f64;
             println!(
-                "{} factors, {distinct:2} distinct adapter(s) over {ROWS} rows: {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
+                "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factor reads per step): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
                 if compact { "compact" } else { "f32    " },
                 dt * 1e3,
                 ds * 1e3

@@ -138,7 +138,8 @@ pub fn peft_config(data: &[u8]) -> usize {
     write(&poly_dir.join("adapter_config.json"), data);
     let l = lora::load_peft_lora(&lora_dir, &base);
     if let Ok((d, _)) = &l {
-        d.prepare_host(false).expect("host layout of loaded factors");
+        d.clone().into_host(false).expect("host layout of loaded factors");
+        d.clone().into_host(true).expect("compact host layout of loaded factors");
     }
     let p = poly::load_peft_poly(&poly_dir, &base);
     let mut mixed = 0;
