@@ -10,6 +10,7 @@ use candle_core::Device;
 use modserve::adapters::batch::BatchDeltas;
 use modserve::adapters::composition::{Composition, CompositionSpec, DeltaRef};
 use modserve::adapters::formats::poly::Routing;
+use modserve::adapters::module_deltas::MatrixDelta;
 use modserve::adapters::registry::{AdapterRoot, Registry};
 use modserve::adapters::store::AdapterStore;
 use modserve::engine::sequence::{GenerateSpec, Sequence};
@@ -204,17 +205,91 @@ fn generate_cli_applies_deltas_and_routes() {
 }
 
 /// The default serving mode (8-bit base: Q8_0 weights, 8-bit activations, the int8 GEMM where the
-/// CPU has VNNI, deltas added into the kernel's host output, f16 LoRA factors) on the kit's
-/// compositions. The 8-bit base alone moves the logits by an L2 norm of 45-150 from the kit's
-/// float32 reference (measured), more than the whole effect of the small adapters, so logits are
-/// not compared case by case; what is checked: for the adapters whose effect on the logits is
-/// well above that noise (L2 > 500 in the kit: the sparse and EWR cases), our effect matches the
-/// kit's within 35% (relative L2; measured 5-26%); the kit's top-1 is in our top-5 for every
-/// case; and all cases in one mixed batch generate exactly what each generates alone with the
-/// same prefill chunking (a row's result does not depend on its neighbours).
-/// The 35% bound is calibrated on the CPU path. On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`,
-/// 2026-11-27) candle's CUDA kernels, which also quantize the activations (to Q8_1 blocks), gave
-/// 36.1% on `sft_lang_task_lora_qv` prompt 2, and this test fails there; see docs/BENCHMARKS.md.
+/// CPU has VNNI, deltas added into the kernel's host output, compact 8-bit LoRA factors) on the
+/// kit's compositions. The 8-bit base alone moves the logits by an L2 norm of 45-150 from the
+/// kit's float32 reference (measured), more than the whole effect of the small adapters, so the
+/// logits themselves are not compared. What is compared, for every case and prompt: the
+/// composition's *effect* (its logits minus the base's logits, ours in quantized mode vs the
+/// kit's in float32). The weights' error cancels in that difference; the activations' 8-bit
+/// rounding does not: a small delta flips roundings all through the network, and the two runs
+/// differ by an L2 of 30-230 whatever the delta (measured, 2026-12-03: Poly effects of L2 7-20
+/// came out as 28-235, with f32 or 8-bit factors alike). So in this mode the effect is compared
+/// only where it stands above that floor (the kit's effect L2 > 500: the sparse and merge
+/// cases): relative L2 error within 35% and gain along the kit's (`<ours, theirs> / |theirs|^2`)
+/// within 0.8-1.2. Every case's effect, small ones included, is checked through the same
+/// compact adapter kernels on the f32 base by
+/// `compact_adapter_kernels_reproduce_every_kit_effect`.
+/// Also: the kit's top-1 is in our top-5 for every case; and all cases in one mixed batch
+/// generate exactly what each generates alone with the same prefill chunking.
+/// On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`, 2026-11-27) candle's CUDA kernels, which also
+/// quantize the activations (to Q8_1 blocks), gave 36.1% on `sft_lang_task_lora_qv` prompt 2
+/// with the former single 35% bound; see docs/BENCHMARKS.md.
+/// `<ours, theirs> / |theirs|^2`: how much of the kit's effect ours carries along its direction
+/// (0 for a delta not applied, 2 for one applied twice).
+fn gain(ours: &[f32], theirs: &[f32]) -> f64 {
+    let dot: f64 = ours.iter().zip(theirs).map(|(a, b)| *a as f64 * *b as f64).sum();
+    dot / theirs.iter().map(|t| (*t as f64) * (*t as f64)).sum::<f64>()
+}
+
+/// The kind of a kit case and the bound on the relative L2 error of its effect through the
+/// compact (8-bit) adapter kernels, and on `|gain - 1|`. Calibrated on AMD EPYC (AVX-512 VNNI),
+/// 2026-12-03 (the test prints every value): 8-bit LoRA/Poly factors and rows err by about 1%
+/// of a delta; the sparse and dense kinds are not quantized at all.
+fn effect_tolerance(case: &str) -> (&'static str, f64, f64) {
+    match case {
+        c if c.starts_with("poly") => ("poly", 0.05, 0.03),
+        c if c.starts_with("lora") || c.starts_with("compose") => ("lora", 0.05, 0.03),
+        "sft_lang_task_lora_qv" => ("sft+lora", 0.05, 0.03),
+        c if c.starts_with("sft") => ("sft", 0.01, 0.01),
+        _ => ("merge", 0.01, 0.01),
+    }
+}
+
+/// The adapter path of the default serving mode (compact 8-bit LoRA and Poly factors, rows
+/// quantized per 32 inputs as the base kernel quantizes activations) on the float32 base, where
+/// nothing else rounds: every kit case's effect on the logits (its logits minus the base's)
+/// against the kit's, within the bounds of the case's kind ([`effect_tolerance`]). A delta
+/// silently not applied, or applied twice, fails every bound.
+#[test]
+fn compact_adapter_kernels_reproduce_every_kit_effect() {
+    let kit = Kit::load(WeightMode::F32);
+    let registry = Registry::new(AdapterRoot::new(&common::fixture("parity")).unwrap(), true);
+    let store = AdapterStore::for_model(registry, 1 << 30, kit.model.llama.clone()).with_compact_factors(true);
+    let l2 = |v: &[f32]| v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let base_logits: Vec<Vec<f32>> = kit.prompts.iter().map(|ids| kit.logits(None, ids)).collect();
+    let ref_base = kit.reference_logits("base");
+    let (mut measured, mut failures, mut checked) = (Vec::new(), Vec::new(), 0);
+    for name in kit.names.iter().filter(|n| *n != "base") {
+        let comp = store.resolve(&composition(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let compact = comp.parts.iter().any(|(d, _)| d.targets.values().any(|m| matches!(m, MatrixDelta::Packed(h) if h.is_compact())));
+        let reference = kit.reference_logits(name);
+        let (kind, bound, gain_bound) = effect_tolerance(name);
+        for (p, ids) in kit.prompts.iter().enumerate() {
+            let ours = kit.logits(Some(&comp), ids);
+            let theirs: Vec<f32> = reference[p].iter().zip(&ref_base[p]).map(|(a, b)| a - b).collect();
+            let ours: Vec<f32> = ours.iter().zip(&base_logits[p]).map(|(a, b)| a - b).collect();
+            let diff: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| a - b).collect();
+            let (rel, g) = (l2(&diff) / l2(&theirs), gain(&ours, &theirs));
+            measured.push(format!(
+                "{name} ({kind}, compact factors: {compact}) prompt {p}: effect L2 {:.1}, relative L2 error {rel:.4}, gain {g:.4}",
+                l2(&theirs)
+            ));
+            if rel > bound || (g - 1.0).abs() > gain_bound {
+                failures.push(format!(
+                    "{name} prompt {p}: effect off by {rel:.4} (bound {bound}), gain {g:.4} (bound 1 +- {gain_bound}) for {kind}"
+                ));
+            }
+            checked += 1;
+        }
+        if kind == "lora" || kind == "poly" {
+            assert!(compact, "{name}: the composition holds no compact factors, so the 8-bit path was not tested");
+        }
+    }
+    println!("{}", measured.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(checked, 36);
+}
+
 #[test]
 fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
     let kit = Kit::load(WeightMode::Quantized);
@@ -223,6 +298,8 @@ fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
     let ref_base = kit.reference_logits("base");
     const CHUNK: usize = 8;
     let mut checked_effects = 0;
+    let mut measured: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     let mut batch: Vec<(String, usize, Vec<u32>, Sequence)> = Vec::new();
     for name in &kit.names {
         let case = &kit.cases["cases"][name];
@@ -235,9 +312,17 @@ fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
             let effect_ours: Vec<f32> = ours.iter().zip(&base_logits[p]).map(|(a, b)| a - b).collect();
             let diff: Vec<f32> = effect_ours.iter().zip(&effect_theirs).map(|(a, b)| a - b).collect();
             let size = l2(&effect_theirs);
+            let (rel, gain) = (l2(&diff) / size, gain(&effect_ours, &effect_theirs));
+            if name != "base" {
+                measured.push(format!(
+                    "{name} prompt {p}: kit effect L2 {size:.0}, ours {:.0}, gain {gain:.3}, relative L2 error {rel:.3}",
+                    l2(&effect_ours)
+                ));
+            }
             if size > 500.0 {
-                let rel = l2(&diff) / size;
-                assert!(rel <= 0.35, "{name} prompt {p}: effect of the deltas off by {rel:.3} (relative L2 of an effect of {size:.0})");
+                if rel > 0.35 || !(0.8..=1.2).contains(&gain) {
+                    failures.push(format!("{name} prompt {p}: effect off by {rel:.3} (relative L2), gain {gain:.3} (effect L2 {size:.0})"));
+                }
                 checked_effects += 1;
             }
             let top: Vec<u32> = top_k_logprobs(&log_softmax(&ours).unwrap(), 5).iter().map(|t| t.id).collect();
@@ -247,6 +332,8 @@ fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
             batch.push((name.clone(), p, solo.generated.clone(), kit.sequence(ids, 12, &comp)));
         }
     }
+    println!("{}", measured.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(checked_effects >= 11, "only {checked_effects} large effects checked");
     let mut refs: Vec<&mut Sequence> = batch.iter_mut().map(|(_, _, _, s)| s).collect();
     run_to_completion(&kit.model.llama, &mut refs, CHUNK).unwrap();
