@@ -46,7 +46,9 @@ fn main() {
     for compact in [false, true] {
         for distinct in [ROWS, 1] {
             let adapters: Vec<ModuleDeltas> = (0..distinct).map(|_| adapter(&mut rng, compact, rank)).collect();
-            let step_mb = adapters[0].bytes() as f64 * ROWS.min(distinct * ROWS) as f64 / distinct.max(1) as f64 / 1e6;
+            // Every row reads its adapter's factors once per step; only `distinct` of them differ.
+            let (step_mb, distinct_mb) =
+                (adapters[0].bytes() as f64 * ROWS as f64 / 1e6, adapters[0].bytes() as f64 * distinct as f64 / 1e6);
             let targets: Vec<Target> = adapters[0].targets.keys().copied().collect();
             let iters = 10;
             let t0 = Instant::now();
@@ -81,7 +83,7 @@ fn main() {
             }
             let ds = t0.elapsed().as_secs_f64() / iters as f64;
             println!(
-                "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factor reads per step): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
+                "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
                 if compact { "compact" } else { "f32    " },
                 dt * 1e3,
                 ds * 1e3

@@ -12,7 +12,8 @@
 #
 # The run is split in two halves (two loadgen runs against the same server) so inter-token
 # latency can be compared first half vs second half. Prints both loadgen JSON reports, the error
-# count, RSS at 1/4 of the run and at the end, and p99 ITL per half.
+# count, RSS at 1/4 of the run and at the end (and the mean and max of the samples after 1/4, first
+# vs second half), and p99 ITL per half.
 # Exits non-zero if any request failed, or if RSS grew by more than 20% after the warm-up
 # (1/4 mark -> end); "flat" means within 10%.
 #
@@ -195,6 +196,14 @@ RSS_Q=$(awk -F, -v q="$QUARTER" 'NR > 1 && $1 >= q && !done {print $2; done = 1}
 RSS_END=$(tail -1 "$RSS_CSV" | cut -d, -f2)
 RSS_Q=${RSS_Q:-$RSS_END}
 GROWTH=$(awk -v a="$RSS_Q" -v b="$RSS_END" 'BEGIN { if (a > 0) printf "%.1f", (b - a) * 100 / a; else print "nan" }')
+# The samples after the warm-up split in two windows of equal count: mean and max of each. The
+# server returns free heap pages every 30 s, so RSS saw-tooths by a few percent between samples;
+# the windows' means and maxima show a trend that two single samples can miss or invent.
+WINDOWS=$(awk -F, -v q="$QUARTER" 'NR > 1 && $1 >= q {v[n++] = $2}
+  END { if (n < 2) { print "n/a"; exit }
+        h = int(n / 2); for (i = 0; i < n; i++) { w = (i < h) ? 1 : 2; s[w] += v[i]; c[w]++; if (v[i] > mx[w]) mx[w] = v[i] }
+        m1 = s[1] / c[1]; m2 = s[2] / c[2];
+        printf "mean %.0f -> %.0f KiB (%+.2f%%), max %d -> %d KiB (%+.2f%%)", m1, m2, (m2 - m1) * 100 / m1, mx[1], mx[2], (mx[2] - mx[1]) * 100 / mx[1] }' "$RSS_CSV")
 m() { echo "$METRICS_END" | awk -v n="$1" '$1 == n {print $2}' | head -1; }
 
 echo "=== soak summary ==="
@@ -202,6 +211,7 @@ echo "requests ok: $OK, errors: $ERRORS, cancelled at the end of a half: $CANCEL
 jq -s -c '[.[].errors_by_code]' "$WORK/report_first.json" "$WORK/report_second.json"
 echo "RSS samples (elapsed_s,rss_kib): $(tail -n +2 "$RSS_CSV" | tr '\n' ' ')"
 echo "RSS at 1/4 (t>=${QUARTER}s): ${RSS_Q} KiB; at end: ${RSS_END} KiB; growth ${GROWTH}%"
+echo "RSS after the warm-up, first vs second half of the samples: ${WINDOWS}"
 echo "p99 ITL first half: ${P99_1} ms; second half: ${P99_2} ms"
 echo "adapter cache: hits $(m modserve_adapter_cache_hits_total), misses $(m modserve_adapter_cache_misses_total), loads $(m modserve_adapter_loads_total), evictions $(m modserve_adapter_cache_evictions_total), resident bytes $(m modserve_adapter_cache_bytes) / $CACHE_BYTES"
 echo "server: running $(m modserve_running_sequences), kv bytes $(m modserve_kv_cache_bytes), slow-client drops $(m modserve_slow_client_drops_total)"

@@ -109,8 +109,11 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize) -> (Vec<u8>, Vec<f32>) {
         let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
         *sbk = d;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (k, v) in vals.iter().enumerate() {
-            b8[b8_index(o0 + k / r, k % r, rp)] = q8(*v, inv);
+        for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
+            let at = b8_index(o, 0, rp);
+            for (j, v) in row.iter().enumerate() {
+                b8[at + (j / GROUP) * 64 + j % GROUP] = q8(*v, inv);
+            }
         }
     }
     (b8, sb)
@@ -443,36 +446,59 @@ unsafe fn lowrank_vnni(x: &[f32], y: &mut [f32], scale: f32, rp: usize, a4: &[u8
     })
 }
 
+/// `x A^T` of [`lowrank_vnni_q`] for `G` groups of 8 rank columns, into `tv[..8 G]`: per block
+/// of 32 inputs the row's 8 lanes of 4 inputs are broadcast once, then per group 8 vpdpbusd over
+/// the block's contiguous factor bytes (a + 128 unsigned, x signed), minus 128 * sum(x_q),
+/// scaled by d_x * d_a per column.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn first_product<const G: usize>(row: &QuantRow, a4: &[u8], sa: &[f32], tv: &mut [f32; MAX_KERNEL_RANK]) {
+    use std::arch::x86_64::*;
+    let rp = G * GROUP;
+    let mut t = [_mm256_setzero_ps(); G];
+    for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
+        let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
+        let xs: [__m256i; 8] = std::array::from_fn(|g| _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned()));
+        let bias = _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk));
+        let d = _mm256_set1_ps(*row.d.get_unchecked(blk));
+        let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * rp);
+        for (c, tc) in t.iter_mut().enumerate() {
+            let gp = ap.add(c * 32);
+            let mut acc0 = _mm256_setzero_si256();
+            let mut acc1 = _mm256_setzero_si256();
+            for g in (0..8).step_by(2) {
+                acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(gp.add(g * rp * 4) as *const __m256i), xs[g]);
+                acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(gp.add((g + 1) * rp * 4) as *const __m256i), xs[g + 1]);
+            }
+            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), bias);
+            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * rp + c * GROUP)), d);
+            *tc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, *tc);
+        }
+    }
+    for (c, tc) in t.iter().enumerate() {
+        _mm256_storeu_ps(tv.as_mut_ptr().add(c * GROUP), *tc);
+    }
+}
+
 /// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
     use std::arch::x86_64::*;
-    let (n, out) = (row.n, y.len());
-    let (blocks, groups) = (n.div_ceil(FACTOR_BLOCK), rp / GROUP);
-    // x A^T, per group of 8 rank columns: per block of 32 inputs, 8 vpdpbusd over 4 inputs each
-    // (a + 128 unsigned, x signed), remove 128 * sum(x_q), scale by d_x * d_a per column.
+    let out = y.len();
+    let groups = rp / GROUP;
+    // x A^T into `tv`, the group count a constant so the accumulators stay in registers.
     let mut tv = [0f32; MAX_KERNEL_RANK];
-    for c in 0..groups {
-        let mut t = _mm256_setzero_ps();
-        for blk in 0..blocks {
-            let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
-            let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * rp + c * 32);
-            let mut acc0 = _mm256_setzero_si256();
-            let mut acc1 = _mm256_setzero_si256();
-            for g in (0..8).step_by(2) {
-                let x0 = _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned());
-                let x1 = _mm256_set1_epi32((qp.add(4 * g + 4) as *const i32).read_unaligned());
-                acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(ap.add(g * rp * 4) as *const __m256i), x0);
-                acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(ap.add((g + 1) * rp * 4) as *const __m256i), x1);
+    macro_rules! first {
+        ($($g:literal)*) => {
+            match groups {
+                $($g => first_product::<$g>(row, a4, sa, &mut tv),)*
+                _ => unreachable!("compact factors have 1 to 16 groups (checked by the caller)"),
             }
-            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk)));
-            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * rp + c * GROUP)), _mm256_set1_ps(*row.d.get_unchecked(blk)));
-            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, t);
-        }
-        _mm256_storeu_ps(tv.as_mut_ptr().add(c * GROUP), t);
+        };
     }
+    first!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
     // t B^T: each group of 8 values of t quantized to 8 bits with its own scale; per 8 outputs
     // and group two vpdpbusd against the (lo, hi) halves of the group, pairs of lanes summed.
     let mut pats = [_mm256_setzero_si256(); MAX_KERNEL_RANK / GROUP];
