@@ -50,6 +50,12 @@ fn main() {
             let (step_mb, distinct_mb) =
                 (adapters[0].bytes() as f64 * ROWS as f64 / 1e6, adapters[0].bytes() as f64 * distinct as f64 / 1e6);
             let targets: Vec<Target> = adapters[0].targets.keys().copied().collect();
+            if distinct == 1 {
+                // What a prefill segment pays per module before its GEMMs: the factors widened to f32.
+                let t0 = Instant::now();
+                let floats: usize = targets.iter().map(|t| adapters[0].host_low_rank(t).expect("packed").factors().0.len()).sum();
+                println!("  widening one module's factors for prefill: {:.2} ms ({floats} f32 of A^T)", t0.elapsed().as_secs_f64() * 1e3);
+            }
             let iters = 10;
             let t0 = Instant::now();
             for _ in 0..iters {

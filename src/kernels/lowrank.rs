@@ -292,16 +292,26 @@ impl HostLowRank {
         match &self.factors {
             HostFactors::F32 { at, bt } => (at.clone(), bt.clone()),
             HostFactors::Int8 { a4, sa, b8, sb } => {
+                // Both walks follow the packed bytes in memory order (no index arithmetic per value).
                 let mut at = vec![0f32; n * r];
-                for (i, row) in at.chunks_exact_mut(r).enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (a4[((i / 4) * rp + j) * 4 + i % 4] as f32 - 128.0) * sa[(i / FACTOR_BLOCK) * rp + j];
+                for (i4, lanes) in a4.chunks_exact(rp * 4).enumerate().take(n.div_ceil(4)) {
+                    let scales = &sa[(i4 * 4 / FACTOR_BLOCK) * rp..][..r];
+                    for (j, (quad, d)) in lanes.chunks_exact(4).zip(scales).enumerate() {
+                        for (k, q) in quad.iter().enumerate().take(n - i4 * 4) {
+                            at[(i4 * 4 + k) * r + j] = (*q as f32 - 128.0) * d;
+                        }
                     }
                 }
                 let mut bt = vec![0f32; r * out];
-                for (j, row) in bt.chunks_exact_mut(out).enumerate() {
-                    for (o, v) in row.iter_mut().enumerate() {
-                        *v = (b8[b8_index(o, j, rp)] as f32 - 128.0) * sb[o / FACTOR_BLOCK];
+                for (o8, outs) in b8.chunks_exact(rp * 8).enumerate() {
+                    for (c, group) in outs.chunks_exact(64).enumerate() {
+                        for (k, vals) in group.chunks_exact(GROUP).enumerate().take(out.saturating_sub(o8 * 8)) {
+                            let o = o8 * 8 + k;
+                            let d = sb[o / FACTOR_BLOCK];
+                            for (jj, q) in vals.iter().enumerate().take(r.saturating_sub(c * GROUP)) {
+                                bt[(c * GROUP + jj) * out + o] = (*q as f32 - 128.0) * d;
+                            }
+                        }
                     }
                 }
                 (at, bt)
@@ -446,15 +456,36 @@ unsafe fn lowrank_vnni(x: &[f32], y: &mut [f32], scale: f32, rp: usize, a4: &[u8
     })
 }
 
-/// `x A^T` of [`lowrank_vnni_q`] for `G` groups of 8 rank columns, into `tv[..8 G]`: per block
-/// of 32 inputs the row's 8 lanes of 4 inputs are broadcast once, then per group 8 vpdpbusd over
-/// the block's contiguous factor bytes (a + 128 unsigned, x signed), minus 128 * sum(x_q),
-/// scaled by d_x * d_a per column.
+/// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`]: [`vnni_kernel`] for the factors'
+/// group count (a constant there, so its accumulators and per-group tables stay in registers
+/// and on a stack sized for them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn first_product<const G: usize>(row: &QuantRow, a4: &[u8], sa: &[f32], tv: &mut [f32; MAX_KERNEL_RANK]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+    macro_rules! dispatch {
+        ($($g:literal)*) => {
+            match rp / GROUP {
+                $($g => vnni_kernel::<$g>(row, y, scale, a4, sa, b8, sb),)*
+                _ => unreachable!("compact factors have 1 to 16 groups (checked by the caller)"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+}
+
+/// The compact row kernel for `G` groups of 8 rank columns (see [`HostFactors::Int8`]).
+///
+/// `x A^T`: per block of 32 inputs the row's 8 lanes of 4 inputs are broadcast once, then per
+/// group 8 vpdpbusd over the block's contiguous factor bytes (a + 128 unsigned, x signed), minus
+/// 128 * sum(x_q), scaled by d_x * d_a per column. `t B^T`: each group of 8 values of t
+/// quantized to 8 bits with its own scale; per 8 outputs and group two vpdpbusd against the
+/// (lo, hi) halves of the group, pairs of lanes summed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn vnni_kernel<const G: usize>(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
     use std::arch::x86_64::*;
-    let rp = G * GROUP;
+    let (rp, out) = (G * GROUP, y.len());
     let mut t = [_mm256_setzero_ps(); G];
     for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
         let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
@@ -475,68 +506,42 @@ unsafe fn first_product<const G: usize>(row: &QuantRow, a4: &[u8], sa: &[f32], t
             *tc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, *tc);
         }
     }
-    for (c, tc) in t.iter().enumerate() {
-        _mm256_storeu_ps(tv.as_mut_ptr().add(c * GROUP), *tc);
-    }
-}
-
-/// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
-    use std::arch::x86_64::*;
-    let out = y.len();
-    let groups = rp / GROUP;
-    // x A^T into `tv`, the group count a constant so the accumulators stay in registers.
-    let mut tv = [0f32; MAX_KERNEL_RANK];
-    macro_rules! first {
-        ($($g:literal)*) => {
-            match groups {
-                $($g => first_product::<$g>(row, a4, sa, &mut tv),)*
-                _ => unreachable!("compact factors have 1 to 16 groups (checked by the caller)"),
-            }
-        };
-    }
-    first!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-    // t B^T: each group of 8 values of t quantized to 8 bits with its own scale; per 8 outputs
-    // and group two vpdpbusd against the (lo, hi) halves of the group, pairs of lanes summed.
-    let mut pats = [_mm256_setzero_si256(); MAX_KERNEL_RANK / GROUP];
-    let mut bias = [_mm256_setzero_si256(); MAX_KERNEL_RANK / GROUP];
-    let mut dts = [0f32; MAX_KERNEL_RANK / GROUP];
-    let mut live = 0;
-    for c in 0..groups {
-        let g = &tv[c * GROUP..(c + 1) * GROUP];
+    let mut pats = [_mm256_setzero_si256(); G];
+    let mut biases = [_mm256_setzero_si256(); G];
+    let mut dts = [0f32; G];
+    let mut live = false;
+    for c in 0..G {
+        let mut g = [0f32; GROUP];
+        _mm256_storeu_ps(g.as_mut_ptr(), t[c]);
         let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        dts[c] = tmax / 127.0;
         if tmax == 0.0 {
-            continue;
+            continue; // dts[c] = 0: the group adds nothing
         }
-        live += 1;
+        live = true;
+        dts[c] = tmax / 127.0;
         let tq: [i8; 8] = std::array::from_fn(|j| round_i8(g[j] / dts[c]));
         let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
         let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
         let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
         pats[c] = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
-        bias[c] = _mm256_set1_epi32(128 * tsum);
+        biases[c] = _mm256_set1_epi32(128 * tsum);
     }
-    if live == 0 {
+    if !live {
         return;
     }
+    let dtv: [__m256; G] = std::array::from_fn(|c| _mm256_set1_ps(dts[c]));
     let yp = y.as_mut_ptr();
     let mut o = 0;
     while o < out {
-        let bp = b8.as_ptr().add((o / 8) * groups * 64);
+        let bp = b8.as_ptr().add((o / 8) * G * 64);
         let mut v = _mm256_setzero_ps();
-        for c in 0..groups {
-            if dts[c] == 0.0 {
-                continue;
-            }
+        for c in 0..G {
+            // A group whose t is all zero has a zero pattern, bias and scale: it adds 0.
             let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64) as *const __m256i), pats[c]);
             let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64 + 32) as *const __m256i), pats[c]);
             // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
             let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
-            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, bias[c])), _mm256_set1_ps(dts[c]), v);
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, biases[c])), dtv[c], v);
         }
         let s = _mm256_set1_ps(scale * *sb.get_unchecked(o / FACTOR_BLOCK));
         if o + 8 <= out {
