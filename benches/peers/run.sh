@@ -29,6 +29,8 @@
 #   SINGLE_ROUNDS  interleaved rounds of the single-stream figure (default 2)
 #   SAME_CLIENT    1 (default): also drive modserve's OpenAI HTTP API with stream_driver.py
 #   FIGURES        which to run (default "single server batch")
+#   WAIT_BUSY, WAIT_MAX  before each measurement, wait (at most WAIT_MAX s, default 600) until the
+#                  machine's other processes use less than WAIT_BUSY (default 0.25) of its CPU
 #   QUICK=1        a fast check of the script: NEW_TOKENS 32, WARMUP 5, WINDOW 15, one round,
 #                  llama-bench -r 1 (its numbers are not for publishing)
 set -euo pipefail
@@ -59,6 +61,31 @@ say() { printf 'peers [%4ds]: %s\n' "$((SECONDS - T0))" "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 need() { [[ -e "$1" ]] || die "$1 missing: $2"; }
 fig() { [[ "$FIGURES" == *" $1 "* ]]; }
+# quiet LABEL: waits (up to WAIT_MAX s) until the other processes of the machine use less than
+# WAIT_BUSY of its CPU time (sampled over 3 s), so that no figure is taken while a build runs
+# beside it; logs what it saw to OUT/quiet.log.
+WAIT_BUSY="${WAIT_BUSY:-0.25}"
+WAIT_MAX="${WAIT_MAX:-600}"
+busy() { python3 - <<'PY'
+import time
+def snap():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t0, i0 = snap(); time.sleep(3); t1, i1 = snap()
+print(f"{1 - (i1 - i0) / max(1, t1 - t0):.2f}")
+PY
+}
+quiet() {
+  local waited=0 b
+  while :; do
+    b="$(busy)"
+    if python3 -c "import sys; sys.exit(0 if $b < $WAIT_BUSY else 1)"; then break; fi
+    if ((waited >= WAIT_MAX)); then say "$1: the machine is still busy ($b of its CPU) after ${WAIT_MAX}s; measuring anyway"; break; fi
+    ((waited == 0)) && say "$1: the machine is busy ($b of its CPU used by other processes); waiting up to ${WAIT_MAX}s"
+    sleep 7; waited=$((waited + 10))
+  done
+  echo "$(date -u +%H:%M:%S) $1: others' CPU share $b, waited ${waited}s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/quiet.log"
+}
 
 LLAMA="$PEERS_DIR/build/bin"
 PY="$PEERS_DIR/venv/bin/python"
@@ -68,12 +95,19 @@ LG="$PEERS_DIR/lora-gguf"
 last=$((N_LORAS - 1))
 need "$BIN" "build modserve (cargo build --release) or set MODSERVE_BIN"
 need "$MODEL" "run \`modserve fetch-model\` or set MODSERVE_MODEL"
-need "$LLAMA/llama-bench" "run benches/peers/setup.sh $PEERS_DIR (step build)"
-need "$LLAMA/llama-server" "run benches/peers/setup.sh $PEERS_DIR (step build)"
-need "$PY" "run benches/peers/setup.sh $PEERS_DIR (step venv)"
-need "$HF/config.json" "run benches/peers/setup.sh $PEERS_DIR (step hf)"
-need "$PEFT/lora$last/a$last/adapter_model.safetensors" "run benches/peers/setup.sh $PEERS_DIR (step adapters)"
-need "$LG/lora$last.gguf" "run benches/peers/setup.sh $PEERS_DIR (step gguf-loras)"
+SETUP="run benches/peers/setup.sh $PEERS_DIR"
+if fig single || fig server; then
+  need "$LLAMA/llama-bench" "$SETUP (step build)"
+  need "$LLAMA/llama-server" "$SETUP (step build)"
+fi
+need "$PY" "$SETUP (step venv)"
+need "$HF/config.json" "$SETUP (step hf)"
+if fig server || fig batch; then
+  need "$PEFT/lora$last/a$last/adapter_model.safetensors" "$SETUP (step adapters)"
+fi
+if fig server; then
+  need "$LG/lora$last.gguf" "$SETUP (step gguf-loras)"
+fi
 [[ -x "$BIN" ]] || die "$BIN is not executable"
 "$PY" -c "import torch, transformers, peft" 2>/dev/null || die "$PY lacks torch/transformers/peft: run setup.sh (step venv)"
 
@@ -94,7 +128,7 @@ stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
   echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(nproc) cores visible; threads per system: $THREADS"
   echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "modserve: $BIN ($("$BIN" --version)); model $MODEL ($(sha256sum "$MODEL" | cut -c1-12))"
-  echo "llama.cpp: $("$LLAMA/llama-bench" --version 2>&1 | grep -m1 version || echo unknown), built with AMX off (setup.sh)"
+  echo "llama.cpp: $("$LLAMA/llama-bench" --version 2>&1 | grep -m1 version || echo "not built"), built with AMX off (setup.sh)"
   echo "python peers: $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
   echo "settings: NEW_TOKENS=$NEW_TOKENS STREAMS=$STREAMS WARMUP=${WARMUP}s WINDOW=${WINDOW}s SINGLE_ROUNDS=$SINGLE_ROUNDS SAME_CLIENT=$SAME_CLIENT QUICK=$QUICK"
 } >"$OUT/header.txt"
@@ -104,11 +138,13 @@ cat "$OUT/header.txt" >&2
 if fig single; then
   ms_best=0; ll_best=0
   for ((r = 1; r <= SINGLE_ROUNDS; r++)); do
+    quiet "single modserve $r"
     say "single: modserve bench --scenarios single (round $r)"
     "$BIN" bench --threads "$THREADS" --model "$MODEL" --weights quantized --scenarios single --new-tokens "$NEW_TOKENS" \
       --json "$OUT/single-modserve-$r.json" >"$OUT/single-modserve-$r.txt" 2>"$OUT/single-modserve-$r.log" \
       || { tail -5 "$OUT/single-modserve-$r.log" >&2; die "modserve bench single failed"; }
     ms="$(jget "$OUT/single-modserve-$r.json" '[x for x in d["rows"] if x["scenario"]=="single"][0]["tok_s"]')"
+    quiet "single llama-bench $r"
     say "single: llama-bench -p 0 -n $NEW_TOKENS -t $THREADS -r $BENCH_REPS (round $r)"
     "$LLAMA/llama-bench" -m "$MODEL" -p 0 -n "$NEW_TOKENS" -t "$THREADS" -r "$BENCH_REPS" -o json \
       >"$OUT/single-llama-bench-$r.json" 2>"$OUT/single-llama-bench-$r.log" \
@@ -145,6 +181,7 @@ llama_server() {
 # drive NAME URL API [ARGS...]: stream_driver.py, prints its tok/s.
 drive() {
   local name="$1" url="$2" api="$3"; shift 3
+  quiet "$name"
   say "server: stream_driver.py $name ($STREAMS streams, ${WARMUP}s warm-up, ${WINDOW}s window)"
   "$PY" "$HERE/stream_driver.py" --url "$url" --api "$api" --concurrency "$STREAMS" --new-tokens "$NEW_TOKENS" \
     --warmup "$WARMUP" --window "$WINDOW" --report "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.err" \
@@ -154,6 +191,7 @@ drive() {
 # loadgen MIX: modserve loadgen over gRPC, prints its tok/s.
 loadgen() {
   local mix="$1"
+  quiet "loadgen $mix"
   say "server: modserve loadgen $mix (gRPC, $STREAMS streams, ${WARMUP}s warm-up, ${WINDOW}s window)"
   "$BIN" loadgen --protocol grpc --target "http://$MS_ADDR" --concurrency "$STREAMS" --warmup "${WARMUP}s" \
     --duration "${WINDOW}s" --grace 900s --mix "$OUT/loadgen-$mix.mix.json" --report "$OUT/loadgen-$mix.json" --quiet \
@@ -229,12 +267,14 @@ fi
 
 # ---- in-process batch -------------------------------------------------------------------------
 if fig batch; then
+  quiet "batch modserve"
   say "batch: modserve bench --scenarios base32,lora32 --streams $STREAMS --new-tokens $NEW_TOKENS"
   "$BIN" bench --threads "$THREADS" --model "$MODEL" --weights quantized --scenarios base32,lora32 --streams "$STREAMS" \
     --new-tokens "$NEW_TOKENS" --work-dir "$PEERS_DIR/modserve-bench-work" --json "$OUT/batch-modserve.json" \
     >"$OUT/batch-modserve.txt" 2>"$OUT/batch-modserve.log" || { tail -5 "$OUT/batch-modserve.log" >&2; die "modserve bench base32,lora32 failed"; }
   ms_b="$(jget "$OUT/batch-modserve.json" '[x for x in d["rows"] if x["scenario"]=="base32"][0]["tok_s"]')"
   ms_l="$(jget "$OUT/batch-modserve.json" '[x for x in d["rows"] if x["scenario"]=="lora32"][0]["tok_s"]')"
+  quiet "batch peft"
   say "batch: peft_bench.py batch $STREAMS, $NEW_TOKENS new tokens, $N_LORAS adapters, $THREADS threads"
   "$PY" "$HERE/peft_bench.py" "$HF" "$PEFT" "$STREAMS" "$NEW_TOKENS" "$N_LORAS" "$THREADS" "$OUT/batch-peft.json" \
     >"$OUT/batch-peft.txt" 2>"$OUT/batch-peft.log" || { tail -5 "$OUT/batch-peft.log" >&2; die "peft_bench.py failed"; }

@@ -38,6 +38,12 @@ CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_A
   -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
 
+# A CPU without AVX-512 gets a build without it (AMX stays off everywhere).
+if ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+  CMAKE_FLAGS=("${CMAKE_FLAGS[@]/-DGGML_AVX512=ON/-DGGML_AVX512=OFF}")
+  CMAKE_FLAGS=("${CMAKE_FLAGS[@]/-DGGML_AVX512_VNNI=ON/-DGGML_AVX512_VNNI=OFF}")
+fi
+
 T0=$SECONDS
 say() { printf 'setup [%4ds]: %s\n' "$((SECONDS - T0))" "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
@@ -147,7 +153,7 @@ if ! step build; then :
 elif [[ -x "$BUILD/bin/llama-server" && -x "$BUILD/bin/llama-bench" ]]; then
   have build "$BUILD/bin"
 else
-  say "build: cmake configure (AMX off, AVX-512 on)"
+  say "build: cmake configure: ${CMAKE_FLAGS[*]}"
   cmake -S "$SRC" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$PEERS_DIR/cmake-configure.log" 2>&1 \
     || { tail -30 "$PEERS_DIR/cmake-configure.log" >&2; die "cmake configure failed (log $PEERS_DIR/cmake-configure.log)"; }
   say "build: llama-server llama-bench with -j $JOBS (about 25 minutes on 2 busy cores; log $PEERS_DIR/build.log)"

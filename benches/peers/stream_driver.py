@@ -44,7 +44,7 @@ async def read_chunked_lines(reader):
 
 async def one_request(host, port, path, body, on_tokens):
     """Sends one streaming request; calls on_tokens(n) per token-carrying event. Returns the
-    request's token count as the server reported it (or the streamed count)."""
+    number of streamed tokens (checked against the count the server reports at the end)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         payload = json.dumps(body).encode()
@@ -103,7 +103,9 @@ async def one_request(host, port, path, body, on_tokens):
                 if n:
                     streamed += n
                     on_tokens(n)
-        return reported if reported is not None else streamed
+        if reported is not None and reported != streamed:
+            raise RuntimeError(f"streamed {streamed} tokens, the server reported {reported}")
+        return streamed
     finally:
         writer.close()
 
