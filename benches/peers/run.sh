@@ -84,7 +84,14 @@ quiet() {
     ((waited == 0)) && say "$1: the machine is busy ($b of its CPU used by other processes); waiting up to ${WAIT_MAX}s"
     sleep 7; waited=$((waited + 10))
   done
-  echo "$(date -u +%H:%M:%S) $1: others' CPU share $b, waited ${waited}s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/quiet.log"
+  echo "$(date -u +%H:%M:%S) before $1: others' CPU share $b, waited ${waited}s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/quiet.log"
+  python3 -c "import sys; sys.exit(0 if $b < $WAIT_BUSY else 1)" || echo "$1 (others used $b of the CPU just before)" >>"$OUT/disturbed.txt"
+}
+# after LABEL: the same sample right after a measurement (its own processes idle or gone).
+after() {
+  local b; b="$(busy)"
+  echo "$(date -u +%H:%M:%S) after $1: others' CPU share $b, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/quiet.log"
+  python3 -c "import sys; sys.exit(0 if $b < $WAIT_BUSY else 1)" || echo "$1 (others used $b of the CPU just after)" >>"$OUT/disturbed.txt"
 }
 
 LLAMA="$PEERS_DIR/build/bin"
@@ -113,6 +120,7 @@ fi
 
 RESULTS="$OUT/results.tsv"
 : >"$RESULTS"
+: >"$OUT/disturbed.txt"
 # result FIGURE MODSERVE PEER NOTE: one row of the table.
 result() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; say "$1: modserve $2, peer $3"; }
 jget() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$@"; }
@@ -143,12 +151,14 @@ if fig single; then
     "$BIN" bench --threads "$THREADS" --model "$MODEL" --weights quantized --scenarios single --new-tokens "$NEW_TOKENS" \
       --json "$OUT/single-modserve-$r.json" >"$OUT/single-modserve-$r.txt" 2>"$OUT/single-modserve-$r.log" \
       || { tail -5 "$OUT/single-modserve-$r.log" >&2; die "modserve bench single failed"; }
+    after "single modserve $r"
     ms="$(jget "$OUT/single-modserve-$r.json" '[x for x in d["rows"] if x["scenario"]=="single"][0]["tok_s"]')"
     quiet "single llama-bench $r"
     say "single: llama-bench -p 0 -n $NEW_TOKENS -t $THREADS -r $BENCH_REPS (round $r)"
     "$LLAMA/llama-bench" -m "$MODEL" -p 0 -n "$NEW_TOKENS" -t "$THREADS" -r "$BENCH_REPS" -o json \
       >"$OUT/single-llama-bench-$r.json" 2>"$OUT/single-llama-bench-$r.log" \
       || { tail -5 "$OUT/single-llama-bench-$r.log" >&2; die "llama-bench failed"; }
+    after "single llama-bench $r"
     ll="$(jget "$OUT/single-llama-bench-$r.json" '[x for x in d if x["n_gen"]>0][0]["avg_ts"]')"
     say "single round $r: modserve $ms tok/s, llama-bench $ll tok/s"
     ms_best="$(python3 -c "print(max($ms_best, $ms))")"; ll_best="$(python3 -c "print(max($ll_best, $ll))")"
@@ -186,6 +196,7 @@ drive() {
   "$PY" "$HERE/stream_driver.py" --url "$url" --api "$api" --concurrency "$STREAMS" --new-tokens "$NEW_TOKENS" \
     --warmup "$WARMUP" --window "$WINDOW" --report "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.err" \
     || { cat "$OUT/$name.err" >&2; die "stream_driver.py $name failed (report $OUT/$name.json)"; }
+  after "$name"
   jget "$OUT/$name.json" 'd["tok_s"]'
 }
 # loadgen MIX: modserve loadgen over gRPC, prints its tok/s.
@@ -196,6 +207,7 @@ loadgen() {
   "$BIN" loadgen --protocol grpc --target "http://$MS_ADDR" --concurrency "$STREAMS" --warmup "${WARMUP}s" \
     --duration "${WINDOW}s" --grace 900s --mix "$OUT/loadgen-$mix.mix.json" --report "$OUT/loadgen-$mix.json" --quiet \
     >/dev/null 2>"$OUT/loadgen-$mix.log" || { tail -5 "$OUT/loadgen-$mix.log" >&2; die "loadgen $mix failed"; }
+  after "loadgen $mix"
   local bad; bad="$(jget "$OUT/loadgen-$mix.json" 'd["requests"]["errors"] + d["requests"]["cancelled"]')"
   [[ "$bad" == 0 ]] || die "loadgen $mix: $bad requests failed or were cancelled (report $OUT/loadgen-$mix.json)"
   jget "$OUT/loadgen-$mix.json" 'd["output_tokens_per_s"]'
@@ -272,12 +284,14 @@ if fig batch; then
   "$BIN" bench --threads "$THREADS" --model "$MODEL" --weights quantized --scenarios base32,lora32 --streams "$STREAMS" \
     --new-tokens "$NEW_TOKENS" --work-dir "$PEERS_DIR/modserve-bench-work" --json "$OUT/batch-modserve.json" \
     >"$OUT/batch-modserve.txt" 2>"$OUT/batch-modserve.log" || { tail -5 "$OUT/batch-modserve.log" >&2; die "modserve bench base32,lora32 failed"; }
+  after "batch modserve"
   ms_b="$(jget "$OUT/batch-modserve.json" '[x for x in d["rows"] if x["scenario"]=="base32"][0]["tok_s"]')"
   ms_l="$(jget "$OUT/batch-modserve.json" '[x for x in d["rows"] if x["scenario"]=="lora32"][0]["tok_s"]')"
   quiet "batch peft"
   say "batch: peft_bench.py batch $STREAMS, $NEW_TOKENS new tokens, $N_LORAS adapters, $THREADS threads"
   "$PY" "$HERE/peft_bench.py" "$HF" "$PEFT" "$STREAMS" "$NEW_TOKENS" "$N_LORAS" "$THREADS" "$OUT/batch-peft.json" \
     >"$OUT/batch-peft.txt" 2>"$OUT/batch-peft.log" || { tail -5 "$OUT/batch-peft.log" >&2; die "peft_bench.py failed"; }
+  after "batch peft"
   pf_b="$(jget "$OUT/batch-peft.json" 'd["base_tok_s"]')"
   pf_l="$(jget "$OUT/batch-peft.json" 'd["mixed_tok_s"]')"
   result "in-process batch $STREAMS base, tok/s (modserve bench base32; transformers generate)" "$ms_b" "$pf_b" ""
@@ -287,7 +301,7 @@ fi
 
 # ---- the table --------------------------------------------------------------------------------
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg); run took $((SECONDS - T0)) s" >>"$OUT/header.txt"
-python3 - "$OUT/header.txt" "$RESULTS" >"$OUT/table.md" <<'PY'
+python3 - "$OUT/header.txt" "$RESULTS" "$OUT/disturbed.txt" >"$OUT/table.md" <<'PY'
 import sys
 print("".join(open(sys.argv[1]).readlines()).rstrip())
 print()
@@ -297,6 +311,14 @@ for line in open(sys.argv[2]):
     fig, ms, peer, _ = line.rstrip("\n").split("\t")
     ms, peer = float(ms), float(peer)
     print(f"| {fig} | {ms:.1f} | {peer:.1f} | {ms / peer:.2f} |" if ms > 10 else f"| {fig} | {ms:.3f} | {peer:.3f} | {ms / peer:.2f} |")
+dist = [l.strip() for l in open(sys.argv[3]) if l.strip()]
+print()
+if dist:
+    print("Other processes were using the CPU around these measurements (their figures are suspect):")
+    for l in dist:
+        print(f"- {l}")
+else:
+    print("No other process used more than WAIT_BUSY of the CPU just before or just after any measurement.")
 PY
 cat "$OUT/table.md"
 say "done: raw outputs in $OUT"
