@@ -31,6 +31,7 @@
 #   FIGURES        which to run (default "single server batch")
 #   WAIT_BUSY, WAIT_MAX  before each measurement, wait (at most WAIT_MAX s, default 600) until the
 #                  machine's other processes use less than WAIT_BUSY (default 0.25) of its CPU
+#   PEER_TIMEOUT   seconds peft_bench.py may run before its rows say "failed" (default 1800)
 #   QUICK=1        a fast check of the script: NEW_TOKENS 32, WARMUP 5, WINDOW 15, one round,
 #                  llama-bench -r 1 (its numbers are not for publishing)
 set -euo pipefail
@@ -51,6 +52,7 @@ else
   NEW_TOKENS="${NEW_TOKENS:-128}"; WARMUP="${WARMUP:-20}"; WINDOW="${WINDOW:-60}"; SINGLE_ROUNDS="${SINGLE_ROUNDS:-2}"; BENCH_REPS=5
 fi
 SAME_CLIENT="${SAME_CLIENT:-1}"
+PEER_TIMEOUT="${PEER_TIMEOUT:-1800}"
 FIGURES=" ${FIGURES:-single server batch} "
 OUT="${1:-$(mktemp -d "$TMP/modserve-peers-run.XXXXXX")}"
 mkdir -p "$OUT"
@@ -136,7 +138,7 @@ stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
   echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(nproc) cores visible; threads per system: $THREADS"
   echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "modserve: $BIN ($("$BIN" --version)); model $MODEL ($(sha256sum "$MODEL" | cut -c1-12))"
-  echo "llama.cpp: $("$LLAMA/llama-bench" --version 2>&1 | grep -m1 version || echo "not built"), built with AMX off (setup.sh)"
+  echo "llama.cpp: $({ "$LLAMA/llama-bench" --version 2>&1 || true; } | grep -m1 version || echo "not built"), built with AMX off (setup.sh)"
   echo "python peers: $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
   echo "settings: NEW_TOKENS=$NEW_TOKENS STREAMS=$STREAMS WARMUP=${WARMUP}s WINDOW=${WINDOW}s SINGLE_ROUNDS=$SINGLE_ROUNDS SAME_CLIENT=$SAME_CLIENT QUICK=$QUICK"
 } >"$OUT/header.txt"
@@ -289,14 +291,20 @@ if fig batch; then
   ms_l="$(jget "$OUT/batch-modserve.json" '[x for x in d["rows"] if x["scenario"]=="lora32"][0]["tok_s"]')"
   quiet "batch peft"
   say "batch: peft_bench.py batch $STREAMS, $NEW_TOKENS new tokens, $N_LORAS adapters, $THREADS threads"
-  "$PY" "$HERE/peft_bench.py" "$HF" "$PEFT" "$STREAMS" "$NEW_TOKENS" "$N_LORAS" "$THREADS" "$OUT/batch-peft.json" \
-    >"$OUT/batch-peft.txt" 2>"$OUT/batch-peft.log" || { tail -5 "$OUT/batch-peft.log" >&2; die "peft_bench.py failed"; }
-  after "batch peft"
-  pf_b="$(jget "$OUT/batch-peft.json" 'd["base_tok_s"]')"
-  pf_l="$(jget "$OUT/batch-peft.json" 'd["mixed_tok_s"]')"
+  if timeout "$PEER_TIMEOUT" "$PY" "$HERE/peft_bench.py" "$HF" "$PEFT" "$STREAMS" "$NEW_TOKENS" "$N_LORAS" "$THREADS" \
+    "$OUT/batch-peft.json" >"$OUT/batch-peft.txt" 2>"$OUT/batch-peft.log"; then
+    after "batch peft"
+    pf_b="$(jget "$OUT/batch-peft.json" 'd["base_tok_s"]')"
+    pf_l="$(jget "$OUT/batch-peft.json" 'd["mixed_tok_s"]')"
+  else
+    tail -5 "$OUT/batch-peft.log" >&2
+    say "batch: peft_bench.py failed or ran past PEER_TIMEOUT=${PEER_TIMEOUT}s: its rows say so"
+    pf_b="failed"; pf_l="failed"
+  fi
   result "in-process batch $STREAMS base, tok/s (modserve bench base32; transformers generate)" "$ms_b" "$pf_b" ""
   result "in-process batch $STREAMS, $N_LORAS LoRAs mixed, tok/s (modserve bench lora32; PEFT adapter_names)" "$ms_l" "$pf_l" ""
-  result "in-process, LoRA mix / base" "$(python3 -c "print(round($ms_l / $ms_b, 3))")" "$(python3 -c "print(round($pf_l / $pf_b, 3))")" ""
+  pf_r=failed; [[ "$pf_b" == failed ]] || pf_r="$(python3 -c "print(round($pf_l / $pf_b, 3))")"
+  result "in-process, LoRA mix / base" "$(python3 -c "print(round($ms_l / $ms_b, 3))")" "$pf_r" ""
 fi
 
 # ---- the table --------------------------------------------------------------------------------
@@ -309,6 +317,9 @@ print("| figure | modserve | peer | ratio |")
 print("|---|---:|---:|---:|")
 for line in open(sys.argv[2]):
     fig, ms, peer, _ = line.rstrip("\n").split("\t")
+    if peer == "failed":
+        print(f"| {fig} | {float(ms):.1f} | failed (see OUT_DIR) | - |")
+        continue
     ms, peer = float(ms), float(peer)
     print(f"| {fig} | {ms:.1f} | {peer:.1f} | {ms / peer:.2f} |" if ms > 10 else f"| {fig} | {ms:.3f} | {peer:.3f} | {ms / peer:.2f} |")
 dist = [l.strip() for l in open(sys.argv[3]) if l.strip()]
