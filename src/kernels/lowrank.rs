@@ -35,11 +35,10 @@ pub struct HostLowRank {
     factors: HostFactors,
 }
 
-/// Inputs per quantization block of compact factors (and of the quantized row).
-pub const FACTOR_BLOCK: usize = 32;
-
-/// Rank columns per group: one vector of 8 f32, or two 32-bit lanes of 8-bit values.
-pub const GROUP: usize = 8;
+use super::lowrank_int8::round_i8;
+#[cfg(target_arch = "x86_64")]
+use super::lowrank_int8::{lowrank_vnni, lowrank_vnni_q};
+pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
 
 /// Largest rank the SIMD kernels and the compact layout take; a larger rank keeps f32 factors and
 /// runs the portable kernel.
@@ -64,12 +63,6 @@ enum HostFactors {
         b8: Vec<u8>,
         sb: Vec<f32>,
     },
-}
-
-/// `round(s)` (half away from zero, as Q8_0) clamped to +-127. The cast rounds without a libm
-/// call (`f32::round` is one, and made packing twice as slow).
-fn round_i8(s: f32) -> i8 {
-    ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127) as i8
 }
 
 /// `round(v * inv)` clamped to +-127 ([`round_i8`]), stored `+ 128`.
@@ -378,182 +371,6 @@ unsafe fn lowrank_f32_avx2(x: &[f32], y: &mut [f32], scale: f32, r: usize, at: &
             v += t * *bp.add(j * out + oo);
         }
         *yp.add(oo) = v;
-    }
-}
-
-thread_local! {
-    /// The quantized row of [`lowrank_vnni`] (reused: it runs thousands of times per step).
-    static ROW_Q: std::cell::RefCell<QuantRow> = std::cell::RefCell::new(QuantRow::default());
-}
-
-/// One input row quantized per [`FACTOR_BLOCK`] inputs for the compact kernel: 8-bit
-/// values (absmax/127 per block, the base kernel's activation scheme), the block scales and the
-/// blocks' sums of quantized values. Reused between rows (no allocation once grown).
-#[derive(Debug, Default)]
-pub struct QuantRow {
-    q: Vec<i8>,
-    d: Vec<f32>,
-    qsum: Vec<i32>,
-    n: usize,
-}
-
-impl QuantRow {
-    /// Quantizes `x` (a no-op where the CPU lacks VNNI: the portable kernels read `x` itself).
-    pub fn set(&mut self, x: &[f32]) {
-        self.n = x.len();
-        #[cfg(target_arch = "x86_64")]
-        if super::cpu().int8 {
-            let blocks = x.len().div_ceil(FACTOR_BLOCK);
-            self.q.resize(blocks * FACTOR_BLOCK, 0);
-            self.d.resize(blocks, 0.0);
-            self.qsum.resize(blocks, 0);
-            // SAFETY: the CPU supports the features; the buffers hold `blocks` blocks.
-            unsafe { quantize_row(x, &mut self.q, &mut self.d, &mut self.qsum) };
-        }
-    }
-}
-
-/// `x` quantized per 32 inputs (absmax/127, round to nearest even): `q` (zero-padded to whole
-/// blocks), per block the scale `d` and the sum of its quantized values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32]) {
-    use std::arch::x86_64::*;
-    let n = x.len();
-    let mut xb = [0f32; FACTOR_BLOCK];
-    for blk in 0..n.div_ceil(FACTOR_BLOCK) {
-        let (i0, i1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(n));
-        let src: &[f32] = if i1 - i0 == FACTOR_BLOCK {
-            &x[i0..i1]
-        } else {
-            xb.fill(0.0);
-            xb[..i1 - i0].copy_from_slice(&x[i0..i1]);
-            &xb
-        };
-        let lo = _mm512_loadu_ps(src.as_ptr());
-        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        let db = amax / 127.0;
-        let inv = _mm512_set1_ps(if db > 0.0 { 1.0 / db } else { 0.0 });
-        let ql = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(lo, inv)));
-        let qh = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(hi, inv)));
-        let qp = q.as_mut_ptr().add(i0);
-        _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtsepi32_epi8(ql));
-        _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qh));
-        d[blk] = db;
-        qsum[blk] = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
-    }
-}
-
-/// Row kernel on [`HostFactors::Int8`] factors of padded rank `rp` (see there for the layouts).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn lowrank_vnni(x: &[f32], y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
-    ROW_Q.with_borrow_mut(|row| {
-        row.set(x);
-        lowrank_vnni_q(row, y, scale, rp, a4, sa, b8, sb)
-    })
-}
-
-/// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`]: [`vnni_kernel`] for the factors'
-/// group count (a constant there, so its accumulators and per-group tables stay in registers
-/// and on a stack sized for them).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
-    macro_rules! dispatch {
-        ($($g:literal)*) => {
-            match rp / GROUP {
-                $($g => vnni_kernel::<$g>(row, y, scale, a4, sa, b8, sb),)*
-                _ => unreachable!("compact factors have 1 to 16 groups (checked by the caller)"),
-            }
-        };
-    }
-    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-}
-
-/// The compact row kernel for `G` groups of 8 rank columns (see [`HostFactors::Int8`]).
-///
-/// `x A^T`: per block of 32 inputs the row's 8 lanes of 4 inputs are broadcast once, then per
-/// group 8 vpdpbusd over the block's contiguous factor bytes (a + 128 unsigned, x signed), minus
-/// 128 * sum(x_q), scaled by d_x * d_a per column. `t B^T`: each group of 8 values of t
-/// quantized to 8 bits with its own scale; per 8 outputs and group two vpdpbusd against the
-/// (lo, hi) halves of the group, pairs of lanes summed.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn vnni_kernel<const G: usize>(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
-    use std::arch::x86_64::*;
-    let (rp, out) = (G * GROUP, y.len());
-    let mut t = [_mm256_setzero_ps(); G];
-    for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
-        let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
-        let xs: [__m256i; 8] = std::array::from_fn(|g| _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned()));
-        let bias = _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk));
-        let d = _mm256_set1_ps(*row.d.get_unchecked(blk));
-        let ap = a4.as_ptr().add(blk * FACTOR_BLOCK * rp);
-        for (c, tc) in t.iter_mut().enumerate() {
-            let gp = ap.add(c * 32);
-            let mut acc0 = _mm256_setzero_si256();
-            let mut acc1 = _mm256_setzero_si256();
-            for g in (0..8).step_by(2) {
-                acc0 = _mm256_dpbusd_epi32(acc0, _mm256_loadu_si256(gp.add(g * rp * 4) as *const __m256i), xs[g]);
-                acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256(gp.add((g + 1) * rp * 4) as *const __m256i), xs[g + 1]);
-            }
-            let acc = _mm256_sub_epi32(_mm256_add_epi32(acc0, acc1), bias);
-            let s = _mm256_mul_ps(_mm256_loadu_ps(sa.as_ptr().add(blk * rp + c * GROUP)), d);
-            *tc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, *tc);
-        }
-    }
-    let mut pats = [_mm256_setzero_si256(); G];
-    let mut biases = [_mm256_setzero_si256(); G];
-    let mut dts = [0f32; G];
-    let mut live = false;
-    for c in 0..G {
-        let mut g = [0f32; GROUP];
-        _mm256_storeu_ps(g.as_mut_ptr(), t[c]);
-        let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if tmax == 0.0 {
-            continue; // dts[c] = 0: the group adds nothing
-        }
-        live = true;
-        dts[c] = tmax / 127.0;
-        let tq: [i8; 8] = std::array::from_fn(|j| round_i8(g[j] / dts[c]));
-        let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
-        let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
-        let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
-        pats[c] = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
-        biases[c] = _mm256_set1_epi32(128 * tsum);
-    }
-    if !live {
-        return;
-    }
-    let dtv: [__m256; G] = std::array::from_fn(|c| _mm256_set1_ps(dts[c]));
-    let yp = y.as_mut_ptr();
-    let mut o = 0;
-    while o < out {
-        let bp = b8.as_ptr().add((o / 8) * G * 64);
-        let mut v = _mm256_setzero_ps();
-        for c in 0..G {
-            // A group whose t is all zero has a zero pattern, bias and scale: it adds 0.
-            let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64) as *const __m256i), pats[c]);
-            let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64 + 32) as *const __m256i), pats[c]);
-            // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
-            let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
-            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, biases[c])), dtv[c], v);
-        }
-        let s = _mm256_set1_ps(scale * *sb.get_unchecked(o / FACTOR_BLOCK));
-        if o + 8 <= out {
-            _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
-        } else {
-            let mut part = [0f32; 8];
-            _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
-            for (k, p) in part.iter().enumerate().take(out - o) {
-                *yp.add(o + k) += p;
-            }
-        }
-        o += 8;
     }
 }
 

@@ -21,6 +21,7 @@ pub mod attention;
 pub mod host;
 pub mod int8_gemm;
 pub mod lowrank;
+pub mod lowrank_int8;
 pub mod shared_out;
 pub mod sparse_layout;
 pub mod sparse_tile;
