@@ -37,13 +37,17 @@ pub enum MatrixDelta {
     Packed(Arc<HostLowRank>),
 }
 
-/// `(a [r, in], b [out, r])` CPU tensors of packed factors (widened from the compact form).
+/// `(a [r, in], b [out, r])` CPU tensors of packed factors, in PEFT's layout.
 fn widened(h: &HostLowRank) -> Result<(Tensor, Tensor), AdapterError> {
+    let (at, bt) = factor_tensors(h, &candle_core::Device::Cpu)?;
+    Ok((at.t()?.contiguous()?, bt.t()?.contiguous()?))
+}
+
+/// `(A^T [in, r], B^T [r, out])` tensors on `device` of packed factors (widened from the compact
+/// form): what a prefill segment's two GEMMs multiply with.
+pub fn factor_tensors(h: &HostLowRank, device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor)> {
     let (at, bt) = h.factors();
-    let cpu = &candle_core::Device::Cpu;
-    let a = Tensor::from_vec(at, (h.in_dim(), h.rank()), cpu)?.t()?.contiguous()?;
-    let b = Tensor::from_vec(bt, (h.rank(), h.out_dim()), cpu)?.t()?.contiguous()?;
-    Ok((a, b))
+    Ok((Tensor::from_vec(at, (h.in_dim(), h.rank()), device)?, Tensor::from_vec(bt, (h.rank(), h.out_dim()), device)?))
 }
 
 impl MatrixDelta {

@@ -6,6 +6,12 @@
 //! the row widths and the buffers' sizes (release builds too) before entering SIMD code. Results
 //! do not depend on which kernel ran beyond float summation order (f32 factors) or the documented
 //! 8-bit error (compact factors).
+
+use super::lowrank_int8::round_i8;
+#[cfg(target_arch = "x86_64")]
+use super::lowrank_int8::{lowrank_vnni, lowrank_vnni_q};
+pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
+
 /// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, r]` = A^T and `bt` `[r, out]`
 /// = B^T (scale folded), so both products are contiguous axpy loops that vectorise, 8 rank
 /// columns per vector (a masked load for the last group of a rank that is not a multiple of 8).
@@ -22,9 +28,9 @@
 /// 32 distinct r=8 all-projection LoRAs per step: f32 15.5 ms, f16 9.4 ms, float kernel over
 /// int8 storage 9.5 ms: bound by the widening instructions, not the bytes). The server picks this
 /// when the base weights are 8-bit blocks run by the VNNI kernel themselves; the error of the
-/// delta is about 1% of its norm at every rank from 4 to 128 (measured by the unit test below:
-/// 0.5-1.3% relative L2 for ranks 1 to 128), far below the base's quantization error. With f32 base weights (the
-/// parity mode) the factors stay f32.
+/// delta is about 1% of its norm at every rank (measured by the unit test below: 0.5-1.3%
+/// relative L2 for ranks 1 to 128), far below the base's quantization error. With f32 base
+/// weights (the parity mode) the factors stay f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLowRank {
     rank: usize,
@@ -34,11 +40,6 @@ pub struct HostLowRank {
     out_dim: usize,
     factors: HostFactors,
 }
-
-use super::lowrank_int8::round_i8;
-#[cfg(target_arch = "x86_64")]
-use super::lowrank_int8::{lowrank_vnni, lowrank_vnni_q};
-pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
 
 /// Largest rank the SIMD kernels and the compact layout take; a larger rank keeps f32 factors and
 /// runs the portable kernel.
@@ -123,6 +124,15 @@ impl HostLowRank {
     /// [`MAX_KERNEL_RANK`]; a larger rank stays f32).
     pub fn new(a: &[f32], b: &[f32], rank: usize, in_dim: usize, out_dim: usize, compact: bool) -> Self {
         assert!(rank > 0 && a.len() == rank * in_dim && b.len() == out_dim * rank, "factors of a rank-{rank} {in_dim}->{out_dim} delta");
+        fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+            let mut out = vec![0f32; rows * cols];
+            for (r, row) in v.chunks_exact(cols).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    out[c * rows + r] = x;
+                }
+            }
+            out
+        }
         let rp = rank.next_multiple_of(GROUP);
         let factors = if compact && rank <= MAX_KERNEL_RANK {
             let (a4, sa) = pack_a(a, in_dim, rp);
@@ -130,18 +140,7 @@ impl HostLowRank {
             HostFactors::Int8 { a4, sa, b8, sb }
         } else {
             // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out].
-            let (mut at, mut bt) = (vec![0f32; in_dim * rank], vec![0f32; rank * out_dim]);
-            for (j, row) in a.chunks_exact(in_dim).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    at[i * rank + j] = v;
-                }
-            }
-            for (o, row) in b.chunks_exact(rank).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    bt[j * out_dim + o] = v;
-                }
-            }
-            HostFactors::F32 { at, bt }
+            HostFactors::F32 { at: transpose(a, rank, in_dim), bt: transpose(b, out_dim, rank) }
         };
         Self { rank, rp, in_dim, out_dim, factors }
     }

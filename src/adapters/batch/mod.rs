@@ -17,7 +17,7 @@ use candle_core::{Result, Tensor};
 use self::buffers::QUANT_ROWS;
 use self::sparse_plan::add_sparse_grouped;
 use super::composition::Composition;
-use super::module_deltas::MatrixDelta;
+use super::module_deltas::{factor_tensors, MatrixDelta};
 use super::target::Target;
 use crate::kernels::lowrank::QuantRow;
 use crate::model::linear::{LinearId, RowDeltas};
@@ -74,9 +74,7 @@ pub fn delta_product(m: &MatrixDelta, x: &Tensor, scale: f32) -> Result<Tensor> 
         MatrixDelta::LowRank { a, b } => x.matmul(&a.t()?)?.matmul(&b.t()?)? * s,
         MatrixDelta::Packed(h) => {
             // A prefill segment: widen the factors for two GEMMs (as many bytes as the GEMMs read).
-            let (at, bt) = h.factors();
-            let at = Tensor::from_vec(at, (h.in_dim(), h.rank()), x.device())?;
-            let bt = Tensor::from_vec(bt, (h.rank(), h.out_dim()), x.device())?;
+            let (at, bt) = factor_tensors(h, x.device())?;
             x.matmul(&at)?.matmul(&bt)? * s
         }
         MatrixDelta::Dense(d) => x.matmul(&d.t()?)? * s,
