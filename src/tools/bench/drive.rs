@@ -44,6 +44,13 @@ impl Trace {
     pub fn gaps_ms(&self) -> impl Iterator<Item = f64> + '_ {
         self.tokens.windows(2).map(|w| ms(w[1] - w[0]))
     }
+
+    /// Whether a request given `deadline` from its start outlived it: it failed with the
+    /// deadline's error (the engine's `deadline_exceeded`, or a load-slot wait that gave up at
+    /// it), or its stream ended after it.
+    pub fn missed(&self, deadline: Duration) -> bool {
+        self.error.as_deref().is_some_and(|e| e.contains("deadline")) || self.done > self.start + deadline
+    }
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -67,8 +74,9 @@ pub fn long_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(100..vocab as u32)).collect()
 }
 
-/// Greedy, exactly `new_tokens` tokens (end-of-sequence suppressed).
-pub fn request(job: &Job, id: String) -> EngineRequest {
+/// Greedy, exactly `new_tokens` tokens (end-of-sequence suppressed), ending with
+/// `deadline_exceeded` at `deadline` if one is given (the server's gRPC deadline path).
+pub fn request(job: &Job, id: String, deadline: Option<Instant>) -> EngineRequest {
     EngineRequest {
         prompt: PromptInput::TokenIds(job.prompt.clone()),
         spec: GenerateSpec {
@@ -79,14 +87,25 @@ pub fn request(job: &Job, id: String) -> EngineRequest {
             sampling: SamplingParams::default(),
         },
         composition: job.composition.clone(),
-        deadline: None,
+        deadline,
         request_id: id,
     }
 }
 
 /// Prepares and submits one job; the receiver of its events.
 pub fn submit(ctx: &Ctx, store: Option<&AdapterStore>, job: &Job, id: String) -> Result<mpsc::Receiver<EventResult>, EngineError> {
-    let req = ctx.front.prepare(store, request(job, id))?;
+    submit_by(ctx, store, job, id, None)
+}
+
+/// [`submit`] with a deadline (preparation waits for module-load slots at most until it).
+pub fn submit_by(
+    ctx: &Ctx,
+    store: Option<&AdapterStore>,
+    job: &Job,
+    id: String,
+    deadline: Option<Instant>,
+) -> Result<mpsc::Receiver<EventResult>, EngineError> {
+    let req = ctx.front.prepare(store, request(job, id, deadline))?;
     ctx.engine.submit(req)
 }
 
@@ -115,7 +134,7 @@ pub fn read(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
 pub fn run_all_at_once(ctx: &Ctx, store: Option<&AdapterStore>, jobs: &[Job]) -> anyhow::Result<Vec<Trace>> {
     let mut prepared = Vec::with_capacity(jobs.len());
     for (i, j) in jobs.iter().enumerate() {
-        prepared.push(ctx.front.prepare(store, request(j, format!("bench-{i}")))?);
+        prepared.push(ctx.front.prepare(store, request(j, format!("bench-{i}"), None))?);
     }
     std::thread::scope(|s| {
         let mut hs = Vec::with_capacity(prepared.len());
@@ -131,6 +150,12 @@ pub fn run_all_at_once(ctx: &Ctx, store: Option<&AdapterStore>, jobs: &[Job]) ->
 /// Closed loop: `concurrency` workers each take the next job, prepare (resolving its composition,
 /// loading modules on a miss), submit and read it, until all jobs ran.
 pub fn run_closed_loop(ctx: &Ctx, store: &AdapterStore, jobs: &[Job], concurrency: usize) -> Vec<Trace> {
+    run_closed_loop_by(ctx, store, jobs, concurrency, None)
+}
+
+/// [`run_closed_loop`], each request with a deadline of `deadline` from its start (before its
+/// preparation, so module loads count against it).
+pub fn run_closed_loop_by(ctx: &Ctx, store: &AdapterStore, jobs: &[Job], concurrency: usize, deadline: Option<Duration>) -> Vec<Trace> {
     let next = AtomicUsize::new(0);
     let out: Mutex<Vec<(usize, Trace)>> = Mutex::new(Vec::with_capacity(jobs.len()));
     let progress = AtomicUsize::new(0);
@@ -140,7 +165,7 @@ pub fn run_closed_loop(ctx: &Ctx, store: &AdapterStore, jobs: &[Job], concurrenc
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
                 let start = Instant::now();
-                let t = match submit(ctx, Some(store), job, format!("bench-{i}")) {
+                let t = match submit_by(ctx, Some(store), job, format!("bench-{i}"), deadline.map(|d| start + d)) {
                     Ok(rx) => read(start, rx),
                     Err(e) => Trace { start, tokens: Vec::new(), done: Instant::now(), error: Some(e.to_string()) },
                 };
@@ -235,5 +260,17 @@ mod tests {
         assert_eq!(s.ttft_p99.map(f64::round), Some(200.0));
         assert_eq!(s.itl_p99.map(f64::round), Some(20.0));
         assert_eq!(s.itl_p50.map(f64::round), Some(10.0));
+    }
+
+    #[test]
+    fn deadline_misses() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let d = Duration::from_millis(100);
+        let ok = Trace { start: at(0), tokens: vec![at(50)], done: at(100), error: None };
+        let late = Trace { start: at(0), tokens: vec![at(50)], done: at(101), error: None };
+        let failed = Trace { start: at(0), tokens: vec![], done: at(10), error: Some("the request's deadline passed".into()) };
+        let other = Trace { start: at(0), tokens: vec![], done: at(10), error: Some("the request queue is full (9 waiting)".into()) };
+        assert_eq!([ok, late, failed, other].map(|t| t.missed(d)), [false, true, true, false]);
     }
 }

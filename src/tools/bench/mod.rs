@@ -19,6 +19,7 @@ mod load;
 mod scenarios;
 mod stats;
 mod synth;
+mod working_set;
 
 use crate::adapters::target::BaseShapes;
 use crate::config::ModelArgs;
@@ -30,7 +31,7 @@ pub use stats::Row;
 /// Every scenario, in the order they run.
 /// `zipf1000` runs last: its all-hot half holds every module resident, which raises the
 /// process-wide peak RSS that every later row would report.
-pub const SCENARIOS: [&str; 13] = [
+pub const SCENARIOS: [&str; 14] = [
     "single",
     "base32",
     "lora32",
@@ -43,6 +44,7 @@ pub const SCENARIOS: [&str; 13] = [
     "lora128",
     "coldload",
     "ttft_under_load",
+    "ws2x",
     "zipf1000",
 ];
 
@@ -53,7 +55,8 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     /// Scenarios to run, comma-separated: single, base32, lora32, sft32, poly32, lora32_r16,
     /// lora32_r64, lora32_mixed (ranks 8/16/32/64 in one batch), base128, lora128 (128 streams),
-    /// zipf1000 (also reports `allhot`), coldload, ttft_under_load. Default: all.
+    /// zipf1000 (also reports `allhot`), ws2x (working set of 64 LoRAs over a cache of 32; also
+    /// reports `ws2x_allhot`), coldload, ttft_under_load. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Tokens each request generates (single and the 32-stream scenarios).
@@ -62,7 +65,8 @@ pub struct BenchArgs {
     /// Concurrent streams of the multi-stream scenarios (the `32` of their names).
     #[arg(long, default_value_t = 32)]
     pub streams: usize,
-    /// Requests of the zipf1000 / allhot closed loop (each min(32, --new-tokens) tokens).
+    /// Requests of the zipf1000 / allhot and ws2x / ws2x_allhot closed loops (each min(32,
+    /// --new-tokens) tokens).
     #[arg(long, default_value_t = 128)]
     pub zipf_requests: usize,
     /// Also run the zipf1000 requests on the base model alone (`zipf_base`), the base-only
@@ -98,7 +102,11 @@ fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
     let mut want = Vec::new();
     for s in &args.scenarios {
         let s = s.trim();
-        let s = if s == "allhot" { "zipf1000" } else { s };
+        let s = match s {
+            "allhot" => "zipf1000",
+            "ws2x_allhot" => "ws2x",
+            s => s,
+        };
         match SCENARIOS.iter().find(|n| **n == s) {
             Some(n) => want.push(*n),
             None => anyhow::bail!("--scenarios: unknown scenario `{s}` (known: {})", SCENARIOS.join(", ")),
@@ -175,6 +183,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             "zipf1000" => load::zipf(&ctx, &mut res)?,
             "coldload" => load::coldload(&ctx, &mut res)?,
             "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,
+            "ws2x" => working_set::ws2x(&ctx, &mut res)?,
             other => unreachable!("unknown scenario {other}"),
         }
         drive::wait_idle(&ctx);
@@ -252,6 +261,8 @@ mod tests {
         assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 40));
         let a = Cli::parse_from(["x", "--scenarios", "lora32,single,allhot"]).b;
         assert_eq!(selected(&a).unwrap(), vec!["single", "lora32", "zipf1000"]);
+        let a = Cli::parse_from(["x", "--scenarios", "zipf1000,ws2x_allhot"]).b;
+        assert_eq!(selected(&a).unwrap(), vec!["ws2x", "zipf1000"]);
         let a = Cli::parse_from(["x", "--scenarios", "nope"]).b;
         assert!(selected(&a).unwrap_err().to_string().contains("unknown scenario `nope`"));
     }
