@@ -17,6 +17,7 @@ mod common;
 use common::{dims, LAYERS};
 
 const ROWS: usize = 32;
+const AHEAD: usize = 3;
 
 fn adapter(rng: &mut StdRng, compact: bool, rank: usize) -> ModuleDeltas {
     let mut m = ModuleDeltas::default();
@@ -88,6 +89,37 @@ fn main() {
                 }
             }
             let ds = t0.elapsed().as_secs_f64() / iters as f64;
+            // The same order, each call first asking for the next row's factors of the group.
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                for layer in 0..LAYERS {
+                    for g in groups {
+                        let h_of = |r: usize, proj: Proj| {
+                            adapters[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared")
+                        };
+                        for r in 0..AHEAD.min(ROWS) {
+                            for &proj in g {
+                                h_of(r, proj).prefetch();
+                            }
+                        }
+                        for r in 0..ROWS {
+                            let in_dim = common::dims(g[0]).0;
+                            if r + AHEAD < ROWS {
+                                for &proj in g {
+                                    h_of(r + AHEAD, proj).prefetch();
+                                }
+                            }
+                            qrow.set(&x[..in_dim]);
+                            for &proj in g {
+                                let h = h_of(r, proj);
+                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
+                            }
+                        }
+                    }
+                }
+            }
+            let dp = t0.elapsed().as_secs_f64() / iters as f64;
+            println!("    with a prefetch of the next row's factors: {:.2} ms per decode step", dp * 1e3);
             println!(
                 "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
                 if compact { "compact" } else { "f32    " },
@@ -95,5 +127,49 @@ fn main() {
                 ds * 1e3
             );
         }
+    }
+    prefill_paths(rank, &mut rng);
+}
+
+/// A prefill segment of `len` rows of one module through every target: the per-row compact
+/// kernel (factors stay in cache after the first row) against widening the factors and two
+/// GEMMs (the path `adapters::batch` takes for segments longer than its row-kernel limit).
+fn prefill_paths(rank: usize, rng: &mut StdRng) {
+    use modserve::adapters::module_deltas::factor_tensors;
+    let m = adapter(rng, true, rank);
+    let targets: Vec<Target> = m.targets.keys().copied().collect();
+    for len in [8usize, 16, 32, 64, 128] {
+        let x: Vec<f32> = (0..len * 1536).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let mut y = vec![0f32; len * 1536];
+        let mut qrow = modserve::kernels::lowrank::QuantRow::default();
+        let iters = 3;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            for t in &targets {
+                let h = m.host_low_rank(t).expect("packed");
+                let (i, o) = (h.in_dim(), h.out_dim());
+                for r in 0..len {
+                    qrow.set(&x[r * i..(r + 1) * i]);
+                    h.add_row_q(&x[r * i..(r + 1) * i], &qrow, &mut y[r * o..(r + 1) * o], 0.5);
+                }
+            }
+        }
+        let rows_ms = t0.elapsed().as_secs_f64() / iters as f64 * 1e3;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            for t in &targets {
+                let h = m.host_low_rank(t).expect("packed");
+                let xt = Tensor::from_slice(&x[..len * h.in_dim()], (len, h.in_dim()), &Device::Cpu).unwrap();
+                let (at, bt) = factor_tensors(h, &Device::Cpu).unwrap();
+                let d = (xt.matmul(&at).unwrap().matmul(&bt).unwrap() * 0.5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (o, v) in y.iter_mut().zip(d) {
+                    *o += v;
+                }
+            }
+        }
+        let gemm_ms = t0.elapsed().as_secs_f64() / iters as f64 * 1e3;
+        println!(
+            "prefill segment of {len:3} rows, one r={rank} module, all targets: row kernel {rows_ms:.2} ms, widen + GEMMs {gemm_ms:.2} ms"
+        );
     }
 }

@@ -25,7 +25,14 @@ fn main() -> std::process::ExitCode {
     };
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_format == LogFormat::Json);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if json_logs {
+    let profile = matches!(&cli.command, Command::Bench(a) if a.profile);
+    if profile {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        tracing_subscriber::registry().with(fmt).with(modserve::tools::profile::global().layer()).init();
+    } else if json_logs {
         tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

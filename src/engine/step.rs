@@ -41,6 +41,11 @@ pub fn run_step(
     if active.is_empty() {
         return Ok(events);
     }
+    let _step = if active.iter().any(|&i| inputs[i].len() > 1 || seqs[i].pending_prompt() > 0) {
+        tracing::trace_span!(target: crate::model::PHASE, "prefill_step").entered()
+    } else {
+        tracing::trace_span!(target: crate::model::PHASE, "decode_step").entered()
+    };
     let comps: Vec<_> = active.iter().map(|&i| seqs[i].composition.clone()).collect();
     let deltas = BatchDeltas::new(active.iter().zip(&comps).map(|(&i, c)| (inputs[i].len(), c.as_deref())), model.cfg.tie_word_embeddings);
     let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(active.len());
@@ -61,6 +66,7 @@ pub fn run_step(
     }
     // Sequences sample in parallel: each owns its sampler, and a vocabulary-wide pass per row
     // (normaliser, argmax) costs as much as a layer at batch 32. Logits rows follow batch order.
+    let _sample = tracing::trace_span!(target: crate::model::PHASE, "sample").entered();
     let rows = logits_rows(&logits)?;
     let work: Vec<(usize, &mut Sequence, &[f32])> =
         seqs.iter_mut().enumerate().filter(|(i, _)| needs[*i]).zip(&rows).map(|((i, s), l)| (i, &mut **s, l.as_slice())).collect();

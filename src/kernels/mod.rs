@@ -5,7 +5,8 @@
 //! and their host layout ([`lowrank`]), the sparse delta layout and its tile kernel
 //! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), the
 //! shared-output helper for parallel tasks that write disjoint parts of one buffer
-//! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), host views of candle tensors ([`host`]) and the process's allocator
+//! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), the vocabulary-wide max and exponential sum
+//! of sampling ([`softmax`]), host views of candle tensors ([`host`]) and the process's allocator
 //! settings ([`alloc`]). GPU kernels and their CPU references will live beside these, in `cuda/`.
 //!
 //! Invariants:
@@ -23,6 +24,7 @@ pub mod int8_gemm;
 pub mod lowrank;
 pub mod lowrank_int8;
 pub mod shared_out;
+pub mod softmax;
 pub mod sparse_layout;
 pub mod sparse_tile;
 pub mod tanh;

@@ -329,8 +329,15 @@ impl Linear {
                 let (m, _) = x.dims2()?;
                 let ids: Vec<LinearId> = layers.iter().map(|l| l.id).collect();
                 let outs: Vec<usize> = ps.iter().map(|p| p.dims().0).collect();
+                let phase = tracing::Span::current();
                 let (ys, dhs) = with_host_f32(x, |xs| {
-                    let (ys, dhs) = rayon::join(|| PackedQ8::matmul_host_many(&ps, xs, m), || deltas.host_deltas(&ids, xs, m, &outs));
+                    let (ys, dhs) = rayon::join(
+                        || PackedQ8::matmul_host_many(&ps, xs, m),
+                        || {
+                            let _p = tracing::trace_span!(target: super::PHASE, parent: &phase, "deltas").entered();
+                            deltas.host_deltas(&ids, xs, m, &outs)
+                        },
+                    );
                     Ok((ys?, dhs?))
                 })?;
                 let mut res = Vec::with_capacity(layers.len());

@@ -224,10 +224,12 @@ impl Llama {
         }
         let n = ids.len();
         let id_tensor = Tensor::from_vec(ids.clone(), n, &self.device)?;
+        let embed = phase!("embed");
         let mut x = deltas.add_embedding_deltas(&ids, self.embed.index_select(&id_tensor, 0)?)?;
         if let Some(s) = arch.embed_scale {
             x = (x * s as f64)?;
         }
+        drop(embed);
         let eps = cfg.rms_norm_eps as f32;
         let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let shape = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd };
@@ -252,12 +254,18 @@ impl Llama {
                 window: la.window,
                 softcap: arch.attn_softcap,
             };
-            let h = rms_norm(&x, &b.attn_norm, eps)?;
+            let h = {
+                let _p = phase!("attn_norm");
+                rms_norm(&x, &b.attn_norm, eps)?
+            };
+            let qkv = phase!("qkv");
             let [mut q, mut k, v] = b.project_qkv(&h, deltas, cfg.q_dim(), cfg.kv_dim())?;
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
                 q = head_norm(&q, qn, hd, eps)?;
                 k = head_norm(&k, kn, hd, eps)?;
             }
+            drop(qkv);
+            let attention_phase = phase!("attention");
             let attn = match dev_attn.as_mut() {
                 None => {
                     let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
@@ -273,16 +281,33 @@ impl Llama {
                     d.run(layer, &ropes[self.rope_of_layer[layer]], &params, &q, &k, &v, &mut caches)?
                 }
             };
-            let a = opt_norm(b.o.forward(&attn.contiguous()?, deltas)?, &b.post_attn_norm, eps)?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &b.mlp_norm, eps)?;
-            let [g, u] = b.project_gate_up(&h, deltas, cfg.intermediate_size)?;
-            let g = match arch.activation {
-                Activation::Silu => candle_nn::ops::silu(&g)?,
-                Activation::GeluTanh => g.gelu()?,
-                Activation::GeluErf => g.gelu_erf()?,
+            drop(attention_phase);
+            let a = {
+                let _p = phase!("o_proj");
+                opt_norm(b.o.forward(&attn.contiguous()?, deltas)?, &b.post_attn_norm, eps)?
             };
-            let m = opt_norm(b.down.forward(&(g * u)?, deltas)?, &b.post_mlp_norm, eps)?;
+            x = (x + a)?;
+            let h = {
+                let _p = phase!("mlp_norm");
+                rms_norm(&x, &b.mlp_norm, eps)?
+            };
+            let [g, u] = {
+                let _p = phase!("gate_up");
+                b.project_gate_up(&h, deltas, cfg.intermediate_size)?
+            };
+            let gu = {
+                let _p = phase!("act");
+                let g = match arch.activation {
+                    Activation::Silu => candle_nn::ops::silu(&g)?,
+                    Activation::GeluTanh => g.gelu()?,
+                    Activation::GeluErf => g.gelu_erf()?,
+                };
+                (g * u)?
+            };
+            let m = {
+                let _p = phase!("down");
+                opt_norm(b.down.forward(&gu, deltas)?, &b.post_mlp_norm, eps)?
+            };
             x = (x + m)?;
         }
         for (c, &(_, len, _)) in chunks.iter_mut().zip(spans.iter()) {
@@ -292,6 +317,7 @@ impl Llama {
         if wanted.is_empty() {
             return Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device);
         }
+        let _head = phase!("head");
         let last: Vec<u32> = wanted.iter().map(|&i| (spans[i].0 + spans[i].1 - 1) as u32).collect();
         let rows = Tensor::from_vec(last, wanted.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;

@@ -6,6 +6,13 @@
 //! Invariant: weights are stored in Hugging Face layout (q/k rows un-permuted from GGUF at load,
 //! Phi-3's projections fused as in its checkpoints), so adapters written against a family's HF
 //! parameter names apply without any permutation.
+/// Enters a phase span of a batch step (see [`PHASE`]); bind the guard for the phase's scope.
+macro_rules! phase {
+    ($name:literal) => {
+        tracing::trace_span!(target: $crate::model::PHASE, $name).entered()
+    };
+}
+
 pub mod assemble;
 pub mod attention;
 pub mod chat;
@@ -24,3 +31,7 @@ pub mod load_hf;
 pub mod loaded;
 pub mod sampling;
 pub mod tokenizer;
+
+/// The `tracing` target of the phase spans of a batch step (trace level; `tools::profile` sums
+/// them for `modserve bench --profile`).
+pub const PHASE: &str = "modserve::phase";

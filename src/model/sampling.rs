@@ -138,13 +138,14 @@ impl Sampler {
     }
 }
 
-/// `log(sum(exp(logits)))` over the finite logits: f32 exponentials, f64 sum.
+/// `log(sum(exp(logits)))` over the finite logits: f32 exponentials (vectorised, see
+/// `kernels::softmax`), f64 sum.
 pub fn log_sum_exp(logits: &[f32]) -> Result<f32, SamplingError> {
-    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::softmax::max_finite(logits);
     if !max.is_finite() {
         return Err(SamplingError::NoFiniteLogit);
     }
-    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
+    let sum = crate::kernels::softmax::exp_sum(logits, max);
     Ok(max + sum.ln() as f32)
 }
 

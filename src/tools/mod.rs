@@ -1,6 +1,6 @@
 //! The command-line tools beside `serve`: each subcommand that is not the server lives here, one
 //! file or folder per tool (`bench`, `loadgen`, `generate`, `convert-sft`, `fetch-model`), plus the
-//! statistics the benchmark and the load generator share.
+//! statistics the benchmark and the load generator share and the step phase profile (`profile`).
 //!
 //! Invariants: the server's layers (`config`, `api`, `engine`, `model`, `adapters`) never depend on
 //! a tool; tools use those layers, `bootstrap` and the generated `pb` client. The one edge the
@@ -12,4 +12,5 @@ pub mod convert;
 pub mod fetch;
 pub mod generate;
 pub mod loadgen;
+pub mod profile;
 pub mod stats;

@@ -103,14 +103,18 @@ fn composition_product(c: &Composition, target: Target, x: &Tensor) -> Result<Op
     Ok(acc)
 }
 
-/// Segments shorter than this use the per-row CPU kernels; longer ones (prefill) use GEMMs.
+/// Segments of f32 factors up to this many rows use the per-row kernel; longer ones (prefill)
+/// use GEMMs. Compact factors use the row kernel for every segment: with the
+/// factors in cache after the first row it beats widening them for GEMMs at every length
+/// measured, 8 to 128 rows and ranks 8 to 64 (`cargo run --release --example lora_row_kernel`).
 const ROW_KERNEL_MAX_ROWS: usize = 8;
 
 impl BatchDeltas<'_> {
     /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer,
     /// then a single add. Sparse deltas first, grouped by module ([`add_sparse_grouped`]): each
     /// module's non-zeros are read once per step for all rows using it. Then low-rank and dense
-    /// deltas per chunk (per-row kernels for decode rows, GEMMs for prefill segments). Per row, the
+    /// deltas per chunk (per-row kernels for compact factors and for decode rows of f32 factors,
+    /// GEMMs for prefill segments of f32 factors and for dense deltas). Per row, the
     /// order of additions depends only on its own composition, never on its neighbours.
     fn add_deltas_cpu(&self, target: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let (n, in_dim) = x.dims2()?;
@@ -147,24 +151,97 @@ impl BatchDeltas<'_> {
                 }
             }
             consumed = start + len;
-            if let (Some(c), false) = (comp, mine.is_empty()) {
+            let Some(c) = comp.filter(|_| !mine.is_empty()) else { continue };
+            if !row_kernels_only(c) || len <= PIECE_ROWS {
                 tasks.push((start, len, c, mine));
+                continue;
+            }
+            // A prefill segment on the row kernels: pieces of rows, so both threads share it.
+            let mut first = start;
+            while first < start + len {
+                let rows = PIECE_ROWS.min(start + len - first);
+                let outs = mine
+                    .iter_mut()
+                    .map(|(t, out, rest)| {
+                        let (piece, tail) = std::mem::take(rest).split_at_mut(rows * *out);
+                        *rest = tail;
+                        (*t, *out, piece)
+                    })
+                    .collect();
+                tasks.push((first, rows, c, outs));
+                first += rows;
             }
         }
-        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| {
-            let xs = &xh[start * in_dim..(start + len) * in_dim];
+        // Runs of consecutive chunks per task (a few per thread, for balance): within a run, each
+        // chunk first asks for the next one's factors (see `HostLowRank::prefetch`).
+        let run = tasks.len().div_ceil(rayon::current_num_threads() * RUNS_PER_THREAD).max(1);
+        let mut runs: Vec<Vec<_>> = Vec::with_capacity(tasks.len().div_ceil(run));
+        let mut tasks = tasks.into_iter().peekable();
+        while tasks.peek().is_some() {
+            runs.push(tasks.by_ref().take(run).collect());
+        }
+        runs.into_par_iter().try_for_each(|run| {
             // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
-            QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
-                Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
+            QUANT_ROWS.with(|cell| {
+                let mut fresh = Vec::new();
+                let mut guard = cell.try_borrow_mut();
+                let rows = match guard.as_mut() {
+                    Ok(rows) => &mut **rows,
+                    Err(_) => &mut fresh,
+                };
+                if let Some((_, _, c, outs)) = run.first() {
+                    prefetch_chunk(c, outs);
+                }
+                let mut run = run.into_iter().peekable();
+                while let Some((start, len, c, outs)) = run.next() {
+                    if let Some((_, _, next, next_outs)) = run.peek() {
+                        prefetch_chunk(next, next_outs);
+                    }
+                    add_chunk_deltas(c, outs, &xh[start * in_dim..(start + len) * in_dim], in_dim, rows)?;
+                }
+                Ok(())
             })
         })
     }
 }
 
+/// Rows per task of a prefill segment whose low-rank deltas all run on the row kernels.
+const PIECE_ROWS: usize = 16;
+
+/// Whether every low-rank or dense part of `c` runs on the per-row kernels for any number of
+/// rows (compact factors; sparse parts are done before, grouped).
+fn row_kernels_only(c: &Composition) -> bool {
+    c.parts.iter().all(|(d, _)| {
+        d.targets.values().all(|m| match m {
+            MatrixDelta::Packed(h) => h.is_compact(),
+            MatrixDelta::Sparse(_) => true,
+            MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
+        })
+    })
+}
+
+/// Chunk tasks per thread in [`BatchDeltas::accumulate_host`] (runs of consecutive chunks).
+const RUNS_PER_THREAD: usize = 2;
+
+/// Asks for the compact factors a chunk's decode rows will read for `outs`' targets.
+fn prefetch_chunk(c: &Composition, outs: &[TargetOut]) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("XPF").map(|v| v != "0").unwrap_or(true)) {
+        return;
+    }
+    for (target, _, _) in outs {
+        for (deltas, _) in &c.parts {
+            if let Some(MatrixDelta::Packed(h)) = deltas.targets.get(target) {
+                h.prefetch();
+            }
+        }
+    }
+}
+
 /// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
-/// (`[len, in_dim]`): per-row kernels for decode rows (each row quantized once, into `qrows`, for
-/// all compact targets), GEMMs for prefill segments.
+/// (`[len, in_dim]`): per-row kernels for compact factors (each row quantized once, into
+/// `qrows`, for all compact targets) and for decode rows of f32 factors, GEMMs for longer
+/// segments of f32 factors and for dense deltas.
 fn add_chunk_deltas(
     c: &Composition,
     outs: Vec<(Target, usize, &mut [f32])>,
@@ -179,7 +256,7 @@ fn add_chunk_deltas(
             let Some(m) = deltas.targets.get(&target) else { continue };
             match m {
                 MatrixDelta::Sparse(_) => {} // done by add_sparse_grouped
-                MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS && h.is_compact() => {
+                MatrixDelta::Packed(h) if h.is_compact() => {
                     if !quantized {
                         if qrows.len() < len {
                             qrows.resize_with(len, QuantRow::default);

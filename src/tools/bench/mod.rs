@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// Seed of prompts, adapters and request sequences.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time every phase of the batch steps (trace spans: norms, projections, attention,
+    /// adapter deltas, head, sampling) and print, per scenario, where a decode step's and a
+    /// prefill step's time went. Costs well under 1% of a step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
@@ -168,10 +173,12 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     };
     scenarios::warmup(&ctx)?;
     let mut res = Results::default();
+    let mut profiles = Vec::new();
     for name in scenarios {
         eprintln!("[bench] == {name} ==");
         let t0 = Instant::now();
         let (cpu0, first_row) = (stats::cpu_seconds(), res.rows.len());
+        crate::tools::profile::global().take();
         match *name {
             "single" => scenarios::single(&ctx, &mut res)?,
             "base32" => scenarios::base_streams(&ctx, &mut res)?,
@@ -196,6 +203,9 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             }
         }
         eprintln!("[bench]   {name} took {wall:.1} s");
+        if args.profile {
+            profiles.push((*name, crate::tools::profile::global().take()));
+        }
     }
     let threads = args.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
     let header = format!(
@@ -214,6 +224,9 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     );
     println!("{header}\n");
     print!("{}", stats::render_table(&res.rows));
+    for (name, table) in &profiles {
+        println!("\n### Phase profile: {name}\n{}", crate::tools::profile::render(table));
+    }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "model": ctx.model.source.display().to_string(),
