@@ -17,7 +17,6 @@ mod common;
 use common::{dims, LAYERS};
 
 const ROWS: usize = 32;
-const AHEAD: usize = 3;
 
 fn adapter(rng: &mut StdRng, compact: bool, rank: usize) -> ModuleDeltas {
     let mut m = ModuleDeltas::default();
@@ -89,37 +88,6 @@ fn main() {
                 }
             }
             let ds = t0.elapsed().as_secs_f64() / iters as f64;
-            // The same order, each call first asking for the next row's factors of the group.
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                for layer in 0..LAYERS {
-                    for g in groups {
-                        let h_of = |r: usize, proj: Proj| {
-                            adapters[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared")
-                        };
-                        for r in 0..AHEAD.min(ROWS) {
-                            for &proj in g {
-                                h_of(r, proj).prefetch();
-                            }
-                        }
-                        for r in 0..ROWS {
-                            let in_dim = common::dims(g[0]).0;
-                            if r + AHEAD < ROWS {
-                                for &proj in g {
-                                    h_of(r + AHEAD, proj).prefetch();
-                                }
-                            }
-                            qrow.set(&x[..in_dim]);
-                            for &proj in g {
-                                let h = h_of(r, proj);
-                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
-                            }
-                        }
-                    }
-                }
-            }
-            let dp = t0.elapsed().as_secs_f64() / iters as f64;
-            println!("    with a prefetch of the next row's factors: {:.2} ms per decode step", dp * 1e3);
             println!(
                 "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
                 if compact { "compact" } else { "f32    " },

@@ -5,7 +5,11 @@
 //! with a sliding window `W`, none before `own - W + 1`; positions live in a ring of slots
 //! (`p % ring`), whose caller guarantees it still holds every visible position; a soft-cap `c` maps each scaled score to
 //! `c * tanh(score / c)` before the softmax; every read is a bounds-checked slice except inside [`dot_avx2`], which reads
-//! `min(a.len(), b.len())` values of each input.
+//! `min(a.len(), b.len())` values of each input, and the AVX2 path's [`scores_avx2`] and
+//! [`weighted_sum_avx2`], which assert the lengths they read (release builds too). The AVX2 path
+//! (head sizes that are multiples of 8) computes the same sums in another order and the
+//! exponentials with `kernels::softmax`'s polynomial: it agrees with the portable loop to f32
+//! rounding (checked in the tests below).
 
 /// The attention of one head of one sequence over its rows.
 pub struct HeadAttention<'a> {
@@ -54,8 +58,47 @@ impl HeadAttention<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self) -> Vec<f32> {
-        // SAFETY: this function only runs when avx2 and fma are present.
-        self.run_with(|a, b| unsafe { dot_avx2(a, b) })
+        if !self.hd.is_multiple_of(8) || self.keys.len() < self.ring * self.hd || self.values.len() < self.ring * self.hd {
+            // SAFETY: this function only runs when avx2 and fma are present.
+            return self.run_with(|a, b| unsafe { dot_avx2(a, b) });
+        }
+        let hd = self.hd;
+        let mut o = vec![0f32; self.len * hd];
+        let mut scores = vec![0f32; self.pos + self.len];
+        for i in 0..self.len {
+            let r = self.start + i;
+            let qv = &self.q[r * self.q_stride + self.q_off..r * self.q_stride + self.q_off + hd];
+            let visible = self.pos + i + 1;
+            let first = self.window.map_or(0, |w| visible.saturating_sub(w));
+            // The visible positions as at most two runs of consecutive ring slots.
+            let s0 = first % self.ring;
+            let n1 = (visible - first).min(self.ring - s0);
+            let runs = [(s0, n1, first), (0, visible - first - n1, first + n1)];
+            for &(slot, n, at) in &runs {
+                // SAFETY: slots `slot..slot + n` lie in the ring (n1 stops at its end, the second
+                // run restarts at 0 and is shorter than the ring), whose `ring * hd` keys were
+                // checked above; `qv` holds `hd` values, a multiple of 8.
+                unsafe { scores_avx2(qv, &self.keys[slot * hd..(slot + n) * hd], &mut scores[at..at + n], hd) };
+            }
+            let sc = &mut scores[first..visible];
+            let mut max = f32::NEG_INFINITY;
+            for v in sc.iter_mut() {
+                *v *= self.scale;
+                if let Some(c) = self.softcap {
+                    *v = c * super::tanh::tanh(*v / c);
+                }
+                max = max.max(*v);
+            }
+            let inv = (1.0 / super::softmax::exp_in_place_generic(sc, max)) as f32;
+            let orow = &mut o[i * hd..(i + 1) * hd];
+            let mut p = 0;
+            for &(slot, n, _) in &runs {
+                // SAFETY: as for the scores; `orow` holds `hd` values.
+                unsafe { weighted_sum_avx2(&sc[p..p + n], inv, &self.values[slot * hd..(slot + n) * hd], orow, hd) };
+                p += n;
+            }
+        }
+        o
     }
 
     fn run_generic(&self) -> Vec<f32> {
@@ -108,6 +151,69 @@ impl HeadAttention<'_> {
     }
 }
 
+/// `out[j] = q . keys[j]` for the `out.len()` consecutive keys of `hd` values (a multiple of 8),
+/// four keys at a time so four FMA chains run side by side and one horizontal add serves four.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32], hd: usize) {
+    use std::arch::x86_64::*;
+    assert!(hd.is_multiple_of(8) && q.len() >= hd && keys.len() >= out.len() * hd, "scores of {} keys", out.len());
+    let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+    let n = out.len();
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c < hd {
+            let qc = _mm256_loadu_ps(pq.add(c));
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(pk.add((j + k) * hd + c)), *a);
+            }
+            c += 8;
+        }
+        // Lanes (a01, a23, b01, b23 | a45, a67, b45, b67), then (a, b, c, d | a', b', c', d').
+        let s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        _mm_storeu_ps(out.as_mut_ptr().add(j), s4);
+        j += 4;
+    }
+    while j < n {
+        out[j] = dot_avx2(&q[..hd], &keys[j * hd..(j + 1) * hd]);
+        j += 1;
+    }
+}
+
+/// `o += sum_j w[j] * scale * values[j]` over consecutive values of `hd` values (a multiple of
+/// 8), 64 output columns at a time held in registers across all the values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn weighted_sum_avx2(w: &[f32], scale: f32, values: &[f32], o: &mut [f32], hd: usize) {
+    use std::arch::x86_64::*;
+    assert!(hd.is_multiple_of(8) && o.len() >= hd && values.len() >= w.len() * hd, "weighted sum of {} values", w.len());
+    let pv = values.as_ptr();
+    let mut c0 = 0;
+    while c0 < hd {
+        let width = (hd - c0).min(64) / 8;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (c, a) in acc.iter_mut().enumerate().take(width) {
+            *a = _mm256_loadu_ps(o.as_ptr().add(c0 + c * 8));
+        }
+        for (j, &wj) in w.iter().enumerate() {
+            let p = _mm256_set1_ps(wj * scale);
+            let row = pv.add(j * hd + c0);
+            for (c, a) in acc.iter_mut().enumerate().take(width) {
+                *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(c * 8)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate().take(width) {
+            _mm256_storeu_ps(o.as_mut_ptr().add(c0 + c * 8), *a);
+        }
+        c0 += width * 8;
+    }
+}
+
 /// Dot product on 2 x 8 FMA lanes (the compiler does not vectorise [`dot`] well).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -154,4 +260,54 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The AVX2 path against the portable loop: rings that wrap, windows, soft-caps, several rows.
+    #[test]
+    fn avx2_path_matches_the_portable_loop() {
+        if !crate::kernels::cpu().avx2_fma {
+            eprintln!("no AVX2 + FMA here: only the portable loop runs");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        for (hd, ring, pos, len, window, softcap) in [
+            (64, 300, 0, 5, None, None),
+            (64, 300, 100, 1, None, None),
+            (64, 300, 37, 9, None, Some(50.0)),
+            (128, 40, 70, 3, Some(33), None),
+            (8, 17, 20, 2, Some(10), None),
+            (72, 600, 517, 1, None, None),
+        ] {
+            let q_stride = hd * 3;
+            let rows = len + 2;
+            let q: Vec<f32> = (0..rows * q_stride).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let keys: Vec<f32> = (0..ring * hd).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let values: Vec<f32> = (0..ring * hd).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let h = HeadAttention {
+                q: &q,
+                q_stride,
+                q_off: hd,
+                keys: &keys,
+                values: &values,
+                ring,
+                hd,
+                start: 1,
+                len,
+                pos,
+                scale: 3.0 / (hd as f32).sqrt(),
+                window,
+                softcap,
+            };
+            let want = h.run_generic();
+            // SAFETY: the probe reported AVX2 and FMA.
+            let got = unsafe { h.run_avx2() };
+            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 2e-5, "hd {hd} ring {ring} pos {pos}: max difference {err}");
+        }
+    }
 }

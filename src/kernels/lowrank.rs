@@ -216,26 +216,6 @@ impl HostLowRank {
         self.add_row(x, y, scale);
     }
 
-    /// Asks the CPU to bring the factors into its L2 cache ahead of a kernel call (a hint: no
-    /// effect on results; nothing where the CPU has no compact kernel). A row kernel over one
-    /// target reads 5-25 KB that no other row of the step reads; fetching the next call's bytes
-    /// while the current one computes hides the memory latency the hardware prefetcher, which
-    /// restarts on every small buffer, does not.
-    pub fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        if let HostFactors::Int8 { a4, sa, b8, sb } = &self.factors {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-            // SAFETY (each call): a prefetch of an address inside a live buffer; it reads nothing
-            // architecturally and cannot fault.
-            for line in a4.chunks(64).chain(b8.chunks(64)) {
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
-            }
-            for line in sa.chunks(16).chain(sb.chunks(16)) {
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
-            }
-        }
-    }
-
     /// The sizes [`HostFactors::Int8`] documents for this delta's widths and padded rank.
     fn check_int8_sizes(&self, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
         let (blocks, rp) = (self.in_dim.div_ceil(FACTOR_BLOCK), self.rp);

@@ -6,7 +6,7 @@
 //! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), the
 //! shared-output helper for parallel tasks that write disjoint parts of one buffer
 //! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), the vocabulary-wide max and exponential sum
-//! of sampling ([`softmax`]), host views of candle tensors ([`host`]) and the process's allocator
+//! of sampling ([`softmax`]), the gated MLP's `silu(g) * u` ([`activation`]), host views of candle tensors ([`host`]) and the process's allocator
 //! settings ([`alloc`]). GPU kernels and their CPU references will live beside these, in `cuda/`.
 //!
 //! Invariants:
@@ -17,6 +17,7 @@
 //! - Safe wrappers check the sizes the kernels rely on with `assert!` (in release builds too), and
 //!   the layouts the kernels trust ([`lowrank::HostLowRank`], [`sparse_layout::SparseMatrix`])
 //!   keep their dimensions private, so safe code cannot make a kernel read out of bounds.
+pub mod activation;
 pub mod alloc;
 pub mod attention;
 pub mod host;

@@ -17,7 +17,7 @@ const LANES: usize = 16;
 
 /// `e^d` for `d` in `[-87, 0]` (callers clamp; see the module comment).
 #[inline(always)]
-fn exp(d: f32) -> f32 {
+pub(super) fn exp(d: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
@@ -26,7 +26,7 @@ fn exp(d: f32) -> f32 {
     let t = d * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = d - n * C1 - n * C2;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2^n from the exponent bits: n is in [-126, 0] for d in [-87, 0].
     let pow2 = f32::from_bits(((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32);
@@ -84,6 +84,29 @@ fn exp_sum_generic(x: &[f32], max: f32) -> f64 {
     total
 }
 
+/// `x[i] = exp(x[i] - max)` (0 for non-finite values and terms below `exp(-87)`) and their sum,
+/// for callers that inline it into their own `#[target_feature]` code (attention's softmax).
+#[inline(always)]
+pub(super) fn exp_in_place_generic(x: &mut [f32], max: f32) -> f64 {
+    let mut total = 0f64;
+    for b in x.chunks_mut(LANES * FLUSH) {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = b.chunks_exact_mut(LANES);
+        for c in chunks.by_ref() {
+            for (s, v) in lanes.iter_mut().zip(c.iter_mut()) {
+                *v = term(*v, max);
+                *s += *v;
+            }
+        }
+        for v in chunks.into_remainder() {
+            *v = term(*v, max);
+            total += *v as f64;
+        }
+        total += lanes.iter().map(|&s| s as f64).sum::<f64>();
+    }
+    total
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn max_finite_avx2(x: &[f32]) -> f32 {
@@ -131,7 +154,7 @@ mod tests {
             worst = worst.max((a.to_bits() as i64 - b.to_bits() as i64).abs());
             d += 1.3e-4;
         }
-        for d in [0.0f32, -0.0, -1e-30, -1e-7, -0.5, -0.693_147_2, -86.999] {
+        for d in [0.0f32, -0.0, -1e-30, -1e-7, -0.5, -std::f32::consts::LN_2, -86.999] {
             let (a, b) = (exp(d), d.exp());
             worst = worst.max((a.to_bits() as i64 - b.to_bits() as i64).abs());
         }

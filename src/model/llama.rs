@@ -149,6 +149,21 @@ fn host_map(x: Tensor, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<Tensor> {
     Tensor::from_vec(v, shape, x.device())
 }
 
+/// `silu(g) * u` for CPU tensors of one shape, in one pass over a host copy of `g`.
+fn silu_mul_host(g: Tensor, u: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = g.shape().clone();
+    let mut gv = g.flatten_all()?.to_vec1::<f32>()?;
+    crate::kernels::host::with_host_f32(u, |uv| {
+        if uv.len() != gv.len() {
+            candle_core::bail!("gate and up of different sizes: {} and {}", gv.len(), uv.len())
+        }
+        gv.par_chunks_mut(1 << 14).zip(uv.par_chunks(1 << 14)).for_each(|(g, u)| crate::kernels::activation::silu_mul(g, u));
+        Ok(())
+    })?;
+    Tensor::from_vec(gv, shape, g.device())
+}
+
 /// `cap * tanh(x / cap)` (the vectorised tanh on the CPU).
 fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
     match cap {
@@ -297,12 +312,12 @@ impl Llama {
             };
             let gu = {
                 let _p = phase!("act");
-                let g = match arch.activation {
-                    Activation::Silu => candle_nn::ops::silu(&g)?,
-                    Activation::GeluTanh => g.gelu()?,
-                    Activation::GeluErf => g.gelu_erf()?,
-                };
-                (g * u)?
+                match arch.activation {
+                    Activation::Silu if g.device().is_cpu() => silu_mul_host(g, &u)?,
+                    Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
+                    Activation::GeluTanh => (g.gelu()? * u)?,
+                    Activation::GeluErf => (g.gelu_erf()? * u)?,
+                }
             };
             let m = {
                 let _p = phase!("down");

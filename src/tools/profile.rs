@@ -103,7 +103,7 @@ pub fn render(table: &PhaseTable) -> String {
         ));
         let mut phases: Vec<(&'static str, PhaseTotal)> =
             table.iter().filter(|((k, p), _)| *k == kind && p != k).map(|((_, p), t)| (*p, *t)).collect();
-        phases.sort_by(|a, b| b.1.total.cmp(&a.1.total));
+        phases.sort_by_key(|p| std::cmp::Reverse(p.1.total));
         let mut inside = Duration::ZERO;
         for (p, t) in &phases {
             let ms = t.total.as_secs_f64() * 1e3;

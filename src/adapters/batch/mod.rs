@@ -172,34 +172,12 @@ impl BatchDeltas<'_> {
                 first += rows;
             }
         }
-        // Runs of consecutive chunks per task (a few per thread, for balance): within a run, each
-        // chunk first asks for the next one's factors (see `HostLowRank::prefetch`).
-        let run = tasks.len().div_ceil(rayon::current_num_threads() * RUNS_PER_THREAD).max(1);
-        let mut runs: Vec<Vec<_>> = Vec::with_capacity(tasks.len().div_ceil(run));
-        let mut tasks = tasks.into_iter().peekable();
-        while tasks.peek().is_some() {
-            runs.push(tasks.by_ref().take(run).collect());
-        }
-        runs.into_par_iter().try_for_each(|run| {
+        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| {
+            let xs = &xh[start * in_dim..(start + len) * in_dim];
             // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
-            QUANT_ROWS.with(|cell| {
-                let mut fresh = Vec::new();
-                let mut guard = cell.try_borrow_mut();
-                let rows = match guard.as_mut() {
-                    Ok(rows) => &mut **rows,
-                    Err(_) => &mut fresh,
-                };
-                if let Some((_, _, c, outs)) = run.first() {
-                    prefetch_chunk(c, outs);
-                }
-                let mut run = run.into_iter().peekable();
-                while let Some((start, len, c, outs)) = run.next() {
-                    if let Some((_, _, next, next_outs)) = run.peek() {
-                        prefetch_chunk(next, next_outs);
-                    }
-                    add_chunk_deltas(c, outs, &xh[start * in_dim..(start + len) * in_dim], in_dim, rows)?;
-                }
-                Ok(())
+            QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
+                Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
             })
         })
     }
@@ -218,24 +196,6 @@ fn row_kernels_only(c: &Composition) -> bool {
             MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
         })
     })
-}
-
-/// Chunk tasks per thread in [`BatchDeltas::accumulate_host`] (runs of consecutive chunks).
-const RUNS_PER_THREAD: usize = 2;
-
-/// Asks for the compact factors a chunk's decode rows will read for `outs`' targets.
-fn prefetch_chunk(c: &Composition, outs: &[TargetOut]) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var("XPF").map(|v| v != "0").unwrap_or(true)) {
-        return;
-    }
-    for (target, _, _) in outs {
-        for (deltas, _) in &c.parts {
-            if let Some(MatrixDelta::Packed(h)) = deltas.targets.get(target) {
-                h.prefetch();
-            }
-        }
-    }
 }
 
 /// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
