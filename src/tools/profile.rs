@@ -146,11 +146,15 @@ mod tests {
                     let _q = tracing::trace_span!(target: crate::model::PHASE, "qkv").entered();
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                // A phase on another thread, parented explicitly.
+                // A phase on another thread, parented explicitly (the server's subscriber is
+                // global; this test's is scoped, so the thread is handed it).
+                let dispatch = tracing::dispatcher::get_default(|d| d.clone());
                 std::thread::scope(|sc| {
                     sc.spawn(|| {
-                        let _d = tracing::trace_span!(target: crate::model::PHASE, parent: &step, "deltas").entered();
-                        std::thread::sleep(Duration::from_millis(1));
+                        tracing::dispatcher::with_default(&dispatch, || {
+                            let _d = tracing::trace_span!(target: crate::model::PHASE, parent: &step, "deltas").entered();
+                            std::thread::sleep(Duration::from_millis(1));
+                        })
                     });
                 });
                 let _other = tracing::trace_span!("not_a_phase").entered();
