@@ -66,10 +66,7 @@ impl HeadAttention<'_> {
         let mut o = vec![0f32; self.len * hd];
         let mut scores = vec![0f32; self.pos + self.len];
         for i in 0..self.len {
-            let r = self.start + i;
-            let qv = &self.q[r * self.q_stride + self.q_off..r * self.q_stride + self.q_off + hd];
-            let visible = self.pos + i + 1;
-            let first = self.window.map_or(0, |w| visible.saturating_sub(w));
+            let (qv, first, visible) = self.query_row(i);
             // The visible positions as at most two runs of consecutive ring slots.
             let s0 = first % self.ring;
             let n1 = (visible - first).min(self.ring - s0);
@@ -101,6 +98,15 @@ impl HeadAttention<'_> {
         o
     }
 
+    /// Row `i`'s query and the positions it sees, `first..visible` (causal, and the window's).
+    #[inline(always)]
+    fn query_row(&self, i: usize) -> (&[f32], usize, usize) {
+        let r = self.start + i;
+        let at = r * self.q_stride + self.q_off;
+        let visible = self.pos + i + 1;
+        (&self.q[at..at + self.hd], self.window.map_or(0, |w| visible.saturating_sub(w)), visible)
+    }
+
     fn run_generic(&self) -> Vec<f32> {
         self.run_with(dot)
     }
@@ -111,10 +117,7 @@ impl HeadAttention<'_> {
         let mut o = vec![0f32; self.len * hd];
         let mut scores = vec![0f32; self.pos + self.len];
         for i in 0..self.len {
-            let r = self.start + i;
-            let qv = &self.q[r * self.q_stride + self.q_off..r * self.q_stride + self.q_off + hd];
-            let visible = self.pos + i + 1;
-            let first = self.window.map_or(0, |w| visible.saturating_sub(w));
+            let (qv, first, visible) = self.query_row(i);
             let mut max = f32::NEG_INFINITY;
             let mut slot = first % self.ring;
             for sc in scores[first..visible].iter_mut() {
