@@ -140,34 +140,29 @@ fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
     }
 }
 
-/// Applies `f` to the values of `x` on the host, in parallel chunks.
-fn host_map(x: Tensor, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<Tensor> {
+/// Applies `f` to the values of `x` on the host, in parallel chunks (`f` gets each chunk's offset
+/// in `x` and the chunk).
+fn host_map(x: Tensor, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Result<Tensor> {
     use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
     let shape = x.shape().clone();
     let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    v.par_chunks_mut(1 << 14).for_each(f);
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
     Tensor::from_vec(v, shape, x.device())
 }
 
 /// `silu(g) * u` for CPU tensors of one shape, in one pass over a host copy of `g`.
 fn silu_mul_host(g: Tensor, u: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let shape = g.shape().clone();
-    let mut gv = g.flatten_all()?.to_vec1::<f32>()?;
-    crate::kernels::host::with_host_f32(u, |uv| {
-        if uv.len() != gv.len() {
-            candle_core::bail!("gate and up of different sizes: {} and {}", gv.len(), uv.len())
-        }
-        gv.par_chunks_mut(1 << 14).zip(uv.par_chunks(1 << 14)).for_each(|(g, u)| crate::kernels::activation::silu_mul(g, u));
-        Ok(())
-    })?;
-    Tensor::from_vec(gv, shape, g.device())
+    if g.shape() != u.shape() {
+        candle_core::bail!("gate and up of different shapes: {:?} and {:?}", g.shape(), u.shape())
+    }
+    crate::kernels::host::with_host_f32(u, |uv| host_map(g, |at, gc| crate::kernels::activation::silu_mul(gc, &uv[at..at + gc.len()])))
 }
 
 /// `cap * tanh(x / cap)` (the vectorised tanh on the CPU).
 fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
     match cap {
-        Some(c) if x.device().is_cpu() => host_map(x, |v| crate::kernels::tanh::softcap_in_place(v, c)),
+        Some(c) if x.device().is_cpu() => host_map(x, |_, v| crate::kernels::tanh::softcap_in_place(v, c)),
         Some(c) => (x / c as f64)?.tanh()? * c as f64,
         None => Ok(x),
     }

@@ -52,8 +52,56 @@ fn delta_of(k: usize) -> CompositionSpec {
     CompositionSpec { deltas: vec![DeltaRef { id: zipf_id(k), scale: 1.0 }], route: None }
 }
 
-fn diff(a: CacheSnapshot, b: CacheSnapshot) -> (u64, u64, u64, u64, u64) {
-    (b.hits - a.hits, b.misses - a.misses, b.loads - a.loads, b.evictions - a.evictions, b.refused - a.refused)
+/// Cache activity during a run.
+pub(super) struct Activity {
+    pub hits: u64,
+    pub misses: u64,
+    pub loads: u64,
+    pub evictions: u64,
+    pub refused: u64,
+    /// Summed load times (waits for a load slot included).
+    pub load_s: f64,
+}
+
+impl Activity {
+    pub fn between(a: CacheSnapshot, b: CacheSnapshot) -> Self {
+        Self {
+            hits: b.hits - a.hits,
+            misses: b.misses - a.misses,
+            loads: b.loads - a.loads,
+            evictions: b.evictions - a.evictions,
+            refused: b.refused - a.refused,
+            load_s: (b.load_micros - a.load_micros) as f64 / 1e6,
+        }
+    }
+
+    /// `cache hit rate ..% (.. hits, .. misses, .. loads, .. evictions[, .. refused])`.
+    pub fn text(&self) -> String {
+        let lookups = self.hits + self.misses;
+        let rate = if lookups > 0 { self.hits as f64 / lookups as f64 * 100.0 } else { 0.0 };
+        let refused = if self.refused > 0 { format!(", {} refused", self.refused) } else { String::new() };
+        format!(
+            "cache hit rate {rate:.1}% ({} hits, {} misses, {} loads, {} evictions{refused})",
+            self.hits, self.misses, self.loads, self.evictions
+        )
+    }
+}
+
+/// Loads `ids` into `store`; returns seconds.
+pub(super) fn preload(store: &AdapterStore, ids: &[String]) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    for id in ids {
+        store.module(id)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Resident bytes of module `id` once loaded (tensors + CPU kernel layout), measured in a store of
+/// its own.
+pub(super) fn module_bytes(ctx: &Ctx, id: &str) -> anyhow::Result<usize> {
+    let probe = ctx.store(usize::MAX / 2)?;
+    probe.module(id)?;
+    Ok(probe.cache().snapshot().bytes.max(1))
 }
 
 /// Runs the jobs closed-loop on `store`; returns the row and the cache activity during the run.
@@ -63,14 +111,7 @@ fn zipf_run(ctx: &Ctx, name: &str, store: &AdapterStore, jobs: &[Job], base: Opt
     let after = store.cache().snapshot();
     let s = drive::summarize(&traces);
     anyhow::ensure!(s.errors < s.requests, "{name}: every request failed: {}", s.first_error.unwrap_or_default());
-    let (hits, misses, loads, evictions, refused) = diff(before, after);
-    let rate = if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 };
-    let notes = format!(
-        "{notes}; cache hit rate {:.1}% ({hits} hits, {misses} misses, {loads} loads, {evictions} evictions{}), resident {:.0} MB",
-        rate * 100.0,
-        if refused > 0 { format!(", {refused} refused") } else { String::new() },
-        after.bytes as f64 / 1e6
-    );
+    let notes = format!("{notes}; {}, resident {:.0} MB", Activity::between(before, after).text(), after.bytes as f64 / 1e6);
     Ok((row(name, ZIPF_CONCURRENCY, &s, base, notes), s.tok_s))
 }
 
@@ -80,11 +121,7 @@ fn zipf_run(ctx: &Ctx, name: &str, store: &AdapterStore, jobs: &[Job], base: Opt
 pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     ensure_library(ctx)?;
     let new_tokens = ctx.new_tokens.min(32);
-    // Resident bytes of one module (tensors + CPU kernel layout).
-    let probe = ctx.store(usize::MAX / 2)?;
-    probe.module(&zipf_id(0))?;
-    let one = probe.cache().snapshot().bytes.max(1);
-    drop(probe);
+    let one = module_bytes(ctx, &zipf_id(0))?;
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0x21bf);
     let zipf = Zipf::new(LIBRARY, 1.0);
     let picks: Vec<usize> = (0..ctx.zipf_requests).map(|_| zipf.sample(&mut rng)).collect();
@@ -112,14 +149,11 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
 
     let budget = HOT * one + one / 2;
     let store = ctx.store(budget)?;
-    let t0 = Instant::now();
-    for k in 0..HOT {
-        store.module(&zipf_id(k))?;
-    }
+    let warm_s = preload(&store, &(0..HOT).map(zipf_id).collect::<Vec<_>>())?;
     eprintln!(
         "[bench]   zipf1000: {shape}, cache of {HOT} modules ({:.0} MB), top {HOT} preloaded in {:.1} s ...",
         budget as f64 / 1e6,
-        t0.elapsed().as_secs_f64()
+        warm_s
     );
     let mb = (one as f64) / 1e6;
     let notes = format!(
@@ -132,11 +166,7 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     drive::wait_idle(ctx);
 
     let store = ctx.store(LIBRARY * one + LIBRARY * one / 10)?;
-    let t0 = Instant::now();
-    for k in 0..LIBRARY {
-        store.module(&zipf_id(k))?;
-    }
-    let preload_s = t0.elapsed().as_secs_f64();
+    let preload_s = preload(&store, &(0..LIBRARY).map(zipf_id).collect::<Vec<_>>())?;
     eprintln!("[bench]   allhot: all {LIBRARY} modules preloaded in {preload_s:.1} s ...");
     let (h_row, h_tok_s) = zipf_run(
         ctx,

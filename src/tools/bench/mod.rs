@@ -65,8 +65,8 @@ pub struct BenchArgs {
     /// Concurrent streams of the multi-stream scenarios (the `32` of their names).
     #[arg(long, default_value_t = 32)]
     pub streams: usize,
-    /// Requests of the zipf1000 / allhot and ws2x / ws2x_allhot closed loops (each min(32,
-    /// --new-tokens) tokens).
+    /// Requests of the zipf1000 / allhot and ws2x / ws2x_allhot closed loops (zipf: each min(32,
+    /// --new-tokens) tokens; ws2x: budgets spread over half to 1.5 times that).
     #[arg(long, default_value_t = 128)]
     pub zipf_requests: usize,
     /// Also run the zipf1000 requests on the base model alone (`zipf_base`), the base-only

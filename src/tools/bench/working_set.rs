@@ -10,16 +10,16 @@
 //! for a module-load slot during preparation, then the engine's queue and steps end it with
 //! `deadline_exceeded`), measured from before its preparation; a run with deadline misses or
 //! failed requests still yields its row (only a run where every request failed is an error).
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::context::{Ctx, Results};
 use super::drive::{self, prompts, Job, Trace};
+use super::load::{module_bytes, preload, Activity};
 use super::scenarios::{dir_mb, ensure_loras, row};
 use super::stats::Row;
-use crate::adapters::cache::CacheSnapshot;
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::store::AdapterStore;
 
@@ -32,39 +32,6 @@ const CONCURRENCY: usize = 32;
 /// batch of 32 takes a few seconds on two cores, so only a stall (a load queue, a starved
 /// stream) reaches it.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Cache activity during a run.
-struct Activity {
-    hits: u64,
-    misses: u64,
-    loads: u64,
-    evictions: u64,
-    refused: u64,
-    load_s: f64,
-}
-
-impl Activity {
-    fn between(a: CacheSnapshot, b: CacheSnapshot) -> Self {
-        Self {
-            hits: b.hits - a.hits,
-            misses: b.misses - a.misses,
-            loads: b.loads - a.loads,
-            evictions: b.evictions - a.evictions,
-            refused: b.refused - a.refused,
-            load_s: (b.load_micros - a.load_micros) as f64 / 1e6,
-        }
-    }
-
-    fn text(&self) -> String {
-        let lookups = self.hits + self.misses;
-        let rate = if lookups > 0 { self.hits as f64 / lookups as f64 * 100.0 } else { 0.0 };
-        let refused = if self.refused > 0 { format!(", {} refused", self.refused) } else { String::new() };
-        format!(
-            "cache hit rate {rate:.1}% ({} hits, {} misses, {} loads, {} evictions{refused})",
-            self.hits, self.misses, self.loads, self.evictions
-        )
-    }
-}
 
 /// One closed-loop run and what it measured.
 struct Run {
@@ -116,25 +83,13 @@ fn run(ctx: &Ctx, name: &str, store: &AdapterStore, jobs: &[Job]) -> anyhow::Res
     })
 }
 
-/// Loads `ids` into `store`; returns seconds.
-fn preload(store: &AdapterStore, ids: &[String]) -> anyhow::Result<f64> {
-    let t0 = Instant::now();
-    for id in ids {
-        store.module(id)?;
-    }
-    Ok(t0.elapsed().as_secs_f64())
-}
-
 /// `ws2x` (cache of 32 modules) and `ws2x_allhot` (all 64 resident) over the same requests:
 /// `--zipf-requests` of them, token budgets spread around `min(32, --new-tokens)`.
 pub fn ws2x(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let ids = ensure_loras(ctx, WORKING_SET)?;
     let new_tokens = ctx.new_tokens.min(32);
-    // Resident bytes of one module (tensors + CPU kernel layout); all 64 have the same shapes.
-    let probe = ctx.store(usize::MAX / 2)?;
-    probe.module(&ids[0])?;
-    let one = probe.cache().snapshot().bytes.max(1);
-    drop(probe);
+    // All 64 have the same shapes.
+    let one = module_bytes(ctx, &ids[0])?;
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0x2a2a_0064);
     let picks: Vec<usize> = (0..ctx.zipf_requests).map(|_| rng.random_range(0..WORKING_SET)).collect();
     let distinct = picks.iter().collect::<std::collections::BTreeSet<_>>().len();
