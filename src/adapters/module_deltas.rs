@@ -139,18 +139,36 @@ impl ModuleDeltas {
     /// `compact`: hold them (ranks up to 128) as 8-bit blocks (see [`HostLowRank`]). Embedding
     /// and output-head deltas keep their tensors (they are multiplied by row lookups and GEMMs).
     pub fn into_host(mut self, compact: bool) -> Result<Self, AdapterError> {
+        use crate::kernels::lowrank::MAX_KERNEL_RANK;
         use rayon::prelude::*;
-        // In parallel: a cold load waits on this.
-        let packed: Vec<(Target, MatrixDelta)> = self
+        let low_rank: Vec<(Target, &Tensor, &Tensor)> = self
             .targets
-            .par_iter()
+            .iter()
             .filter_map(|(t, d)| match d {
-                MatrixDelta::LowRank { a, b } if a.device().is_cpu() && matches!(t, Target::Linear(_)) => {
-                    Some(host_low_rank(a, b, compact).map(|h| (*t, MatrixDelta::Packed(Arc::new(h)))))
-                }
+                MatrixDelta::LowRank { a, b } if a.device().is_cpu() && matches!(t, Target::Linear(_)) => Some((*t, a, b)),
                 _ => None,
             })
+            .collect();
+        // Compact factors of every rank the kernel takes go into one buffer, in the map's order
+        // (layer by layer, q k v o gate up down: the order a decode row reads them); the rest
+        // keep f32 factors, one target at a time. Both in parallel: a cold load waits on this.
+        let (small, large): (Vec<_>, Vec<_>) =
+            low_rank.into_iter().partition(|(_, a, _)| compact && a.dim(0).is_ok_and(|r| r <= MAX_KERNEL_RANK));
+        let mut packed: Vec<(Target, MatrixDelta)> = large
+            .par_iter()
+            .map(|(t, a, b)| host_low_rank(a, b, false).map(|h| (*t, MatrixDelta::Packed(Arc::new(h)))))
             .collect::<Result<_, _>>()?;
+        let shapes = small.iter().map(|(_, a, b)| Ok((a.dim(0)?, a.dim(1)?, b.dim(0)?))).collect::<Result<Vec<_>, AdapterError>>()?;
+        let hs = HostLowRank::new_compact_many(&shapes, |i, slot| {
+            let (_, a, b) = small[i];
+            with_host_f32(a, |av| {
+                with_host_f32(b, |bv| {
+                    slot.pack(av, bv);
+                    Ok(())
+                })
+            })
+        })?;
+        packed.extend(small.iter().zip(hs).map(|((t, _, _), h)| (*t, MatrixDelta::Packed(Arc::new(h)))));
         self.targets.extend(packed);
         Ok(self)
     }

@@ -256,8 +256,9 @@ impl EngineLoop {
             self.expire_head();
             self.housekeeping();
             // The step runs on a rayon worker, so its parallel kernels fork and join within the
-            // pool instead of waking this thread after each one (hundreds per step).
-            if !rayon::scope(|_| self.step()) {
+            // pool instead of waking this thread after each one (hundreds per step), and the
+            // other workers stay awake through it (`awake`).
+            if !super::awake::step_scope(|| self.step()) {
                 // Nothing runnable (all paused on slow clients): wait a little for them.
                 std::thread::sleep(Duration::from_millis(2));
             }

@@ -2,6 +2,7 @@
 //! the actor thread that owns the KV caches. Invariant: only the engine thread mutates KV caches
 //! and sequence state; everything reaching it is already validated.
 pub mod actor;
+pub mod awake;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -7,10 +7,10 @@
 //! do not depend on which kernel ran beyond float summation order (f32 factors) or the documented
 //! 8-bit error (compact factors).
 
-use super::lowrank_int8::round_i8;
 #[cfg(target_arch = "x86_64")]
 use super::lowrank_int8::{lowrank_vnni, lowrank_vnni_q};
 pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
+use super::lowrank_pack::{b8_index, pack_compact, CompactLayout, CompactSlot, Int8Parts};
 
 /// Low-rank factors laid out for the per-row CPU kernel: `at` `[in, r]` = A^T and `bt` `[r, out]`
 /// = B^T (scale folded), so both products are contiguous axpy loops that vectorise, 8 rank
@@ -31,7 +31,7 @@ pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
 /// delta is about 1% of its norm at every rank (measured by the unit test below: 0.5-1.3%
 /// relative L2 for ranks 1 to 128), far below the base's quantization error. With f32 base
 /// weights (the parity mode) the factors stay f32.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct HostLowRank {
     rank: usize,
     /// `rank` rounded up to a multiple of [`GROUP`]: the width of the compact layout.
@@ -41,17 +41,17 @@ pub struct HostLowRank {
     factors: HostFactors,
 }
 
-/// Largest rank the SIMD kernels and the compact layout take; a larger rank keeps f32 factors and
-/// runs the portable kernel.
-pub const MAX_KERNEL_RANK: usize = 128;
+pub use super::lowrank_int8::MAX_KERNEL_RANK;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 enum HostFactors {
     F32 {
         at: Vec<f32>,
         bt: Vec<f32>,
     },
-    /// Any rank up to [`MAX_KERNEL_RANK`], padded to `rp` columns (zero values, zero scales).
+    /// Any rank up to [`MAX_KERNEL_RANK`], padded to `rp` columns (zero values, zero scales), in
+    /// the module's shared buffer `words` from word `start` (see `kernels::lowrank_pack`: the
+    /// four parts follow each other, each on a cache line, sizes from [`CompactLayout`]).
     /// `a4`: `[in_pad / 4][rp][4]` bytes `q + 128` (4 consecutive inputs of one rank column per
     /// 32-bit lane, as `vpdpbusd` reads them), `in_pad` = `in` rounded up to [`FACTOR_BLOCK`],
     /// zero-padded; `sa`: `[in_pad / 32][rp]` absmax/127 scales per (input block, rank column).
@@ -59,58 +59,18 @@ enum HostFactors {
     /// of a group in two lanes; the groups of 8 outputs follow each other), `out_pad` = `out`
     /// rounded up to 8; `sb`: one absmax/127 scale per 32 outputs (all columns).
     Int8 {
-        a4: Vec<u8>,
-        sa: Vec<f32>,
-        b8: Vec<u8>,
-        sb: Vec<f32>,
+        words: std::sync::Arc<Vec<f32>>,
+        start: usize,
     },
 }
 
-/// `round(v * inv)` clamped to +-127 ([`round_i8`]), stored `+ 128`.
-fn q8(v: f32, inv: f32) -> u8 {
-    (round_i8(v * inv) as u8).wrapping_add(128)
-}
-
-/// `a` `[r, in]` (row-major, as stored by PEFT) as [`HostFactors::Int8`]'s `a4`, `sa` of width `rp`.
-fn pack_a(a: &[f32], n: usize, rp: usize) -> (Vec<u8>, Vec<f32>) {
-    let blocks = n.div_ceil(FACTOR_BLOCK);
-    let (mut a4, mut sa) = (vec![128u8; blocks * FACTOR_BLOCK * rp], vec![0f32; blocks * rp]);
-    for (j, row) in a.chunks_exact(n).enumerate() {
-        for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
-            let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
-            sa[blk * rp + j] = d;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (k, v) in vals.iter().enumerate() {
-                let i = blk * FACTOR_BLOCK + k;
-                a4[((i / 4) * rp + j) * 4 + i % 4] = q8(*v, inv);
-            }
+impl std::fmt::Debug for HostFactors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::F32 { at, bt } => write!(f, "F32 {{ at: {} values, bt: {} values }}", at.len(), bt.len()),
+            Self::Int8 { words, start } => write!(f, "Int8 {{ at word {start} of a {}-word buffer }}", words.len()),
         }
     }
-    (a4, sa)
-}
-
-/// Index of output `o`, rank column `j` in [`HostFactors::Int8`]'s `b8` of width `rp`.
-fn b8_index(o: usize, j: usize, rp: usize) -> usize {
-    ((o / 8) * (rp / GROUP) + j / GROUP) * 64 + (o % 8) * GROUP + j % GROUP
-}
-
-/// `b` `[out, r]` (row-major, as stored by PEFT) as [`HostFactors::Int8`]'s `b8`, `sb` of width `rp`.
-fn pack_b(b: &[f32], out: usize, r: usize, rp: usize) -> (Vec<u8>, Vec<f32>) {
-    let (mut b8, mut sb) = (vec![128u8; out.div_ceil(8) * 8 * rp], vec![0f32; out.div_ceil(FACTOR_BLOCK)]);
-    for (blk, sbk) in sb.iter_mut().enumerate() {
-        let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
-        let vals = &b[o0 * r..o1 * r];
-        let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
-        *sbk = d;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
-            let at = b8_index(o, 0, rp);
-            for (j, v) in row.iter().enumerate() {
-                b8[at + (j / GROUP) * 64 + j % GROUP] = q8(*v, inv);
-            }
-        }
-    }
-    (b8, sb)
 }
 
 thread_local! {
@@ -133,16 +93,48 @@ impl HostLowRank {
             }
             out
         }
-        let rp = rank.next_multiple_of(GROUP);
-        let factors = if compact && rank <= MAX_KERNEL_RANK {
-            let (a4, sa) = pack_a(a, in_dim, rp);
-            let (b8, sb) = pack_b(b, out_dim, rank, rp);
-            HostFactors::Int8 { a4, sa, b8, sb }
-        } else {
-            // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out].
-            HostFactors::F32 { at: transpose(a, rank, in_dim), bt: transpose(b, out_dim, rank) }
-        };
-        Self { rank, rp, in_dim, out_dim, factors }
+        if compact && rank <= MAX_KERNEL_RANK {
+            let packed = Self::new_compact_many(&[(rank, in_dim, out_dim)], |_, slot| {
+                slot.pack(a, b);
+                Ok::<(), std::convert::Infallible>(())
+            });
+            let Ok(mut one) = packed;
+            return one.pop().expect("one target");
+        }
+        // a [rank, in] -> at [in, rank]; b [out, rank] -> bt [rank, out].
+        let factors = HostFactors::F32 { at: transpose(a, rank, in_dim), bt: transpose(b, out_dim, rank) };
+        Self { rank, rp: rank.next_multiple_of(GROUP), in_dim, out_dim, factors }
+    }
+
+    /// Compact factors of several targets of shapes `(rank, in, out)` (ranks 1 to
+    /// [`MAX_KERNEL_RANK`]), packed in parallel into one buffer in the given order (a module's
+    /// targets in decode order: a row's reads of one layer group are then one contiguous stretch).
+    /// `fill(i, slot)` packs target `i`'s `a` `[rank, in]` and `b` `[out, rank]` with
+    /// [`CompactSlot::pack`]; the first error it returns is returned.
+    pub fn new_compact_many<E: Send>(
+        shapes: &[(usize, usize, usize)],
+        fill: impl Fn(usize, &mut CompactSlot<'_>) -> Result<(), E> + Sync,
+    ) -> Result<Vec<Self>, E> {
+        let packed = pack_compact(shapes, fill)?;
+        Ok(shapes
+            .iter()
+            .zip(&packed.starts)
+            .map(|(&(rank, in_dim, out_dim), &start)| Self {
+                rank,
+                rp: rank.next_multiple_of(GROUP),
+                in_dim,
+                out_dim,
+                factors: HostFactors::Int8 { words: packed.words.clone(), start },
+            })
+            .collect())
+    }
+
+    /// The four parts (a4, sa, b8, sb) of compact factors, or None for f32 ones.
+    fn int8_parts(&self) -> Option<Int8Parts<'_>> {
+        match &self.factors {
+            HostFactors::Int8 { words, start } => Some(CompactLayout::new(self.rp, self.in_dim, self.out_dim).split(&words[*start..])),
+            HostFactors::F32 { .. } => None,
+        }
     }
 
     /// The rank.
@@ -183,7 +175,8 @@ impl HostLowRank {
                     unsafe { lowrank_f32_avx2(x, y, scale, self.rank, at, bt) };
                     return;
                 }
-                HostFactors::Int8 { a4, sa, b8, sb } if super::cpu().int8 => {
+                HostFactors::Int8 { .. } if super::cpu().int8 => {
+                    let (a4, sa, b8, sb) = self.int8_parts().expect("compact");
                     self.check_int8_sizes(a4, sa, b8, sb);
                     // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                     // documented on HostFactors::Int8 for these widths (checked above).
@@ -202,7 +195,7 @@ impl HostLowRank {
     pub fn add_row_q(&self, x: &[f32], row: &QuantRow, y: &mut [f32], scale: f32) {
         assert!(x.len() == self.in_dim && row.n == x.len() && y.len() == self.out_dim, "row of the wrong width");
         #[cfg(target_arch = "x86_64")]
-        if let HostFactors::Int8 { a4, sa, b8, sb } = &self.factors {
+        if let Some((a4, sa, b8, sb)) = self.int8_parts() {
             if super::cpu().int8 {
                 self.check_int8_sizes(a4, sa, b8, sb);
                 assert!(row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK, "a quantized row of whole blocks");
@@ -245,8 +238,8 @@ impl HostLowRank {
 
     fn add_row_generic_with(&self, x: &[f32], y: &mut [f32], scale: f32, t: &mut [f32]) {
         let (rp, out) = (self.rp, self.out_dim);
-        match &self.factors {
-            HostFactors::F32 { at, bt } => {
+        match (&self.factors, self.int8_parts()) {
+            (HostFactors::F32 { at, bt }, _) => {
                 let t = &mut t[..self.rank];
                 for (xi, row) in x.iter().zip(at.chunks_exact(self.rank)) {
                     for (tj, a) in t.iter_mut().zip(row) {
@@ -260,7 +253,7 @@ impl HostLowRank {
                     }
                 }
             }
-            HostFactors::Int8 { a4, sa, b8, sb } => {
+            (_, Some((a4, sa, b8, sb))) => {
                 for (i, xi) in x.iter().enumerate() {
                     for (j, tj) in t.iter_mut().enumerate() {
                         let q = a4[((i / 4) * rp + j) * 4 + i % 4] as f32 - 128.0;
@@ -273,6 +266,7 @@ impl HostLowRank {
                     *yo += d * dot;
                 }
             }
+            (HostFactors::Int8 { .. }, None) => unreachable!("compact factors have their parts"),
         }
     }
 
@@ -281,9 +275,10 @@ impl HostLowRank {
     /// segments multiply with, and what merges and a GPU copy start from.
     pub fn factors(&self) -> (Vec<f32>, Vec<f32>) {
         let (r, rp, n, out) = (self.rank, self.rp, self.in_dim, self.out_dim);
-        match &self.factors {
-            HostFactors::F32 { at, bt } => (at.clone(), bt.clone()),
-            HostFactors::Int8 { a4, sa, b8, sb } => {
+        match (&self.factors, self.int8_parts()) {
+            (HostFactors::F32 { at, bt }, _) => (at.clone(), bt.clone()),
+            (HostFactors::Int8 { .. }, None) => unreachable!("compact factors have their parts"),
+            (_, Some((a4, sa, b8, sb))) => {
                 // Both walks follow the packed bytes in memory order (no index arithmetic per value).
                 let mut at = vec![0f32; n * r];
                 for (i4, lanes) in a4.chunks_exact(rp * 4).enumerate().take(n.div_ceil(4)) {
@@ -311,11 +306,12 @@ impl HostLowRank {
         }
     }
 
-    /// Resident bytes of the factors.
+    /// Resident bytes of the factors (of compact ones, this target's share of the module's
+    /// buffer, cache-line padding included).
     pub fn bytes(&self) -> usize {
         match &self.factors {
             HostFactors::F32 { at, bt } => (at.len() + bt.len()) * 4,
-            HostFactors::Int8 { a4, sa, b8, sb } => a4.len() + b8.len() + (sa.len() + sb.len()) * 4,
+            HostFactors::Int8 { .. } => CompactLayout::new(self.rp, self.in_dim, self.out_dim).offsets().1 * 4,
         }
     }
 }

@@ -12,6 +12,10 @@ pub const FACTOR_BLOCK: usize = 32;
 /// Rank columns per group: one vector of 8 f32, or two 32-bit lanes of 8-bit values.
 pub const GROUP: usize = 8;
 
+/// Largest rank the SIMD kernels and the compact layout take; a larger rank keeps f32 factors and
+/// runs the portable kernel.
+pub const MAX_KERNEL_RANK: usize = 128;
+
 /// `round(s)` (half away from zero, as Q8_0) clamped to +-127. The cast rounds without a libm
 /// call (`f32::round` is one, and made packing twice as slow).
 pub(super) fn round_i8(s: f32) -> i8 {

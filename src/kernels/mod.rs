@@ -2,7 +2,7 @@
 //!
 //! Role: the inner loops of a batch step that the compiler does not vectorise well on its own:
 //! the int8 GEMM of the base weights ([`int8_gemm`]), the per-row low-rank (LoRA / Poly) kernels
-//! and their host layout ([`lowrank`]), the sparse delta layout and its tile kernel
+//! and their host layout ([`lowrank`], packed one buffer per module by [`lowrank_pack`]), the sparse delta layout and its tile kernel
 //! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), the
 //! shared-output helper for parallel tasks that write disjoint parts of one buffer
 //! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), the vocabulary-wide max and exponential sum
@@ -24,6 +24,7 @@ pub mod host;
 pub mod int8_gemm;
 pub mod lowrank;
 pub mod lowrank_int8;
+pub mod lowrank_pack;
 pub mod shared_out;
 pub mod softmax;
 pub mod sparse_layout;

@@ -152,7 +152,8 @@ impl BatchDeltas<'_> {
             }
             consumed = start + len;
             let Some(c) = comp.filter(|_| !mine.is_empty()) else { continue };
-            if !row_kernels_only(c) || len <= PIECE_ROWS {
+            // (Length first: `row_kernels_only` walks every target of the composition.)
+            if len <= PIECE_ROWS || !row_kernels_only(c) {
                 tasks.push((start, len, c, mine));
                 continue;
             }
