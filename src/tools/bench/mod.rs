@@ -177,7 +177,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     for name in scenarios {
         eprintln!("[bench] == {name} ==");
         let t0 = Instant::now();
-        let (cpu0, first_row) = (stats::cpu_seconds(), res.rows.len());
+        let (cpu0, host0, first_row) = (stats::cpu_seconds(), stats::host_cpu(), res.rows.len());
         crate::tools::profile::global().take();
         match *name {
             "single" => scenarios::single(&ctx, &mut res)?,
@@ -196,8 +196,18 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
         drive::wait_idle(&ctx);
         let wall = t0.elapsed().as_secs_f64();
         if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
-            // Fewer busy cores than --threads means other processes took CPU from this run.
-            let note = format!("[this scenario kept {:.2} cores busy on average]", (b - a) / wall.max(1e-9));
+            // Fewer busy cores than --threads means other processes, or the hypervisor (steal:
+            // the VM wanted a CPU it did not get), took CPU from this run.
+            let mine = (b - a) / wall.max(1e-9);
+            let host = match (host0, stats::host_cpu()) {
+                (Some(h0), Some(h1)) => format!(
+                    "; other processes {:.2} cores, hypervisor steal {:.2} cores",
+                    ((h1.busy - h0.busy) / wall.max(1e-9) - mine).max(0.0),
+                    (h1.steal - h0.steal) / wall.max(1e-9)
+                ),
+                _ => String::new(),
+            };
+            let note = format!("[this scenario kept {mine:.2} cores busy on average{host}]");
             for r in &mut res.rows[first_row..] {
                 r.notes = format!("{} {note}", r.notes);
             }

@@ -40,6 +40,28 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// The whole machine's CPU time so far, from the first line of `/proc/stat` (seconds, summed
+/// over CPUs): `busy` (user, nice, system, irq, softirq) and `steal` (time the hypervisor ran
+/// something else while this VM wanted the CPU).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostCpu {
+    pub busy: f64,
+    pub steal: f64,
+}
+
+/// [`HostCpu`] now, or None where `/proc/stat` is unreadable.
+pub fn host_cpu() -> Option<HostCpu> {
+    parse_host_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_host_cpu(stat: &str) -> Option<HostCpu> {
+    // cpu  user nice system idle iowait irq softirq steal guest guest_nice (USER_HZ ticks)
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line.split_whitespace().skip(1).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    Some(HostCpu { busy: (get(0) + get(1) + get(2) + get(5) + get(6)) / 100.0, steal: get(7) / 100.0 })
+}
+
 /// One line of the result table.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Row {
@@ -153,6 +175,16 @@ mod tests {
         let s = "42 (mod serve) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 1 2 3";
         assert_eq!(parse_cpu_seconds(s), Some(3.0));
         assert!(cpu_seconds().is_some());
+    }
+
+    #[test]
+    fn parses_host_cpu() {
+        let s = "cpu  4549501 838030 582217 3077939 17133 100 7466 97320 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        let h = parse_host_cpu(s).unwrap();
+        assert!((h.busy - (4549501.0 + 838030.0 + 582217.0 + 100.0 + 7466.0) / 100.0).abs() < 1e-6);
+        assert!((h.steal - 973.2).abs() < 1e-9);
+        assert_eq!(parse_host_cpu("intr 1 2\n"), None);
+        assert!(host_cpu().is_some());
     }
 
     #[test]
