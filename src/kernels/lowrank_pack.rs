@@ -138,18 +138,38 @@ fn q8(v: f32, inv: f32) -> u8 {
     (round_i8(v * inv) as u8).wrapping_add(128)
 }
 
-/// `a` `[r, in]` (row-major, as stored by PEFT) into `HostFactors::Int8`'s `a4`, `sa` of width `rp`.
+/// Largest `|v|` of `v` (0 for none), in 8 lanes so the compiler vectorises it (a cold load packs
+/// millions of values).
+fn absmax(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x.abs());
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// `a` `[r, in]` (row-major, as stored by PEFT) into `HostFactors::Int8`'s `a4`, `sa` of width `rp`:
+/// per rank row and block of 32 inputs, the block quantized into a buffer (a loop the compiler
+/// vectorises), then copied out 4 inputs (one 32-bit lane) at a time.
 fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) {
     a4.fill(128);
     sa.fill(0.0);
+    let mut q = [128u8; FACTOR_BLOCK];
     for (j, row) in a.chunks_exact(n).enumerate() {
         for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
-            let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            let d = absmax(vals) / 127.0;
             sa[blk * rp + j] = d;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (k, v) in vals.iter().enumerate() {
-                let i = blk * FACTOR_BLOCK + k;
-                a4[((i / 4) * rp + j) * 4 + i % 4] = q8(*v, inv);
+            q.fill(128);
+            for (qk, v) in q.iter_mut().zip(vals) {
+                *qk = q8(*v, inv);
+            }
+            for (g, quad) in q.chunks_exact(4).enumerate().take(vals.len().div_ceil(4)) {
+                let at = ((blk * (FACTOR_BLOCK / 4) + g) * rp + j) * 4;
+                a4[at..at + 4].copy_from_slice(quad);
             }
         }
     }
@@ -166,13 +186,16 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, b8: &mut [u8], sb: &mut [f
     for (blk, sbk) in sb.iter_mut().enumerate() {
         let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
         let vals = &b[o0 * r..o1 * r];
-        let d = vals.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+        let d = absmax(vals) / 127.0;
         *sbk = d;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
             let at = b8_index(o, 0, rp);
-            for (j, v) in row.iter().enumerate() {
-                b8[at + (j / GROUP) * 64 + j % GROUP] = q8(*v, inv);
+            // One output's values of a group of 8 rank columns are 8 consecutive bytes.
+            for (c, group) in row.chunks(GROUP).enumerate() {
+                for (dst, v) in b8[at + c * 64..at + c * 64 + group.len()].iter_mut().zip(group) {
+                    *dst = q8(*v, inv);
+                }
             }
         }
     }
