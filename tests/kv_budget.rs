@@ -1,5 +1,5 @@
 //! KV-memory admission (`--max-kv-bytes`): sixteen requests of 400 prompt + 48 new tokens (20 MB
-//! of KV each) against a budget that holds four of them. None fails that could wait, all finish,
+//! of KV each in f32, 10 in f16) against a budget that holds four of them. None fails that could wait, all finish,
 //! the KV memory of the running set never exceeds the budget, the server's resident memory stays
 //! under its warmed-up level + the budget + a fixed overhead (without admission the sixteen would
 //! need 330 MB), and a request that alone needs more than the budget is RESOURCE_EXHAUSTED naming
@@ -16,9 +16,12 @@ use modserve::pb::generate_request::Prompt;
 use modserve::pb::inference_client::InferenceClient;
 use tonic::Code;
 
-/// KV bytes per position of the reference model (SmolLM2-135M: 30 layers, 3 KV heads of 64, f32,
-/// keys and values).
-const BYTES_PER_POSITION: usize = 2 * 30 * 3 * 64 * 4;
+/// KV bytes per position of the reference model (SmolLM2-135M: 30 layers, 3 KV heads of 64, keys
+/// and values), as the server holds them: f16 for its int8 base where the CPU runs the int8
+/// kernels (`Llama::half_kv`), else f32.
+fn bytes_per_position() -> usize {
+    2 * 30 * 3 * 64 * if modserve::kernels::int8_available() { 2 } else { 4 }
+}
 const PROMPT: usize = 400;
 const NEW: u32 = 48;
 /// Resident memory allowed above the warmed-up level beyond the KV budget: prefill scratch of
@@ -36,7 +39,7 @@ fn req(ids: Vec<u32>, n: u32) -> pb::GenerateRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_wait_for_kv_memory_and_all_finish_within_the_budget() {
-    let per_request = (PROMPT + NEW as usize) * BYTES_PER_POSITION;
+    let per_request = (PROMPT + NEW as usize) * bytes_per_position();
     let budget = 4 * per_request;
     let server = spawn(&["--max-kv-bytes", &budget.to_string(), "--max-running", "64"]);
     wait_serving(&server.url, Duration::from_secs(60)).await;

@@ -26,7 +26,6 @@ use super::prepare::{PreparedRequest, TextFrontEnd};
 use super::scheduler::{chunk_keys, plan_step, SeqState, StepBudget, StepCostModel};
 use super::sequence::{FinishReason, Sequence};
 use super::step::run_step;
-use crate::model::kv_cache::SeqKvCache;
 use crate::model::llama::Llama;
 use crate::model::sampling::TokenLogprob;
 
@@ -270,7 +269,7 @@ impl EngineLoop {
     fn kv_need(&self, req: &PreparedRequest) -> (usize, usize) {
         let cfg = &self.llama.cfg;
         let capacity = (req.spec.prompt_ids.len() + req.spec.max_new_tokens).min(cfg.max_position_embeddings);
-        (capacity, SeqKvCache::bytes(cfg, capacity, self.llama.device()))
+        (capacity, self.llama.cache_bytes(capacity))
     }
 
     /// True when the request's KV memory fits beside the running sequences' (always true for a
@@ -305,8 +304,7 @@ impl EngineLoop {
             ))));
             return;
         }
-        let cfg = &self.llama.cfg;
-        let cache = match SeqKvCache::new(cfg, capacity, self.llama.device()) {
+        let cache = match self.llama.new_cache(capacity) {
             Ok(c) => c,
             Err(e) => {
                 let _ = tx.try_send(Err(EngineError::Internal(format!("KV cache allocation: {e}"))));
@@ -323,7 +321,7 @@ impl EngineLoop {
                 return;
             }
         };
-        let kv_bytes = SeqKvCache::bytes(cfg, capacity, self.llama.device());
+        let kv_bytes = self.llama.cache_bytes(capacity);
         self.stats.kv_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
         let mut a = Active {
             seq,
@@ -562,7 +560,7 @@ impl Active {
         if self.kv_bytes == 0 {
             return;
         }
-        if let Ok(empty) = SeqKvCache::new(&llama.cfg, 0, llama.device()) {
+        if let Ok(empty) = llama.new_cache(0) {
             self.seq.cache = empty;
             stats.kv_bytes.fetch_sub(self.kv_bytes, Ordering::Relaxed);
             self.kv_bytes = 0;

@@ -9,10 +9,48 @@
 //! [`weighted_sum_avx2`], which assert the lengths they read (release builds too). The AVX2 path
 //! (head sizes that are multiples of 8) computes the same sums in another order and the
 //! exponentials with `kernels::softmax`'s polynomial: it agrees with the portable loop to f32
-//! rounding (checked in the tests below).
+//! rounding (checked in the tests below). Cached keys and values are f32 or f16 ([`KvElem`]):
+//! f16 halves the bytes a decode step reads from the cache; every product is still f32 (the AVX2
+//! path widens 8 values per load with F16C, which the probe's AVX2 tier includes).
+
+/// The element type of cached keys and values.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// True for f16: the AVX2 path widens its loads.
+    const HALF: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// 8 cached values at `p` (a `*const K`) as f32: a plain load for f32, an F16C widening for f16.
+/// A macro, so the intrinsics sit inside the calling `#[target_feature]` function.
+#[cfg(target_arch = "x86_64")]
+macro_rules! load8 {
+    ($k:ty, $p:expr) => {
+        if <$k as KvElem>::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
+        } else {
+            _mm256_loadu_ps($p as *const f32)
+        }
+    };
+}
 
 /// The attention of one head of one sequence over its rows.
-pub struct HeadAttention<'a> {
+pub struct HeadAttention<'a, K: KvElem = f32> {
     /// Queries of the step, `[rows, q_stride]`; this head's are at `q_off..q_off + hd`.
     pub q: &'a [f32],
     /// Values per query row.
@@ -21,9 +59,9 @@ pub struct HeadAttention<'a> {
     pub q_off: usize,
     /// The sequence's cached keys of this head's kv head, `ring` slots of `hd` values; position
     /// `p` is in slot `p % ring`.
-    pub keys: &'a [f32],
+    pub keys: &'a [K],
     /// The cached values, laid out as `keys`.
-    pub values: &'a [f32],
+    pub values: &'a [K],
     /// Slots in `keys` / `values` (the cache capacity, or a sliding-window layer's ring).
     pub ring: usize,
     /// Head dimension.
@@ -42,7 +80,7 @@ pub struct HeadAttention<'a> {
     pub softcap: Option<f32>,
 }
 
-impl HeadAttention<'_> {
+impl<K: KvElem> HeadAttention<'_, K> {
     /// The head's outputs, `[len, hd]`.
     pub fn run(&self) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
@@ -56,10 +94,10 @@ impl HeadAttention<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self) -> Vec<f32> {
         if !self.hd.is_multiple_of(8) || self.keys.len() < self.ring * self.hd || self.values.len() < self.ring * self.hd {
-            // SAFETY: this function only runs when avx2 and fma are present.
+            // SAFETY: this function only runs when avx2, fma and f16c are present.
             return self.run_with(|a, b| unsafe { dot_avx2(a, b) });
         }
         let hd = self.hd;
@@ -112,7 +150,7 @@ impl HeadAttention<'_> {
     }
 
     #[inline(always)]
-    fn run_with(&self, dot: impl Fn(&[f32], &[f32]) -> f32) -> Vec<f32> {
+    fn run_with(&self, dot: impl Fn(&[f32], &[K]) -> f32) -> Vec<f32> {
         let hd = self.hd;
         let mut o = vec![0f32; self.len * hd];
         let mut scores = vec![0f32; self.pos + self.len];
@@ -142,7 +180,7 @@ impl HeadAttention<'_> {
             for sc in scores[first..visible].iter() {
                 let p = sc * inv;
                 for (ov, vv) in orow.iter_mut().zip(&self.values[slot * hd..(slot + 1) * hd]) {
-                    *ov += p * vv;
+                    *ov += p * vv.to_f32();
                 }
                 slot += 1;
                 if slot == self.ring {
@@ -157,9 +195,9 @@ impl HeadAttention<'_> {
 /// `out[j] = q . keys[j]` for the `out.len()` consecutive keys of `hd` values (a multiple of 8),
 /// four keys at a time so four FMA chains run side by side and one horizontal add serves four.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32], hd: usize) {
+unsafe fn scores_avx2<K: KvElem>(q: &[f32], keys: &[K], out: &mut [f32], hd: usize) {
     use std::arch::x86_64::*;
     assert!(hd.is_multiple_of(8) && q.len() >= hd && keys.len() >= out.len() * hd, "scores of {} keys", out.len());
     let (pq, pk) = (q.as_ptr(), keys.as_ptr());
@@ -171,7 +209,7 @@ unsafe fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32], hd: usize) {
         while c < hd {
             let qc = _mm256_loadu_ps(pq.add(c));
             for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(pk.add((j + k) * hd + c)), *a);
+                *a = _mm256_fmadd_ps(qc, load8!(K, pk.add((j + k) * hd + c)), *a);
             }
             c += 8;
         }
@@ -190,9 +228,9 @@ unsafe fn scores_avx2(q: &[f32], keys: &[f32], out: &mut [f32], hd: usize) {
 /// `o += sum_j w[j] * scale * values[j]` over consecutive values of `hd` values (a multiple of
 /// 8), 64 output columns at a time held in registers across all the values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn weighted_sum_avx2(w: &[f32], scale: f32, values: &[f32], o: &mut [f32], hd: usize) {
+unsafe fn weighted_sum_avx2<K: KvElem>(w: &[f32], scale: f32, values: &[K], o: &mut [f32], hd: usize) {
     use std::arch::x86_64::*;
     assert!(hd.is_multiple_of(8) && o.len() >= hd && values.len() >= w.len() * hd, "weighted sum of {} values", w.len());
     let pv = values.as_ptr();
@@ -207,7 +245,7 @@ unsafe fn weighted_sum_avx2(w: &[f32], scale: f32, values: &[f32], o: &mut [f32]
             let p = _mm256_set1_ps(wj * scale);
             let row = pv.add(j * hd + c0);
             for (c, a) in acc.iter_mut().enumerate().take(width) {
-                *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(c * 8)), *a);
+                *a = _mm256_fmadd_ps(p, load8!(K, row.add(c * 8)), *a);
             }
         }
         for (c, a) in acc.iter().enumerate().take(width) {
@@ -219,21 +257,21 @@ unsafe fn weighted_sum_avx2(w: &[f32], scale: f32, values: &[f32], o: &mut [f32]
 
 /// Dot product on 2 x 8 FMA lanes (the compiler does not vectorise [`dot`] well).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot_avx2<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + 16 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8!(K, pb.add(i)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), load8!(K, pb.add(i + 8)), acc1);
         i += 16;
     }
     if i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8!(K, pb.add(i)), acc0);
         i += 8;
     }
     let acc = _mm256_add_ps(acc0, acc1);
@@ -241,7 +279,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
     while i < n {
-        s += a[i] * b[i];
+        s += a[i] * b[i].to_f32();
         i += 1;
     }
     s
@@ -249,18 +287,18 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 /// Dot product with 8 independent accumulators (vectorises without reassociation).
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.to_f32();
     }
     s
 }
@@ -311,6 +349,36 @@ mod tests {
             let got = unsafe { h.run_avx2() };
             let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 2e-5, "hd {hd} ring {ring} pos {pos}: max difference {err}");
+            // An f16 cache: both paths on the f16 values give what the f32 paths give on the
+            // same values widened (the products stay f32).
+            let k16: Vec<half::f16> = keys.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let v16: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let (kw, vw): (Vec<f32>, Vec<f32>) = (k16.iter().map(|v| v.to_f32()).collect(), v16.iter().map(|v| v.to_f32()).collect());
+            let wide = HeadAttention { keys: &kw, values: &vw, ..h };
+            let half = HeadAttention {
+                q: &q,
+                q_stride,
+                q_off: hd,
+                keys: &k16,
+                values: &v16,
+                ring,
+                hd,
+                start: 1,
+                len,
+                pos,
+                scale: h.scale,
+                window,
+                softcap,
+            };
+            let want = wide.run_generic();
+            // SAFETY: as above.
+            for (path, got) in [("portable", half.run_generic()), ("avx2", unsafe { half.run_avx2() })] {
+                let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 2e-5, "f16 cache, {path}, hd {hd} ring {ring} pos {pos}: max difference {err}");
+            }
+            // And the f16 cache stays close to the f32 one it rounds (values in -1..1).
+            let err = h.run_generic().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 2e-3, "f16 rounding moved an output by {err}");
         }
     }
 }

@@ -37,7 +37,8 @@ pub mod tanh;
 pub struct CpuFeatures {
     /// AVX: the 8-lane transposes and the scaled adds of the sparse step.
     pub avx: bool,
-    /// AVX, AVX2 and FMA: the attention dot product, the f32 low-rank row kernel, the sparse tile.
+    /// AVX, AVX2, FMA and F16C (every AVX2 CPU has it): the attention kernel (f32 or f16 cache),
+    /// the f32 low-rank row kernel, the sparse tile.
     pub avx2_fma: bool,
     /// AVX-512 F/BW/VL/VNNI, F16C, AVX2 and FMA, and not switched off with
     /// `MODSERVE_INT8_GEMM=0`: the int8 GEMM over Q8_0 panels and the compact (8-bit) low-rank
@@ -61,10 +62,9 @@ pub fn cpu() -> &'static CpuFeatures {
 fn probe(int8_off: bool) -> CpuFeatures {
     use std::arch::is_x86_feature_detected as has;
     let avx = has!("avx");
-    let avx2_fma = avx && has!("avx2") && has!("fma");
+    let avx2_fma = avx && has!("avx2") && has!("fma") && has!("f16c");
     let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    let f16c = has!("f16c");
-    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512 && f16c, int8_avx2: !int8_off && avx2_fma && f16c }
+    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -10,11 +10,58 @@
 //! dims, soft-cap before the mask, softmax in f32 with the max subtracted, GQA head `h` reading kv
 //! head `h / group`, window `W` showing positions `i - W < j <= i`); a sequence only ever reads
 //! its own cache, so results do not depend on the batch. The inner loop of one (sequence, head) is
-//! [`HeadAttention`] in `kernels::attention`.
+//! [`HeadAttention`] in `kernels::attention`. The caches of one call hold f32 or f16 (all the
+//! same; new keys and values are rounded to f16 as they are written), read as f32.
 use rayon::prelude::*;
 
-use super::kv_cache::SeqKvCache;
-use crate::kernels::attention::HeadAttention;
+use super::kv_cache::{HostLayer, HostLayerMut, SeqKvCache};
+use crate::kernels::attention::{HeadAttention, KvElem};
+use half::f16;
+
+/// A host cache's element type, as this module reads and writes it.
+trait CacheElem: KvElem {
+    fn layer(c: &SeqKvCache, layer: usize) -> (&[Self], &[Self]);
+    fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [Self], &mut [Self]);
+    /// Writes one head vector into the cache.
+    fn store(dst: &mut [Self], src: &[f32]);
+}
+
+impl CacheElem for f32 {
+    fn layer(c: &SeqKvCache, layer: usize) -> (&[f32], &[f32]) {
+        match c.host_layer(layer) {
+            Some(HostLayer::F32(k, v)) => (k, v),
+            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+        }
+    }
+    fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [f32], &mut [f32]) {
+        match c.host_layer_mut(layer) {
+            Some(HostLayerMut::F32(k, v)) => (k, v),
+            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+        }
+    }
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl CacheElem for f16 {
+    fn layer(c: &SeqKvCache, layer: usize) -> (&[f16], &[f16]) {
+        match c.host_layer(layer) {
+            Some(HostLayer::F16(k, v)) => (k, v),
+            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+        }
+    }
+    fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [f16], &mut [f16]) {
+        match c.host_layer_mut(layer) {
+            Some(HostLayerMut::F16(k, v)) => (k, v),
+            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+        }
+    }
+    fn store(dst: &mut [f16], src: &[f32]) {
+        // F16C where the CPU has it (the `half` crate's runtime check).
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
+    }
+}
 
 /// Precomputed rotary tables, `[max_positions][rotary_dim / 2]`.
 pub struct RopeTables {
@@ -87,6 +134,26 @@ pub fn attention(
     spans: &[(usize, usize, usize)],
     caches: &mut [&mut SeqKvCache],
 ) -> Vec<f32> {
+    // Every cache of a step has the element type the engine chose for the model.
+    if caches.first().is_some_and(|c| matches!(c.host_layer(layer), Some(HostLayer::F16(..)))) {
+        attention_in::<f16>(layer, shape, params, q, k, v, spans, caches)
+    } else {
+        attention_in::<f32>(layer, shape, params, q, k, v, spans, caches)
+    }
+}
+
+/// [`attention`] over caches of element type `K`.
+#[allow(clippy::too_many_arguments)]
+fn attention_in<K: CacheElem>(
+    layer: usize,
+    shape: AttnShape,
+    params: &AttnParams<'_>,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    spans: &[(usize, usize, usize)],
+    caches: &mut [&mut SeqKvCache],
+) -> Vec<f32> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
     let (rope, scale, window, softcap) = (params.rope, params.scale, params.window, params.softcap);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
@@ -118,7 +185,7 @@ pub fn attention(
         // RoPE and cache writes, per sequence.
         for (&(start, len, pos), cache) in part.iter().zip(caches.iter_mut()) {
             let cap = cache.layer_capacity(layer);
-            let (kc, vc) = cache.host_layer_mut(layer).expect("host KV cache on the CPU path");
+            let (kc, vc) = K::layer_mut(cache, layer);
             for i in 0..len {
                 let (r, p) = (start + i, pos + i);
                 for h in 0..n_heads {
@@ -128,8 +195,8 @@ pub fn attention(
                     let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
                     rope.rotate(kr, p);
                     let at = (h * cap + p % cap) * hd;
-                    kc[at..at + hd].copy_from_slice(kr);
-                    vc[at..at + hd].copy_from_slice(&v[r * kw + h * hd..r * kw + (h + 1) * hd]);
+                    K::store(&mut kc[at..at + hd], kr);
+                    K::store(&mut vc[at..at + hd], &v[r * kw + h * hd..r * kw + (h + 1) * hd]);
                 }
             }
         }
@@ -143,7 +210,7 @@ pub fn attention(
             .map(|&(s, h)| {
                 let (start, len, pos) = part[s];
                 let cap = caches[s].layer_capacity(layer);
-                let (kc, vc) = caches[s].host_layer(layer).expect("host KV cache");
+                let (kc, vc) = K::layer(caches[s], layer);
                 let kvh = h / group;
                 let head = HeadAttention {
                     q,

@@ -9,15 +9,32 @@
 //! `p % ring`), enough for a round of up to [`WINDOW_ROUND_ROWS`] new rows to see its whole window
 //! (`model::attention` writes and attends long chunks in rounds); tensor caches keep every
 //! position (the window is then applied by the mask).
+//! A host cache holds f32, or f16 ([`SeqKvCache::new_half`]: half the bytes attention reads per
+//! step; the serving engine makes these for an int8 base, whose own error is far larger).
 //! Invariant: positions `0..len` are written in every layer, and each layer still holds the last
 //! `min(len, ring)` of them; `len <= capacity`.
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::LlamaConfig;
 
+use half::f16;
+
 enum Store {
     Host { keys: Vec<Vec<f32>>, values: Vec<Vec<f32>> },
+    HostHalf { keys: Vec<Vec<f16>>, values: Vec<Vec<f16>> },
     Device { keys: Vec<Tensor>, values: Vec<Tensor> },
+}
+
+/// One layer's host keys and values (`[n_kv][capacity][head_dim]` each), in the cache's element type.
+pub enum HostLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
+
+/// [`HostLayer`], writable.
+pub enum HostLayerMut<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    F16(&'a mut [f16], &'a mut [f16]),
 }
 
 /// Keys and values of one sequence across all layers.
@@ -46,33 +63,44 @@ fn layer_capacity(cfg: &LlamaConfig, layer: usize, capacity: usize, round_rows: 
 impl SeqKvCache {
     /// Allocates room for `capacity` positions in every layer.
     pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
-        Self::with_store(cfg, capacity, device, device.is_cpu().then_some(WINDOW_ROUND_ROWS))
+        Self::with_store(cfg, capacity, device, device.is_cpu().then_some(WINDOW_ROUND_ROWS), false)
+    }
+
+    /// [`SeqKvCache::new`] with `half`: on the CPU, keys and values held as f16 (elsewhere `half`
+    /// is ignored: device caches are f32 tensors).
+    pub fn new_half(cfg: &LlamaConfig, capacity: usize, device: &Device, half: bool) -> Result<Self> {
+        Self::with_store(cfg, capacity, device, device.is_cpu().then_some(WINDOW_ROUND_ROWS), half && device.is_cpu())
     }
 
     /// A host cache whose sliding-window rings take rounds of `round_rows` rows (instead of
     /// [`WINDOW_ROUND_ROWS`]): smaller rings, more rounds per long chunk. Tests use it to make
     /// rings wrap within short prompts.
     pub fn with_window_round_rows(cfg: &LlamaConfig, capacity: usize, round_rows: usize) -> Result<Self> {
-        Self::with_store(cfg, capacity, &Device::Cpu, Some(round_rows))
+        Self::with_store(cfg, capacity, &Device::Cpu, Some(round_rows), false)
     }
 
     /// A cache held as device tensors even on the CPU: the model then runs this sequence's attention
     /// with tensor ops, as on a GPU.
     pub fn new_tensors(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<Self> {
-        Self::with_store(cfg, capacity, device, None)
+        Self::with_store(cfg, capacity, device, None, false)
     }
 
     /// Whether the cache is host memory (the fused CPU kernel's layout).
     pub fn is_host(&self) -> bool {
-        matches!(self.store, Store::Host { .. })
+        matches!(self.store, Store::Host { .. } | Store::HostHalf { .. })
     }
 
     /// `round_rows`: Some for a host cache (with that round size), None for tensors.
-    fn with_store(cfg: &LlamaConfig, capacity: usize, device: &Device, round_rows: Option<usize>) -> Result<Self> {
+    fn with_store(cfg: &LlamaConfig, capacity: usize, device: &Device, round_rows: Option<usize>, half: bool) -> Result<Self> {
         let host = round_rows.is_some();
         let layer_caps: Vec<usize> = (0..cfg.num_hidden_layers).map(|l| layer_capacity(cfg, l, capacity, round_rows)).collect();
         let per_layer = |l: usize| cfg.num_key_value_heads * layer_caps[l] * cfg.head_dim;
-        let store = if host {
+        let store = if host && half {
+            Store::HostHalf {
+                keys: (0..cfg.num_hidden_layers).map(|l| vec![f16::ZERO; per_layer(l)]).collect(),
+                values: (0..cfg.num_hidden_layers).map(|l| vec![f16::ZERO; per_layer(l)]).collect(),
+            }
+        } else if host {
             Store::Host {
                 keys: (0..cfg.num_hidden_layers).map(|l| vec![0f32; per_layer(l)]).collect(),
                 values: (0..cfg.num_hidden_layers).map(|l| vec![0f32; per_layer(l)]).collect(),
@@ -93,12 +121,18 @@ impl SeqKvCache {
     /// Bytes held by a cache of `capacity` positions made by [`SeqKvCache::new`] on `device` (for
     /// memory accounting; sliding-window layers hold their ring on the CPU).
     pub fn bytes(cfg: &LlamaConfig, capacity: usize, device: &Device) -> usize {
+        Self::bytes_half(cfg, capacity, device, false)
+    }
+
+    /// Bytes held by a cache made by [`SeqKvCache::new_half`] with the same arguments.
+    pub fn bytes_half(cfg: &LlamaConfig, capacity: usize, device: &Device, half: bool) -> usize {
+        let elem = if half && device.is_cpu() { 2 } else { 4 };
         (0..cfg.num_hidden_layers)
             .map(|l| {
                 2 * cfg.num_key_value_heads
                     * layer_capacity(cfg, l, capacity, device.is_cpu().then_some(WINDOW_ROUND_ROWS))
                     * cfg.head_dim
-                    * 4
+                    * elem
             })
             .sum()
     }
@@ -136,22 +170,26 @@ impl SeqKvCache {
                 let total = self.len + n;
                 Ok((keys[layer].narrow(1, 0, total)?, values[layer].narrow(1, 0, total)?))
             }
-            Store::Host { .. } => candle_core::bail!("append() is the device path; host caches use host_layer_mut()"),
+            Store::Host { .. } | Store::HostHalf { .. } => {
+                candle_core::bail!("append() is the device path; host caches use host_layer_mut()")
+            }
         }
     }
 
     /// Host path: the key and value buffers of `layer` (`[n_kv][capacity][head_dim]`).
-    pub fn host_layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
+    pub fn host_layer_mut(&mut self, layer: usize) -> Option<HostLayerMut<'_>> {
         match &mut self.store {
-            Store::Host { keys, values } => Some((&mut keys[layer], &mut values[layer])),
+            Store::Host { keys, values } => Some(HostLayerMut::F32(&mut keys[layer], &mut values[layer])),
+            Store::HostHalf { keys, values } => Some(HostLayerMut::F16(&mut keys[layer], &mut values[layer])),
             Store::Device { .. } => None,
         }
     }
 
     /// Host path, read-only.
-    pub fn host_layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+    pub fn host_layer(&self, layer: usize) -> Option<HostLayer<'_>> {
         match &self.store {
-            Store::Host { keys, values } => Some((&keys[layer], &values[layer])),
+            Store::Host { keys, values } => Some(HostLayer::F32(&keys[layer], &values[layer])),
+            Store::HostHalf { keys, values } => Some(HostLayer::F16(&keys[layer], &values[layer])),
             Store::Device { .. } => None,
         }
     }

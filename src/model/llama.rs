@@ -203,6 +203,29 @@ impl Llama {
         &self.device
     }
 
+    /// An 8-bit base run by the VNNI int8 kernels (the CPU has them and the output head, like
+    /// every weight, is block-quantized): adapter factors are then held as 8-bit blocks too.
+    pub fn int8_base(&self) -> bool {
+        matches!(self.lm_head, BaseWeight::Quantized(_)) && crate::kernels::int8_available()
+    }
+
+    /// Whether the serving engine keeps this model's KV caches in f16 ([`SeqKvCache::new_half`]):
+    /// on the CPU with an [`Llama::int8_base`], whose own quantization error is far larger than
+    /// f16's rounding; f32 weights (the parity mode) keep f32 caches.
+    pub fn half_kv(&self) -> bool {
+        self.device.is_cpu() && self.int8_base()
+    }
+
+    /// A KV cache of `capacity` positions for this model as the engine serves it.
+    pub fn new_cache(&self, capacity: usize) -> Result<SeqKvCache> {
+        SeqKvCache::new_half(&self.cfg, capacity, &self.device, self.half_kv())
+    }
+
+    /// Bytes of [`Llama::new_cache`]`(capacity)`.
+    pub fn cache_bytes(&self, capacity: usize) -> usize {
+        SeqKvCache::bytes_half(&self.cfg, capacity, &self.device, self.half_kv())
+    }
+
     /// The linear layer identified by `id`.
     pub fn linear(&self, id: LinearId) -> Option<&Linear> {
         self.blocks.get(id.layer).and_then(|b| b.linear(id.proj))
