@@ -26,42 +26,33 @@ trait CacheElem: KvElem {
     fn store(dst: &mut [Self], src: &[f32]);
 }
 
-impl CacheElem for f32 {
-    fn layer(c: &SeqKvCache, layer: usize) -> (&[f32], &[f32]) {
-        match c.host_layer(layer) {
-            Some(HostLayer::F32(k, v)) => (k, v),
-            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+/// The cache accessors of one element type: its [`HostLayer`] variant, and how a head vector is
+/// written (`$store(dst, src)`).
+macro_rules! cache_elem {
+    ($t:ty, $variant:ident, $store:expr) => {
+        impl CacheElem for $t {
+            fn layer(c: &SeqKvCache, layer: usize) -> (&[$t], &[$t]) {
+                match c.host_layer(layer) {
+                    Some(HostLayer::$variant(k, v)) => (k, v),
+                    _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+                }
+            }
+            fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [$t], &mut [$t]) {
+                match c.host_layer_mut(layer) {
+                    Some(HostLayerMut::$variant(k, v)) => (k, v),
+                    _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
+                }
+            }
+            fn store(dst: &mut [$t], src: &[f32]) {
+                $store(dst, src)
+            }
         }
-    }
-    fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [f32], &mut [f32]) {
-        match c.host_layer_mut(layer) {
-            Some(HostLayerMut::F32(k, v)) => (k, v),
-            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
-        }
-    }
-    fn store(dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src);
-    }
+    };
 }
 
-impl CacheElem for f16 {
-    fn layer(c: &SeqKvCache, layer: usize) -> (&[f16], &[f16]) {
-        match c.host_layer(layer) {
-            Some(HostLayer::F16(k, v)) => (k, v),
-            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
-        }
-    }
-    fn layer_mut(c: &mut SeqKvCache, layer: usize) -> (&mut [f16], &mut [f16]) {
-        match c.host_layer_mut(layer) {
-            Some(HostLayerMut::F16(k, v)) => (k, v),
-            _ => panic!("a batch step mixes f32 and f16 (or device) KV caches"),
-        }
-    }
-    fn store(dst: &mut [f16], src: &[f32]) {
-        // F16C where the CPU has it (the `half` crate's runtime check).
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
-    }
-}
+cache_elem!(f32, F32, <[f32]>::copy_from_slice);
+// F16C where the CPU has it (the `half` crate's runtime check).
+cache_elem!(f16, F16, half::slice::HalfFloatSliceExt::convert_from_f32_slice);
 
 /// Precomputed rotary tables, `[max_positions][rotary_dim / 2]`.
 pub struct RopeTables {
