@@ -238,8 +238,8 @@ impl HostLowRank {
 
     fn add_row_generic_with(&self, x: &[f32], y: &mut [f32], scale: f32, t: &mut [f32]) {
         let (rp, out) = (self.rp, self.out_dim);
-        match (&self.factors, self.int8_parts()) {
-            (HostFactors::F32 { at, bt }, _) => {
+        match &self.factors {
+            HostFactors::F32 { at, bt } => {
                 let t = &mut t[..self.rank];
                 for (xi, row) in x.iter().zip(at.chunks_exact(self.rank)) {
                     for (tj, a) in t.iter_mut().zip(row) {
@@ -253,7 +253,8 @@ impl HostLowRank {
                     }
                 }
             }
-            (_, Some((a4, sa, b8, sb))) => {
+            HostFactors::Int8 { .. } => {
+                let (a4, sa, b8, sb) = self.int8_parts().expect("compact");
                 for (i, xi) in x.iter().enumerate() {
                     for (j, tj) in t.iter_mut().enumerate() {
                         let q = a4[((i / 4) * rp + j) * 4 + i % 4] as f32 - 128.0;
@@ -266,7 +267,6 @@ impl HostLowRank {
                     *yo += d * dot;
                 }
             }
-            (HostFactors::Int8 { .. }, None) => unreachable!("compact factors have their parts"),
         }
     }
 
@@ -275,10 +275,10 @@ impl HostLowRank {
     /// segments multiply with, and what merges and a GPU copy start from.
     pub fn factors(&self) -> (Vec<f32>, Vec<f32>) {
         let (r, rp, n, out) = (self.rank, self.rp, self.in_dim, self.out_dim);
-        match (&self.factors, self.int8_parts()) {
-            (HostFactors::F32 { at, bt }, _) => (at.clone(), bt.clone()),
-            (HostFactors::Int8 { .. }, None) => unreachable!("compact factors have their parts"),
-            (_, Some((a4, sa, b8, sb))) => {
+        match &self.factors {
+            HostFactors::F32 { at, bt } => (at.clone(), bt.clone()),
+            HostFactors::Int8 { .. } => {
+                let (a4, sa, b8, sb) = self.int8_parts().expect("compact");
                 // Both walks follow the packed bytes in memory order (no index arithmetic per value).
                 let mut at = vec![0f32; n * r];
                 for (i4, lanes) in a4.chunks_exact(rp * 4).enumerate().take(n.div_ceil(4)) {

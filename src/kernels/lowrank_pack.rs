@@ -2,12 +2,12 @@
 //! [`super::lowrank::HostLowRank`]'s VNNI row kernel reads.
 //!
 //! A decode row reads, per layer group (q/k/v, o, gate/up, down), every target of its adapter in
-//! turn. When each target's four parts (`a4`, `sa`, `b8`, `sb`) were separate allocations, a row
-//! read a dozen small buffers at unrelated addresses per group, and the hardware prefetcher never
-//! got going: a 2-core read of random 4 KB pieces runs at about a third of a sequential read on
-//! this machine kind. [`pack_compact`] puts all targets of a module in one buffer, in the order
-//! the caller gives (the decode order: layer by layer, q k v o gate up down), each part aligned to
-//! a cache line, so one row's group is one contiguous stretch of 10 to 35 KB (r=8).
+//! turn. [`pack_compact`] puts all targets of a module in one buffer, in the order the caller gives
+//! (the decode order: layer by layer, q k v o gate up down), each part aligned to a cache line, so
+//! one row's group is one contiguous stretch of 10 to 35 KB (r=8), and a module is one allocation
+//! instead of four per target (840 for an all-projection LoRA). The one-core timing of
+//! `examples/lora_row_kernel` did not change with it (docs/BENCHMARKS.md): its adapters were
+//! already nearly contiguous in a fresh heap.
 //!
 //! Invariants: a region's size follows from (padded rank, in, out) alone ([`CompactLayout`]), the
 //! buffer is never written after packing, and every region is filled by exactly one slot.
