@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use modserve::adapters::error::AdapterError;
-use modserve::adapters::formats::lora::load_peft_lora;
+use modserve::adapters::formats::lora::{load_peft_lora, load_peft_lora_from};
 use modserve::adapters::formats::poly::{load_peft_poly, Routing};
 use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use modserve::adapters::target::{BaseShapes, Target};
@@ -256,9 +256,12 @@ fn lora_errors_name_the_file_and_the_problem() {
     for (name, cfg, tensors, want, text) in cases {
         let dir = tempfile::tempdir().unwrap();
         write_lora(dir.path(), cfg, tensors);
-        let e = load_peft_lora(dir.path(), &tiny_base()).unwrap_err();
-        let msg = e.to_string();
-        assert!(want(&e) && msg.contains(text) && msg.contains(&dir.path().display().to_string()), "{name}: {msg}");
+        // The same refusal whether the factors become tensors or are packed straight from the file.
+        for compact in [false, true] {
+            let e = load_peft_lora_from(dir.path(), &tiny_base(), None, compact).unwrap_err();
+            let msg = e.to_string();
+            assert!(want(&e) && msg.contains(text) && msg.contains(&dir.path().display().to_string()), "{name} (compact {compact}): {msg}");
+        }
     }
 }
 
@@ -381,5 +384,51 @@ fn a_loaded_lora_is_resident_in_no_more_than_its_file_bytes() {
             let tol = if what == "f32" { 1e-6 } else { 0.02 };
             assert!(err <= tol, "{name} {what}: dense delta off by {err} (relative L2)");
         }
+    }
+}
+
+/// Relative L2 distance of two deltas' dense forms.
+fn rel_l2(got: &MatrixDelta, want: &MatrixDelta) -> f32 {
+    let (g, w) = (got.to_dense().unwrap(), want.to_dense().unwrap());
+    let norm = w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    (g - &w).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() / norm
+}
+
+/// The compact layout packed straight from the file's bytes (the server's cold-load path on the
+/// CPU) is the layout `into_host(true)` makes from the loaded tensors: same targets, same bytes,
+/// same delta up to the rounding of the folded scaling; for f32, f16 and bf16 files (the two
+/// half types are converted while packing) and the kit's real adapters. Factors stored
+/// transposed (`fan_in_fan_out`) take the tensor path and are packed after.
+#[test]
+fn lora_packed_from_the_file_matches_packing_the_tensors() {
+    let check = |dir: &Path, base: &BaseShapes, what: &str| {
+        let (direct, info_d) = load_peft_lora_from(dir, base, None, true).unwrap();
+        let packed_now = direct.targets.values().all(|d| matches!(d, MatrixDelta::Packed(_)));
+        assert_eq!(packed_now, what != "fan_in_fan_out", "{what}: packed straight from the file");
+        // What the loader does next: packs whatever took the tensor path (a no-op otherwise).
+        let direct = direct.into_host(true).unwrap();
+        let (tensors, info_t) = load_peft_lora(dir, base).unwrap();
+        let via_tensors = tensors.into_host(true).unwrap();
+        assert_eq!(info_d, info_t, "{what}");
+        assert_eq!(direct.targets.keys().collect::<Vec<_>>(), via_tensors.targets.keys().collect::<Vec<_>>(), "{what}");
+        assert_eq!(direct.bytes(), via_tensors.bytes(), "{what}");
+        for (t, d) in &direct.targets {
+            assert!(matches!(d, MatrixDelta::Packed(_)), "{what}: {t:?} not packed");
+            let err = rel_l2(d, &via_tensors.targets[t]);
+            assert!(err < 1e-3, "{what}: {t:?} differs by {err} (relative L2)");
+        }
+    };
+    for dtype in [candle_core::DType::F32, candle_core::DType::F16, candle_core::DType::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = lora_tensors(&QV, 2, &[]).into_iter().map(|(n, t)| (n, t.to_dtype(dtype).unwrap())).collect();
+        write_lora(dir.path(), json!({"lora_alpha": 3}), tensors);
+        check(dir.path(), &tiny_base(), &format!("{dtype:?}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let transposed = lora_tensors(&QV, 2, &[]).into_iter().map(|(n, t)| (n, t.t().unwrap().contiguous().unwrap())).collect();
+    write_lora(dir.path(), json!({"fan_in_fan_out": true}), transposed);
+    check(dir.path(), &tiny_base(), "fan_in_fan_out");
+    for name in ["lora_qv_r4", "lora_all_r8", "lora_all_r4_rslora"] {
+        check(&common::fixture(&format!("parity/{name}")), &smollm2_base(), name);
     }
 }

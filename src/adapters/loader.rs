@@ -144,7 +144,9 @@ impl ModuleLoader {
         let file = |name: &str| if reg.path.is_dir() { reg.path.join(name) } else { reg.path.clone() };
         let (data, rank) = match reg.kind {
             ModuleKind::Lora => {
-                let (d, info) = super::formats::lora::load_peft_lora_from(&reg.path, &self.base, Some(&bytes))?;
+                // On the CPU with compact factors, packed straight from the file's bytes.
+                let direct = self.compact_factors && self.device.is_cpu();
+                let (d, info) = super::formats::lora::load_peft_lora_from(&reg.path, &self.base, Some(&bytes), direct)?;
                 (ModuleData::Deltas(Arc::new(d)), Some(info.rank))
             }
             ModuleKind::Poly => {

@@ -121,9 +121,9 @@ impl ModuleBytes {
             let io = |e: std::io::Error| AdapterError::io(&f, "cannot read", e);
             let mut file = open_regular(&f)?;
             if keep(&f) {
-                let mut bytes = take_buffer(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
-                file.read_to_end(&mut bytes).map_err(io)?;
-                h.update_rayon(&bytes);
+                let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+                let mut bytes = take_buffer(len);
+                read_hashing(&mut file, len, &mut bytes, &mut h).map_err(io)?;
                 kept.insert(f.clone(), bytes);
             } else {
                 // Large blocks let BLAKE3 hash many chunks at once (SIMD, and both cores).
@@ -152,6 +152,38 @@ impl Drop for ModuleBytes {
             give_buffer(b);
         }
     }
+}
+
+/// Reads `file` (`len` bytes by its metadata) into `bytes` and hashes them into `h`, as
+/// `read_to_end` then `update` would, but pipelined: each chunk is hashed while the next one is
+/// read (`rayon::join`: on two cores the read's copy and the hash overlap; with no idle worker
+/// they run one after the other). Bytes past `len` (a file that grew meanwhile) are read and
+/// hashed too; a file that shrank is an `UnexpectedEof` error.
+fn read_hashing(file: &mut std::fs::File, len: usize, bytes: &mut Vec<u8>, h: &mut blake3::Hasher) -> std::io::Result<()> {
+    use std::io::Read;
+    const CHUNK: usize = 1 << 20;
+    bytes.clear();
+    bytes.resize(len, 0);
+    let mut prev: Option<&[u8]> = None;
+    for chunk in bytes.chunks_mut(CHUNK) {
+        let (read, ()) = rayon::join(
+            || file.read_exact(chunk),
+            || {
+                if let Some(p) = prev {
+                    h.update(p);
+                }
+            },
+        );
+        read?;
+        prev = Some(chunk);
+    }
+    if let Some(p) = prev {
+        h.update(p);
+    }
+    let grown = bytes.len();
+    file.read_to_end(bytes)?;
+    h.update(&bytes[grown..]);
+    Ok(())
 }
 
 /// Read buffers kept between module loads: a fresh 10 MB buffer costs more in page faults than
@@ -208,5 +240,31 @@ mod tests {
         let file = dir.path().join("ok.bin");
         std::fs::write(&file, b"abc").unwrap();
         assert_eq!(read_regular(&file).unwrap(), b"abc");
+    }
+
+    /// A module's version is the same whether a file is kept (read in chunks, each hashed while
+    /// the next is read) or only hashed (streamed), and is BLAKE3 over (name length, name,
+    /// contents) per file: checked against a hash computed here in one piece, for files of 0
+    /// bytes, under one chunk, and of several chunks with a partial last one; the kept bytes are
+    /// the file's.
+    #[test]
+    fn kept_and_streamed_files_hash_to_the_same_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(5 << 20) / 2 + 12_345).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(dir.path().join("a_config.json"), b"{}").unwrap();
+        std::fs::write(dir.path().join("b_empty"), b"").unwrap();
+        std::fs::write(dir.path().join("c_big.safetensors"), &big).unwrap();
+        let mut want = blake3::Hasher::new();
+        for (name, data) in [("a_config.json", &b"{}"[..]), ("b_empty", &b""[..]), ("c_big.safetensors", &big[..])] {
+            want.update(&(name.len() as u64).to_le_bytes());
+            want.update(name.as_bytes());
+            want.update(data);
+        }
+        let want = hex::encode(&want.finalize().as_bytes()[..8]);
+        let streamed = ModuleBytes::read(dir.path(), |_| false).unwrap();
+        let kept = ModuleBytes::read(dir.path(), |_| true).unwrap();
+        assert_eq!((streamed.version.as_str(), kept.version.as_str()), (want.as_str(), want.as_str()));
+        assert_eq!(kept.get(&dir.path().join("c_big.safetensors")), Some(&big[..]));
+        assert_eq!(kept.get(&dir.path().join("b_empty")), Some(&b""[..]));
     }
 }

@@ -86,6 +86,15 @@ pub struct CompactSlot<'a> {
 impl CompactSlot<'_> {
     /// Packs `a` `[rank, in]` and `b` `[out, rank]` (row-major, as PEFT stores them).
     pub fn pack(&mut self, a: &[f32], b: &[f32]) {
+        self.pack_scaled(a, b, 1.0);
+        self.filled = true;
+    }
+
+    /// Packs `a` and `b_scale * b` (the scale goes into `b`'s block scales: the 8-bit values are
+    /// those of `b`). Returns false, leaving the slot unfilled, when a value of `a` or `b` is
+    /// NaN or infinite: the caller reports the error (a slot left unfilled and not reported is a
+    /// panic in [`pack_compact`]).
+    pub fn pack_scaled(&mut self, a: &[f32], b: &[f32], b_scale: f32) -> bool {
         let (r, rp, n, out) = (self.rank, self.rp, self.in_dim, self.out_dim);
         assert!(a.len() == r * n && b.len() == out * r, "factors of a rank-{r} {n}->{out} delta");
         let layout = CompactLayout::new(rp, n, out);
@@ -94,9 +103,11 @@ impl CompactSlot<'_> {
         let (a4w, sa) = head.split_at_mut(so);
         let (b8w, sb) = tail.split_at_mut(to - bo);
         debug_assert_eq!(ao, 0);
-        pack_a(a, n, rp, &mut bytemuck::cast_slice_mut::<f32, u8>(a4w)[..layout.a4_bytes], &mut sa[..layout.sa_len]);
-        pack_b(b, out, r, rp, &mut bytemuck::cast_slice_mut::<f32, u8>(b8w)[..layout.b8_bytes], &mut sb[..layout.sb_len]);
-        self.filled = true;
+        let finite_a = pack_a(a, n, rp, &mut bytemuck::cast_slice_mut::<f32, u8>(a4w)[..layout.a4_bytes], &mut sa[..layout.sa_len]);
+        let finite_b =
+            pack_b(b, out, r, rp, b_scale, &mut bytemuck::cast_slice_mut::<f32, u8>(b8w)[..layout.b8_bytes], &mut sb[..layout.sb_len]);
+        self.filled = finite_a && finite_b;
+        self.filled
     }
 }
 
@@ -138,29 +149,38 @@ fn q8(v: f32, inv: f32) -> u8 {
     (round_i8(v * inv) as u8).wrapping_add(128)
 }
 
-/// Largest `|v|` of `v` (0 for none), in 8 lanes so the compiler vectorises it (a cold load packs
-/// millions of values).
-fn absmax(v: &[f32]) -> f32 {
+/// Largest `|v|` of `v` (0 for none) and whether every value is finite, in 8 lanes so the
+/// compiler vectorises it (a cold load packs millions of values). `max` ignores NaN, so a second
+/// set of lanes sums `v * 0`: 0 for finite values, NaN as soon as one is NaN or infinite.
+fn absmax(v: &[f32]) -> (f32, bool) {
     let mut lanes = [0f32; 8];
+    let mut probe = [0f32; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
-        for (m, x) in lanes.iter_mut().zip(c) {
+        for ((m, p), x) in lanes.iter_mut().zip(&mut probe).zip(c) {
             *m = m.max(x.abs());
+            *p += x * 0.0;
         }
     }
-    chunks.remainder().iter().chain(&lanes).fold(0f32, |m, x| m.max(x.abs()))
+    let rest = chunks.remainder();
+    let finite = probe.iter().chain(rest).all(|x| x.is_finite());
+    (rest.iter().chain(&lanes).fold(0f32, |m, x| m.max(x.abs())), finite)
 }
 
 /// `a` `[r, in]` (row-major, as stored by PEFT) into `HostFactors::Int8`'s `a4`, `sa` of width `rp`:
 /// per rank row and block of 32 inputs, the block quantized into a buffer (a loop the compiler
-/// vectorises), then copied out 4 inputs (one 32-bit lane) at a time.
-fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) {
+/// vectorises), then copied out 4 inputs (one 32-bit lane) at a time. Returns whether every value
+/// was finite.
+fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) -> bool {
     a4.fill(128);
     sa.fill(0.0);
+    let mut finite = true;
     let mut q = [128u8; FACTOR_BLOCK];
     for (j, row) in a.chunks_exact(n).enumerate() {
         for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
-            let d = absmax(vals) / 127.0;
+            let (m, ok) = absmax(vals);
+            finite &= ok;
+            let d = m / 127.0;
             sa[blk * rp + j] = d;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             q.fill(128);
@@ -173,6 +193,7 @@ fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) {
             }
         }
     }
+    finite
 }
 
 /// Index of output `o`, rank column `j` in `HostFactors::Int8`'s `b8` of width `rp`.
@@ -180,14 +201,19 @@ pub(super) fn b8_index(o: usize, j: usize, rp: usize) -> usize {
     ((o / 8) * (rp / GROUP) + j / GROUP) * 64 + (o % 8) * GROUP + j % GROUP
 }
 
-/// `b` `[out, r]` (row-major, as stored by PEFT) into `HostFactors::Int8`'s `b8`, `sb` of width `rp`.
-fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, b8: &mut [u8], sb: &mut [f32]) {
+/// `scale * b`, `b` `[out, r]` (row-major, as stored by PEFT), into `HostFactors::Int8`'s `b8`,
+/// `sb` of width `rp` (the 8-bit values of `b`, `scale` in the block scales). Returns whether
+/// every value was finite.
+fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8: &mut [u8], sb: &mut [f32]) -> bool {
     b8.fill(128);
+    let mut finite = true;
     for (blk, sbk) in sb.iter_mut().enumerate() {
         let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
         let vals = &b[o0 * r..o1 * r];
-        let d = absmax(vals) / 127.0;
-        *sbk = d;
+        let (m, ok) = absmax(vals);
+        finite &= ok;
+        let d = m / 127.0;
+        *sbk = d * scale;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
             let at = b8_index(o, 0, rp);
@@ -199,4 +225,5 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, b8: &mut [u8], sb: &mut [f
             }
         }
     }
+    finite
 }

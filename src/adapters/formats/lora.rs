@@ -2,7 +2,8 @@
 //! [`ModuleDeltas`] of low-rank factors (the helpers Poly shares are in [`super::peft`]).
 //!
 //! Invariants: every delta is `MatrixDelta::LowRank { a: [r, in], b: [out, r] }`, float32,
-//! contiguous, on the CPU, with the module scaling (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA,
+//! contiguous, on the CPU (or, when the caller asks for the compact CPU layout, the linear targets
+//! of rank up to 128 are `MatrixDelta::Packed`, packed straight from the file's bytes), with the module scaling (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA,
 //! `r` and `alpha` per module from `rank_pattern` / `alpha_pattern`) folded into `b`. The modules in
 //! the file are exactly the base modules the config selects. Anything PEFT would compute
 //! differently from `W + scale * B @ A` (DoRA, `modules_to_save`, biases, regex targets we cannot
@@ -13,18 +14,18 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use candle_core::Tensor;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::peft::{
-    check_coverage, load_adapter_tensors, malformed, module_target, present, read_config, suffix_match, to_f32, unsupported, Selector,
+    adapter_tensors, check_coverage, malformed, module_target, present, read_config, suffix_match, unsupported, AdapterTensor, Selector,
 };
 use crate::adapters::error::AdapterError;
 use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use crate::adapters::source::ModuleBytes;
 use crate::adapters::target::{BaseShapes, Target};
+use crate::kernels::lowrank::{HostLowRank, MAX_KERNEL_RANK};
 
 /// Summary of a loaded LoRA adapter (listings, logs).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,11 +144,20 @@ fn foreign_tensor(name: &str, file: &Path) -> AdapterError {
 
 /// Loads a PEFT LoRA adapter folder; every error names the file and the problem.
 pub fn load_peft_lora(dir: &Path, base: &BaseShapes) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
-    load_peft_lora_from(dir, base, None)
+    load_peft_lora_from(dir, base, None, false)
 }
 
-/// [`load_peft_lora`], parsing the tensor file from `read` when it holds its bytes.
-pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBytes>) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
+/// [`load_peft_lora`], parsing the tensor file from `read` when it holds its bytes; `compact`:
+/// the linear targets' factors of rank up to [`MAX_KERNEL_RANK`] become the CPU kernels' compact
+/// layout ([`MatrixDelta::Packed`]) packed straight from the file's bytes, with no f32 tensor in
+/// between (what `ModuleDeltas::into_host(true)` would make of the tensors, up to float
+/// rounding of the scaling).
+pub fn load_peft_lora_from(
+    dir: &Path,
+    base: &BaseShapes,
+    read: Option<&ModuleBytes>,
+    compact: bool,
+) -> Result<(ModuleDeltas, LoraInfo), AdapterError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: LoraConfig = read_config(&cfg_path)?;
     match cfg.peft_type.as_deref() {
@@ -186,8 +196,9 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         OneOrMany::One(i) => vec![i],
         OneOrMany::Many(v) => v,
     });
-    let (file, tensors) = load_adapter_tensors(dir, read)?;
-    let mut pairs: BTreeMap<String, [Option<(String, Tensor)>; 2]> = BTreeMap::new();
+    let mut local = Vec::new();
+    let (file, tensors) = adapter_tensors(dir, read, &mut local)?;
+    let mut pairs: BTreeMap<String, [Option<(String, AdapterTensor<'_>)>; 2]> = BTreeMap::new();
     for (name, t) in tensors {
         let (module, f) = parse_lora_name(&name).ok_or_else(|| foreign_tensor(&name, &file))?;
         let slot = &mut pairs.entry(module.clone()).or_default()[f as usize];
@@ -203,11 +214,12 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     check_coverage(&sel, base, &pairs.keys().cloned().collect(), &file)?;
     let fifo = cfg.fan_in_fan_out == Some(true);
     let rslora = cfg.use_rslora == Some(true);
-    // Each module's factors are checked and scaled in parallel (a cold load waits on this); the
-    // first failing module in name order is reported, as a sequential loop would.
-    let one = |(module, [a, b]): (String, [Option<(String, Tensor)>; 2])| -> Result<(Target, usize, Tensor, Tensor), AdapterError> {
-        let (an, a, bn, b) = match (a, b) {
-            (Some((an, a)), Some((bn, b))) => (an, a, bn, b),
+    // Shapes, ranks and scalings are checked from the file's header alone, module by module in
+    // name order (the first failing module is reported); no value is read yet.
+    let mut checked = Vec::with_capacity(pairs.len());
+    for (module, [a, b]) in pairs {
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
             (Some((have, _)), None) | (None, Some((have, _))) => {
                 let f = if have.contains(".lora_A.") { "B" } else { "A" };
                 return Err(malformed(&file, format!("module `{module}` has `{have}` but no lora_{f} tensor")));
@@ -216,10 +228,11 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         };
         let target = targets[&module];
         let (out, inp) = base.shape(target).ok_or_else(|| AdapterError::UnknownTarget { path: file.clone(), target: module.clone() })?;
-        let (a, b) = orient(to_f32(&a, &file, &an)?, to_f32(&b, &file, &bn)?, (out, inp), fifo, &file, (&an, &bn))?;
-        let (ra, rb) = (a.dim(0)?, b.dim(1)?);
+        let transposed = orient(a.1.dims(), b.1.dims(), (out, inp), fifo, &file, (&a.0, &b.0))?;
+        let (ad, bd) = (a.1.dims(), b.1.dims());
+        let (ra, rb) = if transposed { (ad[1], bd[0]) } else { (ad[0], bd[1]) };
         if ra != rb {
-            return Err(malformed(&file, format!("`{an}` has rank {ra} but `{bn}` has rank {rb}")));
+            return Err(malformed(&file, format!("`{}` has rank {ra} but `{}` has rank {rb}", a.0, b.0)));
         }
         let rank = cfg.rank_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.r);
         if ra != rank || rank == 0 {
@@ -227,22 +240,20 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
         }
         let alpha = cfg.alpha_pattern.as_ref().and_then(|p| p.lookup(&module)).unwrap_or(cfg.lora_alpha);
         let scaling = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
-        let b = (b * scaling)?.contiguous()?;
-        Ok((target, rank, a, b))
-    };
-    let built: Vec<Result<(Target, usize, Tensor, Tensor), AdapterError>> = {
-        use rayon::prelude::*;
-        pairs.into_par_iter().map(one).collect()
-    };
+        checked.push(Checked { target, rank, in_dim: inp, out_dim: out, scaling, transposed, a, b });
+    }
     let (mut deltas, mut max_rank, mut names) = (ModuleDeltas::default(), 0, BTreeSet::new());
-    for r in built {
-        let (target, rank, a, b) = r?;
-        max_rank = max_rank.max(rank);
-        names.insert(match target {
+    for c in &checked {
+        max_rank = max_rank.max(c.rank);
+        names.insert(match c.target {
             Target::Linear(id) => id.proj.hf_name().to_string(),
             _ => "lm_head".to_string(),
         });
-        if deltas.targets.insert(target, MatrixDelta::LowRank { a, b }).is_some() {
+    }
+    let (fast, slow): (Vec<Checked<'_>>, Vec<Checked<'_>>) = checked.into_iter().partition(|c| compact && c.packs_directly());
+    let built = pack_direct(&fast, &file)?.into_iter().chain(materialize(slow, &file)?);
+    for (target, delta) in built {
+        if deltas.targets.insert(target, delta).is_some() {
             return Err(malformed(&file, format!("two sets of factors for `{}`", target.hf_name())));
         }
     }
@@ -251,33 +262,113 @@ pub fn load_peft_lora_from(dir: &Path, base: &BaseShapes, read: Option<&ModuleBy
     Ok((deltas, info))
 }
 
-/// Returns `(a [r, in], b [out, r])`. PEFT stores factors this way even with `fan_in_fan_out`
-/// (it resets the flag for `nn.Linear`); with the flag, factors stored transposed are accepted.
+/// One module's factors, checked against the base and the config from the file's header.
+struct Checked<'a> {
+    target: Target,
+    rank: usize,
+    in_dim: usize,
+    out_dim: usize,
+    scaling: f64,
+    /// Stored `[in, r]` / `[r, out]` (`fan_in_fan_out`).
+    transposed: bool,
+    a: (String, AdapterTensor<'a>),
+    b: (String, AdapterTensor<'a>),
+}
+
+impl Checked<'_> {
+    /// Whether the compact kernel layout can be packed straight from the file's bytes.
+    fn packs_directly(&self) -> bool {
+        matches!(self.target, Target::Linear(_))
+            && !self.transposed
+            && self.rank <= MAX_KERNEL_RANK
+            && self.a.1.is_float_view()
+            && self.b.1.is_float_view()
+    }
+}
+
+thread_local! {
+    /// f32 copies of f16/bf16 (or unaligned) factors while they are packed (reused per thread).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The compact kernel layout of `fast`'s factors, packed in parallel straight from the file's
+/// bytes into one buffer (the scaling goes into `b`'s block scales; every value is checked to be
+/// finite on the way): a cold load's only pass over the values after hashing them.
+fn pack_direct(fast: &[Checked<'_>], file: &Path) -> Result<Vec<(Target, MatrixDelta)>, AdapterError> {
+    if fast.is_empty() {
+        return Ok(Vec::new());
+    }
+    let shapes: Vec<(usize, usize, usize)> = fast.iter().map(|c| (c.rank, c.in_dim, c.out_dim)).collect();
+    let packed = HostLowRank::new_compact_many(&shapes, |i, slot| {
+        let c = &fast[i];
+        let finite =
+            SCRATCH.with_borrow_mut(|(sa, sb)| c.a.1.with_f32(sa, |a| c.b.1.with_f32(sb, |b| slot.pack_scaled(a, b, c.scaling as f32))));
+        if finite == Some(Some(true)) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    });
+    match packed {
+        Ok(hs) => Ok(fast.iter().zip(hs).map(|(c, h)| (c.target, MatrixDelta::Packed(std::sync::Arc::new(h)))).collect()),
+        // A value is not finite: name the first such factor in module order (as the tensor path's
+        // validation does).
+        Err(()) => Err(fast
+            .iter()
+            .flat_map(|c| [&c.a, &c.b].map(|f| (c.target, f)))
+            .find_map(|(t, (_, f))| {
+                let what =
+                    f.with_f32(&mut Vec::new(), |v| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" }));
+                what.flatten().map(|what| AdapterError::NonFinite { path: file.into(), tensor: t.hf_name(), what })
+            })
+            .unwrap_or_else(|| malformed(file, "factors could not be packed"))),
+    }
+}
+
+/// `slow`'s factors as f32 tensors `a [r, in]`, `b [out, r]` with the scaling folded into `b`, in
+/// parallel (a cold load waits on this); the first failing module in name order is reported.
+fn materialize(slow: Vec<Checked<'_>>, file: &Path) -> Result<Vec<(Target, MatrixDelta)>, AdapterError> {
+    use rayon::prelude::*;
+    let built: Vec<Result<(Target, MatrixDelta), AdapterError>> = slow
+        .into_par_iter()
+        .map(|c| {
+            let (a, b) = (c.a.1.to_tensor(file, &c.a.0)?, c.b.1.to_tensor(file, &c.b.0)?);
+            let (a, b) = if c.transposed { (a.t()?.contiguous()?, b.t()?.contiguous()?) } else { (a, b) };
+            let b = (b * c.scaling)?.contiguous()?;
+            Ok((c.target, MatrixDelta::LowRank { a, b }))
+        })
+        .collect();
+    built.into_iter().collect()
+}
+
+/// Whether factors of dims `a`, `b` are stored transposed (`[in, r]` / `[r, out]`): PEFT stores
+/// `a [r, in]`, `b [out, r]` even with `fan_in_fan_out` (it resets the flag for `nn.Linear`);
+/// with the flag, factors stored transposed are accepted.
 fn orient(
-    a: Tensor,
-    b: Tensor,
+    a: &[usize],
+    b: &[usize],
     (out, inp): (usize, usize),
     fifo: bool,
     file: &Path,
     (an, bn): (&str, &str),
-) -> Result<(Tensor, Tensor), AdapterError> {
-    let shape_err = |name: &str, t: &Tensor, expected: Vec<usize>| AdapterError::Shape {
+) -> Result<bool, AdapterError> {
+    let shape_err = |name: &str, got: &[usize], expected: Vec<usize>| AdapterError::Shape {
         path: file.into(),
         tensor: name.into(),
         expected,
-        got: t.dims().to_vec(),
+        got: got.to_vec(),
     };
-    let (Ok((ar, ac)), Ok((br, bc))) = (a.dims2(), b.dims2()) else {
-        let (name, t) = if a.rank() != 2 { (an, &a) } else { (bn, &b) };
-        return Err(AdapterError::Malformed { path: file.into(), reason: format!("`{name}` has shape {:?}, expected a matrix", t.dims()) });
+    let (&[ar, ac], &[br, bc]) = (a, b) else {
+        let (name, d) = if a.len() != 2 { (an, a) } else { (bn, b) };
+        return Err(AdapterError::Malformed { path: file.into(), reason: format!("`{name}` has shape {d:?}, expected a matrix") });
     };
     if ac == inp && br == out {
-        return Ok((a, b));
+        return Ok(false);
     }
     if fifo && ar == inp && bc == out {
-        return Ok((a.t()?.contiguous()?, b.t()?.contiguous()?));
+        return Ok(true);
     }
-    Err(if ac != inp { shape_err(an, &a, vec![ar, inp]) } else { shape_err(bn, &b, vec![out, bc]) })
+    Err(if ac != inp { shape_err(an, a, vec![ar, inp]) } else { shape_err(bn, b, vec![out, bc]) })
 }
 
 #[cfg(test)]

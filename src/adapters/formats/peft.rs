@@ -54,34 +54,122 @@ pub(crate) fn given(v: &Option<Value>) -> Option<&Value> {
 /// Loads `adapter_model.safetensors` (else `adapter_model.bin`) of `dir` as CPU tensors; returns
 /// the file used. Truncated or corrupt files are `Malformed` errors naming the file.
 pub(crate) fn load_adapter_tensors(dir: &Path, read: Option<&ModuleBytes>) -> Result<(PathBuf, Vec<(String, Tensor)>), AdapterError> {
-    let st = dir.join("adapter_model.safetensors");
-    if let Some(bytes) = read.and_then(|r| r.get(&st)) {
-        let tensors = safetensors_from_buffer(bytes, &st)?;
-        return Ok((st, tensors));
+    let mut local = Vec::new();
+    let (file, tensors) = adapter_tensors(dir, read, &mut local)?;
+    let tensors = load_all(tensors, &file)?;
+    Ok((file, tensors))
+}
+
+/// One tensor of an adapter file: a view of the safetensors bytes (nothing copied yet), or a
+/// tensor of a `.bin` checkpoint.
+pub(crate) enum AdapterTensor<'a> {
+    View(safetensors::tensor::TensorView<'a>),
+    Loaded(Tensor),
+}
+
+impl AdapterTensor<'_> {
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::View(v) => v.shape(),
+            Self::Loaded(t) => t.dims(),
+        }
     }
-    if st.exists() {
-        let bytes = crate::adapters::source::read_regular(&st)?;
-        let tensors = safetensors_from_buffer(&bytes, &st)?;
-        return Ok((st, tensors));
+
+    /// The values as a contiguous f32 CPU tensor (copied out of the file's bytes for a view).
+    pub fn to_tensor(&self, file: &Path, name: &str) -> Result<Tensor, AdapterError> {
+        use candle_core::safetensors::Load;
+        match self {
+            Self::View(v) => {
+                to_f32(&v.load(&Device::Cpu).map_err(|e| malformed(file, format!("not a readable safetensors file: {e}")))?, file, name)
+            }
+            Self::Loaded(t) => to_f32(t, file, name),
+        }
+    }
+
+    /// Whether [`Self::with_f32`] reads it: an f32, f16 or bf16 view.
+    pub fn is_float_view(&self) -> bool {
+        use safetensors::Dtype;
+        matches!(self, Self::View(v) if matches!(v.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16))
+    }
+
+    /// Runs `f` on the values of an f32, f16 or bf16 view as f32, row-major: in place for an
+    /// aligned little-endian f32 view, else converted into `scratch`. `None` for any other dtype
+    /// or a loaded tensor (read those with [`Self::to_tensor`]).
+    pub fn with_f32<R>(&self, scratch: &mut Vec<f32>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        use safetensors::Dtype;
+        let Self::View(v) = self else { return None };
+        let data = v.data();
+        let convert = |scratch: &mut Vec<f32>, width: usize, one: &dyn Fn(&[u8]) -> f32| {
+            scratch.clear();
+            scratch.extend(data.chunks_exact(width).map(one));
+        };
+        let values: &[f32] = match v.dtype() {
+            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(data) {
+                Ok(vals) if cfg!(target_endian = "little") => vals,
+                _ => {
+                    convert(scratch, 4, &|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    scratch
+                }
+            },
+            Dtype::F16 => {
+                convert(scratch, 2, &|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                scratch
+            }
+            Dtype::BF16 => {
+                convert(scratch, 2, &|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32());
+                scratch
+            }
+            _ => return None,
+        };
+        Some(f(values))
+    }
+}
+
+/// The tensors of `adapter_model.safetensors` (as views of its bytes: from `read` when it kept
+/// them, else read into `local`) or else of `adapter_model.bin`, in file order; returns the file
+/// used.
+pub(crate) fn adapter_tensors<'a>(
+    dir: &Path,
+    read: Option<&'a ModuleBytes>,
+    local: &'a mut Vec<u8>,
+) -> Result<(PathBuf, Vec<(String, AdapterTensor<'a>)>), AdapterError> {
+    let st = dir.join("adapter_model.safetensors");
+    let bytes = match read.and_then(|r| r.get(&st)) {
+        Some(b) => Some(b),
+        None if st.exists() => {
+            *local = crate::adapters::source::read_regular(&st)?;
+            Some(local.as_slice())
+        }
+        None => None,
+    };
+    if let Some(bytes) = bytes {
+        let file =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| malformed(&st, format!("not a readable safetensors file: {e}")))?;
+        let views = file.tensors().into_iter().map(|(n, v)| (n, AdapterTensor::View(v))).collect();
+        return Ok((st, views));
     }
     let bin = dir.join("adapter_model.bin");
     if bin.exists() {
         let v = crate::adapters::error::guard_parser(&bin, "PyTorch checkpoint", || read_pth(&bin))?;
-        return Ok((bin, v));
+        return Ok((bin, v.into_iter().map(|(n, t)| (n, AdapterTensor::Loaded(t))).collect()));
     }
     Err(AdapterError::Io { path: dir.into(), reason: "no adapter_model.safetensors or adapter_model.bin in the adapter folder".into() })
 }
 
-/// Every tensor of a safetensors buffer, converted to CPU tensors in parallel (what candle's
-/// `load_buffer` does one tensor after another; a cold load waits on it), in file order.
-fn safetensors_from_buffer(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
+/// Every tensor as a CPU tensor, converted in parallel (what candle's `load_buffer` does one
+/// tensor after another; a cold load waits on it), in file order.
+fn load_all(tensors: Vec<(String, AdapterTensor<'_>)>, file: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
     use candle_core::safetensors::Load;
     use rayon::prelude::*;
-    let bad = |e: String| malformed(path, format!("not a readable safetensors file: {e}"));
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-    let views = st.tensors();
-    let loaded: Vec<candle_core::Result<Tensor>> = views.par_iter().map(|(_, v)| v.load(&Device::Cpu)).collect();
-    views.into_iter().zip(loaded).map(|((name, _), t)| t.map(|t| (name, t)).map_err(|e| bad(e.to_string()))).collect()
+    tensors
+        .into_par_iter()
+        .map(|(name, t)| match t {
+            AdapterTensor::View(v) => {
+                v.load(&Device::Cpu).map(|t| (name, t)).map_err(|e| malformed(file, format!("not a readable safetensors file: {e}")))
+            }
+            AdapterTensor::Loaded(t) => Ok((name, t)),
+        })
+        .collect()
 }
 
 /// Reads every tensor of a torch.save zip checkpoint (PEFT `adapter_model.bin`) the way candle's

@@ -93,6 +93,12 @@ pub struct BenchArgs {
     /// Seed of prompts, adapters and request sequences.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Runs the selected scenarios this many times, round after round. Each adapter scenario's
+    /// ratio is to the base run of its own round (minutes apart at most, so a host that gets
+    /// busier or quieter moves both); a table after the results gives, per scenario, every
+    /// round's tok/s and ratio, the median tok/s and the smallest and median ratio.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Also time every phase of the batch steps (trace spans: norms, projections, attention,
     /// adapter deltas, head, sampling) and print, per scenario, where a decode step's and a
     /// prefill step's time went. Costs well under 1% of a step.
@@ -126,6 +132,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let scenarios = selected(&args)?;
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
     anyhow::ensure!(args.streams >= 2, "--streams must be at least 2");
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     anyhow::ensure!(args.prefill_chunk >= 1 && args.max_batch_tokens >= 1, "--prefill-chunk and --max-batch-tokens must be positive");
     crate::bootstrap::set_threads(args.model.threads);
     let (work, temporary) = match &args.work_dir {
@@ -174,47 +181,60 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     scenarios::warmup(&ctx)?;
     let mut res = Results::default();
     let mut profiles = Vec::new();
-    for name in scenarios {
-        eprintln!("[bench] == {name} ==");
-        let t0 = Instant::now();
-        let (cpu0, host0, first_row) = (stats::cpu_seconds(), stats::host_cpu(), res.rows.len());
-        crate::tools::profile::global().take();
-        match *name {
-            "single" => scenarios::single(&ctx, &mut res)?,
-            "base32" => scenarios::base_streams(&ctx, &mut res)?,
-            "lora32" => scenarios::lora_streams(&ctx, &mut res)?,
-            "sft32" => scenarios::sft_streams(&ctx, &mut res)?,
-            "poly32" => scenarios::poly_streams(&ctx, &mut res)?,
-            "base128" => scenarios::base_streams_wide(&ctx, &mut res)?,
-            "lora32_r16" | "lora32_r64" | "lora32_mixed" | "lora128" => scenarios::lora_streams_named(&ctx, &mut res, name)?,
-            "zipf1000" => load::zipf(&ctx, &mut res)?,
-            "coldload" => load::coldload(&ctx, &mut res)?,
-            "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,
-            "ws2x" => working_set::ws2x(&ctx, &mut res)?,
-            other => unreachable!("unknown scenario {other}"),
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("[bench] ==== round {round} of {} ====", args.rounds);
+            // Every round's adapter rows compare with its own base runs.
+            (res.base_streams, res.base_wide) = (None, None);
         }
-        drive::wait_idle(&ctx);
-        let wall = t0.elapsed().as_secs_f64();
-        if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
-            // Fewer busy cores than --threads means other processes, or the hypervisor (steal:
-            // the VM wanted a CPU it did not get), took CPU from this run.
-            let mine = (b - a) / wall.max(1e-9);
-            let host = match (host0, stats::host_cpu()) {
-                (Some(h0), Some(h1)) => format!(
-                    "; other processes {:.2} cores, hypervisor steal {:.2} cores",
-                    ((h1.busy - h0.busy) / wall.max(1e-9) - mine).max(0.0),
-                    (h1.steal - h0.steal) / wall.max(1e-9)
-                ),
-                _ => String::new(),
-            };
-            let note = format!("[this scenario kept {mine:.2} cores busy on average{host}]");
-            for r in &mut res.rows[first_row..] {
-                r.notes = format!("{} {note}", r.notes);
+        for name in scenarios {
+            eprintln!("[bench] == {name} ==");
+            let t0 = Instant::now();
+            let (cpu0, host0, first_row) = (stats::cpu_seconds(), stats::host_cpu(), res.rows.len());
+            crate::tools::profile::global().take();
+            match *name {
+                "single" => scenarios::single(&ctx, &mut res)?,
+                "base32" => scenarios::base_streams(&ctx, &mut res)?,
+                "lora32" => scenarios::lora_streams(&ctx, &mut res)?,
+                "sft32" => scenarios::sft_streams(&ctx, &mut res)?,
+                "poly32" => scenarios::poly_streams(&ctx, &mut res)?,
+                "base128" => scenarios::base_streams_wide(&ctx, &mut res)?,
+                "lora32_r16" | "lora32_r64" | "lora32_mixed" | "lora128" => scenarios::lora_streams_named(&ctx, &mut res, name)?,
+                "zipf1000" => load::zipf(&ctx, &mut res)?,
+                "coldload" => load::coldload(&ctx, &mut res)?,
+                "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,
+                "ws2x" => working_set::ws2x(&ctx, &mut res)?,
+                other => unreachable!("unknown scenario {other}"),
             }
-        }
-        eprintln!("[bench]   {name} took {wall:.1} s");
-        if args.profile {
-            profiles.push((*name, crate::tools::profile::global().take()));
+            drive::wait_idle(&ctx);
+            let wall = t0.elapsed().as_secs_f64();
+            if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
+                // Fewer busy cores than --threads means other processes, or the hypervisor (steal:
+                // the VM wanted a CPU it did not get), took CPU from this run.
+                let mine = (b - a) / wall.max(1e-9);
+                let host = match (host0, stats::host_cpu()) {
+                    (Some(h0), Some(h1)) => format!(
+                        "; other processes {:.2} cores, hypervisor steal {:.2} cores",
+                        ((h1.busy - h0.busy) / wall.max(1e-9) - mine).max(0.0),
+                        (h1.steal - h0.steal) / wall.max(1e-9)
+                    ),
+                    _ => String::new(),
+                };
+                let note = format!("[this scenario kept {mine:.2} cores busy on average{host}]");
+                for r in &mut res.rows[first_row..] {
+                    r.notes = format!("{} {note}", r.notes);
+                }
+            }
+            if args.rounds > 1 {
+                for r in &mut res.rows[first_row..] {
+                    r.round = Some(round);
+                    r.notes = format!("round {round}: {}", r.notes);
+                }
+            }
+            eprintln!("[bench]   {name} took {wall:.1} s");
+            if args.profile {
+                profiles.push((*name, crate::tools::profile::global().take()));
+            }
         }
     }
     let threads = args.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
@@ -234,6 +254,10 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     );
     println!("{header}\n");
     print!("{}", stats::render_table(&res.rows));
+    let rounds = stats::render_rounds(&res.rows);
+    if !rounds.is_empty() {
+        println!("\n### {} rounds\n\n{rounds}", args.rounds);
+    }
     for (name, table) in &profiles {
         println!("\n### Phase profile: {name}\n{}", crate::tools::profile::render(table));
     }
@@ -248,6 +272,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             "max_batch_tokens": args.max_batch_tokens,
             "max_decode_stall_ms": args.max_decode_stall_ms,
             "seed": args.seed,
+            "rounds": args.rounds,
             "total_s": t_all.elapsed().as_secs_f64(),
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),

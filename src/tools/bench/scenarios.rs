@@ -59,6 +59,7 @@ pub fn row(name: &str, streams: usize, s: &Summary, base: Option<f64>, notes: St
         notes: format!("{notes}{}", error_note(s)),
         tokens: Some(s.tokens),
         wall_s: Some(s.wall_s),
+        round: None,
     }
 }
 

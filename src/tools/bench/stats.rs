@@ -79,6 +79,8 @@ pub struct Row {
     /// Tokens generated and wall seconds of the measurement (JSON only).
     pub tokens: Option<usize>,
     pub wall_s: Option<f64>,
+    /// The round (from 1) of a run with `--rounds` above 1.
+    pub round: Option<usize>,
 }
 
 fn cell(v: Option<f64>, digits: usize) -> String {
@@ -112,6 +114,39 @@ pub fn render_table(rows: &[Row]) -> String {
             pair(r.itl_p50_ms, r.itl_p99_ms),
             cell(r.peak_rss_mb, 0),
             r.notes.replace('|', "\\|"),
+        ));
+    }
+    out
+}
+
+/// Per scenario of a run in rounds: every round's tok/s and ratio to its own round's base run,
+/// with the median tok/s and the smallest and median ratio (empty below two rounds).
+pub fn render_rounds(rows: &[Row]) -> String {
+    if rows.iter().filter_map(|r| r.round).max().unwrap_or(0) < 2 {
+        return String::new();
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.tok_s.is_some()) {
+        if !names.contains(&r.scenario.as_str()) {
+            names.push(&r.scenario);
+        }
+    }
+    let mut out = String::from(
+        "| scenario | tok/s per round | median tok/s | ratio per round | smallest ratio | median ratio |\n|---|---|---:|---|---:|---:|\n",
+    );
+    let list = |v: &[f64], digits: usize| v.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(" / ");
+    for name in names {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.scenario == name).collect();
+        let tok: Vec<f64> = of.iter().filter_map(|r| r.tok_s).collect();
+        let ratio: Vec<f64> = of.iter().filter_map(|r| r.ratio_to_base).collect();
+        let smallest = ratio.iter().copied().reduce(f64::min);
+        out.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} |\n",
+            list(&tok, 1),
+            cell(percentile(&tok, 50.0), 1),
+            if ratio.is_empty() { "-".into() } else { list(&ratio, 2) },
+            cell(smallest, 2),
+            cell(percentile(&ratio, 50.0), 2),
         ));
     }
     out
@@ -207,5 +242,30 @@ mod tests {
         assert_eq!(lines[2], "| base32 | 32 | 123.5 | 1.00 | 10 / 21 | - | - |  |");
         assert!(lines[3].contains("a\\|b"));
         assert!(lines.iter().all(|l| l.matches('|').count() - l.matches("\\|").count() == 9));
+    }
+
+    /// A run in rounds prints one line per scenario: every round's tok/s and ratio in order,
+    /// the median tok/s (nearest rank) and the smallest and median ratio; one round prints none.
+    #[test]
+    fn rounds_table_pairs_each_ratio_with_its_round() {
+        let row = |scenario: &str, round: usize, tok: f64, ratio: Option<f64>| Row {
+            scenario: scenario.into(),
+            tok_s: Some(tok),
+            ratio_to_base: ratio,
+            round: Some(round),
+            ..Default::default()
+        };
+        let rows = vec![
+            row("base32", 1, 600.0, None),
+            row("lora32", 1, 540.0, Some(0.90)),
+            row("base32", 2, 500.0, None),
+            row("lora32", 2, 430.0, Some(0.86)),
+            row("base32", 3, 550.0, None),
+            row("lora32", 3, 506.0, Some(0.92)),
+        ];
+        let t = render_rounds(&rows);
+        assert!(t.contains("| base32 | 600.0 / 500.0 / 550.0 | 550.0 | - | - | - |"), "{t}");
+        assert!(t.contains("| lora32 | 540.0 / 430.0 / 506.0 | 506.0 | 0.90 / 0.86 / 0.92 | 0.86 | 0.90 |"), "{t}");
+        assert_eq!(render_rounds(&rows[..2]), "");
     }
 }
