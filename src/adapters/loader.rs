@@ -124,12 +124,17 @@ impl ModuleLoader {
                 reg.id, self.limits.max_file_bytes
             )));
         }
-        let t_hash = std::time::Instant::now();
+        let t_read = std::time::Instant::now();
         // LoRA and Poly tensors are parsed from the very bytes hashed.
         let bytes = ModuleBytes::read(&reg.path, |f| {
             matches!(reg.kind, ModuleKind::Lora | ModuleKind::Poly) && f.file_name().is_some_and(|n| n == "adapter_model.safetensors")
         })?;
-        let mut version = bytes.version.clone();
+        let read_ms = t_read.elapsed().as_secs_f64() * 1e3;
+        let t_parse = std::time::Instant::now();
+        // The version is hashed while the files are parsed: both read the same kept bytes, and
+        // a cold load waits on the longer of the two rather than on their sum.
+        let (version, parsed) = rayon::join(|| bytes.version(), || self.parse(reg, &bytes));
+        let (mut version, (data, rank)) = (version?, parsed?);
         if !sources.is_empty() {
             // A merge's version names its components' contents too: an edit inside a component
             // folder is a new version, never the old merge served on.
@@ -139,18 +144,32 @@ impl ModuleLoader {
             }
             version = short_hash(all.as_bytes());
         }
-        let hash_ms = t_hash.elapsed().as_secs_f64() * 1e3;
-        let t_parse = std::time::Instant::now();
+        if let Some(r) = rank.filter(|&r| r > self.limits.max_rank) {
+            return Err(AdapterError::Limit(format!("module `{}` has rank {r}; max_adapter_rank is {}", reg.id, self.limits.max_rank)));
+        }
+        let hash_parse_ms = t_parse.elapsed().as_secs_f64() * 1e3;
+        let t_prep = std::time::Instant::now();
+        let data = match data {
+            ModuleData::Deltas(d) => ModuleData::Deltas(self.finish(d)?),
+            poly => poly,
+        };
+        let prepare_ms = t_prep.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(module = %reg.id, read_ms, hash_parse_ms, prepare_ms, "module loaded");
+        Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank, file_bytes: size })
+    }
+
+    /// Parses module `reg`'s files (the kept ones from `bytes`) into its data and rank.
+    fn parse(&self, reg: &Registration, bytes: &ModuleBytes) -> Result<(ModuleData, Option<usize>), AdapterError> {
         let file = |name: &str| if reg.path.is_dir() { reg.path.join(name) } else { reg.path.clone() };
-        let (data, rank) = match reg.kind {
+        Ok(match reg.kind {
             ModuleKind::Lora => {
                 // On the CPU with compact factors, packed straight from the file's bytes.
                 let direct = self.compact_factors && self.device.is_cpu();
-                let (d, info) = super::formats::lora::load_peft_lora_from(&reg.path, &self.base, Some(&bytes), direct)?;
+                let (d, info) = super::formats::lora::load_peft_lora_from(&reg.path, &self.base, Some(bytes), direct)?;
                 (ModuleData::Deltas(Arc::new(d)), Some(info.rank))
             }
             ModuleKind::Poly => {
-                let p = super::formats::poly::load_peft_poly_from(&reg.path, &self.base, Some(&bytes))?;
+                let p = super::formats::poly::load_peft_poly_from(&reg.path, &self.base, Some(bytes))?;
                 let r = p.rank();
                 (ModuleData::Poly(Arc::new(p)), Some(r))
             }
@@ -171,19 +190,7 @@ impl ModuleLoader {
                 tracing::info!(module = %reg.id, report = ?out.report, "merged module built");
                 (ModuleData::Deltas(Arc::new(out.deltas)), None)
             }
-        };
-        if let Some(r) = rank.filter(|&r| r > self.limits.max_rank) {
-            return Err(AdapterError::Limit(format!("module `{}` has rank {r}; max_adapter_rank is {}", reg.id, self.limits.max_rank)));
-        }
-        let parse_ms = t_parse.elapsed().as_secs_f64() * 1e3;
-        let t_prep = std::time::Instant::now();
-        let data = match data {
-            ModuleData::Deltas(d) => ModuleData::Deltas(self.finish(d)?),
-            poly => poly,
-        };
-        let prepare_ms = t_prep.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(module = %reg.id, hash_ms, parse_ms, prepare_ms, "module loaded");
-        Ok(LoadedModule { id: reg.id.clone(), kind: reg.kind, version, data, rank, file_bytes: size })
+        })
     }
 
     /// Readies parsed deltas for the model: on the CPU, the kernels' host layout; on a GPU, the

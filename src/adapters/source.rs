@@ -96,53 +96,87 @@ pub fn module_bytes(path: &Path) -> Result<u64, AdapterError> {
 /// BLAKE3 rather than SHA-256 because it hashes several times faster on the cold-load path while
 /// staying a cryptographic hash.
 pub fn content_hash(path: &Path) -> Result<String, AdapterError> {
-    Ok(ModuleBytes::read(path, |_| false)?.version.clone())
+    ModuleBytes::read(path, |_| false)?.version()
 }
 
-/// A module's files read once for loading: the version hash over all of them and, for the files
-/// the loader will parse, their bytes, so the hash names exactly the bytes parsed (no second
-/// read, and no window in which a swapped file is parsed under the old version).
+/// A module's files read once for loading: the bytes of the files the loader will parse, and the
+/// version hash over all files ([`ModuleBytes::version`]), which covers exactly the bytes parsed
+/// (no second read, and no window in which a swapped file is parsed under the old version).
 pub struct ModuleBytes {
-    pub version: String,
+    /// The hash over the files before the first kept one.
+    hashed: blake3::Hasher,
+    /// The files from the first kept one on, in name order: hashed by [`ModuleBytes::version`]
+    /// (kept ones from their bytes, others read then), so a loader can hash while it parses.
+    rest: Vec<std::path::PathBuf>,
     kept: std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>,
 }
 
 impl ModuleBytes {
-    /// Reads and hashes every file of the module; keeps the bytes of the files `keep` selects.
+    /// Reads every file of the module and keeps the bytes of the files `keep` selects; the files
+    /// before the first kept one are hashed now, the others by [`ModuleBytes::version`].
     pub fn read(path: &Path, keep: impl Fn(&Path) -> bool) -> Result<Self, AdapterError> {
         use std::io::Read;
-        let mut h = blake3::Hasher::new();
-        let mut kept = std::collections::BTreeMap::new();
-        let mut buf = Vec::new();
+        let mut hashed = blake3::Hasher::new();
+        let (mut rest, mut kept) = (Vec::new(), std::collections::BTreeMap::new());
         for f in module_files(path)? {
-            let name = f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name);
-            let io = |e: std::io::Error| AdapterError::io(&f, "cannot read", e);
-            let mut file = open_regular(&f)?;
             if keep(&f) {
-                let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-                let mut bytes = take_buffer(len);
-                read_hashing(&mut file, len, &mut bytes, &mut h).map_err(io)?;
+                let mut file = open_regular(&f)?;
+                let mut bytes = take_buffer(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
+                file.read_to_end(&mut bytes).map_err(|e| AdapterError::io(&f, "cannot read", e))?;
                 kept.insert(f.clone(), bytes);
+                rest.push(f);
+            } else if rest.is_empty() {
+                hash_file(&mut hashed, &f)?;
             } else {
-                // Large blocks let BLAKE3 hash many chunks at once (SIMD, and both cores).
-                buf.resize(4 << 20, 0);
-                loop {
-                    let n = file.read(&mut buf).map_err(io)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update_rayon(&buf[..n]);
-                }
+                rest.push(f);
             }
         }
-        Ok(Self { version: hex::encode(&h.finalize().as_bytes()[..8]), kept })
+        Ok(Self { hashed, rest, kept })
+    }
+
+    /// The module's version: BLAKE3 over (name length, name, contents) of every file in name
+    /// order, first 8 bytes in hex. The kept files are hashed from the bytes kept; others after
+    /// the first kept one are read now.
+    pub fn version(&self) -> Result<String, AdapterError> {
+        let mut h = self.hashed.clone();
+        for f in &self.rest {
+            match self.kept.get(f) {
+                Some(bytes) => {
+                    hash_name(&mut h, f);
+                    h.update_rayon(bytes);
+                }
+                None => hash_file(&mut h, f)?,
+            }
+        }
+        Ok(hex::encode(&h.finalize().as_bytes()[..8]))
     }
 
     /// The bytes of `file`, if they were kept.
     pub fn get(&self, file: &Path) -> Option<&[u8]> {
         self.kept.get(file).map(|v| v.as_slice())
+    }
+}
+
+/// The length and bytes of `f`'s file name, as the version hashes them before its contents.
+fn hash_name(h: &mut blake3::Hasher, f: &Path) {
+    let name = f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name);
+}
+
+/// Hashes `f`'s name and contents, streamed in large blocks (BLAKE3 then hashes many chunks at
+/// once: SIMD, and both cores).
+fn hash_file(h: &mut blake3::Hasher, f: &Path) -> Result<(), AdapterError> {
+    use std::io::Read;
+    hash_name(h, f);
+    let mut file = open_regular(f)?;
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| AdapterError::io(f, "cannot read", e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update_rayon(&buf[..n]);
     }
 }
 
@@ -152,38 +186,6 @@ impl Drop for ModuleBytes {
             give_buffer(b);
         }
     }
-}
-
-/// Reads `file` (`len` bytes by its metadata) into `bytes` and hashes them into `h`, as
-/// `read_to_end` then `update` would, but pipelined: each chunk is hashed while the next one is
-/// read (`rayon::join`: on two cores the read's copy and the hash overlap; with no idle worker
-/// they run one after the other). Bytes past `len` (a file that grew meanwhile) are read and
-/// hashed too; a file that shrank is an `UnexpectedEof` error.
-fn read_hashing(file: &mut std::fs::File, len: usize, bytes: &mut Vec<u8>, h: &mut blake3::Hasher) -> std::io::Result<()> {
-    use std::io::Read;
-    const CHUNK: usize = 1 << 20;
-    bytes.clear();
-    bytes.resize(len, 0);
-    let mut prev: Option<&[u8]> = None;
-    for chunk in bytes.chunks_mut(CHUNK) {
-        let (read, ()) = rayon::join(
-            || file.read_exact(chunk),
-            || {
-                if let Some(p) = prev {
-                    h.update(p);
-                }
-            },
-        );
-        read?;
-        prev = Some(chunk);
-    }
-    if let Some(p) = prev {
-        h.update(p);
-    }
-    let grown = bytes.len();
-    file.read_to_end(bytes)?;
-    h.update(&bytes[grown..]);
-    Ok(())
 }
 
 /// Read buffers kept between module loads: a fresh 10 MB buffer costs more in page faults than
@@ -242,11 +244,10 @@ mod tests {
         assert_eq!(read_regular(&file).unwrap(), b"abc");
     }
 
-    /// A module's version is the same whether a file is kept (read in chunks, each hashed while
-    /// the next is read) or only hashed (streamed), and is BLAKE3 over (name length, name,
-    /// contents) per file: checked against a hash computed here in one piece, for files of 0
-    /// bytes, under one chunk, and of several chunks with a partial last one; the kept bytes are
-    /// the file's.
+    /// A module's version is the same whichever files are kept (hashed later from their bytes,
+    /// with every file after the first kept one) or only hashed (streamed), and is BLAKE3 over
+    /// (name length, name, contents) per file: checked against a hash computed here in one
+    /// piece, for an empty file, a small one and one of several MB; the kept bytes are the file's.
     #[test]
     fn kept_and_streamed_files_hash_to_the_same_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -261,9 +262,12 @@ mod tests {
             want.update(data);
         }
         let want = hex::encode(&want.finalize().as_bytes()[..8]);
-        let streamed = ModuleBytes::read(dir.path(), |_| false).unwrap();
-        let kept = ModuleBytes::read(dir.path(), |_| true).unwrap();
-        assert_eq!((streamed.version.as_str(), kept.version.as_str()), (want.as_str(), want.as_str()));
+        let streamed = ModuleBytes::read(dir.path(), |_| false).unwrap().version().unwrap();
+        let all_kept = ModuleBytes::read(dir.path(), |_| true).unwrap();
+        let first_kept = ModuleBytes::read(dir.path(), |f| f.ends_with("b_empty")).unwrap().version().unwrap();
+        let last_kept = ModuleBytes::read(dir.path(), |f| f.ends_with("c_big.safetensors")).unwrap().version().unwrap();
+        assert_eq!([&streamed, &all_kept.version().unwrap(), &first_kept, &last_kept], [&want; 4]);
+        let kept = all_kept;
         assert_eq!(kept.get(&dir.path().join("c_big.safetensors")), Some(&big[..]));
         assert_eq!(kept.get(&dir.path().join("b_empty")), Some(&b""[..]));
     }

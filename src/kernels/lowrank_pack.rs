@@ -103,9 +103,18 @@ impl CompactSlot<'_> {
         let (a4w, sa) = head.split_at_mut(so);
         let (b8w, sb) = tail.split_at_mut(to - bo);
         debug_assert_eq!(ao, 0);
-        let finite_a = pack_a(a, n, rp, &mut bytemuck::cast_slice_mut::<f32, u8>(a4w)[..layout.a4_bytes], &mut sa[..layout.sa_len]);
-        let finite_b =
-            pack_b(b, out, r, rp, b_scale, &mut bytemuck::cast_slice_mut::<f32, u8>(b8w)[..layout.b8_bytes], &mut sb[..layout.sb_len]);
+        let (a4, sa) = (&mut bytemuck::cast_slice_mut::<f32, u8>(a4w)[..layout.a4_bytes], &mut sa[..layout.sa_len]);
+        let (b8, sb) = (&mut bytemuck::cast_slice_mut::<f32, u8>(b8w)[..layout.b8_bytes], &mut sb[..layout.sb_len]);
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu().avx2_fma {
+            // SAFETY: the CPU has AVX2 (the probe); the kernels index every slice with checked
+            // operations or through fixed-size local arrays.
+            let (fa, fb) = unsafe { (pack_a_avx2(a, n, rp, a4, sa), pack_b_avx2(b, out, r, rp, b_scale, b8, sb)) };
+            self.filled = fa && fb;
+            return self.filled;
+        }
+        let finite_a = pack_a(a, n, rp, a4, sa);
+        let finite_b = pack_b(b, out, r, rp, b_scale, b8, sb);
         self.filled = finite_a && finite_b;
         self.filled
     }
@@ -196,6 +205,103 @@ fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) -> bool
     finite
 }
 
+/// Eight values `v * inv` rounded half away from zero (as [`round_i8`]: `+-0.5`, then truncation),
+/// clamped to +-127, plus 128: one 32-bit lane each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma")]
+fn q8x8(v: std::arch::x86_64::__m256, inv: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let t = _mm256_mul_ps(v, inv);
+    let half = _mm256_or_ps(_mm256_set1_ps(0.5), _mm256_and_ps(t, _mm256_set1_ps(-0.0)));
+    let i = _mm256_cvttps_epi32(_mm256_add_ps(t, half));
+    _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(i, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127)), _mm256_set1_epi32(128))
+}
+
+/// `vals` (at most `N * 8`) as `N` vectors, zero-padded.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma")]
+fn load_padded<const N: usize>(vals: &[f32]) -> [std::arch::x86_64::__m256; N] {
+    use std::arch::x86_64::*;
+    let mut buf = [[0f32; 8]; N];
+    for (dst, src) in buf.iter_mut().flatten().zip(vals) {
+        *dst = *src;
+    }
+    // SAFETY: each load reads one whole local array of 8 values.
+    std::array::from_fn(|i| unsafe { _mm256_loadu_ps(buf[i].as_ptr()) })
+}
+
+/// [`pack_a`] with AVX2: the same values and bytes, 8 inputs per instruction.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma")]
+unsafe fn pack_a_avx2(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) -> bool {
+    use std::arch::x86_64::*;
+    a4.fill(128);
+    sa.fill(0.0);
+    let mut finite = true;
+    // packs/packus interleave the 128-bit lanes: this puts the 8 quads back in input order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (j, row) in a.chunks_exact(n).enumerate() {
+        for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
+            let (m, ok) = absmax(vals);
+            finite &= ok;
+            let d = m / 127.0;
+            sa[blk * rp + j] = d;
+            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let v: [__m256; 4] = load_padded(vals);
+            let i = v.map(|x| q8x8(x, inv));
+            let bytes = _mm256_packus_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let mut quads = [0u32; 8];
+            _mm256_storeu_si256(quads.as_mut_ptr() as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+            // Padded inputs quantize to 0, stored 128: what the fill left there.
+            for (g, quad) in quads.iter().enumerate() {
+                let at = ((blk * (FACTOR_BLOCK / 4) + g) * rp + j) * 4;
+                a4[at..at + 4].copy_from_slice(&quad.to_le_bytes());
+            }
+        }
+    }
+    finite
+}
+
+/// [`pack_b`] with AVX2: the same values and bytes, one group of 8 rank columns per instruction.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma")]
+unsafe fn pack_b_avx2(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8: &mut [u8], sb: &mut [f32]) -> bool {
+    use std::arch::x86_64::*;
+    b8.fill(128);
+    let mut finite = true;
+    // The low byte of each 32-bit lane, per 128-bit lane.
+    let low_bytes = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    for (blk, sbk) in sb.iter_mut().enumerate() {
+        let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
+        let vals = &b[o0 * r..o1 * r];
+        let (m, ok) = absmax(vals);
+        finite &= ok;
+        let d = m / 127.0;
+        *sbk = d * scale;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
+            let at = b8_index(o, 0, rp);
+            for (c, group) in row.chunks(GROUP).enumerate() {
+                let v = if group.len() == GROUP { _mm256_loadu_ps(group.as_ptr()) } else { load_padded::<1>(group)[0] };
+                let q = _mm256_shuffle_epi8(q8x8(v, inv), low_bytes);
+                let eight = _mm_unpacklo_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                let mut bytes = [0u8; 16];
+                _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, eight);
+                b8[at + c * 64..at + c * 64 + GROUP].copy_from_slice(&bytes[..GROUP]);
+            }
+        }
+    }
+    finite
+}
+
 /// Index of output `o`, rank column `j` in `HostFactors::Int8`'s `b8` of width `rp`.
 pub(super) fn b8_index(o: usize, j: usize, rp: usize) -> usize {
     ((o / 8) * (rp / GROUP) + j / GROUP) * 64 + (o % 8) * GROUP + j % GROUP
@@ -226,4 +332,62 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8: &mut [u8],
         }
     }
     finite
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The AVX2 packers write the very bytes, scales and finiteness flags of the portable ones:
+    /// ranks that are and are not multiples of 8, widths with partial blocks of 32 and of 8,
+    /// values of mixed magnitudes, exact ties of the rounding (x.5 after scaling), zero blocks,
+    /// and a NaN.
+    #[test]
+    fn avx2_packing_equals_the_portable_packing() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(crate::kernels::cpu().avx2_fma, "this test compares the AVX2 packers; the CPU has no AVX2");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            for &(r, n, out) in
+                &[(1usize, 8usize, 8usize), (8, 576, 576), (5, 100, 37), (16, 1536, 576), (64, 576, 192), (128, 33, 9), (3, 64, 40)]
+            {
+                let rp = r.next_multiple_of(GROUP);
+                let layout = CompactLayout::new(rp, n, out);
+                let mut gen = |len: usize| -> Vec<f32> {
+                    (0..len)
+                        .map(|i| if i % 97 == 5 { 0.0 } else { rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..2)) })
+                        .collect()
+                };
+                let (mut a, mut b) = (gen(r * n), gen(out * r));
+                // Ties: a first block whose absmax is 127 (d = 1), holding values that end in .5.
+                for (k, v) in a.iter_mut().take(n.min(FACTOR_BLOCK)).enumerate() {
+                    *v = if k == 0 { 127.0 } else { (k as f32 - 16.0) + 0.5 };
+                }
+                b[..r.min(8)].iter_mut().for_each(|v| *v = 0.0);
+                for nan in [false, true] {
+                    if nan {
+                        a[n / 2] = f32::NAN;
+                        let last = b.len() - 1;
+                        b[last] = f32::INFINITY;
+                    }
+                    let (mut a4p, mut sap) = (vec![0u8; layout.a4_bytes], vec![0f32; layout.sa_len]);
+                    let (mut a4v, mut sav) = (a4p.clone(), sap.clone());
+                    let (mut b8p, mut sbp) = (vec![0u8; layout.b8_bytes], vec![0f32; layout.sb_len]);
+                    let (mut b8v, mut sbv) = (b8p.clone(), sbp.clone());
+                    let fa = pack_a(&a, n, rp, &mut a4p, &mut sap);
+                    let fb = pack_b(&b, out, r, rp, 0.37, &mut b8p, &mut sbp);
+                    // SAFETY: the CPU has AVX2 (asserted above).
+                    let (fav, fbv) =
+                        unsafe { (pack_a_avx2(&a, n, rp, &mut a4v, &mut sav), pack_b_avx2(&b, out, r, rp, 0.37, &mut b8v, &mut sbv)) };
+                    assert_eq!((fa, fb), (!nan, !nan), "rank {r} {n}->{out}: finiteness");
+                    assert_eq!((fav, fbv), (fa, fb), "rank {r} {n}->{out}: finiteness");
+                    if !nan {
+                        assert!(a4p == a4v && sap == sav, "rank {r} {n}->{out}: a differs");
+                        assert!(b8p == b8v && sbp == sbv, "rank {r} {n}->{out}: b differs");
+                    }
+                }
+            }
+        }
+    }
 }
