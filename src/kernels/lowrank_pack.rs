@@ -176,6 +176,15 @@ fn absmax(v: &[f32]) -> (f32, bool) {
     (rest.iter().chain(&lanes).fold(0f32, |m, x| m.max(x.abs())), finite)
 }
 
+/// A block's scale `absmax / 127` and its inverse (0 for an all-zero block); clears `finite` when
+/// a value of the block is not finite.
+fn block_scale(vals: &[f32], finite: &mut bool) -> (f32, f32) {
+    let (m, ok) = absmax(vals);
+    *finite &= ok;
+    let d = m / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
 /// `a` `[r, in]` (row-major, as stored by PEFT) into `HostFactors::Int8`'s `a4`, `sa` of width `rp`:
 /// per rank row and block of 32 inputs, the block quantized into a buffer (a loop the compiler
 /// vectorises), then copied out 4 inputs (one 32-bit lane) at a time. Returns whether every value
@@ -187,11 +196,8 @@ fn pack_a(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f32]) -> bool
     let mut q = [128u8; FACTOR_BLOCK];
     for (j, row) in a.chunks_exact(n).enumerate() {
         for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
-            let (m, ok) = absmax(vals);
-            finite &= ok;
-            let d = m / 127.0;
+            let (d, inv) = block_scale(vals, &mut finite);
             sa[blk * rp + j] = d;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             q.fill(128);
             for (qk, v) in q.iter_mut().zip(vals) {
                 *qk = q8(*v, inv);
@@ -245,11 +251,9 @@ unsafe fn pack_a_avx2(a: &[f32], n: usize, rp: usize, a4: &mut [u8], sa: &mut [f
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (j, row) in a.chunks_exact(n).enumerate() {
         for (blk, vals) in row.chunks(FACTOR_BLOCK).enumerate() {
-            let (m, ok) = absmax(vals);
-            finite &= ok;
-            let d = m / 127.0;
+            let (d, inv) = block_scale(vals, &mut finite);
             sa[blk * rp + j] = d;
-            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let inv = _mm256_set1_ps(inv);
             let v: [__m256; 4] = load_padded(vals);
             let i = v.map(|x| q8x8(x, inv));
             let bytes = _mm256_packus_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
@@ -282,11 +286,9 @@ unsafe fn pack_b_avx2(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8
     for (blk, sbk) in sb.iter_mut().enumerate() {
         let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
         let vals = &b[o0 * r..o1 * r];
-        let (m, ok) = absmax(vals);
-        finite &= ok;
-        let d = m / 127.0;
+        let (d, inv) = block_scale(vals, &mut finite);
         *sbk = d * scale;
-        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let inv = _mm256_set1_ps(inv);
         for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
             let at = b8_index(o, 0, rp);
             for (c, group) in row.chunks(GROUP).enumerate() {
@@ -316,11 +318,8 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8: &mut [u8],
     for (blk, sbk) in sb.iter_mut().enumerate() {
         let (o0, o1) = (blk * FACTOR_BLOCK, ((blk + 1) * FACTOR_BLOCK).min(out));
         let vals = &b[o0 * r..o1 * r];
-        let (m, ok) = absmax(vals);
-        finite &= ok;
-        let d = m / 127.0;
+        let (d, inv) = block_scale(vals, &mut finite);
         *sbk = d * scale;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
             let at = b8_index(o, 0, rp);
             // One output's values of a group of 8 rank columns are 8 consecutive bytes.
