@@ -215,11 +215,16 @@ fn host_low_rank(a: &Tensor, b: &Tensor, compact: bool) -> Result<HostLowRank, A
     Ok(with_host_f32(a, |av| with_host_f32(b, |bv| Ok(HostLowRank::new(av, bv, rank, in_dim, out_dim, compact))))?)
 }
 
+/// What the first value of `v` that is not finite is (`"NaN"` or `"infinite"`, as
+/// [`AdapterError::NonFinite`] names it), if there is one.
+pub(crate) fn non_finite(v: &[f32]) -> Option<&'static str> {
+    v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" })
+}
+
 fn check_finite(d: &MatrixDelta, path: &Path, name: &str) -> Result<(), AdapterError> {
-    let bad = |v: &[f32]| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" });
-    let host = |t: &Tensor| with_host_f32(t, |v| Ok(bad(v)));
+    let host = |t: &Tensor| with_host_f32(t, |v| Ok(non_finite(v)));
     let found = match d {
-        MatrixDelta::Sparse(s) => bad(s.values()),
+        MatrixDelta::Sparse(s) => non_finite(s.values()),
         MatrixDelta::Dense(t) => host(t)?,
         MatrixDelta::LowRank { a, b } => host(a)?.or(host(b)?),
         MatrixDelta::Packed(_) => None, // packed from checked factors

@@ -164,13 +164,14 @@ fn hash_name(h: &mut blake3::Hasher, f: &Path) {
     h.update(name);
 }
 
-/// Hashes `f`'s name and contents, streamed in large blocks (BLAKE3 then hashes many chunks at
-/// once: SIMD, and both cores).
+/// Hashes `f`'s name and contents, streamed in blocks of up to 4 MB (BLAKE3 then hashes many
+/// chunks at once: SIMD, and both cores); a small file gets a buffer of its own size.
 fn hash_file(h: &mut blake3::Hasher, f: &Path) -> Result<(), AdapterError> {
     use std::io::Read;
     hash_name(h, f);
     let mut file = open_regular(f)?;
-    let mut buf = vec![0u8; 4 << 20];
+    let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let mut buf = vec![0u8; len.clamp(1, 4 << 20)];
     loop {
         let n = file.read(&mut buf).map_err(|e| AdapterError::io(f, "cannot read", e))?;
         if n == 0 {

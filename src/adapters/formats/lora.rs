@@ -22,7 +22,7 @@ use super::peft::{
     adapter_tensors, check_coverage, malformed, module_target, present, read_config, suffix_match, unsupported, AdapterTensor, Selector,
 };
 use crate::adapters::error::AdapterError;
-use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use crate::adapters::module_deltas::{non_finite, MatrixDelta, ModuleDeltas};
 use crate::adapters::source::ModuleBytes;
 use crate::adapters::target::{BaseShapes, Target};
 use crate::kernels::lowrank::{HostLowRank, MAX_KERNEL_RANK};
@@ -311,16 +311,14 @@ fn pack_direct(fast: &[Checked<'_>], file: &Path) -> Result<Vec<(Target, MatrixD
     });
     match packed {
         Ok(hs) => Ok(fast.iter().zip(hs).map(|(c, h)| (c.target, MatrixDelta::Packed(std::sync::Arc::new(h)))).collect()),
-        // A value is not finite: name the first such factor in module order (as the tensor path's
-        // validation does).
+        // A value is not finite: name the first such target in target order, `a` before `b`
+        // (what `ModuleDeltas::validate` reports on the tensor path).
         Err(()) => Err(fast
             .iter()
             .flat_map(|c| [&c.a, &c.b].map(|f| (c.target, f)))
-            .find_map(|(t, (_, f))| {
-                let what =
-                    f.with_f32(&mut Vec::new(), |v| v.iter().find(|x| !x.is_finite()).map(|x| if x.is_nan() { "NaN" } else { "infinite" }));
-                what.flatten().map(|what| AdapterError::NonFinite { path: file.into(), tensor: t.hf_name(), what })
-            })
+            .filter_map(|(t, (_, f))| f.with_f32(&mut Vec::new(), non_finite).flatten().map(|what| (t, what)))
+            .min_by_key(|(t, _)| *t)
+            .map(|(t, what)| AdapterError::NonFinite { path: file.into(), tensor: t.hf_name(), what })
             .unwrap_or_else(|| malformed(file, "factors could not be packed"))),
     }
 }

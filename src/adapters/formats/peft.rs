@@ -77,11 +77,8 @@ impl AdapterTensor<'_> {
 
     /// The values as a contiguous f32 CPU tensor (copied out of the file's bytes for a view).
     pub fn to_tensor(&self, file: &Path, name: &str) -> Result<Tensor, AdapterError> {
-        use candle_core::safetensors::Load;
         match self {
-            Self::View(v) => {
-                to_f32(&v.load(&Device::Cpu).map_err(|e| malformed(file, format!("not a readable safetensors file: {e}")))?, file, name)
-            }
+            Self::View(v) => to_f32(&load_view(v, file)?, file, name),
             Self::Loaded(t) => to_f32(t, file, name),
         }
     }
@@ -143,8 +140,7 @@ pub(crate) fn adapter_tensors<'a>(
         None => None,
     };
     if let Some(bytes) = bytes {
-        let file =
-            safetensors::SafeTensors::deserialize(bytes).map_err(|e| malformed(&st, format!("not a readable safetensors file: {e}")))?;
+        let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| unreadable(&st, e))?;
         let views = file.tensors().into_iter().map(|(n, v)| (n, AdapterTensor::View(v))).collect();
         return Ok((st, views));
     }
@@ -159,17 +155,25 @@ pub(crate) fn adapter_tensors<'a>(
 /// Every tensor as a CPU tensor, converted in parallel (what candle's `load_buffer` does one
 /// tensor after another; a cold load waits on it), in file order.
 fn load_all(tensors: Vec<(String, AdapterTensor<'_>)>, file: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
-    use candle_core::safetensors::Load;
     use rayon::prelude::*;
     tensors
         .into_par_iter()
         .map(|(name, t)| match t {
-            AdapterTensor::View(v) => {
-                v.load(&Device::Cpu).map(|t| (name, t)).map_err(|e| malformed(file, format!("not a readable safetensors file: {e}")))
-            }
+            AdapterTensor::View(v) => Ok((name, load_view(&v, file)?)),
             AdapterTensor::Loaded(t) => Ok((name, t)),
         })
         .collect()
+}
+
+/// A safetensors view of `file` as a CPU tensor of its own dtype (its values copied).
+fn load_view(v: &safetensors::tensor::TensorView<'_>, file: &Path) -> Result<Tensor, AdapterError> {
+    use candle_core::safetensors::Load;
+    v.load(&Device::Cpu).map_err(|e| unreadable(file, e))
+}
+
+/// The error for a safetensors file that cannot be parsed.
+fn unreadable(file: &Path, e: impl std::fmt::Display) -> AdapterError {
+    malformed(file, format!("not a readable safetensors file: {e}"))
 }
 
 /// Reads every tensor of a torch.save zip checkpoint (PEFT `adapter_model.bin`) the way candle's

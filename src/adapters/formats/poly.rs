@@ -104,10 +104,8 @@ fn parse_poly_name(name: &str) -> Option<(String, usize)> {
 
 fn check_finite(t: &Tensor, file: &Path, name: &str) -> Result<(), AdapterError> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
-    match v.iter().find(|x| !x.is_finite()) {
-        Some(x) => {
-            Err(AdapterError::NonFinite { path: file.into(), tensor: name.into(), what: if x.is_nan() { "NaN" } else { "infinite" } })
-        }
+    match crate::adapters::module_deltas::non_finite(&v) {
+        Some(what) => Err(AdapterError::NonFinite { path: file.into(), tensor: name.into(), what }),
         None => Ok(()),
     }
 }

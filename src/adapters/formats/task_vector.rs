@@ -40,8 +40,7 @@ pub fn load_fisher(path: &Path, base: &BaseShapes) -> Result<Fisher, AdapterErro
     let mut tensors = BTreeMap::new();
     for (t, tensor) in load_checked(path, base)? {
         let v = tensor.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(x) = v.iter().find(|x| !x.is_finite()) {
-            let what = if x.is_nan() { "NaN" } else { "infinite" };
+        if let Some(what) = crate::adapters::module_deltas::non_finite(&v) {
             return Err(AdapterError::NonFinite { path: path.into(), tensor: t.hf_name(), what });
         }
         if let Some(x) = v.iter().copied().find(|x| *x < 0.0) {

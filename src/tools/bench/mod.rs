@@ -188,50 +188,14 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             (res.base_streams, res.base_wide) = (None, None);
         }
         for name in scenarios {
-            eprintln!("[bench] == {name} ==");
-            let t0 = Instant::now();
-            let (cpu0, host0, first_row) = (stats::cpu_seconds(), stats::host_cpu(), res.rows.len());
-            crate::tools::profile::global().take();
-            match *name {
-                "single" => scenarios::single(&ctx, &mut res)?,
-                "base32" => scenarios::base_streams(&ctx, &mut res)?,
-                "lora32" => scenarios::lora_streams(&ctx, &mut res)?,
-                "sft32" => scenarios::sft_streams(&ctx, &mut res)?,
-                "poly32" => scenarios::poly_streams(&ctx, &mut res)?,
-                "base128" => scenarios::base_streams_wide(&ctx, &mut res)?,
-                "lora32_r16" | "lora32_r64" | "lora32_mixed" | "lora128" => scenarios::lora_streams_named(&ctx, &mut res, name)?,
-                "zipf1000" => load::zipf(&ctx, &mut res)?,
-                "coldload" => load::coldload(&ctx, &mut res)?,
-                "ttft_under_load" => load::ttft_under_load(&ctx, &mut res)?,
-                "ws2x" => working_set::ws2x(&ctx, &mut res)?,
-                other => unreachable!("unknown scenario {other}"),
-            }
-            drive::wait_idle(&ctx);
-            let wall = t0.elapsed().as_secs_f64();
-            if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
-                // Fewer busy cores than --threads means other processes, or the hypervisor (steal:
-                // the VM wanted a CPU it did not get), took CPU from this run.
-                let mine = (b - a) / wall.max(1e-9);
-                let host = match (host0, stats::host_cpu()) {
-                    (Some(h0), Some(h1)) => format!(
-                        "; other processes {:.2} cores, hypervisor steal {:.2} cores",
-                        ((h1.busy - h0.busy) / wall.max(1e-9) - mine).max(0.0),
-                        (h1.steal - h0.steal) / wall.max(1e-9)
-                    ),
-                    _ => String::new(),
-                };
-                let note = format!("[this scenario kept {mine:.2} cores busy on average{host}]");
-                for r in &mut res.rows[first_row..] {
-                    r.notes = format!("{} {note}", r.notes);
-                }
-            }
+            let first_row = res.rows.len();
+            run_scenario(&ctx, name, &mut res)?;
             if args.rounds > 1 {
                 for r in &mut res.rows[first_row..] {
                     r.round = Some(round);
                     r.notes = format!("round {round}: {}", r.notes);
                 }
             }
-            eprintln!("[bench]   {name} took {wall:.1} s");
             if args.profile {
                 profiles.push((*name, crate::tools::profile::global().take()));
             }
@@ -280,6 +244,51 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("--json {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// Runs scenario `name`, adding its rows to `res`, each noted with how many cores it kept busy
+/// and how much CPU other processes and the hypervisor took meanwhile. The phase profile is
+/// reset before it (read it with `tools::profile::global().take()` after).
+fn run_scenario(ctx: &Ctx, name: &str, res: &mut Results) -> anyhow::Result<()> {
+    eprintln!("[bench] == {name} ==");
+    let t0 = Instant::now();
+    let (cpu0, host0, first_row) = (stats::cpu_seconds(), stats::host_cpu(), res.rows.len());
+    crate::tools::profile::global().take();
+    match name {
+        "single" => scenarios::single(ctx, res)?,
+        "base32" => scenarios::base_streams(ctx, res)?,
+        "lora32" => scenarios::lora_streams(ctx, res)?,
+        "sft32" => scenarios::sft_streams(ctx, res)?,
+        "poly32" => scenarios::poly_streams(ctx, res)?,
+        "base128" => scenarios::base_streams_wide(ctx, res)?,
+        "lora32_r16" | "lora32_r64" | "lora32_mixed" | "lora128" => scenarios::lora_streams_named(ctx, res, name)?,
+        "zipf1000" => load::zipf(ctx, res)?,
+        "coldload" => load::coldload(ctx, res)?,
+        "ttft_under_load" => load::ttft_under_load(ctx, res)?,
+        "ws2x" => working_set::ws2x(ctx, res)?,
+        other => unreachable!("unknown scenario {other}"),
+    }
+    drive::wait_idle(ctx);
+    let wall = t0.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (cpu0, stats::cpu_seconds()) {
+        // Fewer busy cores than --threads means other processes, or the hypervisor (steal:
+        // the VM wanted a CPU it did not get), took CPU from this run.
+        let mine = (b - a) / wall.max(1e-9);
+        let host = match (host0, stats::host_cpu()) {
+            (Some(h0), Some(h1)) => format!(
+                "; other processes {:.2} cores, hypervisor steal {:.2} cores",
+                ((h1.busy - h0.busy) / wall.max(1e-9) - mine).max(0.0),
+                (h1.steal - h0.steal) / wall.max(1e-9)
+            ),
+            _ => String::new(),
+        };
+        let note = format!("[this scenario kept {mine:.2} cores busy on average{host}]");
+        for r in &mut res.rows[first_row..] {
+            r.notes = format!("{} {note}", r.notes);
+        }
+    }
+    eprintln!("[bench]   {name} took {wall:.1} s");
     Ok(())
 }
 
