@@ -5,6 +5,8 @@
 //! Also prints a sequential read of 320 MB as the machine's one-core streaming bandwidth, and
 //! the factor bytes one decode step reads, so the figure can be set against that bound.
 //!
+//! `MODSERVE_PREFETCH=0` runs it without software prefetch, for the before/after of that.
+//!
 //!     cargo run --release --example lora_row_kernel [RANK]
 use candle_core::{Device, Tensor};
 use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
@@ -88,11 +90,40 @@ fn main() {
                 }
             }
             let ds = t0.elapsed().as_secs_f64() / iters as f64;
+            // The same order, asking for the next row's factors of the group while this row
+            // computes, as `adapters::batch` does (`MODSERVE_PREFETCH=0`: no prefetch at all,
+            // neither this nor the kernel's own look-ahead).
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                for layer in 0..LAYERS {
+                    for g in groups {
+                        let ad = &adapters;
+                        let group = |r: usize| {
+                            g.iter().map(move |&proj| {
+                                ad[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared")
+                            })
+                        };
+                        group(0).for_each(|h| h.prefetch());
+                        for r in 0..ROWS {
+                            if r + 1 < ROWS {
+                                group(r + 1).for_each(|h| h.prefetch());
+                            }
+                            let in_dim = common::dims(g[0]).0;
+                            qrow.set(&x[..in_dim]);
+                            for h in group(r) {
+                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
+                            }
+                        }
+                    }
+                }
+            }
+            let dp = t0.elapsed().as_secs_f64() / iters as f64;
             println!(
-                "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down)",
+                "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down), {:.2} ms so with the next row's factors prefetched",
                 if compact { "compact" } else { "f32    " },
                 dt * 1e3,
-                ds * 1e3
+                ds * 1e3,
+                dp * 1e3
             );
         }
     }

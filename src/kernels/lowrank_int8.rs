@@ -86,6 +86,42 @@ unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32])
     }
 }
 
+/// How far ahead of its reads (bytes) the compact kernel asks for its factors: about twice the
+/// bandwidth-delay product of one core's memory reads (tried 2, 4 and 8 KB: 4 and 8 alike, 2
+/// slower).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Software prefetch of a byte slice in order: asks for every line from [`PREFETCH_AHEAD`] to
+/// `PREFETCH_AHEAD` bytes past the read position, once each, as the reads advance, so the
+/// requests spread over the kernel instead of coming in one burst. The first `PREFETCH_AHEAD`
+/// bytes are the caller's to ask for ([`super::lowrank::HostLowRank::prefetch`], one row ahead).
+#[cfg(target_arch = "x86_64")]
+struct LookAhead {
+    base: *const u8,
+    len: usize,
+    next: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LookAhead {
+    fn new(ahead: &[u8]) -> Self {
+        Self { base: ahead.as_ptr(), len: ahead.len(), next: PREFETCH_AHEAD.min(ahead.len()) }
+    }
+
+    /// Asks for the lines up to `pos + PREFETCH_AHEAD` (within the slice).
+    #[inline(always)]
+    fn upto(&mut self, pos: usize) {
+        let end = (pos + PREFETCH_AHEAD).min(self.len);
+        while self.next < end {
+            // SAFETY: `next < len`: an address inside the live slice `new` was given. A prefetch
+            // reads nothing architecturally and cannot fault.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self.base.add(self.next) as *const i8) };
+            self.next += 64;
+        }
+    }
+}
+
 /// Row kernel on `HostFactors::Int8` (`kernels::lowrank`) factors of padded rank `rp` (see there for the layouts).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -93,21 +129,32 @@ unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32])
 pub(super) unsafe fn lowrank_vnni(x: &[f32], y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
     ROW_Q.with_borrow_mut(|row| {
         row.set(x);
-        lowrank_vnni_q(row, y, scale, rp, a4, sa, b8, sb)
+        lowrank_vnni_q(row, y, scale, rp, a4, sa, b8, sb, &[])
     })
 }
 
 /// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`]: [`vnni_kernel`] for the factors'
 /// group count (a constant there, so its accumulators and per-group tables stay in registers
-/// and on a stack sized for them).
+/// and on a stack sized for them). `ahead`: empty, or bytes that start at `a4` and that the
+/// kernel prefetches as it reads (see [`LookAhead`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+pub(super) unsafe fn lowrank_vnni_q(
+    row: &QuantRow,
+    y: &mut [f32],
+    scale: f32,
+    rp: usize,
+    a4: &[u8],
+    sa: &[f32],
+    b8: &[u8],
+    sb: &[f32],
+    ahead: &[u8],
+) {
     macro_rules! dispatch {
         ($($g:literal)*) => {
             match rp / GROUP {
-                $($g => vnni_kernel::<$g>(row, y, scale, a4, sa, b8, sb),)*
+                $($g => vnni_kernel::<$g>(row, y, scale, a4, sa, b8, sb, ahead),)*
                 _ => unreachable!("compact factors have 1 to 16 groups (checked by the caller)"),
             }
         };
@@ -124,11 +171,26 @@ pub(super) unsafe fn lowrank_vnni_q(row: &QuantRow, y: &mut [f32], scale: f32, r
 /// (lo, hi) halves of the group, pairs of lanes summed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn vnni_kernel<const G: usize>(row: &QuantRow, y: &mut [f32], scale: f32, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn vnni_kernel<const G: usize>(
+    row: &QuantRow,
+    y: &mut [f32],
+    scale: f32,
+    a4: &[u8],
+    sa: &[f32],
+    b8: &[u8],
+    sb: &[f32],
+    ahead: &[u8],
+) {
     use std::arch::x86_64::*;
     let (rp, out) = (G * GROUP, y.len());
+    // Reads walk `ahead` (a4, sa, b8, sb, then the module's next targets) in order; the look-ahead
+    // follows a4's position, then b8's.
+    let mut pf = LookAhead::new(ahead);
+    let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
     let mut t = [_mm256_setzero_ps(); G];
     for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
+        pf.upto(blk * FACTOR_BLOCK * rp);
         let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
         let xs: [__m256i; 8] = std::array::from_fn(|g| _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned()));
         let bias = _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk));
@@ -175,6 +237,7 @@ unsafe fn vnni_kernel<const G: usize>(row: &QuantRow, y: &mut [f32], scale: f32,
     let mut o = 0;
     while o < out {
         let bp = b8.as_ptr().add((o / 8) * G * 64);
+        pf.upto(b8_at + (o / 8) * G * 64);
         let mut v = _mm256_setzero_ps();
         for c in 0..G {
             // A group whose t is all zero has a zero pattern, bias and scale: it adds 0.

@@ -20,7 +20,7 @@ use super::lowrank_int8::{round_i8, FACTOR_BLOCK, GROUP, MAX_KERNEL_RANK};
 pub(super) type Int8Parts<'a> = (&'a [u8], &'a [f32], &'a [u8], &'a [f32]);
 
 /// f32 words per cache line: every region starts on a line boundary of the buffer.
-const LINE_WORDS: usize = 16;
+pub(super) const LINE_WORDS: usize = 16;
 
 /// Word counts (4 bytes each) of one target's four regions in the shared buffer, each rounded up
 /// to a whole cache line. The exact sizes are documented on `HostFactors::Int8`

@@ -47,14 +47,17 @@ pub struct CpuFeatures {
     /// AVX, AVX2, FMA and F16C, and not switched off with `MODSERVE_INT8_GEMM=0`: the int8 GEMM's
     /// AVX2 variant (8-row panels, `vpmaddubsw` / `vpmaddwd`), used where the VNNI tier is absent.
     pub int8_avx2: bool,
+    /// Software prefetch of compact low-rank factors ahead of the row kernel's reads and of the
+    /// next decode row's factors (x86-64; `MODSERVE_PREFETCH=0` turns it off, to measure it).
+    pub prefetch: bool,
 }
 
 /// The CPU-feature probe (run once; later calls read the cached answer).
 pub fn cpu() -> &'static CpuFeatures {
     static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
     FEATURES.get_or_init(|| {
-        let int8_off = std::env::var("MODSERVE_INT8_GEMM").map(|v| v == "0" || v == "off").unwrap_or(false);
-        probe(int8_off)
+        let off = |var: &str| std::env::var(var).map(|v| v == "0" || v == "off").unwrap_or(false);
+        CpuFeatures { prefetch: cfg!(target_arch = "x86_64") && !off("MODSERVE_PREFETCH"), ..probe(off("MODSERVE_INT8_GEMM")) }
     })
 }
 
@@ -64,12 +67,12 @@ fn probe(int8_off: bool) -> CpuFeatures {
     let avx = has!("avx");
     let avx2_fma = avx && has!("avx2") && has!("fma") && has!("f16c");
     let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma }
+    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma, prefetch: true }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn probe(_int8_off: bool) -> CpuFeatures {
-    CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false }
+    CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false, prefetch: false }
 }
 
 /// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors).

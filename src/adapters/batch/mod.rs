@@ -173,14 +173,41 @@ impl BatchDeltas<'_> {
                 first += rows;
             }
         }
-        tasks.into_par_iter().try_for_each(|(start, len, c, outs)| {
-            let xs = &xh[start * in_dim..(start + len) * in_dim];
-            // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
-            QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
-                Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
-            })
+        // Runs of consecutive tasks, each run on one thread in order, so that while one task
+        // computes, the next one's compact factors are already on their way from memory (decode
+        // rows of distinct modules read short stretches the hardware prefetchers miss). Four runs
+        // per thread leave work to steal.
+        let run = tasks.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        tasks.par_chunks_mut(run).try_for_each(|run| {
+            if let Some((_, _, c, outs)) = run.first() {
+                prefetch_factors(c, outs);
+            }
+            for i in 0..run.len() {
+                if let Some((_, _, c, outs)) = run.get(i + 1) {
+                    prefetch_factors(c, outs);
+                }
+                let (start, len, c, outs) = (run[i].0, run[i].1, run[i].2, std::mem::take(&mut run[i].3));
+                let xs = &xh[start * in_dim..(start + len) * in_dim];
+                // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
+                QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
+                    Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
+                })?;
+            }
+            Ok(())
         })
+    }
+}
+
+/// Asks the CPU for the compact factors `c` holds for the targets of `outs` (a hint: see
+/// [`crate::kernels::lowrank::HostLowRank::prefetch`]).
+fn prefetch_factors(c: &Composition, outs: &[TargetOut]) {
+    for (target, _, _) in outs {
+        for (deltas, _) in &c.parts {
+            if let Some(MatrixDelta::Packed(h)) = deltas.targets.get(target) {
+                h.prefetch();
+            }
+        }
     }
 }
 
