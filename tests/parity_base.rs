@@ -145,3 +145,49 @@ fn cli_rejects_bad_input_with_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Requests sent together to an idle engine are admitted together: six prompts submitted about
+/// 0.1 ms apart (as a client's burst reaches the engine after each request's preparation), one
+/// new token each, run as one batch step. The engine gathers a burst before its first step; it
+/// used to start on the first request alone and take the rest a step later.
+#[test]
+fn a_burst_sent_to_an_idle_engine_runs_in_one_step() {
+    let model = load(&common::reference_model(), &LoadOptions { weights: WeightMode::Quantized, device: common::test_device() })
+        .expect("model loads");
+    let front = std::sync::Arc::new(TextFrontEnd::from_model(&model));
+    let engine = spawn_engine(model.llama.clone(), front.clone(), EngineConfig::default()).unwrap();
+    let request = |i: u32| {
+        let req = EngineRequest {
+            prompt: PromptInput::TokenIds((0..12).map(|k| 300 + i * 1000 + k * 7).collect()),
+            spec: GenerateSpec {
+                prompt_ids: vec![],
+                max_new_tokens: 1,
+                min_new_tokens: 1,
+                stop: vec![],
+                sampling: SamplingParams::default(),
+            },
+            composition: Default::default(),
+            deadline: None,
+            request_id: format!("burst-{i}"),
+        };
+        front.prepare(None, req).unwrap()
+    };
+    // A warm, idle engine: its first step's one-time costs, or a pass of its loop still
+    // finishing the warm-up request, would hide the race.
+    Collected::collect_blocking(engine.submit(request(9)).unwrap()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
+    let prepared: Vec<_> = (0..6u32).map(request).collect();
+    let streams: Vec<_> = prepared
+        .into_iter()
+        .map(|p| {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            engine.submit(p).unwrap()
+        })
+        .collect();
+    for rx in streams {
+        assert_eq!(Collected::collect_blocking(rx).unwrap().token_ids.len(), 1);
+    }
+    let steps = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert_eq!(steps, 1, "six prompts sent together ran in {steps} steps");
+}
