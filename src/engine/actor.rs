@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::error::EngineError;
 use super::faults::Faults;
 use super::prepare::{PreparedRequest, TextFrontEnd};
-use super::scheduler::{chunk_keys, plan_step, SeqState, StepBudget, StepCostModel};
+use super::scheduler::{chunk_keys, gather_burst, plan_step, SeqState, StepBudget, StepCostModel};
 use super::sequence::{FinishReason, Sequence};
 use super::step::run_step;
 use crate::model::llama::Llama;
@@ -219,33 +219,6 @@ struct EngineLoop {
     faults: Faults,
 }
 
-/// Poll period of [`gather_burst`]: what a lone request waits (a fiftieth of a step on the
-/// reference model on 2 cores), and the largest gap between two requests of one burst.
-const BURST_TICK: Duration = Duration::from_micros(500);
-
-/// Longest wait of [`gather_burst`].
-const BURST_MAX: Duration = Duration::from_millis(5);
-
-/// After an idle engine's first arrival: waits while more requests keep arriving (the queue grew
-/// during the last [`BURST_TICK`]), at most [`BURST_MAX`], so that a burst of requests sent
-/// together is admitted together. Without it the step started on the first request alone: its
-/// prompt became a decoding stream, and the rest of the burst's prompts then ran in
-/// stall-capped steps beside it (26 steps with prefill rows for 32 prompts instead of 8, and a
-/// tenth less throughput for the burst in `modserve bench`, in some runs and not others). A
-/// lone request waits one tick.
-fn gather_burst(rx: &mpsc::Receiver<Submission>) {
-    let t0 = Instant::now();
-    let mut seen = rx.len();
-    loop {
-        std::thread::sleep(BURST_TICK);
-        let now = rx.len();
-        if now == seen || t0.elapsed() >= BURST_MAX {
-            break;
-        }
-        seen = now;
-    }
-}
-
 impl EngineLoop {
     fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
         let mut open = true;
@@ -258,7 +231,7 @@ impl EngineLoop {
                     Some(s) => self.head = Some(s),
                     None => break,
                 }
-                gather_burst(&rx);
+                gather_burst(|| rx.len());
             }
             while self.running.len() < self.cfg.max_running.max(1) {
                 let s = match self.head.take() {
