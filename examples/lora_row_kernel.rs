@@ -72,52 +72,41 @@ fn main() {
             // The server's order: per layer and projection group (q/k/v, o, gate/up, down, as
             // `Linear::forward_many` runs them), each row through the group's targets.
             let groups: [&[Proj]; 4] = [&[Proj::Q, Proj::K, Proj::V], &[Proj::O], &[Proj::Gate, Proj::Up], &[Proj::Down]];
+            // `next_row`: also ask for the next row's factors of the group while this row computes,
+            // as `adapters::batch` does (`MODSERVE_PREFETCH=0`: no prefetch at all, neither this
+            // nor the kernel's own look-ahead).
             let mut qrow = modserve::kernels::lowrank::QuantRow::default();
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                for layer in 0..LAYERS {
-                    for g in groups {
-                        for r in 0..ROWS {
-                            // The group's input quantized once per row, as the server does.
-                            let in_dim = common::dims(g[0]).0;
-                            qrow.set(&x[..in_dim]);
-                            for &proj in g {
-                                let h = adapters[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared");
-                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
+            let mut server_order = |next_row: bool| {
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    for layer in 0..LAYERS {
+                        for g in groups {
+                            let ad = &adapters;
+                            let group = |r: usize| {
+                                g.iter().map(move |&proj| {
+                                    ad[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared")
+                                })
+                            };
+                            if next_row {
+                                group(0).for_each(|h| h.prefetch());
+                            }
+                            for r in 0..ROWS {
+                                if next_row && r + 1 < ROWS {
+                                    group(r + 1).for_each(|h| h.prefetch());
+                                }
+                                // The group's input quantized once per row, as the server does.
+                                let in_dim = common::dims(g[0]).0;
+                                qrow.set(&x[..in_dim]);
+                                for h in group(r) {
+                                    h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
+                                }
                             }
                         }
                     }
                 }
-            }
-            let ds = t0.elapsed().as_secs_f64() / iters as f64;
-            // The same order, asking for the next row's factors of the group while this row
-            // computes, as `adapters::batch` does (`MODSERVE_PREFETCH=0`: no prefetch at all,
-            // neither this nor the kernel's own look-ahead).
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                for layer in 0..LAYERS {
-                    for g in groups {
-                        let ad = &adapters;
-                        let group = |r: usize| {
-                            g.iter().map(move |&proj| {
-                                ad[r % distinct].host_low_rank(&Target::Linear(LinearId { layer, proj })).expect("prepared")
-                            })
-                        };
-                        group(0).for_each(|h| h.prefetch());
-                        for r in 0..ROWS {
-                            if r + 1 < ROWS {
-                                group(r + 1).for_each(|h| h.prefetch());
-                            }
-                            let in_dim = common::dims(g[0]).0;
-                            qrow.set(&x[..in_dim]);
-                            for h in group(r) {
-                                h.add_row_q(&x[..in_dim], &qrow, &mut y[..h.out_dim()], 0.5);
-                            }
-                        }
-                    }
-                }
-            }
-            let dp = t0.elapsed().as_secs_f64() / iters as f64;
+                t0.elapsed().as_secs_f64() / iters as f64
+            };
+            let (ds, dp) = (server_order(false), server_order(true));
             println!(
                 "r={rank} {} factors, {distinct:2} distinct adapter(s) over {ROWS} rows ({step_mb:.0} MB of factors read per step, {distinct_mb:.0} MB distinct): {:.2} ms per decode step target by target, {:.2} ms in the server's order (row by row through each layer's q/k/v, o, gate/up, down), {:.2} ms so with the next row's factors prefetched",
                 if compact { "compact" } else { "f32    " },

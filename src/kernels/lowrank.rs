@@ -226,8 +226,8 @@ impl HostLowRank {
     /// computes. A row's factors are a few short stretches of distinct modules (about 20 KB per
     /// projection group at r=8), too short for the hardware prefetchers to ramp up, and each
     /// stretch waited for memory at the latency of a few dependent misses; with this and the
-    /// kernel's own look-ahead, 32 rows of distinct r=8 modules went from 12-16 to 8.5-10 ms per
-    /// step on one core (`examples/lora_row_kernel.rs`, AMD EPYC, interleaved runs).
+    /// kernel's own look-ahead, 32 rows of distinct r=8 modules went from 13-17.5 to 8.5-11 ms per
+    /// step on one core (`examples/lora_row_kernel.rs`, AMD EPYC, three interleaved pairs).
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         if let HostFactors::Int8 { words, start } = &self.factors {

@@ -87,8 +87,8 @@ unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32])
 }
 
 /// How far ahead of its reads (bytes) the compact kernel asks for its factors: about twice the
-/// bandwidth-delay product of one core's memory reads (tried 2, 4 and 8 KB: 4 and 8 alike, 2
-/// slower).
+/// bandwidth-delay product of one core's memory reads (2 KB was slower in single runs, 8 KB
+/// slightly slower than 4 in three interleaved pairs: docs/BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 

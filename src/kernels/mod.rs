@@ -57,21 +57,21 @@ pub fn cpu() -> &'static CpuFeatures {
     static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
     FEATURES.get_or_init(|| {
         let off = |var: &str| std::env::var(var).map(|v| v == "0" || v == "off").unwrap_or(false);
-        CpuFeatures { prefetch: cfg!(target_arch = "x86_64") && !off("MODSERVE_PREFETCH"), ..probe(off("MODSERVE_INT8_GEMM")) }
+        probe(off("MODSERVE_INT8_GEMM"), off("MODSERVE_PREFETCH"))
     })
 }
 
 #[cfg(target_arch = "x86_64")]
-fn probe(int8_off: bool) -> CpuFeatures {
+fn probe(int8_off: bool, prefetch_off: bool) -> CpuFeatures {
     use std::arch::is_x86_feature_detected as has;
     let avx = has!("avx");
     let avx2_fma = avx && has!("avx2") && has!("fma") && has!("f16c");
     let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma, prefetch: true }
+    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma, prefetch: !prefetch_off }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn probe(_int8_off: bool) -> CpuFeatures {
+fn probe(_int8_off: bool, _prefetch_off: bool) -> CpuFeatures {
     CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false, prefetch: false }
 }
 
