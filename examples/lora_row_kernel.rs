@@ -129,17 +129,17 @@ fn prefill_paths(rank: usize, rng: &mut StdRng) {
     for len in [8usize, 16, 32, 64, 128] {
         let x: Vec<f32> = (0..len * 1536).map(|_| rng.random_range(-1f32..1.0)).collect();
         let mut y = vec![0f32; len * 1536];
-        let mut qrow = modserve::kernels::lowrank::QuantRow::default();
+        let mut qrows: Vec<modserve::kernels::lowrank::QuantRow> = (0..len).map(|_| Default::default()).collect();
         let iters = 3;
         let t0 = Instant::now();
         for _ in 0..iters {
             for t in &targets {
                 let h = m.host_low_rank(t).expect("packed");
                 let (i, o) = (h.in_dim(), h.out_dim());
-                for r in 0..len {
-                    qrow.set(&x[r * i..(r + 1) * i]);
-                    h.add_row_q(&x[r * i..(r + 1) * i], &qrow, &mut y[r * o..(r + 1) * o], 0.5);
+                for (q, xr) in qrows.iter_mut().zip(x[..len * i].chunks_exact(i)) {
+                    q.set(xr);
                 }
+                h.add_rows_q(&x[..len * i], &qrows, &mut y[..len * o], 0.5);
             }
         }
         let rows_ms = t0.elapsed().as_secs_f64() / iters as f64 * 1e3;

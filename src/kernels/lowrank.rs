@@ -55,9 +55,11 @@ enum HostFactors {
     /// `a4`: `[in_pad / 4][rp][4]` bytes `q + 128` (4 consecutive inputs of one rank column per
     /// 32-bit lane, as `vpdpbusd` reads them), `in_pad` = `in` rounded up to [`FACTOR_BLOCK`],
     /// zero-padded; `sa`: `[in_pad / 32][rp]` absmax/127 scales per (input block, rank column).
-    /// `b8`: `[out_pad / 8][rp / 8][8 outputs][8 columns]` bytes `q + 128` (one output's 8 values
-    /// of a group in two lanes; the groups of 8 outputs follow each other), `out_pad` = `out`
-    /// rounded up to 8; `sb`: one absmax/127 scale per 32 outputs (all columns).
+    /// `b8`: `[out_pad / 8][rp / 8][2 quads][8 outputs][4 columns]` bytes `q + 128` (per group
+    /// of 8 outputs and 8 columns, columns 0-3 of each output in one 32-bit lane, then columns
+    /// 4-7: one 512-bit `vpdpbusd` against the group's t sums each output's 4-column halves in
+    /// its two lanes); `out_pad` = `out` rounded up to 8; `sb`: one absmax/127 scale per 32
+    /// outputs (all columns).
     Int8 {
         words: std::sync::Arc<Vec<f32>>,
         start: usize,
@@ -203,21 +205,38 @@ impl HostLowRank {
     /// the targets that read the same input (q, k and v; gate and up) quantize it once. The same
     /// result as `add_row(x, ..)`, bit for bit.
     pub fn add_row_q(&self, x: &[f32], row: &QuantRow, y: &mut [f32], scale: f32) {
-        assert!(x.len() == self.in_dim && row.n == x.len() && y.len() == self.out_dim, "row of the wrong width");
+        self.add_rows_q(x, std::slice::from_ref(row), y, scale);
+    }
+
+    /// [`HostLowRank::add_row_q`] for consecutive rows `xs` (`[n, in]`) quantized into `rows`
+    /// (at least `n`), `ys` `[n, out]`: a prefill segment. Only the first row asks for the
+    /// factors ahead of its reads; the later ones find them in cache (prefetching them again
+    /// once per row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
+    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32) {
+        let n = xs.len() / self.in_dim.max(1);
+        assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim && rows.len() >= n, "rows of the wrong width or count");
         #[cfg(target_arch = "x86_64")]
         if let Some((a4, sa, b8, sb)) = self.int8_parts() {
             if super::cpu().int8 {
                 self.check_int8_sizes(a4, sa, b8, sb);
-                assert!(row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK, "a quantized row of whole blocks");
-                // SAFETY: the CPU supports the features; the buffers hold the padded sizes
-                // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks
-                // (both checked above); `ahead` is a live slice that starts at `a4` (the kernel
-                // only prefetches inside it).
-                unsafe { lowrank_vnni_q(row, y, scale, self.rp, a4, sa, b8, sb, self.ahead()) };
+                for (i, (row, y)) in rows.iter().zip(ys.chunks_exact_mut(self.out_dim)).enumerate() {
+                    assert!(
+                        row.n == self.in_dim && row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK,
+                        "a quantized row of whole blocks"
+                    );
+                    let ahead = if i == 0 { self.ahead() } else { &[] };
+                    // SAFETY: the CPU supports the features; the buffers hold the padded sizes
+                    // documented on HostFactors::Int8 for these widths, and `row` holds whole
+                    // blocks of this width (both checked above); `ahead` is empty or a live slice
+                    // that starts at `a4` (the kernel only prefetches inside it).
+                    unsafe { lowrank_vnni_q(row, y, scale, self.rp, a4, sa, b8, sb, ahead) };
+                }
                 return;
             }
         }
-        self.add_row(x, y, scale);
+        for (x, y) in xs.chunks_exact(self.in_dim).zip(ys.chunks_exact_mut(self.out_dim)) {
+            self.add_row(x, y, scale);
+        }
     }
 
     /// Asks the CPU to start loading compact factors into its L2 cache: a hint, with no effect
@@ -327,12 +346,14 @@ impl HostLowRank {
                 }
                 let mut bt = vec![0f32; r * out];
                 for (o8, outs) in b8.chunks_exact(rp * 8).enumerate() {
-                    for (c, group) in outs.chunks_exact(64).enumerate() {
-                        for (k, vals) in group.chunks_exact(GROUP).enumerate().take(out.saturating_sub(o8 * 8)) {
+                    for (c4, quads) in outs.chunks_exact(32).enumerate() {
+                        // 32 bytes: 4 columns (c4's quad of its group) of 8 outputs.
+                        let j0 = (c4 / 2) * GROUP + (c4 % 2) * 4;
+                        for (k, vals) in quads.chunks_exact(4).enumerate().take(out.saturating_sub(o8 * 8)) {
                             let o = o8 * 8 + k;
                             let d = sb[o / FACTOR_BLOCK];
-                            for (jj, q) in vals.iter().enumerate().take(r.saturating_sub(c * GROUP)) {
-                                bt[(c * GROUP + jj) * out + o] = (*q as f32 - 128.0) * d;
+                            for (jj, q) in vals.iter().enumerate().take(r.saturating_sub(j0)) {
+                                bt[(j0 + jj) * out + o] = (*q as f32 - 128.0) * d;
                             }
                         }
                     }
@@ -445,6 +466,17 @@ mod tests {
                 let mut yq: Vec<f32> = (0..out).map(|i| (i % 7) as f32).collect();
                 h.add_row_q(&x, &q, &mut yq, 0.75);
                 assert_eq!(y, yq, "r={r} {inp}->{out} compact={compact}: add_row_q differs from add_row");
+                // A segment of three rows (only the first prefetches): each row's bits as alone.
+                let xs: Vec<f32> = x.iter().chain(x.iter().rev()).copied().chain(x.iter().map(|v| v * -0.5)).collect();
+                let mut qs: Vec<QuantRow> = (0..4).map(|_| QuantRow::default()).collect();
+                let mut alone = vec![0f32; 3 * out];
+                for ((q, xr), yr) in qs.iter_mut().zip(xs.chunks_exact(inp)).zip(alone.chunks_exact_mut(out)) {
+                    q.set(xr);
+                    h.add_row(xr, yr, 0.75);
+                }
+                let mut seg = vec![0f32; 3 * out];
+                h.add_rows_q(&xs, &qs, &mut seg, 0.75);
+                assert_eq!(seg, alone, "r={r} {inp}->{out} compact={compact}: add_rows_q differs from add_row");
                 let got: Vec<f32> = y.iter().enumerate().map(|(i, g)| g - (i % 7) as f32).collect();
                 // The factors widened back to f32 (what prefill and merges multiply with).
                 let (at_w, bt_w) = h.factors();

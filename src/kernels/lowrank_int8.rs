@@ -167,8 +167,10 @@ pub(super) unsafe fn lowrank_vnni_q(
 /// `x A^T`: per block of 32 inputs the row's 8 lanes of 4 inputs are broadcast once, then per
 /// group 8 vpdpbusd over the block's contiguous factor bytes (a + 128 unsigned, x signed), minus
 /// 128 * sum(x_q), scaled by d_x * d_a per column. `t B^T`: each group of 8 values of t
-/// quantized to 8 bits with its own scale; per 8 outputs and group two vpdpbusd against the
-/// (lo, hi) halves of the group, pairs of lanes summed.
+/// quantized to 8 bits with its own scale; per 8 outputs and group one 512-bit vpdpbusd (its
+/// low half against the group's columns 0-3, its high half against 4-7), widened and scaled
+/// into 16 float lanes; the halves are summed once per 8 outputs, and the +128 of the stored
+/// bytes comes off as one constant (no horizontal adds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -209,16 +211,19 @@ unsafe fn vnni_kernel<const G: usize>(
             *tc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, *tc);
         }
     }
-    let mut pats = [_mm256_setzero_si256(); G];
-    let mut biases = [_mm256_setzero_si256(); G];
+    // Per group, t's 8 values quantized with their own scale: columns 0-3 broadcast to the low
+    // 8 lanes, 4-7 to the high 8, as the group's 64 bytes of `b8` hold them per 8 outputs.
+    let mut pats = [_mm512_setzero_si512(); G];
     let mut dts = [0f32; G];
+    // sum over groups of d_t * 128 * sum(t_q): what the +128 of the stored bytes added.
+    let mut offset = 0f32;
     let mut live = false;
     for c in 0..G {
         let mut g = [0f32; GROUP];
         _mm256_storeu_ps(g.as_mut_ptr(), t[c]);
         let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
         if tmax == 0.0 {
-            continue; // dts[c] = 0: the group adds nothing
+            continue; // zero pattern and scale: the group adds nothing
         }
         live = true;
         dts[c] = tmax / 127.0;
@@ -226,27 +231,29 @@ unsafe fn vnni_kernel<const G: usize>(
         let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
         let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
         let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
-        pats[c] = _mm256_set_epi32(hi, lo, hi, lo, hi, lo, hi, lo);
-        biases[c] = _mm256_set1_epi32(128 * tsum);
+        pats[c] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(hi));
+        offset += dts[c] * (128 * tsum) as f32;
     }
     if !live {
         return;
     }
-    let dtv: [__m256; G] = std::array::from_fn(|c| _mm256_set1_ps(dts[c]));
+    let dtv: [__m512; G] = std::array::from_fn(|c| _mm512_set1_ps(dts[c]));
+    let offset = _mm256_set1_ps(offset);
     let yp = y.as_mut_ptr();
     let mut o = 0;
     while o < out {
         let bp = b8.as_ptr().add((o / 8) * G * 64);
         pf.upto(b8_at + (o / 8) * G * 64);
-        let mut v = _mm256_setzero_ps();
+        let mut v16 = _mm512_setzero_ps();
         for c in 0..G {
-            // A group whose t is all zero has a zero pattern, bias and scale: it adds 0.
-            let r1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64) as *const __m256i), pats[c]);
-            let r2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(bp.add(c * 64 + 32) as *const __m256i), pats[c]);
-            // hadd gives outputs (0, 1, 4, 5 | 2, 3, 6, 7); the 64-bit permute restores the order.
-            let h = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(r1, r2));
-            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, biases[c])), dtv[c], v);
+            // Lanes k and 8 + k: output k's columns 0-3 and 4-7 of the group (exact integers).
+            let r = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(bp.add(c * 64) as *const _), pats[c]);
+            v16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(r), dtv[c], v16);
         }
+        let v = _mm256_sub_ps(
+            _mm256_add_ps(_mm512_castps512_ps256(v16), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v16)))),
+            offset,
+        );
         let s = _mm256_set1_ps(scale * *sb.get_unchecked(o / FACTOR_BLOCK));
         if o + 8 <= out {
             _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));

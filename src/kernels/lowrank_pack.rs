@@ -297,16 +297,20 @@ unsafe fn pack_b_avx2(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8
                 let eight = _mm_unpacklo_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                 let mut bytes = [0u8; 16];
                 _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, eight);
-                b8[at + c * 64..at + c * 64 + GROUP].copy_from_slice(&bytes[..GROUP]);
+                // Columns 0-3 and 4-7 of the group go to the two halves of its 64 bytes.
+                b8[at + c * 64..at + c * 64 + 4].copy_from_slice(&bytes[..4]);
+                b8[at + c * 64 + 32..at + c * 64 + 36].copy_from_slice(&bytes[4..GROUP]);
             }
         }
     }
     finite
 }
 
-/// Index of output `o`, rank column `j` in `HostFactors::Int8`'s `b8` of width `rp`.
+/// Index of output `o`, rank column `j` in `HostFactors::Int8`'s `b8` of width `rp`: per 8
+/// outputs and group of 8 columns 64 bytes, the first 32 the group's columns 0-3 of the 8
+/// outputs (4 bytes, one 32-bit lane, per output), the next 32 its columns 4-7.
 pub(super) fn b8_index(o: usize, j: usize, rp: usize) -> usize {
-    ((o / 8) * (rp / GROUP) + j / GROUP) * 64 + (o % 8) * GROUP + j % GROUP
+    ((o / 8) * (rp / GROUP) + j / GROUP) * 64 + ((j % GROUP) / 4) * 32 + (o % 8) * 4 + j % 4
 }
 
 /// `scale * b`, `b` `[out, r]` (row-major, as stored by PEFT), into `HostFactors::Int8`'s `b8`,
@@ -321,12 +325,8 @@ fn pack_b(b: &[f32], out: usize, r: usize, rp: usize, scale: f32, b8: &mut [u8],
         let (d, inv) = block_scale(vals, &mut finite);
         *sbk = d * scale;
         for (o, row) in (o0..o1).zip(vals.chunks_exact(r)) {
-            let at = b8_index(o, 0, rp);
-            // One output's values of a group of 8 rank columns are 8 consecutive bytes.
-            for (c, group) in row.chunks(GROUP).enumerate() {
-                for (dst, v) in b8[at + c * 64..at + c * 64 + group.len()].iter_mut().zip(group) {
-                    *dst = q8(*v, inv);
-                }
+            for (j, v) in row.iter().enumerate() {
+                b8[b8_index(o, j, rp)] = q8(*v, inv);
             }
         }
     }

@@ -254,9 +254,7 @@ fn add_chunk_deltas(
                         }
                         quantized = true;
                     }
-                    for ((xr, q), yr) in xs.chunks_exact(in_dim).zip(qrows.iter()).zip(dst.chunks_exact_mut(out)) {
-                        h.add_row_q(xr, q, yr, *scale);
-                    }
+                    h.add_rows_q(xs, qrows, dst, *scale);
                 }
                 MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS => {
                     for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
