@@ -139,7 +139,7 @@ fn prefill_paths(rank: usize, rng: &mut StdRng) {
                 for (q, xr) in qrows.iter_mut().zip(x[..len * i].chunks_exact(i)) {
                     q.set(xr);
                 }
-                h.add_rows_q(&x[..len * i], &qrows, &mut y[..len * o], 0.5);
+                h.add_rows_q(&x[..len * i], &qrows, &mut y[..len * o], 0.5, true);
             }
         }
         let rows_ms = t0.elapsed().as_secs_f64() / iters as f64 * 1e3;

@@ -205,14 +205,15 @@ impl HostLowRank {
     /// the targets that read the same input (q, k and v; gate and up) quantize it once. The same
     /// result as `add_row(x, ..)`, bit for bit.
     pub fn add_row_q(&self, x: &[f32], row: &QuantRow, y: &mut [f32], scale: f32) {
-        self.add_rows_q(x, std::slice::from_ref(row), y, scale);
+        self.add_rows_q(x, std::slice::from_ref(row), y, scale, true);
     }
 
     /// [`HostLowRank::add_row_q`] for consecutive rows `xs` (`[n, in]`) quantized into `rows`
     /// (at least `n`), `ys` `[n, out]`: a prefill segment. Only the first row asks for the
-    /// factors ahead of its reads; the later ones find them in cache (prefetching them again
-    /// once per row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
-    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32) {
+    /// factors ahead of its reads, and only with `look_ahead` (false: this thread just read them
+    /// for an earlier row); the later ones find them in cache (prefetching them again once per
+    /// row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
+    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
         let n = xs.len() / self.in_dim.max(1);
         assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim && rows.len() >= n, "rows of the wrong width or count");
         #[cfg(target_arch = "x86_64")]
@@ -224,7 +225,7 @@ impl HostLowRank {
                         row.n == self.in_dim && row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK,
                         "a quantized row of whole blocks"
                     );
-                    let ahead = if i == 0 { self.ahead() } else { &[] };
+                    let ahead = if i == 0 && look_ahead { self.ahead() } else { &[] };
                     // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                     // documented on HostFactors::Int8 for these widths, and `row` holds whole
                     // blocks of this width (both checked above); `ahead` is empty or a live slice
@@ -475,7 +476,10 @@ mod tests {
                     h.add_row(xr, yr, 0.75);
                 }
                 let mut seg = vec![0f32; 3 * out];
-                h.add_rows_q(&xs, &qs, &mut seg, 0.75);
+                h.add_rows_q(&xs, &qs, &mut seg, 0.75, true);
+                assert_eq!(seg, alone, "r={r} {inp}->{out} compact={compact}: add_rows_q differs from add_row");
+                seg.fill(0.0);
+                h.add_rows_q(&xs, &qs, &mut seg, 0.75, false);
                 assert_eq!(seg, alone, "r={r} {inp}->{out} compact={compact}: add_rows_q differs from add_row");
                 let got: Vec<f32> = y.iter().enumerate().map(|(i, g)| g - (i % 7) as f32).collect();
                 // The factors widened back to f32 (what prefill and merges multiply with).

@@ -173,30 +173,44 @@ impl BatchDeltas<'_> {
                 first += rows;
             }
         }
+        // Tasks of one composition next to each other (rows of a popular adapter, the pieces of
+        // a prefill segment): the second reads the factors the first left in cache. Each row's
+        // result does not depend on the order.
+        tasks.sort_by(|a, b| modules_of(a.2).cmp(modules_of(b.2)));
         // Runs of consecutive tasks, each run on one thread in order, so that while one task
         // computes, the next one's compact factors are already on their way from memory (decode
-        // rows of distinct modules read short stretches the hardware prefetchers miss). Four runs
-        // per thread leave work to steal.
+        // rows of distinct modules read short stretches the hardware prefetchers miss); a task
+        // that repeats the previous one's composition asks for nothing (its factors are in
+        // cache, and a prefetch costs about a cycle per line even then). Four runs per thread
+        // leave work to steal.
         let run = tasks.len().div_ceil(4 * rayon::current_num_threads()).max(1);
         tasks.par_chunks_mut(run).try_for_each(|run| {
             if let Some((_, _, c, outs)) = run.first() {
                 prefetch_factors(c, outs);
             }
             for i in 0..run.len() {
-                if let Some((_, _, c, outs)) = run.get(i + 1) {
+                let repeat = |k: usize| k > 0 && modules_of(run[k - 1].2).eq(modules_of(run[k].2));
+                if let Some((_, _, c, outs)) = run.get(i + 1).filter(|_| !repeat(i + 1)) {
                     prefetch_factors(c, outs);
                 }
+                let look_ahead = !repeat(i);
                 let (start, len, c, outs) = (run[i].0, run[i].1, run[i].2, std::mem::take(&mut run[i].3));
                 let xs = &xh[start * in_dim..(start + len) * in_dim];
                 // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
                 QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows),
-                    Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new()),
+                    Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows, look_ahead),
+                    Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new(), look_ahead),
                 })?;
             }
             Ok(())
         })
     }
+}
+
+/// The addresses of the modules whose factors `c` reads, in order (what a task's reads depend
+/// on: equal for two compositions that read the same bytes, whatever their scales).
+fn modules_of(c: &Composition) -> impl Iterator<Item = usize> + '_ {
+    c.parts.iter().map(|(d, _)| std::sync::Arc::as_ptr(d) as usize)
 }
 
 /// Asks the CPU for the compact factors `c` holds for the targets of `outs` (a hint: see
@@ -229,13 +243,15 @@ fn row_kernels_only(c: &Composition) -> bool {
 /// One chunk's low-rank and dense deltas of every target in `outs` for its rows `xs`
 /// (`[len, in_dim]`): per-row kernels for compact factors (each row quantized once, into
 /// `qrows`, for all compact targets) and for decode rows of f32 factors, GEMMs for longer
-/// segments of f32 factors and for dense deltas.
+/// segments of f32 factors and for dense deltas. `look_ahead`: whether the compact kernels
+/// prefetch (false when this thread just ran the same composition).
 fn add_chunk_deltas(
     c: &Composition,
     outs: Vec<(Target, usize, &mut [f32])>,
     xs: &[f32],
     in_dim: usize,
     qrows: &mut Vec<QuantRow>,
+    look_ahead: bool,
 ) -> Result<()> {
     let len = xs.len() / in_dim;
     let mut quantized = false;
@@ -254,7 +270,7 @@ fn add_chunk_deltas(
                         }
                         quantized = true;
                     }
-                    h.add_rows_q(xs, qrows, dst, *scale);
+                    h.add_rows_q(xs, qrows, dst, *scale, look_ahead);
                 }
                 MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS => {
                     for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
