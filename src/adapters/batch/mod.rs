@@ -188,12 +188,13 @@ impl BatchDeltas<'_> {
             if let Some((_, _, c, outs)) = run.first() {
                 prefetch_factors(c, outs);
             }
+            // Whether this task's modules differ from the previous task's on this thread.
+            let mut look_ahead = true;
             for i in 0..run.len() {
-                let repeat = |k: usize| k > 0 && modules_of(run[k - 1].2).eq(modules_of(run[k].2));
-                if let Some((_, _, c, outs)) = run.get(i + 1).filter(|_| !repeat(i + 1)) {
+                let next_repeats = run.get(i + 1).is_some_and(|n| modules_of(run[i].2).eq(modules_of(n.2)));
+                if let Some((_, _, c, outs)) = run.get(i + 1).filter(|_| !next_repeats) {
                     prefetch_factors(c, outs);
                 }
-                let look_ahead = !repeat(i);
                 let (start, len, c, outs) = (run[i].0, run[i].1, run[i].2, std::mem::take(&mut run[i].3));
                 let xs = &xh[start * in_dim..(start + len) * in_dim];
                 // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
@@ -201,6 +202,7 @@ impl BatchDeltas<'_> {
                     Ok(mut rows) => add_chunk_deltas(c, outs, xs, in_dim, &mut rows, look_ahead),
                     Err(_) => add_chunk_deltas(c, outs, xs, in_dim, &mut Vec::new(), look_ahead),
                 })?;
+                look_ahead = !next_repeats;
             }
             Ok(())
         })
