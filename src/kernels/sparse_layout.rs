@@ -118,7 +118,24 @@ impl SparseMatrix {
             m.order.extend(local);
             m.starts.push((m.order.len() as u32, m.runs.len() as u32, m.col_idx.len() as u32));
         }
+        m.check_layout();
         Ok(m)
+    }
+
+    /// What the kernel trusts without checking per call (release builds too): each block's
+    /// order is a permutation of its rows, and its runs cover exactly its entries.
+    fn check_layout(&self) {
+        for b in 0..self.starts.len() - 1 {
+            let w = (self.rows - b * SPARSE_ROW_BLOCK).min(SPARSE_ROW_BLOCK);
+            let blk = self.block(b);
+            let mut seen = vec![false; w];
+            for &i in blk.order {
+                assert!((i as usize) < w && !std::mem::replace(&mut seen[i as usize], true), "sparse block {b}: row order");
+            }
+            assert_eq!(blk.order.len(), w, "sparse block {b}: row order");
+            let (rows, entries) = blk.runs.iter().fold((0u64, 0u64), |(r, e), &(len, n)| (r + n as u64, e + len as u64 * n as u64));
+            assert!(rows == w as u64 && entries == blk.values.len() as u64, "sparse block {b}: runs");
+        }
     }
 
     /// Rows (outputs of a linear weight).

@@ -6,6 +6,7 @@
 //! Invariant: a row's value is `scale * sum_i v_i x[c_i]` accumulated in column order, its sparse
 //! parts added in its composition's order, so it does not depend on its batch neighbours.
 use super::buffers::{with_reused, INPUT_BUF, PROD_BUF, SCRATCH_BUF};
+use super::Resolved;
 use crate::adapters::composition::Composition;
 use crate::adapters::module_deltas::MatrixDelta;
 use crate::adapters::target::Target;
@@ -28,14 +29,17 @@ struct SparsePlan<'a> {
 }
 
 impl<'a> SparsePlan<'a> {
-    fn new(chunks: &[(usize, usize, Option<&'a Composition>)], target: Target) -> Option<Self> {
+    /// The plan of target `ti` of `res` (None when no chunk has a sparse delta for it).
+    fn new(chunks: &[(usize, usize, Option<&'a Composition>)], res: &Resolved<'a>, ti: usize) -> Option<Self> {
+        if !res.any_sparse(ti) {
+            return None;
+        }
         let mut plan = SparsePlan { groups: Vec::new(), row_parts: Vec::new(), tile0: Vec::new(), tiles: 0 };
         let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
-        for &(start, len, comp) in chunks {
-            let Some(c) = comp else { continue };
+        for (ci, &(start, len, _)) in chunks.iter().enumerate() {
             parts.clear();
-            parts.extend(c.parts.iter().filter_map(|(d, s)| match d.targets.get(&target) {
-                Some(MatrixDelta::Sparse(sp)) => Some((sp, *s)),
+            parts.extend(res.of(ci, ti).iter().filter_map(|&(m, s)| match m {
+                MatrixDelta::Sparse(sp) => Some((sp, s)),
                 _ => None,
             }));
             for row in start..start + len {
@@ -82,20 +86,39 @@ fn transpose_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize, xt: &mut [
     }
 }
 
+/// [`add_sparse_resolved`] looking the deltas up itself (the tests' entry point).
+#[cfg(test)]
+fn add_sparse_grouped(
+    chunks: &[(usize, usize, Option<&Composition>)],
+    targets: &mut [(Target, usize, &mut [f32])],
+    xh: &[f32],
+    in_dim: usize,
+) {
+    let ts: Vec<Target> = targets.iter().map(|t| t.0).collect();
+    add_sparse_resolved(chunks, &Resolved::new(chunks, &ts), targets, xh, in_dim)
+}
+
 /// Adds every sparse delta of each target to its `dh` (`[n, out]`), reading each module's
 /// non-zeros once for all the batch rows that use it. For each (row, weight row) the value is
 /// `scale * sum_i v_i x[c_i]` accumulated in column order, as [`SparseMatrix::add_matmul_t`]
 /// computes it, and a row's sparse parts are added in its composition's order. Targets whose
 /// groups hold the same rows (q, k and v of lang+task modules) share one transposed input; the
 /// (target, row block) tasks of all targets run as one parallel loop.
-pub(super) fn add_sparse_grouped(
-    chunks: &[(usize, usize, Option<&Composition>)],
+///
+/// `res` holds the deltas of exactly the targets of `targets`, in order, for `chunks` (looked up
+/// once for the whole group, see [`Resolved`]).
+pub(super) fn add_sparse_resolved<'a>(
+    chunks: &[(usize, usize, Option<&'a Composition>)],
+    res: &Resolved<'a>,
     targets: &mut [(Target, usize, &mut [f32])],
     xh: &[f32],
     in_dim: usize,
 ) {
     use rayon::prelude::*;
-    let plans: Vec<Option<SparsePlan>> = targets.iter().map(|(t, _, _)| SparsePlan::new(chunks, *t)).collect();
+    let plans: Vec<Option<SparsePlan>> = (0..targets.len()).map(|ti| SparsePlan::new(chunks, res, ti)).collect();
+    if plans.iter().all(Option::is_none) {
+        return;
+    }
     let tile_len = in_dim * SPARSE_TILE;
     // One transposed input per distinct set of group rows, at an offset of one buffer. Built here,
     // on the calling thread: a parallel loop over one or two inputs cost more in thread wake-ups
