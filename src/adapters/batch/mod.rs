@@ -1,6 +1,7 @@
 //! Applying per-request compositions inside a batch step: the [`RowDeltas`] implementation, the
 //! per-chunk low-rank and dense work, and (in [`sparse_plan`]) the grouped sparse step with its
-//! plan; [`buffers`] holds the per-thread buffers they reuse between steps. No SIMD here: the
+//! plan; [`resolved`] looks a layer group's deltas up once for all of them, and [`buffers`] holds
+//! the per-thread buffers they reuse between steps. No SIMD here: the
 //! kernels are in `crate::kernels`.
 //!
 //! The base product `y = x W^T` runs once for every row (before, or beside, this); here each
@@ -10,6 +11,7 @@
 //! without a composition (or whose composition does not touch the layer) are left exactly as the
 //! base computed them, so a request's result does not depend on its batch neighbours.
 mod buffers;
+mod resolved;
 mod sparse_plan;
 
 use std::ops::Range;
@@ -17,6 +19,7 @@ use std::ops::Range;
 use candle_core::{Result, Tensor};
 
 use self::buffers::QUANT_ROWS;
+use self::resolved::Resolved;
 use self::sparse_plan::add_sparse_resolved;
 use super::composition::Composition;
 use super::module_deltas::{factor_tensors, MatrixDelta};
@@ -27,67 +30,6 @@ use crate::model::linear::{LinearId, RowDeltas};
 /// One target's share of a task: `(out, [rows, out] host buffer, range of the task's deltas for
 /// it in [`Resolved::entries`])`.
 type TargetOut<'a> = (usize, &'a mut [f32], Range<usize>);
-
-/// The deltas of a layer group, looked up once per call: for every chunk and target, the
-/// `(matrix, scale)` of each part of the chunk's composition that has a delta there, in the
-/// composition's order. Every later pass (which targets are touched, the sparse plan, the
-/// prefetches, the kernels) reads this instead of looking each module's map up again. Before,
-/// five passes looked up every (chunk, part, target); the first of them missed the cache in maps
-/// that the step's factor reads had just evicted (`lora32` on one thread: the lookups took about
-/// 0.8 ms of a 43 ms decode step, and the delta closure 7.1-7.5 ms per step against 7.2-8.2 before,
-/// four interleaved pairs).
-struct Resolved<'m> {
-    entries: Vec<(&'m MatrixDelta, f32)>,
-    /// `[chunk][target]` ranges into `entries` (every chunk, in order).
-    ranges: Vec<Range<usize>>,
-    targets: usize,
-}
-
-impl<'m> Resolved<'m> {
-    fn new(chunks: &[(usize, usize, Option<&'m Composition>)], targets: &[Target]) -> Self {
-        let mut entries = Vec::new();
-        let mut ranges = Vec::with_capacity(chunks.len() * targets.len());
-        for &(_, _, comp) in chunks {
-            for t in targets {
-                let from = entries.len();
-                if let Some(c) = comp {
-                    entries.extend(c.parts.iter().filter_map(|(d, s)| d.targets.get(t).map(|m| (m, *s))));
-                }
-                ranges.push(from..entries.len());
-            }
-        }
-        Self { entries, ranges, targets: targets.len() }
-    }
-
-    /// Chunk `ci`'s deltas for target `ti`.
-    fn of(&self, ci: usize, ti: usize) -> &[(&'m MatrixDelta, f32)] {
-        &self.entries[self.ranges[ci * self.targets + ti].clone()]
-    }
-
-    /// Whether some chunk has a delta for target `ti`.
-    fn touched(&self, ti: usize) -> bool {
-        self.ranges.iter().skip(ti).step_by(self.targets.max(1)).any(|r| !r.is_empty())
-    }
-
-    /// Whether some chunk has a sparse delta for target `ti`.
-    fn any_sparse(&self, ti: usize) -> bool {
-        self.ranges
-            .iter()
-            .skip(ti)
-            .step_by(self.targets.max(1))
-            .any(|r| self.entries[r.clone()].iter().any(|(m, _)| matches!(m, MatrixDelta::Sparse(_))))
-    }
-
-    /// The same lookups for the targets `keep` (indices, in order) only.
-    fn only(self, keep: &[usize]) -> Self {
-        let chunks = self.ranges.len() / self.targets.max(1);
-        let ranges = (0..chunks)
-            .flat_map(|ci| keep.iter().map(move |&ti| (ci, ti)))
-            .map(|(ci, ti)| self.ranges[ci * self.targets + ti].clone())
-            .collect();
-        Self { entries: self.entries, ranges, targets: keep.len() }
-    }
-}
 
 /// The compositions of one batch step, by chunk.
 pub struct BatchDeltas<'a> {

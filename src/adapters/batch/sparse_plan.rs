@@ -6,7 +6,7 @@
 //! Invariant: a row's value is `scale * sum_i v_i x[c_i]` accumulated in column order, its sparse
 //! parts added in its composition's order, so it does not depend on its batch neighbours.
 use super::buffers::{with_reused, INPUT_BUF, PROD_BUF, SCRATCH_BUF};
-use super::Resolved;
+use super::resolved::Resolved;
 use crate::adapters::composition::Composition;
 use crate::adapters::module_deltas::MatrixDelta;
 use crate::adapters::target::Target;
