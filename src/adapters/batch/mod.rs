@@ -117,7 +117,7 @@ const ROW_KERNEL_MAX_ROWS: usize = 8;
 
 impl BatchDeltas<'_> {
     /// CPU path: one host copy of `x`, every composition's deltas accumulated into one host buffer,
-    /// then a single add. Sparse deltas first, grouped by module ([`add_sparse_grouped`]): each
+    /// then a single add. Sparse deltas first, grouped by module ([`add_sparse_resolved`]): each
     /// module's non-zeros are read once per step for all rows using it. Then low-rank and dense
     /// deltas per chunk (per-row kernels for compact factors and for decode rows of f32 factors,
     /// GEMMs for prefill segments of f32 factors and for dense deltas). Per row, the
@@ -152,9 +152,8 @@ impl BatchDeltas<'_> {
                 let (_, tail) = std::mem::take(rest).split_at_mut((start - consumed) * *out);
                 let (piece, tail) = tail.split_at_mut(len * *out);
                 *rest = tail;
-                let r = res.ranges[ci * res.targets + ti].clone();
-                if res.entries[r.clone()].iter().any(|(m, _)| !matches!(m, MatrixDelta::Sparse(_))) {
-                    mine.push((*out, piece, r));
+                if res.of(ci, ti).iter().any(|(m, _)| !matches!(m, MatrixDelta::Sparse(_))) {
+                    mine.push((*out, piece, res.range(ci, ti)));
                 }
             }
             consumed = start + len;
@@ -266,7 +265,7 @@ fn add_chunk_deltas(
     for (out, dst, r) in outs {
         for (m, scale) in &entries[r] {
             match m {
-                MatrixDelta::Sparse(_) => {} // done by add_sparse_grouped
+                MatrixDelta::Sparse(_) => {} // done by add_sparse_resolved
                 MatrixDelta::Packed(h) if h.is_compact() => {
                     if !quantized {
                         if qrows.len() < len {

@@ -20,8 +20,8 @@ use crate::adapters::target::Target;
 pub(super) struct Resolved<'m> {
     pub(super) entries: Vec<(&'m MatrixDelta, f32)>,
     /// `[chunk][target]` ranges into `entries` (every chunk, in order).
-    pub(super) ranges: Vec<Range<usize>>,
-    pub(super) targets: usize,
+    ranges: Vec<Range<usize>>,
+    targets: usize,
 }
 
 impl<'m> Resolved<'m> {
@@ -40,23 +40,29 @@ impl<'m> Resolved<'m> {
         Self { entries, ranges, targets: targets.len() }
     }
 
+    /// Where chunk `ci`'s deltas for target `ti` are in `entries`.
+    pub(super) fn range(&self, ci: usize, ti: usize) -> Range<usize> {
+        self.ranges[ci * self.targets + ti].clone()
+    }
+
     /// Chunk `ci`'s deltas for target `ti`.
     pub(super) fn of(&self, ci: usize, ti: usize) -> &[(&'m MatrixDelta, f32)] {
-        &self.entries[self.ranges[ci * self.targets + ti].clone()]
+        &self.entries[self.range(ci, ti)]
+    }
+
+    /// Every chunk's deltas for target `ti`, chunk by chunk.
+    fn column(&self, ti: usize) -> impl Iterator<Item = &[(&'m MatrixDelta, f32)]> {
+        self.ranges.iter().skip(ti).step_by(self.targets.max(1)).map(|r| &self.entries[r.clone()])
     }
 
     /// Whether some chunk has a delta for target `ti`.
     pub(super) fn touched(&self, ti: usize) -> bool {
-        self.ranges.iter().skip(ti).step_by(self.targets.max(1)).any(|r| !r.is_empty())
+        self.column(ti).any(|d| !d.is_empty())
     }
 
     /// Whether some chunk has a sparse delta for target `ti`.
     pub(super) fn any_sparse(&self, ti: usize) -> bool {
-        self.ranges
-            .iter()
-            .skip(ti)
-            .step_by(self.targets.max(1))
-            .any(|r| self.entries[r.clone()].iter().any(|(m, _)| matches!(m, MatrixDelta::Sparse(_))))
+        self.column(ti).any(|d| d.iter().any(|(m, _)| matches!(m, MatrixDelta::Sparse(_))))
     }
 
     /// The same lookups for the targets `keep` (indices, in order) only.
