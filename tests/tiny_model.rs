@@ -216,6 +216,37 @@ fn kv_cache_chunked_prefill_decode_and_batching_agree() {
     assert!(d < 1e-4, "batched vs solo logits of the second sequence differ by {d}");
 }
 
+/// Many sequences in one step take the attention's one-task-per-sequence path (at least four
+/// per pool thread: five on one thread here); each must get what it gets alone (one task per
+/// head), at its own position, prefill chunks and decode rows mixed.
+#[test]
+fn many_sequences_in_one_step_agree_with_each_alone() {
+    let (_d, hf, _gg) = models();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    pool.install(|| {
+        let prompts: Vec<Vec<u32>> =
+            (0..5u32).map(|s| (0..3 + 2 * s as usize).map(|i| (7 * s + 3 * i as u32 + 1) % VOCAB as u32).collect()).collect();
+        // Every sequence but the last is already cached up to its last 1 or 2 tokens.
+        let split = |p: &Vec<u32>, s: usize| p.len() - 1 - (s % 2);
+        let mut caches: Vec<SeqKvCache> = prompts.iter().map(|p| SeqKvCache::new(&hf.cfg, p.len(), hf.device()).unwrap()).collect();
+        for (s, (p, c)) in prompts.iter().zip(caches.iter_mut()).enumerate().take(4) {
+            hf.forward(&mut [SeqChunk { tokens: &p[..split(p, s)], cache: c, want_logits: false }], &NoDeltas).unwrap();
+        }
+        let mut chunks: Vec<SeqChunk> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .enumerate()
+            .map(|(s, (p, c))| SeqChunk { tokens: if s < 4 { &p[split(p, s)..] } else { &p[..] }, cache: c, want_logits: true })
+            .collect();
+        let out = hf.forward(&mut chunks, &NoDeltas).unwrap();
+        for (s, p) in prompts.iter().enumerate() {
+            let alone = logits_last(&hf, p);
+            let d = max_abs_diff(&alone, &out.get(s).unwrap().to_vec1::<f32>().unwrap());
+            assert!(d < 1e-4, "sequence {s}: batched vs solo logits differ by {d}");
+        }
+    });
+}
+
 #[test]
 fn cache_overflow_and_bad_tokens_are_errors_not_panics() {
     let (_d, hf, _gg) = models();

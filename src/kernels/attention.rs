@@ -83,26 +83,55 @@ pub struct HeadAttention<'a, K: KvElem = f32> {
 impl<K: KvElem> HeadAttention<'_, K> {
     /// The head's outputs, `[len, hd]`.
     pub fn run(&self) -> Vec<f32> {
+        let mut o = vec![0f32; self.len * self.hd];
+        self.run_into(&mut o, self.hd, &mut Vec::new());
+        o
+    }
+
+    /// Writes row `i`'s output to `out[i * stride..i * stride + hd]` (the rest of `out` is left
+    /// alone: a caller hands in its `[rows, heads * hd]` rows from this head's column, so no
+    /// per-head buffer or copy is needed); `scores` is scratch, reused between calls.
+    pub fn run_into(&self, out: &mut [f32], stride: usize, scores: &mut Vec<f32>) {
+        assert!(self.len == 0 || (stride >= self.hd && out.len() >= (self.len - 1) * stride + self.hd), "an output of {} rows", self.len);
+        scores.clear();
+        scores.resize(self.pos + self.len, 0.0);
         #[cfg(target_arch = "x86_64")]
         {
             if super::cpu().avx2_fma {
                 // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { self.run_avx2() };
+                return unsafe { self.run_avx2(out, stride, scores) };
             }
         }
-        self.run_generic()
+        self.run_with(out, stride, scores, dot)
+    }
+
+    /// Asks the CPU to start loading the cached keys and values the rows will read (the slots
+    /// of positions `0..pos + len`, at most the ring): a hint, with no effect on results, and
+    /// none with `MODSERVE_PREFETCH=0` or off x86-64.
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu().prefetch {
+            let used = (self.pos + self.len).min(self.ring) * self.hd;
+            for region in [&self.keys[..used.min(self.keys.len())], &self.values[..used.min(self.values.len())]] {
+                let bytes: usize = std::mem::size_of_val(region);
+                let base = region.as_ptr() as *const i8;
+                for off in (0..bytes).step_by(64) {
+                    // SAFETY: an address inside a live slice (`off < bytes`): a prefetch reads
+                    // nothing architecturally and cannot fault.
+                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(base.add(off)) };
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run_avx2(&self) -> Vec<f32> {
+    unsafe fn run_avx2(&self, out: &mut [f32], stride: usize, scores: &mut [f32]) {
         if !self.hd.is_multiple_of(8) || self.keys.len() < self.ring * self.hd || self.values.len() < self.ring * self.hd {
             // SAFETY: this function only runs when avx2, fma and f16c are present.
-            return self.run_with(|a, b| unsafe { dot_avx2(a, b) });
+            return self.run_with(out, stride, scores, |a, b| unsafe { dot_avx2(a, b) });
         }
         let hd = self.hd;
-        let mut o = vec![0f32; self.len * hd];
-        let mut scores = vec![0f32; self.pos + self.len];
         for i in 0..self.len {
             let (qv, first, visible) = self.query_row(i);
             // The visible positions as at most two runs of consecutive ring slots.
@@ -122,7 +151,8 @@ impl<K: KvElem> HeadAttention<'_, K> {
             }
             let max = max_lanes(sc);
             let inv = (1.0 / super::softmax::exp_in_place_generic(sc, max)) as f32;
-            let orow = &mut o[i * hd..(i + 1) * hd];
+            let orow = &mut out[i * stride..i * stride + hd];
+            orow.fill(0.0);
             let mut p = 0;
             for &(slot, n, _) in &runs {
                 // SAFETY: as for the scores; `orow` holds `hd` values.
@@ -130,7 +160,6 @@ impl<K: KvElem> HeadAttention<'_, K> {
                 p += n;
             }
         }
-        o
     }
 
     /// Row `i`'s query and the positions it sees, `first..visible` (causal, and the window's).
@@ -142,15 +171,17 @@ impl<K: KvElem> HeadAttention<'_, K> {
         (&self.q[at..at + self.hd], self.window.map_or(0, |w| visible.saturating_sub(w)), visible)
     }
 
+    #[cfg(test)]
     fn run_generic(&self) -> Vec<f32> {
-        self.run_with(dot)
+        let mut o = vec![0f32; self.len * self.hd];
+        self.run_with(&mut o, self.hd, &mut vec![0f32; self.pos + self.len], dot);
+        o
     }
 
+    /// The portable loop; `scores` holds at least `pos + len` values.
     #[inline(always)]
-    fn run_with(&self, dot: impl Fn(&[f32], &[K]) -> f32) -> Vec<f32> {
+    fn run_with(&self, out: &mut [f32], stride: usize, scores: &mut [f32], dot: impl Fn(&[f32], &[K]) -> f32) {
         let hd = self.hd;
-        let mut o = vec![0f32; self.len * hd];
-        let mut scores = vec![0f32; self.pos + self.len];
         for i in 0..self.len {
             let (qv, first, visible) = self.query_row(i);
             let mut max = f32::NEG_INFINITY;
@@ -172,7 +203,8 @@ impl<K: KvElem> HeadAttention<'_, K> {
                 sum += *sc;
             }
             let inv = 1.0 / sum;
-            let orow = &mut o[i * hd..(i + 1) * hd];
+            let orow = &mut out[i * stride..i * stride + hd];
+            orow.fill(0.0);
             let mut slot = first % self.ring;
             for sc in scores[first..visible].iter() {
                 let p = sc * inv;
@@ -185,7 +217,6 @@ impl<K: KvElem> HeadAttention<'_, K> {
                 }
             }
         }
-        o
     }
 }
 
@@ -388,10 +419,19 @@ mod tests {
                 softcap,
             };
             let want = h.run_generic();
-            // SAFETY: the probe reported AVX2 and FMA.
-            let got = unsafe { h.run_avx2() };
+            // (`run` takes the AVX2 path here: the probe reported it.)
+            let got = h.run();
             let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 2e-5, "hd {hd} ring {ring} pos {pos}: max difference {err}");
+            // Into a strided output (this head's column of `[rows, 3 * hd]`, stale values in
+            // it): the same bits, and the other columns untouched.
+            let stride = 3 * hd;
+            let mut wide = vec![7f32; len * stride];
+            h.run_into(&mut wide[hd..], stride, &mut vec![1f32; 3]);
+            for i in 0..len {
+                assert_eq!(&wide[i * stride + hd..i * stride + 2 * hd], &got[i * hd..(i + 1) * hd], "hd {hd} row {i}");
+                assert!(wide[i * stride..i * stride + hd].iter().chain(&wide[i * stride + 2 * hd..(i + 1) * stride]).all(|&v| v == 7.0));
+            }
             // An f16 cache: both paths on the f16 values give what the f32 paths give on the
             // same values widened (the products stay f32).
             let k16: Vec<half::f16> = keys.iter().map(|&v| half::f16::from_f32(v)).collect();
@@ -414,8 +454,7 @@ mod tests {
                 softcap,
             };
             let want = wide.run_generic();
-            // SAFETY: as above.
-            for (path, got) in [("portable", half.run_generic()), ("avx2", unsafe { half.run_avx2() })] {
+            for (path, got) in [("portable", half.run_generic()), ("avx2", half.run())] {
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err < 2e-5, "f16 cache, {path}, hd {hd} ring {ring} pos {pos}: max difference {err}");
             }

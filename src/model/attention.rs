@@ -2,7 +2,9 @@
 //!
 //! One call per layer: rotary embedding of every row's queries and keys at its own position,
 //! the new keys/values written into each sequence's host KV cache, then causal attention of every
-//! (sequence, query head) in parallel (rayon) against that sequence's cache. It replaces a dozen
+//! (sequence, query head) in parallel (rayon) against that sequence's cache: one task per
+//! sequence, writing straight into its rows, when there are many (batched decode), else one per
+//! (sequence, head) so that even one sequence keeps every thread busy. It replaces a dozen
 //! small tensor ops per sequence and layer, which dominate batched decode otherwise. Every family
 //! runs here: the layer's [`AttnParams`] carry its RoPE table (base, linear scaling, rotated
 //! dimensions), score scale, sliding window and soft-cap.
@@ -193,34 +195,59 @@ fn attention_in<K: CacheElem>(
         }
         let q: &[f32] = q;
         let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
-        // One task per (sequence, head): its rows' outputs for that head.
-        let tasks: Vec<(usize, usize)> =
-            (0..part.len()).filter(|&s| part[s].1 > 0).flat_map(|s| (0..n_heads).map(move |h| (s, h))).collect();
-        let results: Vec<(usize, usize, Vec<f32>)> = tasks
-            .par_iter()
-            .map(|&(s, h)| {
-                let (start, len, pos) = part[s];
-                let cap = caches[s].layer_capacity(layer);
-                let (kc, vc) = K::layer(caches[s], layer);
-                let kvh = h / group;
-                let head = HeadAttention {
-                    q,
-                    q_stride: qw,
-                    q_off: h * hd,
-                    keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                    values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                    ring: cap,
-                    hd,
-                    start,
-                    len,
-                    pos,
-                    scale,
-                    window,
-                    softcap,
-                };
-                (s, h, head.run())
-            })
-            .collect();
+        let head_of = |s: usize, h: usize| {
+            let (start, len, pos) = part[s];
+            let cap = caches[s].layer_capacity(layer);
+            let (kc, vc) = K::layer(caches[s], layer);
+            let kvh = h / group;
+            HeadAttention {
+                q,
+                q_stride: qw,
+                q_off: h * hd,
+                keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                ring: cap,
+                hd,
+                start,
+                len,
+                pos,
+                scale,
+                window,
+                softcap,
+            }
+        };
+        let live: Vec<usize> = (0..part.len()).filter(|&s| part[s].1 > 0).collect();
+        let rows_in_order = live.windows(2).all(|w| part[w[0]].0 + part[w[0]].1 <= part[w[1]].0);
+        if live.len() >= 4 * rayon::current_num_threads() && rows_in_order {
+            // Many sequences (batched decode): one task per sequence, all its heads, each head
+            // written straight into the sequence's own rows of `out` (no buffer per head, no
+            // copy), the heads of one kv head one after the other (its cache stays in cache).
+            let mut mine: Vec<(usize, &mut [f32])> = Vec::with_capacity(live.len());
+            let (mut rest, mut at) = (&mut out[..], 0);
+            for &s in &live {
+                let (start, len, _) = part[s];
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) * qw);
+                let (rows, tail) = tail.split_at_mut(len * qw);
+                mine.push((s, rows));
+                (rest, at) = (tail, start + len);
+            }
+            let next: Vec<Option<usize>> = (0..part.len()).map(|s| live.iter().copied().find(|&n| n > s)).collect();
+            mine.into_par_iter().for_each_init(Vec::new, |scores, (s, rows)| {
+                if let Some(n) = next[s] {
+                    for h in (0..n_heads).step_by(group) {
+                        head_of(n, h).prefetch();
+                    }
+                }
+                for h in 0..n_heads {
+                    head_of(s, h).run_into(&mut rows[h * hd..], qw, scores);
+                }
+            });
+            continue;
+        }
+        // Few sequences (single-stream decode, a prefill): one task per (sequence, head), so
+        // both threads share even one sequence; each task's rows are copied in after.
+        let tasks: Vec<(usize, usize)> = live.iter().flat_map(|&s| (0..n_heads).map(move |h| (s, h))).collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tasks.par_iter().map(|&(s, h)| (s, h, head_of(s, h).run())).collect();
         for (s, h, o) in results {
             let (start, len, _) = part[s];
             for i in 0..len {
