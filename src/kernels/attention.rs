@@ -107,7 +107,8 @@ impl<K: KvElem> HeadAttention<'_, K> {
 
     /// Asks the CPU to start loading the cached keys and values the rows will read (the slots
     /// of positions `0..pos + len`, at most the ring): a hint, with no effect on results, and
-    /// none with `MODSERVE_PREFETCH=0` or off x86-64.
+    /// none with `MODSERVE_PREFETCH=0` or off x86-64. One (sequence, kv head)'s cache is a few KB,
+    /// too short for the hardware prefetchers to ramp up.
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         if super::cpu().prefetch {

@@ -2,9 +2,10 @@
 //!
 //! One call per layer: rotary embedding of every row's queries and keys at its own position,
 //! the new keys/values written into each sequence's host KV cache, then causal attention of every
-//! (sequence, query head) in parallel (rayon) against that sequence's cache: one task per
-//! sequence, writing straight into its rows, when there are many (batched decode), else one per
-//! (sequence, head) so that even one sequence keeps every thread busy. It replaces a dozen
+//! (sequence, query head) in parallel (rayon) against that sequence's cache. With many sequences
+//! (batched decode) one task per sequence does all of that sequence's work, RoPE and cache writes
+//! included, and writes straight into its rows; with few, the writes run first and then one task
+//! per (sequence, head), so that even one sequence keeps every thread busy. It replaces a dozen
 //! small tensor ops per sequence and layer, which dominate batched decode otherwise. Every family
 //! runs here: the layer's [`AttnParams`] carry its RoPE table (base, linear scaling, rotated
 //! dimensions), score scale, sliding window and soft-cap.
@@ -175,23 +176,64 @@ fn attention_in<K: CacheElem>(
                 (start + a, (len - a).min(b), pos + a)
             })
             .collect();
-        // RoPE and cache writes, per sequence.
-        for (&(start, len, pos), cache) in part.iter().zip(caches.iter_mut()) {
-            let cap = cache.layer_capacity(layer);
-            let (kc, vc) = K::layer_mut(cache, layer);
-            for i in 0..len {
-                let (r, p) = (start + i, pos + i);
-                for h in 0..n_heads {
-                    rope.rotate(&mut q[r * qw + h * hd..r * qw + (h + 1) * hd], p);
-                }
-                for h in 0..n_kv_heads {
-                    let kr = &mut k[r * kw + h * hd..r * kw + (h + 1) * hd];
-                    rope.rotate(kr, p);
-                    let at = (h * cap + p % cap) * hd;
-                    K::store(&mut kc[at..at + hd], kr);
-                    K::store(&mut vc[at..at + hd], &v[r * kw + h * hd..r * kw + (h + 1) * hd]);
-                }
+        let live: Vec<usize> = (0..part.len()).filter(|&s| part[s].1 > 0).collect();
+        let rows_in_order = live.windows(2).all(|w| part[w[0]].0 + part[w[0]].1 <= part[w[1]].0);
+        if live.len() >= 4 * rayon::current_num_threads() && rows_in_order {
+            // Many sequences (batched decode): one task per sequence does all of its work, RoPE
+            // and cache writes included (no serial pass), and writes every head straight into
+            // the sequence's own rows of `out` (no buffer or copy per head); the heads of one kv
+            // head run one after the other, its cache in cache.
+            let mut tasks = Vec::with_capacity(live.len());
+            let (mut qr, mut kr, mut or, mut at) = (&mut q[..], &mut k[..], &mut out[..], 0);
+            for (s, cache) in caches.iter_mut().enumerate().filter(|(s, _)| part[*s].1 > 0) {
+                let (start, len, pos) = part[s];
+                let (qs, qt) = std::mem::take(&mut qr).split_at_mut((start - at) * qw).1.split_at_mut(len * qw);
+                let (ks, kt) = std::mem::take(&mut kr).split_at_mut((start - at) * kw).1.split_at_mut(len * kw);
+                let (os, ot) = std::mem::take(&mut or).split_at_mut((start - at) * qw).1.split_at_mut(len * qw);
+                (qr, kr, or, at) = (qt, kt, ot, start + len);
+                tasks.push((qs, ks, &v[start * kw..(start + len) * kw], os, &mut **cache, pos, len));
             }
+            tasks.into_par_iter().for_each_init(Vec::new, |scores, (qs, ks, vs, os, cache, pos, len)| {
+                write_rows::<K>(rope, shape, layer, qs, ks, vs, cache, pos);
+                let cap = cache.layer_capacity(layer);
+                let (kc, vc) = K::layer(cache, layer);
+                let head_of = |h: usize| {
+                    let kvh = h / group;
+                    HeadAttention {
+                        q: qs,
+                        q_stride: qw,
+                        q_off: h * hd,
+                        keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                        values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
+                        ring: cap,
+                        hd,
+                        start: 0,
+                        len,
+                        pos,
+                        scale,
+                        window,
+                        softcap,
+                    }
+                };
+                head_of(0).prefetch();
+                for h in 0..n_heads {
+                    // While a kv head's group computes, the next kv head's cache is on its way.
+                    if h % group == 0 && h + group < n_heads {
+                        head_of(h + group).prefetch();
+                    }
+                    head_of(h).run_into(&mut os[h * hd..], qw, scores);
+                }
+            });
+            continue;
+        }
+        // Few sequences (single-stream decode, a prefill): RoPE and cache writes per sequence,
+        // then one task per (sequence, head), so both threads share even one sequence; each
+        // task's rows are copied in after.
+        for &s in &live {
+            let (start, len, pos) = part[s];
+            let rows = start * qw..(start + len) * qw;
+            let krows = start * kw..(start + len) * kw;
+            write_rows::<K>(rope, shape, layer, &mut q[rows], &mut k[krows.clone()], &v[krows], caches[s], pos);
         }
         let q: &[f32] = q;
         let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
@@ -216,36 +258,6 @@ fn attention_in<K: CacheElem>(
                 softcap,
             }
         };
-        let live: Vec<usize> = (0..part.len()).filter(|&s| part[s].1 > 0).collect();
-        let rows_in_order = live.windows(2).all(|w| part[w[0]].0 + part[w[0]].1 <= part[w[1]].0);
-        if live.len() >= 4 * rayon::current_num_threads() && rows_in_order {
-            // Many sequences (batched decode): one task per sequence, all its heads, each head
-            // written straight into the sequence's own rows of `out` (no buffer per head, no
-            // copy), the heads of one kv head one after the other (its cache stays in cache).
-            let mut mine: Vec<(usize, &mut [f32])> = Vec::with_capacity(live.len());
-            let (mut rest, mut at) = (&mut out[..], 0);
-            for &s in &live {
-                let (start, len, _) = part[s];
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) * qw);
-                let (rows, tail) = tail.split_at_mut(len * qw);
-                mine.push((s, rows));
-                (rest, at) = (tail, start + len);
-            }
-            let next: Vec<Option<usize>> = (0..part.len()).map(|s| live.iter().copied().find(|&n| n > s)).collect();
-            mine.into_par_iter().for_each_init(Vec::new, |scores, (s, rows)| {
-                if let Some(n) = next[s] {
-                    for h in (0..n_heads).step_by(group) {
-                        head_of(n, h).prefetch();
-                    }
-                }
-                for h in 0..n_heads {
-                    head_of(s, h).run_into(&mut rows[h * hd..], qw, scores);
-                }
-            });
-            continue;
-        }
-        // Few sequences (single-stream decode, a prefill): one task per (sequence, head), so
-        // both threads share even one sequence; each task's rows are copied in after.
         let tasks: Vec<(usize, usize)> = live.iter().flat_map(|&s| (0..n_heads).map(move |h| (s, h))).collect();
         let results: Vec<(usize, usize, Vec<f32>)> = tasks.par_iter().map(|&(s, h)| (s, h, head_of(s, h).run())).collect();
         for (s, h, o) in results {
@@ -257,4 +269,36 @@ fn attention_in<K: CacheElem>(
         }
     }
     out
+}
+
+/// RoPE of one sequence's rows of `q` and `k` (`[len, n_heads * hd]` and `[len, n_kv_heads *
+/// hd]`, rotated in place) at positions `pos..`, and their keys and values (`v`, as `k`) written
+/// into `cache`'s `layer` at those positions' ring slots.
+#[allow(clippy::too_many_arguments)]
+fn write_rows<K: CacheElem>(
+    rope: &RopeTables,
+    shape: AttnShape,
+    layer: usize,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    cache: &mut SeqKvCache,
+    pos: usize,
+) {
+    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let cap = cache.layer_capacity(layer);
+    let (kc, vc) = K::layer_mut(cache, layer);
+    let rows = q.chunks_exact_mut(n_heads * hd).zip(k.chunks_exact_mut(n_kv_heads * hd)).zip(v.chunks_exact(n_kv_heads * hd));
+    for (i, ((qr, kr), vr)) in rows.enumerate() {
+        let p = pos + i;
+        for qh in qr.chunks_exact_mut(hd) {
+            rope.rotate(qh, p);
+        }
+        for (h, (kh, vh)) in kr.chunks_exact_mut(hd).zip(vr.chunks_exact(hd)).enumerate() {
+            rope.rotate(kh, p);
+            let at = (h * cap + p % cap) * hd;
+            K::store(&mut kc[at..at + hd], kh);
+            K::store(&mut vc[at..at + hd], vh);
+        }
+    }
 }
