@@ -67,9 +67,9 @@ pub fn run_step(
     // Sequences sample in parallel: each owns its sampler, and a vocabulary-wide pass per row
     // (normaliser, argmax) costs as much as a layer at batch 32. Logits rows follow batch order.
     let _sample = tracing::trace_span!(target: crate::model::PHASE, "sample").entered();
-    let rows = logits_rows(&logits)?;
-    let work: Vec<(usize, &mut Sequence, &[f32])> =
-        seqs.iter_mut().enumerate().filter(|(i, _)| needs[*i]).zip(&rows).map(|((i, s), l)| (i, &mut **s, l.as_slice())).collect();
+    let mut rows = logits_rows(&logits)?;
+    let work: Vec<(usize, &mut Sequence, &mut [f32])> =
+        seqs.iter_mut().enumerate().filter(|(i, _)| needs[*i]).zip(&mut rows).map(|((i, s), l)| (i, &mut **s, l.as_mut_slice())).collect();
     let results: Vec<(usize, Result<TokenEvent, SequenceError>)> = work.into_par_iter().map(|(i, s, l)| (i, s.on_logits(l))).collect();
     for (i, r) in results {
         events[i] = Some(r);

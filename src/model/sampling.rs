@@ -156,13 +156,20 @@ pub fn log_softmax(logits: &[f32]) -> Result<Vec<f32>, SamplingError> {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
+    // The largest value (NaN ignored) over 16 lanes, then its first index: two passes that
+    // vectorise, where one `if x > best` loop is a dependent chain (a few hundred microseconds a
+    // step at batch 32 over a 49,152-token vocabulary). Ties go to the lowest id; 0 when no
+    // value is a number.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x);
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 /// The `k` highest entries, highest first (ties: lower id first).
@@ -182,6 +189,36 @@ pub fn top_k_logprobs(logprobs: &[f32], k: usize) -> Vec<TokenLogprob> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first index of the largest number, at every length around the 16 lanes, with ties,
+    /// infinities and NaNs (never chosen while a number exists).
+    #[test]
+    fn argmax_is_the_first_index_of_the_largest_number() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(9);
+        for n in 1..70 {
+            for trial in 0..20 {
+                let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-4i32..4) as f32).collect();
+                if trial % 3 == 0 {
+                    v[rng.random_range(0..n)] = f32::NAN;
+                }
+                if trial % 5 == 0 {
+                    v[rng.random_range(0..n)] = f32::NEG_INFINITY;
+                }
+                if trial % 7 == 0 {
+                    v[rng.random_range(0..n)] = f32::INFINITY;
+                }
+                let mut want = None;
+                for (i, x) in v.iter().enumerate() {
+                    if !x.is_nan() && want.is_none_or(|w: usize| *x > v[w]) {
+                        want = Some(i);
+                    }
+                }
+                assert_eq!(argmax(&v), want.unwrap_or(0) as u32, "{v:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+    }
 
     #[test]
     fn greedy_picks_argmax_and_reports_sorted_top() {
