@@ -150,7 +150,7 @@ impl<K: KvElem> HeadAttention<'_, K> {
                 Some(c) => sc.iter_mut().for_each(|v| *v = c * super::tanh::tanh(*v * self.scale / c)),
                 None => sc.iter_mut().for_each(|v| *v *= self.scale),
             }
-            let max = max_lanes(sc);
+            let max = super::softmax::max_lanes(sc);
             let inv = (1.0 / super::softmax::exp_in_place_generic(sc, max)) as f32;
             let orow = &mut out[i * stride..i * stride + hd];
             orow.fill(0.0);
@@ -330,22 +330,6 @@ unsafe fn dot_avx2<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
     s
 }
 
-/// The largest value (NaN ignored, as `f32::max`), 8 lanes at a time: one `f32::max` after the
-/// other is a chain of dependent compares and blends, which took a quarter of the AVX2 path's
-/// time (perf, 151 cached positions).
-#[inline(always)]
-fn max_lanes(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = m.max(v);
-        }
-    }
-    lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
 /// Dot product with 8 independent accumulators (vectorises without reassociation).
 #[inline(always)]
 pub fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
@@ -368,20 +352,6 @@ pub fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    /// `max_lanes` is `f32::max` folded over the slice (NaN ignored), at every length.
-    #[test]
-    fn max_lanes_is_the_folded_max() {
-        let mut rng = StdRng::seed_from_u64(3);
-        for n in 0..40 {
-            let mut x: Vec<f32> = (0..n).map(|_| rng.random_range(-50.0f32..50.0)).collect();
-            if n > 3 {
-                x[n / 2] = f32::NAN;
-                x[1] = f32::NEG_INFINITY;
-            }
-            assert_eq!(max_lanes(&x).to_bits(), x.iter().copied().fold(f32::NEG_INFINITY, f32::max).to_bits(), "n = {n}");
-        }
-    }
 
     /// The AVX2 path against the portable loop: rings that wrap, windows, soft-caps, several rows.
     #[test]

@@ -149,7 +149,7 @@ fn attention_in<K: CacheElem>(
     caches: &mut [&mut SeqKvCache],
 ) -> Vec<f32> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
-    let (rope, scale, window, softcap) = (params.rope, params.scale, params.window, params.softcap);
+    let (rope, window) = (params.rope, params.window);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     let group = n_heads / n_kv_heads;
     let rows: usize = spans.iter().map(|s| s.1).sum::<usize>().max(spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0));
@@ -195,26 +195,8 @@ fn attention_in<K: CacheElem>(
             }
             tasks.into_par_iter().for_each_init(Vec::new, |scores, (qs, ks, vs, os, cache, pos, len)| {
                 write_rows::<K>(rope, shape, layer, qs, ks, vs, cache, pos);
-                let cap = cache.layer_capacity(layer);
-                let (kc, vc) = K::layer(cache, layer);
-                let head_of = |h: usize| {
-                    let kvh = h / group;
-                    HeadAttention {
-                        q: qs,
-                        q_stride: qw,
-                        q_off: h * hd,
-                        keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                        values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                        ring: cap,
-                        hd,
-                        start: 0,
-                        len,
-                        pos,
-                        scale,
-                        window,
-                        softcap,
-                    }
-                };
+                let cache: &SeqKvCache = cache;
+                let head_of = |h: usize| head_attention::<K>(shape, params, layer, cache, qs, h, (0, len, pos));
                 head_of(0).prefetch();
                 for h in 0..n_heads {
                     // While a kv head's group computes, the next kv head's cache is on its way.
@@ -237,27 +219,7 @@ fn attention_in<K: CacheElem>(
         }
         let q: &[f32] = q;
         let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
-        let head_of = |s: usize, h: usize| {
-            let (start, len, pos) = part[s];
-            let cap = caches[s].layer_capacity(layer);
-            let (kc, vc) = K::layer(caches[s], layer);
-            let kvh = h / group;
-            HeadAttention {
-                q,
-                q_stride: qw,
-                q_off: h * hd,
-                keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
-                ring: cap,
-                hd,
-                start,
-                len,
-                pos,
-                scale,
-                window,
-                softcap,
-            }
-        };
+        let head_of = |s: usize, h: usize| head_attention::<K>(shape, params, layer, caches[s], q, h, part[s]);
         let tasks: Vec<(usize, usize)> = live.iter().flat_map(|&s| (0..n_heads).map(move |h| (s, h))).collect();
         let results: Vec<(usize, usize, Vec<f32>)> = tasks.par_iter().map(|&(s, h)| (s, h, head_of(s, h).run())).collect();
         for (s, h, o) in results {
@@ -300,5 +262,38 @@ fn write_rows<K: CacheElem>(
             K::store(&mut kc[at..at + hd], kh);
             K::store(&mut vc[at..at + hd], vh);
         }
+    }
+}
+
+/// Query head `h`'s attention over one sequence's cache of `layer`: `rows` = (first row in `q`,
+/// rows, position of the first).
+#[allow(clippy::too_many_arguments)]
+fn head_attention<'a, K: CacheElem>(
+    shape: AttnShape,
+    params: &AttnParams<'_>,
+    layer: usize,
+    cache: &'a SeqKvCache,
+    q: &'a [f32],
+    h: usize,
+    (start, len, pos): (usize, usize, usize),
+) -> HeadAttention<'a, K> {
+    let hd = shape.head_dim;
+    let cap = cache.layer_capacity(layer);
+    let (kc, vc) = K::layer(cache, layer);
+    let kvh = h / (shape.n_heads / shape.n_kv_heads);
+    HeadAttention {
+        q,
+        q_stride: shape.n_heads * hd,
+        q_off: h * hd,
+        keys: &kc[kvh * cap * hd..(kvh + 1) * cap * hd],
+        values: &vc[kvh * cap * hd..(kvh + 1) * cap * hd],
+        ring: cap,
+        hd,
+        start,
+        len,
+        pos,
+        scale: params.scale,
+        window: params.window,
+        softcap: params.softcap,
     }
 }
