@@ -48,6 +48,7 @@ fn main() {
             scale: 0.125,
             window: None,
             softcap: None,
+            look_ahead: false,
         }
     };
     let mut step = |pick: &dyn Fn(usize) -> usize| {
@@ -78,6 +79,7 @@ fn main() {
                         scale: 0.125,
                         window: None,
                         softcap: None,
+                        look_ahead: h.is_multiple_of(HEADS / KV_HEADS),
                     };
                     head.run_into(&mut rows[h * HD..], qw, &mut scores);
                 }

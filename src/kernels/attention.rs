@@ -78,6 +78,10 @@ pub struct HeadAttention<'a, K: KvElem = f32> {
     pub window: Option<usize>,
     /// Attention-logit soft-cap.
     pub softcap: Option<f32>,
+    /// Whether the kernel asks for the cached keys and values 4 KB ahead of its reads
+    /// (the first head to read this cache in a pass; the heads after it find it in cache, and a
+    /// prefetch costs about a cycle per line even then).
+    pub look_ahead: bool,
 }
 
 impl<K: KvElem> HeadAttention<'_, K> {
@@ -143,7 +147,7 @@ impl<K: KvElem> HeadAttention<'_, K> {
                 // SAFETY: slots `slot..slot + n` lie in the ring (n1 stops at its end, the second
                 // run restarts at 0 and is shorter than the ring), whose `ring * hd` keys were
                 // checked above; `qv` holds `hd` values, a multiple of 8.
-                unsafe { scores_avx2(qv, &self.keys[slot * hd..(slot + n) * hd], &mut scores[at..at + n], hd) };
+                unsafe { scores_avx2(qv, &self.keys[slot * hd..(slot + n) * hd], &mut scores[at..at + n], hd, self.look_ahead) };
             }
             let sc = &mut scores[first..visible];
             match self.softcap {
@@ -157,7 +161,7 @@ impl<K: KvElem> HeadAttention<'_, K> {
             let mut p = 0;
             for &(slot, n, _) in &runs {
                 // SAFETY: as for the scores; `orow` holds `hd` values.
-                unsafe { weighted_sum_avx2(&sc[p..p + n], inv, &self.values[slot * hd..(slot + n) * hd], orow, hd) };
+                unsafe { weighted_sum_avx2(&sc[p..p + n], inv, &self.values[slot * hd..(slot + n) * hd], orow, hd, self.look_ahead) };
                 p += n;
             }
         }
@@ -226,13 +230,18 @@ impl<K: KvElem> HeadAttention<'_, K> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scores_avx2<K: KvElem>(q: &[f32], keys: &[K], out: &mut [f32], hd: usize) {
+unsafe fn scores_avx2<K: KvElem>(q: &[f32], keys: &[K], out: &mut [f32], hd: usize, look_ahead: bool) {
     use std::arch::x86_64::*;
     assert!(hd.is_multiple_of(8) && q.len() >= hd && keys.len() >= out.len() * hd, "scores of {} keys", out.len());
     let (pq, pk) = (q.as_ptr(), keys.as_ptr());
     let n = out.len();
     let mut j = 0;
+    let (kb, row) = (out.len() * hd * std::mem::size_of::<K>(), hd * std::mem::size_of::<K>());
     while j + 4 <= n {
+        if look_ahead {
+            // `pk[..kb]` is the `out.len()` keys read here (asserted above).
+            ahead(pk as *const u8, kb, j * row + AHEAD, (j + 4) * row + AHEAD);
+        }
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut c = 0;
         while c < hd {
@@ -259,15 +268,15 @@ unsafe fn scores_avx2<K: KvElem>(q: &[f32], keys: &[K], out: &mut [f32], hd: usi
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn weighted_sum_avx2<K: KvElem>(w: &[f32], scale: f32, values: &[K], o: &mut [f32], hd: usize) {
+unsafe fn weighted_sum_avx2<K: KvElem>(w: &[f32], scale: f32, values: &[K], o: &mut [f32], hd: usize, look_ahead: bool) {
     assert!(hd.is_multiple_of(8) && o.len() >= hd && values.len() >= w.len() * hd, "weighted sum of {} values", w.len());
     let mut c0 = 0;
     while c0 < hd {
         // Whole 64-column slices with a constant width (the loops over the accumulators unroll:
         // no compare per vector); the rest with its own.
         match (hd - c0).min(64) / 8 {
-            8 => weighted_cols::<K, 8>(w, scale, values, o, hd, c0, 8),
-            width => weighted_cols::<K, 0>(w, scale, values, o, hd, c0, width),
+            8 => weighted_cols::<K, 8>(w, scale, values, o, hd, c0, 8, look_ahead && c0 == 0),
+            width => weighted_cols::<K, 0>(w, scale, values, o, hd, c0, width, look_ahead && c0 == 0),
         }
         c0 += 64.min(hd - c0);
     }
@@ -280,7 +289,16 @@ unsafe fn weighted_sum_avx2<K: KvElem>(w: &[f32], scale: f32, values: &[K], o: &
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn weighted_cols<K: KvElem, const W: usize>(w: &[f32], scale: f32, values: &[K], o: &mut [f32], hd: usize, c0: usize, width: usize) {
+unsafe fn weighted_cols<K: KvElem, const W: usize>(
+    w: &[f32],
+    scale: f32,
+    values: &[K],
+    o: &mut [f32],
+    hd: usize,
+    c0: usize,
+    width: usize,
+    look_ahead: bool,
+) {
     use std::arch::x86_64::*;
     let width = if W > 0 { W } else { width };
     let pv = values.as_ptr();
@@ -288,7 +306,12 @@ unsafe fn weighted_cols<K: KvElem, const W: usize>(w: &[f32], scale: f32, values
     for (c, a) in acc.iter_mut().enumerate().take(width) {
         *a = _mm256_loadu_ps(o.as_ptr().add(c0 + c * 8));
     }
+    let (vb, rb) = (w.len() * hd * std::mem::size_of::<K>(), hd * std::mem::size_of::<K>());
     for (j, &wj) in w.iter().enumerate() {
+        if look_ahead {
+            // `pv[..vb]` is the `w.len()` values read here (asserted by the caller).
+            ahead(pv as *const u8, vb, j * rb + AHEAD, (j + 1) * rb + AHEAD);
+        }
         let p = _mm256_set1_ps(wj * scale);
         let row = pv.add(j * hd + c0);
         for (c, a) in acc.iter_mut().enumerate().take(width) {
@@ -297,6 +320,27 @@ unsafe fn weighted_cols<K: KvElem, const W: usize>(w: &[f32], scale: f32, values
     }
     for (c, a) in acc.iter().enumerate().take(width) {
         _mm256_storeu_ps(o.as_mut_ptr().add(c0 + c * 8), *a);
+    }
+}
+
+/// How far ahead of its reads (bytes) the kernel asks for cached keys and values: 2 and 8 KB
+/// were slower (`examples/attention_kernel.rs`, docs/BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+const AHEAD: usize = 4096;
+
+/// Prefetches the lines of `base[from..to]` that lie inside `base[..len]` (consecutive calls with
+/// adjoining ranges touch every line once).
+///
+/// # Safety
+/// `base[..len]` must be one live slice: every address formed stays inside it (`at < len`), and a
+/// prefetch reads nothing architecturally and cannot fault.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn ahead(base: *const u8, len: usize, from: usize, to: usize) {
+    let mut at = from.next_multiple_of(64);
+    while at < to.min(len) {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(at) as *const i8);
+        at += 64;
     }
 }
 
@@ -388,6 +432,7 @@ mod tests {
                 scale: 3.0 / (hd as f32).sqrt(),
                 window,
                 softcap,
+                look_ahead: true,
             };
             let want = h.run_generic();
             // (`run` takes the AVX2 path here: the probe reported it.)
@@ -423,6 +468,7 @@ mod tests {
                 scale: h.scale,
                 window,
                 softcap,
+                look_ahead: false,
             };
             let want = wide.run_generic();
             for (path, got) in [("portable", half.run_generic()), ("avx2", half.run())] {

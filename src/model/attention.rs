@@ -196,7 +196,8 @@ fn attention_in<K: CacheElem>(
             tasks.into_par_iter().for_each_init(Vec::new, |scores, (qs, ks, vs, os, cache, pos, len)| {
                 write_rows::<K>(rope, shape, layer, qs, ks, vs, cache, pos);
                 let cache: &SeqKvCache = cache;
-                let head_of = |h: usize| head_attention::<K>(shape, params, layer, cache, qs, h, (0, len, pos));
+                // The first head of each kv head's group reads its cache with look-ahead.
+                let head_of = |h: usize| head_attention::<K>(shape, params, layer, cache, qs, h, (0, len, pos), h.is_multiple_of(group));
                 head_of(0).prefetch();
                 for h in 0..n_heads {
                     // While a kv head's group computes, the next kv head's cache is on its way.
@@ -219,7 +220,7 @@ fn attention_in<K: CacheElem>(
         }
         let q: &[f32] = q;
         let caches: Vec<&SeqKvCache> = caches.iter().map(|c| &**c).collect();
-        let head_of = |s: usize, h: usize| head_attention::<K>(shape, params, layer, caches[s], q, h, part[s]);
+        let head_of = |s: usize, h: usize| head_attention::<K>(shape, params, layer, caches[s], q, h, part[s], true);
         let tasks: Vec<(usize, usize)> = live.iter().flat_map(|&s| (0..n_heads).map(move |h| (s, h))).collect();
         let results: Vec<(usize, usize, Vec<f32>)> = tasks.par_iter().map(|&(s, h)| (s, h, head_of(s, h).run())).collect();
         for (s, h, o) in results {
@@ -266,7 +267,7 @@ fn write_rows<K: CacheElem>(
 }
 
 /// Query head `h`'s attention over one sequence's cache of `layer`: `rows` = (first row in `q`,
-/// rows, position of the first).
+/// rows, position of the first); `look_ahead`: see [`HeadAttention::look_ahead`].
 #[allow(clippy::too_many_arguments)]
 fn head_attention<'a, K: CacheElem>(
     shape: AttnShape,
@@ -276,6 +277,7 @@ fn head_attention<'a, K: CacheElem>(
     q: &'a [f32],
     h: usize,
     (start, len, pos): (usize, usize, usize),
+    look_ahead: bool,
 ) -> HeadAttention<'a, K> {
     let hd = shape.head_dim;
     let cap = cache.layer_capacity(layer);
@@ -295,5 +297,6 @@ fn head_attention<'a, K: CacheElem>(
         scale: params.scale,
         window: params.window,
         softcap: params.softcap,
+        look_ahead,
     }
 }
