@@ -31,11 +31,14 @@ fn main() {
     let mut out = vec![0f32; SEQS * HEADS * HD];
     let mut scores = Vec::new();
     let qw = HEADS * HD;
-    let head_of = |c: usize, h: usize| {
+    let group = HEADS / KV_HEADS;
+    // Query head `h` of sequence `s` against cache `c`, as the server builds it (the first head
+    // of each kv head's group reads with look-ahead).
+    let head_of = |c: usize, s: usize, h: usize| {
         let (kc, vc) = &caches[c];
-        let kvh = h / (HEADS / KV_HEADS);
+        let kvh = h / group;
         HeadAttention {
-            q: &q[..qw],
+            q: &q[s * qw..(s + 1) * qw],
             q_stride: qw,
             q_off: h * HD,
             keys: &kc[kvh * ring * HD..(kvh + 1) * ring * HD],
@@ -48,7 +51,7 @@ fn main() {
             scale: 0.125,
             window: None,
             softcap: None,
-            look_ahead: false,
+            look_ahead: h.is_multiple_of(group),
         }
     };
     let mut step = |pick: &dyn Fn(usize) -> usize| {
@@ -57,31 +60,13 @@ fn main() {
                 let c = pick(layer * SEQS + s);
                 // The server's prefetches: this kv head's cache, then the next one's while a
                 // group of query heads computes.
-                head_of(c, 0).prefetch();
-                let (kc, vc) = &caches[c];
+                head_of(c, s, 0).prefetch();
                 let rows = &mut out[s * qw..(s + 1) * qw];
                 for h in 0..HEADS {
-                    let kvh = h / (HEADS / KV_HEADS);
-                    if h % (HEADS / KV_HEADS) == 0 && h + HEADS / KV_HEADS < HEADS {
-                        head_of(c, h + HEADS / KV_HEADS).prefetch();
+                    if h.is_multiple_of(group) && h + group < HEADS {
+                        head_of(c, s, h + group).prefetch();
                     }
-                    let head = HeadAttention {
-                        q: &q[s * qw..(s + 1) * qw],
-                        q_stride: qw,
-                        q_off: h * HD,
-                        keys: &kc[kvh * ring * HD..(kvh + 1) * ring * HD],
-                        values: &vc[kvh * ring * HD..(kvh + 1) * ring * HD],
-                        ring,
-                        hd: HD,
-                        start: 0,
-                        len: 1,
-                        pos: positions - 1,
-                        scale: 0.125,
-                        window: None,
-                        softcap: None,
-                        look_ahead: h.is_multiple_of(HEADS / KV_HEADS),
-                    };
-                    head.run_into(&mut rows[h * HD..], qw, &mut scores);
+                    head_of(c, s, h).run_into(&mut rows[h * HD..], qw, &mut scores);
                 }
             }
         }

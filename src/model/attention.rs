@@ -201,7 +201,7 @@ fn attention_in<K: CacheElem>(
                 head_of(0).prefetch();
                 for h in 0..n_heads {
                     // While a kv head's group computes, the next kv head's cache is on its way.
-                    if h % group == 0 && h + group < n_heads {
+                    if h.is_multiple_of(group) && h + group < n_heads {
                         head_of(h + group).prefetch();
                     }
                     head_of(h).run_into(&mut os[h * hd..], qw, scores);
