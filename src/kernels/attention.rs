@@ -109,22 +109,19 @@ impl<K: KvElem> HeadAttention<'_, K> {
         self.run_with(out, stride, scores, dot)
     }
 
-    /// Asks the CPU to start loading the cached keys and values the rows will read (the slots
-    /// of positions `0..pos + len`, at most the ring): a hint, with no effect on results, and
-    /// none with `MODSERVE_PREFETCH=0` or off x86-64. One (sequence, kv head)'s cache is a few KB,
-    /// too short for the hardware prefetchers to ramp up.
+    /// Asks the CPU to start loading the first 4 KB of the cached keys and of the values the rows
+    /// will read (the slots of positions `0..pos + len`, at most the ring; the kernel's look-ahead
+    /// asks for the rest as it reads): a hint, with no effect on results, and none with
+    /// `MODSERVE_PREFETCH=0` or off x86-64. One (sequence, kv head)'s cache is a few KB, too
+    /// short for the hardware prefetchers to ramp up.
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         if super::cpu().prefetch {
             let used = (self.pos + self.len).min(self.ring) * self.hd;
             for region in [&self.keys[..used.min(self.keys.len())], &self.values[..used.min(self.values.len())]] {
-                let bytes: usize = std::mem::size_of_val(region);
-                let base = region.as_ptr() as *const i8;
-                for off in (0..bytes).step_by(64) {
-                    // SAFETY: an address inside a live slice (`off < bytes`): a prefetch reads
-                    // nothing architecturally and cannot fault.
-                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(base.add(off)) };
-                }
+                // The first AHEAD bytes: the rest the kernel's own look-ahead asks for.
+                // SAFETY: `region` is a live slice of `size_of_val(region)` bytes.
+                unsafe { ahead(region.as_ptr() as *const u8, std::mem::size_of_val(region), 0, AHEAD) };
             }
         }
     }
