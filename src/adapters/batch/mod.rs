@@ -15,6 +15,7 @@ mod resolved;
 mod sparse_plan;
 
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::{Result, Tensor};
 
@@ -24,12 +25,16 @@ use self::sparse_plan::add_sparse_resolved;
 use super::composition::Composition;
 use super::module_deltas::{factor_tensors, MatrixDelta};
 use super::target::Target;
+use crate::kernels::claim::{try_on_pool_threads, Claims};
 use crate::kernels::lowrank::QuantRow;
 use crate::model::linear::{LinearId, RowDeltas};
 
 /// One target's share of a task: `(out, [rows, out] host buffer, range of the task's deltas for
 /// it in [`Resolved::entries`])`.
 type TargetOut<'a> = (usize, &'a mut [f32], Range<usize>);
+
+/// One task of [`BatchDeltas::accumulate_host`]: `(first row, rows, composition, its targets)`.
+type Task<'a> = (usize, usize, &'a Composition, Vec<TargetOut<'a>>);
 
 /// The compositions of one batch step, by chunk.
 pub struct BatchDeltas<'a> {
@@ -140,10 +145,9 @@ impl BatchDeltas<'_> {
     /// row read one adapter's factors in a row), chunks in parallel. `res` holds the deltas of
     /// exactly `targets`, in order.
     fn accumulate_host(&self, res: &Resolved, targets: &mut [(Target, usize, &mut [f32])], xh: &[f32], in_dim: usize) -> Result<()> {
-        use rayon::prelude::*;
         add_sparse_resolved(&self.chunks, res, targets, xh, in_dim);
         // Chunks own disjoint, consecutive row ranges: split every output once, by chunk.
-        let mut tasks: Vec<(usize, usize, &Composition, Vec<TargetOut>)> = Vec::with_capacity(self.chunks.len());
+        let mut tasks: Vec<Task> = Vec::with_capacity(self.chunks.len());
         let mut rests: Vec<(usize, &mut [f32])> = targets.iter_mut().map(|(_, out, dh)| (*out, &mut **dh)).collect();
         let mut consumed = 0;
         for (ci, &(start, len, comp)) in self.chunks.iter().enumerate() {
@@ -183,26 +187,41 @@ impl BatchDeltas<'_> {
         // a prefill segment): the second reads the factors the first left in cache. Each row's
         // result does not depend on the order.
         tasks.sort_by(|a, b| modules_of(a.2).cmp(modules_of(b.2)));
-        // Runs of consecutive tasks, each run on one thread in order, so that while one task
-        // computes, the next one's compact factors are already on their way from memory (decode
-        // rows of distinct modules read short stretches the hardware prefetchers miss); a task
-        // that repeats the previous one's composition asks for nothing (its factors are in
-        // cache, and a prefetch costs about a cycle per line even then). Four runs per thread
-        // leave work to steal.
-        let run = tasks.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        // Every thread claims ranges of tasks from the list, shrinking as the list runs out
+        // (`kernels::claim`: a thread that comes free from the base GEMM beside this joins in,
+        // and no thread waits on a fixed share), and takes its next task before it runs the
+        // current one, so that while one
+        // task computes, the next one's compact factors are already on their way from memory
+        // (decode rows of distinct modules read short stretches the hardware prefetchers miss).
+        // A task that repeats its thread's previous composition asks for nothing (its factors
+        // are in cache, and a prefetch costs about a cycle per line even then).
         let entries = &res.entries;
-        tasks.par_chunks_mut(run).try_for_each(|run| {
-            if let Some((_, _, _, outs)) = run.first() {
+        // Each task behind its own lock: the claims hand every index out once, and the lock
+        // moves the task (with its output slices) to the thread that claimed it.
+        let slots: Vec<Mutex<Option<Task>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
+        let claims = Claims::guided(slots.len(), 1);
+        try_on_pool_threads(|| {
+            let mut mine = 0..0;
+            let mut next_task = || {
+                let i = mine.next().or_else(|| {
+                    mine = claims.claim()?;
+                    mine.next()
+                })?;
+                let task = slots[i].lock().unwrap_or_else(PoisonError::into_inner).take();
+                Some(task.expect("every task is claimed once"))
+            };
+            let mut cur = next_task();
+            if let Some((_, _, _, outs)) = &cur {
                 prefetch_factors(entries, outs);
             }
             // Whether this task's modules differ from the previous task's on this thread.
             let mut look_ahead = true;
-            for i in 0..run.len() {
-                let next_repeats = run.get(i + 1).is_some_and(|n| modules_of(run[i].2).eq(modules_of(n.2)));
-                if let Some((_, _, _, outs)) = run.get(i + 1).filter(|_| !next_repeats) {
+            while let Some((start, len, comp, outs)) = cur {
+                let next = next_task();
+                let next_repeats = next.as_ref().is_some_and(|n| modules_of(comp).eq(modules_of(n.2)));
+                if let Some((_, _, _, outs)) = next.as_ref().filter(|_| !next_repeats) {
                     prefetch_factors(entries, outs);
                 }
-                let (start, len, outs) = (run[i].0, run[i].1, std::mem::take(&mut run[i].3));
                 let xs = &xh[start * in_dim..(start + len) * in_dim];
                 // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
                 QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
@@ -210,6 +229,7 @@ impl BatchDeltas<'_> {
                     Err(_) => add_chunk_deltas(entries, outs, xs, in_dim, &mut Vec::new(), look_ahead),
                 })?;
                 look_ahead = !next_repeats;
+                cur = next;
             }
             Ok(())
         })
