@@ -86,33 +86,43 @@ unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32])
     }
 }
 
-/// How far ahead of its reads (bytes) the compact kernel asks for its factors: about twice the
-/// bandwidth-delay product of one core's memory reads (2 KB was slower in single runs, 8 KB
-/// slightly slower than 4 in three interleaved pairs: docs/BENCHMARKS.md).
+/// How far ahead of its reads (bytes) the compact kernel asks for factors of padded rank `rp`:
+/// 4 KB up to rank 16, then 256 bytes per rank column (8 KB at rank 32, 16 KB at 64), about
+/// twice the bandwidth-delay product of one core's reads at the rate each rank's kernel consumes
+/// bytes. `examples/lora_row_kernel.rs` in the server's order, two runs each (docs/BENCHMARKS.md):
+/// rank 64 26.2-26.8 ms per step at 16 KB against 29.7-29.8 at 4 KB, rank 32 14.2-14.4 at 8 KB
+/// against 15.5-15.6; ranks 8 and 16 were no faster at 8 KB (and slower at 2 KB).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_AHEAD: usize = 4096;
+const fn look_ahead_bytes(rp: usize) -> usize {
+    if 256 * rp > 4096 {
+        256 * rp
+    } else {
+        4096
+    }
+}
 
-/// Software prefetch of a byte slice in order: asks for every line from [`PREFETCH_AHEAD`] to
-/// `PREFETCH_AHEAD` bytes past the read position, once each, as the reads advance, so the
-/// requests spread over the kernel instead of coming in one burst. The first `PREFETCH_AHEAD`
-/// bytes are the caller's to ask for ([`super::lowrank::HostLowRank::prefetch`], one row ahead).
+/// Software prefetch of a byte slice in order: asks for every line from `dist` to `dist` bytes
+/// past the read position, once each, as the reads advance, so the requests spread over the
+/// kernel instead of coming in one burst. The first `dist` bytes are the caller's to ask for
+/// ([`super::lowrank::HostLowRank::prefetch`], one row ahead).
 #[cfg(target_arch = "x86_64")]
 struct LookAhead {
     base: *const u8,
     len: usize,
     next: usize,
+    dist: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl LookAhead {
-    fn new(ahead: &[u8]) -> Self {
-        Self { base: ahead.as_ptr(), len: ahead.len(), next: PREFETCH_AHEAD.min(ahead.len()) }
+    fn new(ahead: &[u8], dist: usize) -> Self {
+        Self { base: ahead.as_ptr(), len: ahead.len(), next: dist.min(ahead.len()), dist }
     }
 
-    /// Asks for the lines up to `pos + PREFETCH_AHEAD` (within the slice).
+    /// Asks for the lines up to `pos + dist` (within the slice).
     #[inline(always)]
     fn upto(&mut self, pos: usize) {
-        let end = (pos + PREFETCH_AHEAD).min(self.len);
+        let end = (pos + self.dist).min(self.len);
         while self.next < end {
             // SAFETY: `next < len`: an address inside the live slice `new` was given. A prefetch
             // reads nothing architecturally and cannot fault.
@@ -188,7 +198,7 @@ unsafe fn vnni_kernel<const G: usize>(
     let (rp, out) = (G * GROUP, y.len());
     // Reads walk `ahead` (a4, sa, b8, sb, then the module's next targets) in order; the look-ahead
     // follows a4's position, then b8's.
-    let mut pf = LookAhead::new(ahead);
+    let mut pf = LookAhead::new(ahead, look_ahead_bytes(rp));
     let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
     let mut t = [_mm256_setzero_ps(); G];
     for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
