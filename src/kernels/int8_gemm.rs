@@ -230,37 +230,55 @@ impl PackedQ8 {
         let panels: Vec<(usize, usize)> =
             outs.iter().enumerate().flat_map(|(wi, (w, _))| (0..w.n.div_ceil(nr)).map(move |p| (wi, p))).collect();
         let targets: Vec<(&PackedQ8, SendPtr)> = outs.iter_mut().map(|(w, y)| (*w, SendPtr(y.as_mut_ptr()))).collect();
-        // Panels claimed in shrinking ranges (`super::claim`): a thread that comes late (from the
-        // deltas beside this GEMM) still gets a share, and both threads end together.
-        let claims = super::claim::Claims::guided(panels.len(), 1);
-        super::claim::on_pool_threads(|| {
-            while let Some(range) = claims.claim() {
-                for &(wi, p) in &panels[range] {
-                    let (w, out) = (targets[wi].0, &targets[wi].1);
-                    let data = &w.data[p * nb * pb..(p + 1) * nb * pb];
-                    let cols = (w.n - p * nr).min(nr);
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let rows = (m - r0).min(mr);
-                        // SAFETY: the variant's tier held when this weight was packed (and again in
-                        // QuantRows::new); the panel slice holds nb blocks of the variant's size and
-                        // `act` holds rows r0..r0+rows of k inputs; every claim writes only columns
-                        // p*nr..p*nr+cols of its rows of its weight's output, and claims hand out
-                        // disjoint (weight, panel) pairs, each once.
-                        unsafe {
-                            let o = out.0.add(r0 * w.n + p * nr);
-                            match variant {
-                                Variant::Vnni => kernel::tile(data, nb, &act, r0, rows, o, w.n, cols),
-                                Variant::Avx2 => kernel::tile_avx2(data, nb, &act, r0, rows, o, w.n, cols),
-                            }
+        // The panels of a disjoint slice of `panels`, for all rows.
+        let run = |chunk: &[(usize, usize)]| {
+            for &(wi, p) in chunk {
+                let (w, out) = (targets[wi].0, &targets[wi].1);
+                let data = &w.data[p * nb * pb..(p + 1) * nb * pb];
+                let cols = (w.n - p * nr).min(nr);
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = (m - r0).min(mr);
+                    // SAFETY: the variant's tier held when this weight was packed (and again in
+                    // QuantRows::new); the panel slice holds nb blocks of the variant's size and
+                    // `act` holds rows r0..r0+rows of k inputs; every call writes only columns
+                    // p*nr..p*nr+cols of its rows of its weight's output, and the callers below
+                    // hand out disjoint (weight, panel) pairs, each once.
+                    unsafe {
+                        let o = out.0.add(r0 * w.n + p * nr);
+                        match variant {
+                            Variant::Vnni => kernel::tile(data, nb, &act, r0, rows, o, w.n, cols),
+                            Variant::Avx2 => kernel::tile_avx2(data, nb, &act, r0, rows, o, w.n, cols),
                         }
-                        r0 += rows;
                     }
+                    r0 += rows;
                 }
             }
-        });
+        };
+        let threads = rayon::current_num_threads().max(1);
+        if m >= CLAIM_MIN_ROWS {
+            // Panels claimed in shrinking ranges (`super::claim`): a thread that comes late (from
+            // the deltas beside this GEMM) still gets a share, and both threads end together.
+            let claims = super::claim::Claims::guided(panels.len(), 1);
+            super::claim::on_pool_threads(|| {
+                while let Some(range) = claims.claim() {
+                    run(&panels[range]);
+                }
+            });
+        } else {
+            // Few rows: a call lasts a few microseconds, about a sleeping thread's wake-up, and
+            // rayon's halving gives the thread that wakes late half of what is left (guided
+            // claims gave it a quarter: single stream 284-294 against 303-308 tok/s). Enough
+            // pieces for every thread, each at least a few panels (amortise the dispatch).
+            let per_task = panels.len().div_ceil(threads * 4).max(4.min(panels.len()));
+            panels.par_chunks(per_task.max(1)).for_each(run);
+        }
     }
 }
+
+/// Rows from which the GEMM shares its panels by claims (`super::claim`) rather than by rayon's
+/// halving (see `matmul_into_many`).
+const CLAIM_MIN_ROWS: usize = 8;
 
 /// The step's rows quantized per 32-block as candle's Q8_0 does.
 struct QuantRows {

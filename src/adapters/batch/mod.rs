@@ -190,11 +190,11 @@ impl BatchDeltas<'_> {
         // Every thread claims ranges of tasks from the list, shrinking as the list runs out
         // (`kernels::claim`: a thread that comes free from the base GEMM beside this joins in,
         // and no thread waits on a fixed share), and takes its next task before it runs the
-        // current one, so that while one
-        // task computes, the next one's compact factors are already on their way from memory
-        // (decode rows of distinct modules read short stretches the hardware prefetchers miss).
-        // A task that repeats its thread's previous composition asks for nothing (its factors
-        // are in cache, and a prefetch costs about a cycle per line even then).
+        // current one, so that while one task computes, the next one's compact factors are
+        // already on their way from memory (decode rows of distinct modules read short
+        // stretches the hardware prefetchers miss). A task that repeats its thread's previous
+        // composition asks for nothing (its factors are in cache, and a prefetch costs about a
+        // cycle per line even then).
         let entries = &res.entries;
         // Each task behind its own lock: the claims hand every index out once, and the lock
         // moves the task (with its output slices) to the thread that claimed it.
