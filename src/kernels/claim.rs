@@ -72,6 +72,24 @@ pub fn try_on_pool_threads<E: Send>(worker: impl Fn() -> Result<(), E> + Sync) -
     (0..n).into_par_iter().try_for_each(|_| worker())
 }
 
+/// Runs `run` on disjoint pieces of `items` that cover it once, on the current pool: by guided
+/// claims when `claims` (work a busy thread may join late), else by rayon's halving over pieces
+/// of a quarter of a thread's share, at least 4 items (short calls, where a thread that wakes
+/// late should still get half of what is left).
+pub fn share_slice<T: Sync>(items: &[T], claims: bool, run: impl Fn(&[T]) + Sync) {
+    if claims {
+        let c = Claims::guided(items.len(), 1);
+        on_pool_threads(|| {
+            while let Some(r) = c.claim() {
+                run(&items[r]);
+            }
+        });
+    } else {
+        let per_task = items.len().div_ceil(rayon::current_num_threads().max(1) * 4).max(4);
+        items.par_chunks(per_task).for_each(&run);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +134,17 @@ mod tests {
         });
         assert!(seen.into_inner().unwrap().iter().all(|&n| n == 1));
         assert!(threads.into_inner().unwrap().len() > 1, "the work was not shared");
+    }
+
+    #[test]
+    fn share_slice_runs_every_item_once_both_ways() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let items: Vec<usize> = (0..37).collect();
+        for claims in [true, false] {
+            let seen = Mutex::new(vec![0u32; items.len()]);
+            pool.install(|| share_slice(&items, claims, |piece| piece.iter().for_each(|&i| seen.lock().unwrap()[i] += 1)));
+            assert!(seen.into_inner().unwrap().iter().all(|&n| n == 1), "claims={claims}");
+        }
     }
 
     #[test]

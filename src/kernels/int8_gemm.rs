@@ -255,30 +255,14 @@ impl PackedQ8 {
                 }
             }
         };
-        let threads = rayon::current_num_threads().max(1);
-        if m >= CLAIM_MIN_ROWS {
-            // Panels claimed in shrinking ranges (`super::claim`): a thread that comes late (from
-            // the deltas beside this GEMM) still gets a share, and both threads end together.
-            let claims = super::claim::Claims::guided(panels.len(), 1);
-            super::claim::on_pool_threads(|| {
-                while let Some(range) = claims.claim() {
-                    run(&panels[range]);
-                }
-            });
-        } else {
-            // Few rows: a call lasts a few microseconds, about a sleeping thread's wake-up, and
-            // rayon's halving gives the thread that wakes late half of what is left (guided
-            // claims gave it a quarter: single stream 284-294 against 303-308 tok/s). Enough
-            // pieces for every thread, each at least a few panels (amortise the dispatch).
-            let per_task = panels.len().div_ceil(threads * 4).max(4.min(panels.len()));
-            panels.par_chunks(per_task.max(1)).for_each(run);
-        }
+        // From 8 rows, panels are claimed in shrinking ranges: a thread that comes late (from
+        // the deltas beside this GEMM) still gets a share, and both threads end together. With
+        // fewer rows a call lasts a few microseconds, about a sleeping thread's wake-up, and
+        // rayon's halving gives the thread that wakes late half of what is left (guided claims
+        // gave it a quarter: single stream 284-294 against 303-308 tok/s).
+        super::claim::share_slice(&panels, m >= 8, run);
     }
 }
-
-/// Rows from which the GEMM shares its panels by claims (`super::claim`) rather than by rayon's
-/// halving (see `matmul_into_many`).
-const CLAIM_MIN_ROWS: usize = 8;
 
 /// The step's rows quantized per 32-block as candle's Q8_0 does.
 struct QuantRows {
