@@ -9,9 +9,14 @@
 //! big ranges while alone, and the ranges shrink as the work runs out, so both threads end
 //! together.
 //!
+//! Short calls (a GEMM of a few rows, a few microseconds: about a sleeping thread's wake-up)
+//! keep rayon's halving, which gives a thread that wakes late half of what is left
+//! ([`share_slice`]).
+//!
 //! Invariants: every index of `0..total` is handed out exactly once, in increasing order, in
-//! disjoint ranges; [`on_pool_threads`] and [`try_on_pool_threads`] run their worker on the calling thread first and return
-//! only when every copy of the worker has returned (so when every claim has been processed).
+//! disjoint ranges; [`on_pool_threads`] and [`try_on_pool_threads`] run their worker on the
+//! calling thread first and return only when every copy of the worker has returned (so when
+//! every claim has been processed).
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
