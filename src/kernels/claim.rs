@@ -39,11 +39,6 @@ impl Claims {
         Self { next: AtomicUsize::new(0), total, div: 2 * rayon::current_num_threads().max(1), min: min.max(1) }
     }
 
-    /// Claims of one item each (for items of tens of microseconds, or with per-item look-ahead).
-    pub fn singly(total: usize) -> Self {
-        Self { next: AtomicUsize::new(0), total, div: usize::MAX, min: 1 }
-    }
-
     /// The next range, or None when everything has been claimed.
     pub fn claim(&self) -> Option<Range<usize>> {
         let mut at = self.next.load(Ordering::Relaxed);
@@ -117,7 +112,8 @@ mod tests {
         assert!(ranges.windows(2).all(|w| w[0].len() >= w[1].len()));
         assert!(ranges[..ranges.len() - 1].iter().all(|r| r.len() >= 3));
         assert!(Claims::guided(0, 1).claim().is_none());
-        assert_eq!(drain(&Claims::singly(3)), vec![0..1, 1..2, 2..3]);
+        // Down to single items: three items on two threads go one by one.
+        assert_eq!(pool.install(|| drain(&Claims::guided(3, 1))), vec![0..1, 1..2, 2..3]);
     }
 
     #[test]
@@ -155,18 +151,18 @@ mod tests {
     #[test]
     fn an_error_from_any_copy_is_returned() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let claims = pool.install(|| Claims::singly(10));
+        let claims = pool.install(|| Claims::guided(10, 1));
         let r = pool.install(|| {
             try_on_pool_threads(|| {
                 while let Some(r) = claims.claim() {
-                    if r.start == 7 {
+                    if r.contains(&7) {
                         return Err(7);
                     }
                 }
                 Ok(())
             })
         });
-        // Some copy claimed item 7 (every item is claimed once) and stopped there.
+        // Some copy claimed the range holding item 7 (every item is claimed once) and stopped.
         assert_eq!(r, Err(7));
     }
 }

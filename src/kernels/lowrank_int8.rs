@@ -93,12 +93,8 @@ unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32])
 /// rank 64 26.2-26.8 ms per step at 16 KB against 29.7-29.8 at 4 KB, rank 32 14.2-14.4 at 8 KB
 /// against 15.5-15.6; ranks 8 and 16 were no faster at 8 KB (and slower at 2 KB).
 #[cfg(target_arch = "x86_64")]
-const fn look_ahead_bytes(rp: usize) -> usize {
-    if 256 * rp > 4096 {
-        256 * rp
-    } else {
-        4096
-    }
+fn look_ahead_bytes(rp: usize) -> usize {
+    (256 * rp).max(4096)
 }
 
 /// Software prefetch of a byte slice in order: asks for every line from `dist` to `dist` bytes

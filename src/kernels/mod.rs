@@ -1,14 +1,15 @@
 //! CPU kernels: the only room of the crate with `unsafe` and SIMD.
 //!
-//! Role: the inner loops of a batch step that the compiler does not vectorise well on its own:
-//! the int8 GEMM of the base weights ([`int8_gemm`]), the per-row low-rank (LoRA / Poly) kernels
-//! and their host layout ([`lowrank`], packed one buffer per module by [`lowrank_pack`]), the sparse delta layout and its tile kernel
-//! ([`sparse_layout`], [`sparse_tile`]), the attention inner loop ([`attention`]), guided sharing of a parallel loop between the pool's
-//! threads ([`claim`]), the
+//! Role: the inner loops of a batch step that the compiler does not vectorise well on its own: the
+//! int8 GEMM of the base weights ([`int8_gemm`]), the per-row low-rank (LoRA / Poly) kernels and
+//! their host layout ([`lowrank`], packed one buffer per module by [`lowrank_pack`]), the sparse
+//! delta layout and its tile kernel ([`sparse_layout`], [`sparse_tile`]), the attention inner loop
+//! ([`attention`]), guided sharing of a parallel loop between the pool's threads ([`claim`]), the
 //! shared-output helper for parallel tasks that write disjoint parts of one buffer
-//! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), the vocabulary-wide max and exponential sum
-//! of sampling ([`softmax`]), the gated MLP's `silu(g) * u` ([`activation`]), host views of candle tensors ([`host`]) and the process's allocator
-//! settings ([`alloc`]). GPU kernels and their CPU references will live beside these, in `cuda/`.
+//! ([`shared_out`]), a vectorisable `tanh` for soft-capping ([`tanh`]), the vocabulary-wide max and
+//! exponential sum of sampling ([`softmax`]), the gated MLP's `silu(g) * u` ([`activation`]), host
+//! views of candle tensors ([`host`]) and the process's allocator settings ([`alloc`]). GPU kernels
+//! and their CPU references will live beside these, in `cuda/`.
 //!
 //! Invariants:
 //! - `unsafe` appears nowhere else in the crate (`grep -rn unsafe src | grep -v src/kernels` is
