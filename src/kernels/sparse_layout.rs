@@ -165,6 +165,11 @@ impl SparseMatrix {
         &self.values
     }
 
+    /// The layout entry [`SparseMatrix::block`] reads first for block `b` (for a prefetch).
+    pub(super) fn block_start(&self, b: usize) -> &(u32, u32, u32) {
+        &self.starts[b]
+    }
+
     /// Block `b` (rows `b * SPARSE_ROW_BLOCK..`) in the kernel's layout.
     pub fn block(&self, b: usize) -> SparseBlock<'_> {
         let ((o0, u0, e0), (o1, u1, e1)) = (self.starts[b], self.starts[b + 1]);

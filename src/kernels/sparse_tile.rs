@@ -82,6 +82,15 @@ pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mu
 #[cfg(target_arch = "x86_64")]
 fn prefetch_block<const HINT: i32>(b: &SparseBlock<'_>) {
     use std::arch::x86_64::_mm_prefetch;
+    // The row order and the runs first: the kernel reads them before any entry.
+    for i in (0..b.order.len()).step_by(32) {
+        // SAFETY: a prefetch never faults; the address is inside the array.
+        unsafe { _mm_prefetch::<HINT>(b.order.as_ptr().add(i) as *const i8) };
+    }
+    for i in (0..b.runs.len()).step_by(8) {
+        // SAFETY: as above.
+        unsafe { _mm_prefetch::<HINT>(b.runs.as_ptr().add(i) as *const i8) };
+    }
     // 16 values or 32 column indices per 64-byte line.
     for i in (0..b.values.len()).step_by(16) {
         // SAFETY: a prefetch never faults; the addresses are inside the two arrays.
@@ -98,6 +107,16 @@ fn prefetch_block<const HINT: i32>(b: &SparseBlock<'_>) {
 pub fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
     #[cfg(target_arch = "x86_64")]
     prefetch_block::<{ std::arch::x86_64::_MM_HINT_T1 }>(&sp.block(blk));
+}
+
+/// Asks for the entry that locates block `blk` of `sp` (so that a later
+/// [`prefetch_block_l2`] or kernel call on it does not wait for it first).
+pub fn prefetch_block_start(sp: &SparseMatrix, blk: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch of a live reference's address never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(sp.block_start(blk) as *const _ as *const i8)
+    };
 }
 
 /// The products of one block, row-major (`scratch[i * SPARSE_TILE + l]` for row `i` of the

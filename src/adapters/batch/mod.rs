@@ -15,12 +15,12 @@ mod resolved;
 mod sparse_plan;
 
 use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use candle_core::{Result, Tensor};
 
 use self::buffers::QUANT_ROWS;
-use self::resolved::Resolved;
+use self::resolved::{Resolved, StepIndex};
 use self::sparse_plan::add_sparse_resolved;
 use super::composition::Composition;
 use super::module_deltas::{factor_tensors, MatrixDelta};
@@ -42,6 +42,8 @@ pub struct BatchDeltas<'a> {
     chunks: Vec<(usize, usize, Option<&'a Composition>)>,
     /// Whether the output head shares the embedding matrix (embedding deltas then apply to it too).
     tied: bool,
+    /// The step's modules' linear deltas in one table, built by the first host lookup.
+    index: OnceLock<StepIndex<'a>>,
 }
 
 impl<'a> BatchDeltas<'a> {
@@ -56,7 +58,7 @@ impl<'a> BatchDeltas<'a> {
                 (s, len, c.filter(|c| !c.parts.is_empty()))
             })
             .collect();
-        Self { chunks, tied }
+        Self { chunks, tied, index: OnceLock::new() }
     }
 
     /// Whether no chunk has a composition (the step is base-only).
@@ -67,6 +69,11 @@ impl<'a> BatchDeltas<'a> {
     /// Whether any chunk's composition has a delta for `target`.
     fn touches(&self, target: &Target) -> bool {
         self.chunks.iter().any(|c| c.2.is_some_and(|c| c.parts.iter().any(|(d, _)| d.targets.contains_key(target))))
+    }
+
+    /// Every chunk's deltas for `targets`, through the step's index (built on first use).
+    fn resolve(&self, targets: &[Target]) -> Resolved<'a> {
+        Resolved::new(&self.chunks, self.index.get_or_init(|| StepIndex::new(&self.chunks)), targets)
     }
 
     fn head_target(&self) -> Target {
@@ -132,7 +139,7 @@ impl BatchDeltas<'_> {
         let out = y.dim(1)?;
         let xh = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dh = vec![0f32; n * out];
-        let res = Resolved::new(&self.chunks, &[target]);
+        let res = self.resolve(&[target]);
         self.accumulate_host(&res, &mut [(target, out, &mut dh)], &xh, in_dim)?;
         let dh = Tensor::from_vec(dh, (n, out), y.device())?;
         y + dh
@@ -325,7 +332,7 @@ impl RowDeltas for BatchDeltas<'_> {
         // Every touched layer's deltas in one call (nested inside the caller's join), all looked
         // up once.
         let all: Vec<Target> = ids.iter().map(|&id| Target::Linear(id)).collect();
-        let res = Resolved::new(&self.chunks, &all);
+        let res = self.resolve(&all);
         let keep: Vec<usize> = (0..ids.len()).filter(|&ti| res.touched(ti)).collect();
         let mut dhs: Vec<Option<Vec<f32>>> = (0..ids.len()).map(|ti| keep.contains(&ti).then(|| vec![0f32; n * outs[ti]])).collect();
         let mut targets: Vec<(Target, usize, &mut [f32])> =

@@ -1,22 +1,89 @@
-//! One lookup of a layer group's deltas per batch step, shared by every pass over them.
+//! One lookup of a layer group's deltas per batch step, shared by every pass over them, through a
+//! dense index of the step's modules built once per step.
 //!
 //! Invariant: [`Resolved`] lists, for every chunk and target, exactly the parts of the chunk's
 //! composition that have a delta for the target, in the composition's order (so a row's sum
 //! does not depend on which pass reads it, nor on its batch neighbours).
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::adapters::composition::Composition;
-use crate::adapters::module_deltas::MatrixDelta;
+use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use crate::adapters::target::Target;
+use crate::model::linear::Proj;
 
-/// The deltas of a layer group, looked up once per call: for every chunk and target, the
-/// `(matrix, scale)` of each part of the chunk's composition that has a delta there, in the
-/// composition's order. Every later pass (which targets are touched, the sparse plan, the
-/// prefetches, the kernels) reads this instead of looking each module's map up again. Before,
-/// five passes looked up every (chunk, part, target); the first of them missed the cache in maps
-/// that the step's factor reads had just evicted (`lora32` on one thread: the lookups took about
-/// 0.8 ms of a 43 ms decode step, and the delta closure 7.1-7.5 ms per step against 7.2-8.2 before,
-/// four interleaved pairs).
+/// The linear deltas of a step's distinct modules in one table, target-major: row
+/// `layer * 9 + proj` holds every module's delta for that target side by side, so one layer
+/// group's lookups for the whole batch read a few adjacent lines. Looking each (chunk, part,
+/// target) up in the modules' own maps descended several tree nodes per lookup, and those
+/// nodes had usually been evicted by the step's factor reads since the layer before.
+/// Built once per step by walking every distinct module's map in order.
+pub(super) struct StepIndex<'m> {
+    /// Per chunk, the table column of each part of its composition (empty without one).
+    cols: Vec<Vec<u32>>,
+    /// Distinct modules of the step (columns).
+    modules: usize,
+    /// Target rows in the table.
+    rows: usize,
+    /// `[row][module]`.
+    table: Vec<Option<&'m MatrixDelta>>,
+}
+
+/// The table row of a linear target (None for the embedding and the output head).
+fn row_of(t: &Target) -> Option<usize> {
+    match t {
+        Target::Linear(id) => Some(id.layer * Proj::ALL.len() + id.proj as usize),
+        _ => None,
+    }
+}
+
+impl<'m> StepIndex<'m> {
+    pub(super) fn new(chunks: &[(usize, usize, Option<&'m Composition>)]) -> Self {
+        let mut columns: HashMap<*const ModuleDeltas, u32> = HashMap::new();
+        let mut modules: Vec<&'m ModuleDeltas> = Vec::new();
+        let cols = chunks
+            .iter()
+            .map(|&(_, _, comp)| {
+                comp.map_or_else(Vec::new, |c| {
+                    c.parts
+                        .iter()
+                        .map(|(m, _)| {
+                            *columns.entry(Arc::as_ptr(m)).or_insert_with(|| {
+                                modules.push(m);
+                                (modules.len() - 1) as u32
+                            })
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        let rows = modules
+            .iter()
+            .filter_map(|m| m.targets.range(..Target::Embedding).next_back().and_then(|(t, _)| row_of(t)))
+            .max()
+            .map_or(0, |r| r + 1);
+        let mut table = vec![None; rows * modules.len()];
+        for (col, m) in modules.iter().enumerate() {
+            for (t, d) in m.targets.range(..Target::Embedding) {
+                if let Some(r) = row_of(t) {
+                    table[r * modules.len() + col] = Some(d);
+                }
+            }
+        }
+        Self { cols, modules: modules.len(), rows, table }
+    }
+
+    /// Chunk `ci`'s part `pi`'s delta for `t`, if it has one.
+    fn get(&self, ci: usize, pi: usize, comp: &'m Composition, t: &Target) -> Option<&'m MatrixDelta> {
+        match row_of(t) {
+            Some(r) if r < self.rows => self.table[r * self.modules + self.cols[ci][pi] as usize],
+            Some(_) => None,
+            None => comp.parts[pi].0.targets.get(t),
+        }
+    }
+}
+
 pub(super) struct Resolved<'m> {
     pub(super) entries: Vec<(&'m MatrixDelta, f32)>,
     /// `[chunk][target]` ranges into `entries` (every chunk, in order).
@@ -25,14 +92,14 @@ pub(super) struct Resolved<'m> {
 }
 
 impl<'m> Resolved<'m> {
-    pub(super) fn new(chunks: &[(usize, usize, Option<&'m Composition>)], targets: &[Target]) -> Self {
+    pub(super) fn new(chunks: &[(usize, usize, Option<&'m Composition>)], index: &StepIndex<'m>, targets: &[Target]) -> Self {
         let mut entries = Vec::new();
         let mut ranges = Vec::with_capacity(chunks.len() * targets.len());
-        for &(_, _, comp) in chunks {
+        for (ci, &(_, _, comp)) in chunks.iter().enumerate() {
             for t in targets {
                 let from = entries.len();
                 if let Some(c) = comp {
-                    entries.extend(c.parts.iter().filter_map(|(d, s)| d.targets.get(t).map(|m| (m, *s))));
+                    entries.extend(c.parts.iter().enumerate().filter_map(|(pi, (_, s))| index.get(ci, pi, c, t).map(|m| (m, *s))));
                 }
                 ranges.push(from..entries.len());
             }
@@ -73,5 +140,66 @@ impl<'m> Resolved<'m> {
             .map(|(ci, ti)| self.ranges[ci * self.targets + ti].clone())
             .collect();
         Self { entries: self.entries, ranges, targets: keep.len() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::sparse_layout::SparseMatrix;
+    use crate::model::linear::LinearId;
+
+    fn module(targets: &[Target]) -> Arc<ModuleDeltas> {
+        let mut m = ModuleDeltas::default();
+        for (i, &t) in targets.iter().enumerate() {
+            let sp = SparseMatrix::from_flat(4, 4, &[i as u64 % 16], &[1.0 + i as f32]).unwrap();
+            m.targets.insert(t, MatrixDelta::Sparse(sp));
+        }
+        Arc::new(m)
+    }
+
+    /// Through the step's index, every (chunk, target) lists exactly what the modules' own maps
+    /// hold, in the composition's order, for linear targets of several layers (modules of
+    /// different depths, a module repeated across chunks and within one composition), the
+    /// embedding, and a target beyond every module's layers.
+    #[test]
+    fn index_lookups_equal_the_maps() {
+        let lin = |layer, proj| Target::Linear(LinearId { layer, proj });
+        let a = module(&[lin(0, Proj::Q), lin(0, Proj::V), lin(3, Proj::Down), Target::Embedding]);
+        let b = module(&[lin(0, Proj::Q), lin(1, Proj::GateUp)]);
+        let c = module(&[lin(5, Proj::O), Target::LmHead]);
+        let comp = |parts: &[(&Arc<ModuleDeltas>, f32)]| Composition {
+            parts: parts.iter().map(|(m, s)| (Arc::clone(m), *s)).collect(),
+            pinned: Vec::new(),
+            key: String::new(),
+        };
+        let (x, y, z) = (comp(&[(&b, 0.5), (&a, 2.0)]), comp(&[(&c, 1.0), (&a, -1.0), (&c, 3.0)]), comp(&[(&a, 1.5)]));
+        let chunks: Vec<(usize, usize, Option<&Composition>)> =
+            vec![(0, 1, Some(&x)), (1, 4, None), (5, 1, Some(&y)), (6, 2, Some(&z)), (8, 1, Some(&x))];
+        let targets = [
+            lin(0, Proj::Q),
+            lin(0, Proj::K),
+            lin(0, Proj::V),
+            lin(1, Proj::GateUp),
+            lin(3, Proj::Down),
+            lin(5, Proj::O),
+            lin(9, Proj::Q),
+            Target::Embedding,
+            Target::LmHead,
+        ];
+        let index = StepIndex::new(&chunks);
+        let res = Resolved::new(&chunks, &index, &targets);
+        let mut seen = 0;
+        for (ci, &(_, _, comp)) in chunks.iter().enumerate() {
+            for (ti, t) in targets.iter().enumerate() {
+                let want: Vec<(*const MatrixDelta, f32)> = comp
+                    .map(|c| c.parts.iter().filter_map(|(m, s)| m.targets.get(t).map(|d| (d as *const _, *s))).collect())
+                    .unwrap_or_default();
+                let got: Vec<(*const MatrixDelta, f32)> = res.of(ci, ti).iter().map(|&(d, s)| (d as *const _, s)).collect();
+                assert_eq!(got, want, "chunk {ci}, {t:?}");
+                seen += want.len();
+            }
+        }
+        assert_eq!(seen, 24, "the cases above hold deltas");
     }
 }

@@ -7,12 +7,14 @@
 //! parts added in its composition's order, so it does not depend on its batch neighbours.
 use super::buffers::{with_reused, INPUT_BUF, PROD_BUF, SCRATCH_BUF};
 use super::resolved::Resolved;
+#[cfg(test)]
+use super::resolved::StepIndex;
 use crate::adapters::composition::Composition;
 use crate::adapters::module_deltas::MatrixDelta;
 use crate::adapters::target::Target;
 use crate::kernels::shared_out::ColumnBlocks;
 use crate::kernels::sparse_layout::{SparseMatrix, SPARSE_ROW_BLOCK};
-use crate::kernels::sparse_tile::{add_scaled, interleave_rows, prefetch_block_l2, sparse_block_tile, SPARSE_TILE};
+use crate::kernels::sparse_tile::{add_scaled, interleave_rows, prefetch_block_l2, prefetch_block_start, sparse_block_tile, SPARSE_TILE};
 
 /// One target's sparse work in a step: the distinct sparse matrices with the batch rows that use
 /// each, and every row's parts.
@@ -95,7 +97,7 @@ fn add_sparse_grouped(
     in_dim: usize,
 ) {
     let ts: Vec<Target> = targets.iter().map(|t| t.0).collect();
-    add_sparse_resolved(chunks, &Resolved::new(chunks, &ts), targets, xh, in_dim)
+    add_sparse_resolved(chunks, &Resolved::new(chunks, &StepIndex::new(chunks), &ts), targets, xh, in_dim)
 }
 
 /// Adds every sparse delta of each target to its `dh` (`[n, out]`), reading each module's
@@ -176,6 +178,9 @@ pub(super) fn add_sparse_resolved<'a>(
                         // one's was requested one ahead, or is requested now by the kernel).
                         if let Some((next, _)) = plan.groups.get(g + 1) {
                             prefetch_block_l2(next, blk);
+                        }
+                        if let Some((after, _)) = plan.groups.get(g + 2) {
+                            prefetch_block_start(after, blk);
                         }
                         for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
                             sparse_block_tile(sp, blk, xt, scratch, pt);
