@@ -80,6 +80,24 @@ thread_local! {
     static T_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Asks the CPU to bring the input rows `xs` into its L1 cache: a hint, with no effect on
+/// results (none on other CPUs or with `MODSERVE_PREFETCH=0`). The decode loop
+/// (`adapters::batch`) calls it for the next task's rows beside [`HostLowRank::prefetch`]: the
+/// rows were written by another thread (the step's norm), and the quantization that opens
+/// every task otherwise waited for them line by line.
+pub fn prefetch_rows(xs: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu().prefetch {
+        for l in xs.chunks(LINE_WORDS) {
+            // SAFETY: a prefetch of an address inside a live slice: it reads nothing
+            // architecturally and cannot fault.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(l.as_ptr() as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = xs;
+}
+
 impl HostLowRank {
     /// Lays out `a` `[rank, in_dim]` and `b` `[out_dim, rank]` (row-major, as PEFT stores them,
     /// any scale folded into `b`); `compact`: hold the factors as 8-bit blocks (ranks up to

@@ -26,7 +26,7 @@ use super::composition::Composition;
 use super::module_deltas::{factor_tensors, MatrixDelta};
 use super::target::Target;
 use crate::kernels::claim::{try_on_pool_threads, Claims};
-use crate::kernels::lowrank::QuantRow;
+use crate::kernels::lowrank::{prefetch_rows, QuantRow};
 use crate::model::linear::{LinearId, RowDeltas};
 
 /// One target's share of a task: `(out, [rows, out] host buffer, range of the task's deltas for
@@ -226,8 +226,12 @@ impl BatchDeltas<'_> {
             while let Some((start, len, comp, outs)) = cur {
                 let next = next_task();
                 let next_repeats = next.as_ref().is_some_and(|n| modules_of(comp).eq(modules_of(n.2)));
-                if let Some((_, _, _, outs)) = next.as_ref().filter(|_| !next_repeats) {
-                    prefetch_factors(entries, outs);
+                if let Some((first, rows, _, outs)) = next.as_ref() {
+                    if !next_repeats {
+                        prefetch_factors(entries, outs);
+                    }
+                    // Its first rows too (the quantization reads them first).
+                    prefetch_rows(&xh[first * in_dim..(first + rows.min(&PREFETCH_ROWS)) * in_dim]);
                 }
                 let xs = &xh[start * in_dim..(start + len) * in_dim];
                 // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
@@ -260,6 +264,9 @@ fn prefetch_factors(entries: &[(&MatrixDelta, f32)], outs: &[TargetOut]) {
         }
     }
 }
+
+/// Input rows of the next task asked for ahead of it (a decode task has one).
+const PREFETCH_ROWS: usize = 2;
 
 /// Rows per task of a prefill segment whose low-rank deltas all run on the row kernels.
 const PIECE_ROWS: usize = 16;
