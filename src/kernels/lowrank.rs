@@ -75,6 +75,88 @@ impl std::fmt::Debug for HostFactors {
     }
 }
 
+/// One target's compact factors as the decode loop reads them: the widths, the padded rank and
+/// the target's region of its module's buffer (from its first word to the buffer's end: the
+/// module's later targets follow, and the kernel's look-ahead runs on into them). Made once per
+/// step for every target of the step's modules (`adapters::batch`), so that a row reaches its
+/// factors without first following the module's map node and the buffer's `Arc` to find them:
+/// three dependent misses per target, since the step's other reads evict them between layers.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactRef<'a> {
+    words: &'a [f32],
+    rank: u32,
+    rp: u32,
+    in_dim: u32,
+    out_dim: u32,
+}
+
+impl<'a> CompactRef<'a> {
+    fn parts(&self) -> Int8Parts<'a> {
+        CompactLayout::new(self.rp as usize, self.in_dim as usize, self.out_dim as usize).split(self.words)
+    }
+
+    /// The sizes [`HostFactors::Int8`] documents for these widths and padded rank.
+    fn check_sizes(&self, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
+        let (in_dim, out, rp) = (self.in_dim as usize, self.out_dim as usize, self.rp as usize);
+        let blocks = in_dim.div_ceil(FACTOR_BLOCK);
+        assert!(
+            rp.is_multiple_of(GROUP)
+                && rp <= MAX_KERNEL_RANK
+                && a4.len() == blocks * FACTOR_BLOCK * rp
+                && sa.len() == blocks * rp
+                && b8.len() == out.div_ceil(8) * 8 * rp
+                && sb.len() == out.div_ceil(FACTOR_BLOCK),
+            "compact rank-{} factors of a {in_dim}->{out} delta",
+            self.rank
+        );
+    }
+
+    /// [`HostLowRank::add_rows_q`] on these factors (the caller checked the CPU's `int8`).
+    /// `look_ahead`: whether the kernel prefetches ahead of its reads.
+    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
+        let (in_dim, out) = (self.in_dim as usize, self.out_dim as usize);
+        let n = xs.len() / in_dim.max(1);
+        assert!(xs.len() == n * in_dim && ys.len() == n * out && rows.len() >= n, "rows of the wrong width or count");
+        assert!(super::cpu().int8, "the compact kernel needs the int8 CPU features");
+        let (a4, sa, b8, sb) = self.parts();
+        self.check_sizes(a4, sa, b8, sb);
+        #[cfg(target_arch = "x86_64")]
+        for (i, (row, y)) in rows.iter().zip(ys.chunks_exact_mut(out)).enumerate() {
+            assert!(row.n == in_dim && row.q.len() == in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK, "a quantized row of whole blocks");
+            let ahead: &[u8] = if i == 0 && look_ahead && super::cpu().prefetch { bytemuck::cast_slice(self.words) } else { &[] };
+            // SAFETY: the CPU supports the features (asserted); the buffers hold the padded sizes
+            // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks of
+            // this width (both checked above); `ahead` is empty or a live slice that starts at
+            // `a4` (the kernel only prefetches inside it).
+            unsafe { lowrank_vnni_q(row, y, scale, self.rp as usize, a4, sa, b8, sb, ahead) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (xs, rows, ys, scale, look_ahead, a4, sa, b8, sb);
+    }
+
+    /// Asks the CPU to start loading these factors into its L2 cache: a hint, with no effect on
+    /// results, and none on other CPUs or with `MODSERVE_PREFETCH=0`. The decode loop
+    /// (`adapters::batch`) calls it for the next row's targets while the current row computes.
+    /// A row's factors are a few short stretches of distinct modules (about 20 KB per
+    /// projection group at r=8), too short for the hardware prefetchers to ramp up, and each
+    /// stretch waited for memory at the latency of a few dependent misses; with this and the
+    /// kernel's own look-ahead, 32 rows of distinct r=8 modules went from 13-17.5 to 8.5-11 ms per
+    /// step on one core (`examples/lora_row_kernel.rs`, AMD EPYC, three interleaved pairs).
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu().prefetch {
+            let (_, total) = CompactLayout::new(self.rp as usize, self.in_dim as usize, self.out_dim as usize).offsets();
+            let region = &self.words[..total.min(self.words.len())];
+            // (The buffer need not start on a line: the last word's line is asked for too.)
+            for w in region.chunks(LINE_WORDS).map(|l| l.as_ptr()).chain(region.last().map(|w| w as *const f32)) {
+                // SAFETY: a prefetch of an address inside a live slice: it reads nothing
+                // architecturally and cannot fault.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w as *const i8) };
+            }
+        }
+    }
+}
+
 thread_local! {
     /// The `t` of the portable kernel (reused: no allocation per row).
     static T_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -151,19 +233,20 @@ impl HostLowRank {
 
     /// The four parts (a4, sa, b8, sb) of compact factors, or None for f32 ones.
     fn int8_parts(&self) -> Option<Int8Parts<'_>> {
-        match &self.factors {
-            HostFactors::Int8 { words, start } => Some(CompactLayout::new(self.rp, self.in_dim, self.out_dim).split(&words[*start..])),
-            HostFactors::F32 { .. } => None,
-        }
+        self.compact().map(|c| c.parts())
     }
 
-    /// The bytes of the shared buffer from this target's start to the buffer's end (the module's
-    /// later targets follow in decode order), which the compact kernel prefetches ahead of its
-    /// reads; empty for f32 factors or with prefetching off.
-    fn ahead(&self) -> &[u8] {
+    /// Compact factors as the decode loop reads them (None for f32 factors): see [`CompactRef`].
+    pub fn compact(&self) -> Option<CompactRef<'_>> {
         match &self.factors {
-            HostFactors::Int8 { words, start } if super::cpu().prefetch => bytemuck::cast_slice(&words[*start..]),
-            _ => &[],
+            HostFactors::Int8 { words, start } => Some(CompactRef {
+                words: &words[*start..],
+                rank: self.rank as u32,
+                rp: self.rp as u32,
+                in_dim: self.in_dim as u32,
+                out_dim: self.out_dim as u32,
+            }),
+            HostFactors::F32 { .. } => None,
         }
     }
 
@@ -206,8 +289,9 @@ impl HostLowRank {
                     return;
                 }
                 HostFactors::Int8 { .. } if super::cpu().int8 => {
-                    let (a4, sa, b8, sb) = self.int8_parts().expect("compact");
-                    self.check_int8_sizes(a4, sa, b8, sb);
+                    let c = self.compact().expect("compact");
+                    let (a4, sa, b8, sb) = c.parts();
+                    c.check_sizes(a4, sa, b8, sb);
                     // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                     // documented on HostFactors::Int8 for these widths (checked above).
                     unsafe { lowrank_vnni(x, y, scale, self.rp, a4, sa, b8, sb) };
@@ -232,72 +316,23 @@ impl HostLowRank {
     /// for an earlier row); the later ones find them in cache (prefetching them again once per
     /// row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
     pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
-        let n = xs.len() / self.in_dim.max(1);
-        assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim && rows.len() >= n, "rows of the wrong width or count");
-        #[cfg(target_arch = "x86_64")]
-        if let Some((a4, sa, b8, sb)) = self.int8_parts() {
-            if super::cpu().int8 {
-                self.check_int8_sizes(a4, sa, b8, sb);
-                for (i, (row, y)) in rows.iter().zip(ys.chunks_exact_mut(self.out_dim)).enumerate() {
-                    assert!(
-                        row.n == self.in_dim && row.q.len() == self.in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK,
-                        "a quantized row of whole blocks"
-                    );
-                    let ahead = if i == 0 && look_ahead { self.ahead() } else { &[] };
-                    // SAFETY: the CPU supports the features; the buffers hold the padded sizes
-                    // documented on HostFactors::Int8 for these widths, and `row` holds whole
-                    // blocks of this width (both checked above); `ahead` is empty or a live slice
-                    // that starts at `a4` (the kernel only prefetches inside it).
-                    unsafe { lowrank_vnni_q(row, y, scale, self.rp, a4, sa, b8, sb, ahead) };
+        match self.compact() {
+            Some(c) if super::cpu().int8 => c.add_rows_q(xs, rows, ys, scale, look_ahead),
+            _ => {
+                let n = xs.len() / self.in_dim.max(1);
+                assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim, "rows of the wrong width or count");
+                for (x, y) in xs.chunks_exact(self.in_dim).zip(ys.chunks_exact_mut(self.out_dim)) {
+                    self.add_row(x, y, scale);
                 }
-                return;
             }
-        }
-        for (x, y) in xs.chunks_exact(self.in_dim).zip(ys.chunks_exact_mut(self.out_dim)) {
-            self.add_row(x, y, scale);
         }
     }
 
-    /// Asks the CPU to start loading compact factors into its L2 cache: a hint, with no effect
-    /// on results, and none for f32 factors, on other CPUs or with `MODSERVE_PREFETCH=0`. The
-    /// decode loop (`adapters::batch`) calls it for the next row's targets while the current row
-    /// computes. A row's factors are a few short stretches of distinct modules (about 20 KB per
-    /// projection group at r=8), too short for the hardware prefetchers to ramp up, and each
-    /// stretch waited for memory at the latency of a few dependent misses; with this and the
-    /// kernel's own look-ahead, 32 rows of distinct r=8 modules went from 13-17.5 to 8.5-11 ms per
-    /// step on one core (`examples/lora_row_kernel.rs`, AMD EPYC, three interleaved pairs).
+    /// [`CompactRef::prefetch`] for compact factors (nothing for f32 ones).
     pub fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        if let HostFactors::Int8 { words, start } = &self.factors {
-            if !super::cpu().prefetch {
-                return;
-            }
-            let (_, total) = CompactLayout::new(self.rp, self.in_dim, self.out_dim).offsets();
-            let region = &words[*start..(*start + total).min(words.len())];
-            // (The buffer need not start on a line: the last word's line is asked for too.)
-            for w in region.chunks(LINE_WORDS).map(|l| l.as_ptr()).chain(region.last().map(|w| w as *const f32)) {
-                // SAFETY: a prefetch of an address inside a live slice: it reads nothing
-                // architecturally and cannot fault.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w as *const i8) };
-            }
+        if let Some(c) = self.compact() {
+            c.prefetch();
         }
-    }
-
-    /// The sizes [`HostFactors::Int8`] documents for this delta's widths and padded rank.
-    fn check_int8_sizes(&self, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
-        let (blocks, rp) = (self.in_dim.div_ceil(FACTOR_BLOCK), self.rp);
-        assert!(
-            rp.is_multiple_of(GROUP)
-                && rp <= MAX_KERNEL_RANK
-                && a4.len() == blocks * FACTOR_BLOCK * rp
-                && sa.len() == blocks * rp
-                && b8.len() == self.out_dim.div_ceil(8) * 8 * rp
-                && sb.len() == self.out_dim.div_ceil(FACTOR_BLOCK),
-            "compact rank-{} factors of a {}->{} delta",
-            self.rank,
-            self.in_dim,
-            self.out_dim
-        );
     }
 
     /// Portable form of [`HostLowRank::add_row`] (any rank, any CPU; compact factors are

@@ -26,7 +26,7 @@ use super::composition::Composition;
 use super::module_deltas::{factor_tensors, MatrixDelta};
 use super::target::Target;
 use crate::kernels::claim::{try_on_pool_threads, Claims};
-use crate::kernels::lowrank::{prefetch_rows, QuantRow};
+use crate::kernels::lowrank::{prefetch_rows, CompactRef, QuantRow};
 use crate::model::linear::{LinearId, RowDeltas};
 
 /// One target's share of a task: `(out, [rows, out] host buffer, range of the task's deltas for
@@ -163,7 +163,7 @@ impl BatchDeltas<'_> {
                 let (_, tail) = std::mem::take(rest).split_at_mut((start - consumed) * *out);
                 let (piece, tail) = tail.split_at_mut(len * *out);
                 *rest = tail;
-                if res.of(ci, ti).iter().any(|(m, _)| !matches!(m, MatrixDelta::Sparse(_))) {
+                if res.any_not_sparse(ci, ti) {
                     mine.push((*out, piece, res.range(ci, ti)));
                 }
             }
@@ -202,7 +202,7 @@ impl BatchDeltas<'_> {
         // stretches the hardware prefetchers miss). A task that repeats its thread's previous
         // composition asks for nothing (its factors are in cache, and a prefetch costs about a
         // cycle per line even then).
-        let entries = &res.entries;
+        let (entries, compact) = (&res.entries, &res.compact);
         // Each task behind its own lock: the claims hand every index out once, and the lock
         // moves the task (with its output slices) to the thread that claimed it.
         let slots: Vec<Mutex<Option<Task>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
@@ -219,7 +219,7 @@ impl BatchDeltas<'_> {
             };
             let mut cur = next_task();
             if let Some((_, _, _, outs)) = &cur {
-                prefetch_factors(entries, outs);
+                prefetch_factors(entries, compact, outs);
             }
             // Whether this task's modules differ from the previous task's on this thread.
             let mut look_ahead = true;
@@ -228,7 +228,7 @@ impl BatchDeltas<'_> {
                 let next_repeats = next.as_ref().is_some_and(|n| modules_of(comp).eq(modules_of(n.2)));
                 if let Some((first, rows, _, outs)) = next.as_ref() {
                     if !next_repeats {
-                        prefetch_factors(entries, outs);
+                        prefetch_factors(entries, compact, outs);
                     }
                     // Its first rows too (the quantization reads them first).
                     prefetch_rows(&xh[first * in_dim..(first + rows.min(&PREFETCH_ROWS)) * in_dim]);
@@ -236,8 +236,8 @@ impl BatchDeltas<'_> {
                 let xs = &xh[start * in_dim..(start + len) * in_dim];
                 // This thread's reused quantized rows (a nested use on one thread gets fresh ones).
                 QUANT_ROWS.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut rows) => add_chunk_deltas(entries, outs, xs, in_dim, &mut rows, look_ahead),
-                    Err(_) => add_chunk_deltas(entries, outs, xs, in_dim, &mut Vec::new(), look_ahead),
+                    Ok(mut rows) => add_chunk_deltas((entries, compact), outs, xs, in_dim, &mut rows, look_ahead),
+                    Err(_) => add_chunk_deltas((entries, compact), outs, xs, in_dim, &mut Vec::new(), look_ahead),
                 })?;
                 look_ahead = !next_repeats;
                 cur = next;
@@ -255,11 +255,13 @@ fn modules_of(c: &Composition) -> impl Iterator<Item = usize> + '_ {
 
 /// Asks the CPU for the compact factors of the deltas `outs` list (ranges into `entries`; a
 /// hint: see [`crate::kernels::lowrank::HostLowRank::prefetch`]).
-fn prefetch_factors(entries: &[(&MatrixDelta, f32)], outs: &[TargetOut]) {
+fn prefetch_factors(entries: &[(&MatrixDelta, f32)], compact: &[Option<CompactRef>], outs: &[TargetOut]) {
     for (_, _, r) in outs {
-        for (m, _) in &entries[r.clone()] {
-            if let MatrixDelta::Packed(h) = m {
-                h.prefetch();
+        for ((m, _), c) in entries[r.clone()].iter().zip(&compact[r.clone()]) {
+            match (m, c) {
+                (_, Some(c)) => c.prefetch(),
+                (MatrixDelta::Packed(h), None) => h.prefetch(),
+                _ => {}
             }
         }
     }
@@ -274,10 +276,13 @@ const PIECE_ROWS: usize = 16;
 /// Whether every low-rank or dense delta of a chunk's targets `outs` runs on the per-row kernels
 /// for any number of rows (compact factors; sparse parts are done before, grouped).
 fn row_kernels_only(res: &Resolved, outs: &[TargetOut]) -> bool {
-    outs.iter().flat_map(|(_, _, r)| &res.entries[r.clone()]).all(|(m, _)| match m {
-        MatrixDelta::Packed(h) => h.is_compact(),
-        MatrixDelta::Sparse(_) => true,
-        MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
+    outs.iter().flat_map(|(_, _, r)| r.clone()).all(|i| {
+        res.compact[i].is_some()
+            || match res.entries[i].0 {
+                MatrixDelta::Packed(h) => h.is_compact(),
+                MatrixDelta::Sparse(_) => true,
+                MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
+            }
     })
 }
 
@@ -287,7 +292,7 @@ fn row_kernels_only(res: &Resolved, outs: &[TargetOut]) -> bool {
 /// segments of f32 factors and for dense deltas. `look_ahead`: whether the compact kernels
 /// prefetch (false when this thread just ran the same composition).
 fn add_chunk_deltas(
-    entries: &[(&MatrixDelta, f32)],
+    (entries, compact): (&[(&MatrixDelta, f32)], &[Option<CompactRef>]),
     outs: Vec<TargetOut>,
     xs: &[f32],
     in_dim: usize,
@@ -296,23 +301,31 @@ fn add_chunk_deltas(
 ) -> Result<()> {
     let len = xs.len() / in_dim;
     let mut quantized = false;
+    let mut quantize = |qrows: &mut Vec<QuantRow>| {
+        if !quantized {
+            if qrows.len() < len {
+                qrows.resize_with(len, QuantRow::default);
+            }
+            for (q, xr) in qrows.iter_mut().zip(xs.chunks_exact(in_dim)) {
+                q.set(xr);
+            }
+            quantized = true;
+        }
+    };
     for (out, dst, r) in outs {
-        for (m, scale) in &entries[r] {
-            match m {
-                MatrixDelta::Sparse(_) => {} // done by add_sparse_resolved
-                MatrixDelta::Packed(h) if h.is_compact() => {
-                    if !quantized {
-                        if qrows.len() < len {
-                            qrows.resize_with(len, QuantRow::default);
-                        }
-                        for (q, xr) in qrows.iter_mut().zip(xs.chunks_exact(in_dim)) {
-                            q.set(xr);
-                        }
-                        quantized = true;
-                    }
+        for ((m, scale), c) in entries[r.clone()].iter().zip(&compact[r]) {
+            match (m, c) {
+                // (First: it does not read the delta itself, whose map node is likely cold.)
+                (_, Some(c)) => {
+                    quantize(qrows);
+                    c.add_rows_q(xs, qrows, dst, *scale, look_ahead);
+                }
+                (MatrixDelta::Sparse(_), None) => {} // done by add_sparse_resolved
+                (MatrixDelta::Packed(h), None) if h.is_compact() => {
+                    quantize(qrows);
                     h.add_rows_q(xs, qrows, dst, *scale, look_ahead);
                 }
-                MatrixDelta::Packed(h) if len <= ROW_KERNEL_MAX_ROWS => {
+                (MatrixDelta::Packed(h), None) if len <= ROW_KERNEL_MAX_ROWS => {
                     for (xr, yr) in xs.chunks_exact(in_dim).zip(dst.chunks_exact_mut(out)) {
                         h.add_row(xr, yr, *scale);
                     }
@@ -448,4 +461,78 @@ fn add_row_blocks(y: Tensor, blocks: impl Iterator<Item = (Option<Tensor>, usize
         })
         .collect::<Result<_>>()?;
     y + Tensor::cat(&full, 0)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::module_deltas::ModuleDeltas;
+    use crate::model::linear::Proj;
+    use candle_core::Device;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use std::sync::Arc;
+
+    /// Compact LoRA deltas of two ranks through `host_deltas` (decode rows, a prefill segment cut
+    /// into pieces, a two-part composition, a row without one): every row is its composition's
+    /// f32 product within the 8-bit error, and bit for bit what the same row gives alone.
+    #[test]
+    fn compact_lora_rows_match_f32_and_a_batch_of_one() {
+        let (inp, outs) = (64, [48usize, 16]);
+        let ids = [LinearId { layer: 1, proj: Proj::Q }, LinearId { layer: 1, proj: Proj::K }];
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut dense: Vec<Vec<Vec<f32>>> = Vec::new(); // [module][target] delta `[out, in]`
+        let mut mods = Vec::new();
+        for rank in [8, 24] {
+            let mut m = ModuleDeltas::default();
+            let mut ds = Vec::new();
+            for (id, &out) in ids.iter().zip(&outs) {
+                let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+                let b: Vec<f32> = (0..out * rank).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+                ds.push((0..out * inp).map(|i| (0..rank).map(|j| b[i / inp * rank + j] * a[j * inp + i % inp]).sum()).collect());
+                let (a, b) =
+                    (Tensor::from_vec(a, (rank, inp), &Device::Cpu).unwrap(), Tensor::from_vec(b, (out, rank), &Device::Cpu).unwrap());
+                m.targets.insert(Target::Linear(*id), MatrixDelta::LowRank { a, b });
+            }
+            dense.push(ds);
+            mods.push(Arc::new(m.into_host(true).unwrap()));
+        }
+        let comp = |parts: &[(usize, f32)]| Composition {
+            parts: parts.iter().map(|&(m, s)| (Arc::clone(&mods[m]), s)).collect(),
+            pinned: Vec::new(),
+            key: String::new(),
+        };
+        let comps = [comp(&[(0, 1.0)]), comp(&[(1, 0.5)]), comp(&[(1, -1.0), (0, 2.0)])];
+        let chunks = [(1, Some(&comps[0])), (2, None), (20, Some(&comps[1])), (1, Some(&comps[2])), (1, Some(&comps[0]))];
+        let n: usize = chunks.iter().map(|c| c.0).sum();
+        let x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let got = BatchDeltas::new(chunks, true).host_deltas(&ids, &x, n, &outs).unwrap().unwrap();
+        let mut row = 0;
+        for (len, c) in chunks {
+            for r in row..row + len {
+                let xr = &x[r * inp..(r + 1) * inp];
+                let alone = BatchDeltas::new([(1, c)], true).host_deltas(&ids, xr, 1, &outs).unwrap().unwrap();
+                for (ti, &out) in outs.iter().enumerate() {
+                    let g = &got[ti].as_ref().expect("a touched target")[r * out..(r + 1) * out];
+                    let mut want = vec![0f32; out];
+                    for (m, s) in c
+                        .map(|c| c.parts.iter().map(|(m, s)| (mods.iter().position(|x| Arc::ptr_eq(x, m)).unwrap(), *s)).collect())
+                        .unwrap_or_else(Vec::new)
+                    {
+                        for (o, w) in want.iter_mut().enumerate() {
+                            *w += s * dense[m][ti][o * inp..(o + 1) * inp].iter().zip(xr).map(|(d, x)| d * x).sum::<f32>();
+                        }
+                    }
+                    let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    let err = g.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+                    assert!(err <= 0.03 * norm, "row {r}, target {ti}: error {err} against norm {norm}");
+                    match (&alone[ti], c) {
+                        (Some(a), _) => assert_eq!(&a[..], g, "row {r}, target {ti}: alone differs"),
+                        (None, None) => assert!(g.iter().all(|v| *v == 0.0), "row {r} has no composition"),
+                        (None, Some(_)) => panic!("row {r}: alone, its target {ti} is not touched"),
+                    }
+                }
+            }
+            row += len;
+        }
+    }
 }

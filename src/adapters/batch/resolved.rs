@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::adapters::composition::Composition;
 use crate::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
 use crate::adapters::target::Target;
+use crate::kernels::lowrank::CompactRef;
 use crate::model::linear::Proj;
 
 /// The linear deltas of a step's distinct modules in one table, target-major: row
@@ -28,6 +29,9 @@ pub(super) struct StepIndex<'m> {
     rows: usize,
     /// `[row][module]`.
     table: Vec<Option<&'m MatrixDelta>>,
+    /// `[row][module]`: the compact factors of `table`'s delta there, where the CPU runs the
+    /// compact kernel on them.
+    compact: Vec<Option<CompactRef<'m>>>,
 }
 
 /// The table row of a linear target (None for the embedding and the output head).
@@ -64,28 +68,39 @@ impl<'m> StepIndex<'m> {
             .max()
             .map_or(0, |r| r + 1);
         let mut table = vec![None; rows * modules.len()];
+        let mut compact = vec![None; rows * modules.len()];
+        let int8 = crate::kernels::cpu().int8;
         for (col, m) in modules.iter().enumerate() {
             for (t, d) in m.targets.range(..Target::Embedding) {
                 if let Some(r) = row_of(t) {
                     table[r * modules.len() + col] = Some(d);
+                    if let MatrixDelta::Packed(h) = d {
+                        compact[r * modules.len() + col] = h.compact().filter(|_| int8);
+                    }
                 }
             }
         }
-        Self { cols, modules: modules.len(), rows, table }
+        Self { cols, modules: modules.len(), rows, table, compact }
     }
 
-    /// Chunk `ci`'s part `pi`'s delta for `t`, if it has one.
-    fn get(&self, ci: usize, pi: usize, comp: &'m Composition, t: &Target) -> Option<&'m MatrixDelta> {
+    /// Chunk `ci`'s part `pi`'s delta for `t`, if it has one, with its compact factors where the
+    /// compact kernel runs on them.
+    fn get(&self, ci: usize, pi: usize, comp: &'m Composition, t: &Target) -> Option<(&'m MatrixDelta, Option<CompactRef<'m>>)> {
         match row_of(t) {
-            Some(r) if r < self.rows => self.table[r * self.modules + self.cols[ci][pi] as usize],
+            Some(r) if r < self.rows => {
+                let at = r * self.modules + self.cols[ci][pi] as usize;
+                self.table[at].map(|d| (d, self.compact[at]))
+            }
             Some(_) => None,
-            None => comp.parts[pi].0.targets.get(t),
+            None => comp.parts[pi].0.targets.get(t).map(|d| (d, None)),
         }
     }
 }
 
 pub(super) struct Resolved<'m> {
     pub(super) entries: Vec<(&'m MatrixDelta, f32)>,
+    /// Beside each entry, its compact factors where the compact kernel runs on them.
+    pub(super) compact: Vec<Option<CompactRef<'m>>>,
     /// `[chunk][target]` ranges into `entries` (every chunk, in order).
     ranges: Vec<Range<usize>>,
     targets: usize,
@@ -94,17 +109,23 @@ pub(super) struct Resolved<'m> {
 impl<'m> Resolved<'m> {
     pub(super) fn new(chunks: &[(usize, usize, Option<&'m Composition>)], index: &StepIndex<'m>, targets: &[Target]) -> Self {
         let mut entries = Vec::new();
+        let mut compact = Vec::new();
         let mut ranges = Vec::with_capacity(chunks.len() * targets.len());
         for (ci, &(_, _, comp)) in chunks.iter().enumerate() {
             for t in targets {
                 let from = entries.len();
                 if let Some(c) = comp {
-                    entries.extend(c.parts.iter().enumerate().filter_map(|(pi, (_, s))| index.get(ci, pi, c, t).map(|m| (m, *s))));
+                    for (pi, (_, s)) in c.parts.iter().enumerate() {
+                        if let Some((m, cr)) = index.get(ci, pi, c, t) {
+                            entries.push((m, *s));
+                            compact.push(cr);
+                        }
+                    }
                 }
                 ranges.push(from..entries.len());
             }
         }
-        Self { entries, ranges, targets: targets.len() }
+        Self { entries, compact, ranges, targets: targets.len() }
     }
 
     /// Where chunk `ci`'s deltas for target `ti` are in `entries`.
@@ -127,9 +148,19 @@ impl<'m> Resolved<'m> {
         self.column(ti).any(|d| !d.is_empty())
     }
 
+    /// Whether entry `i` is sparse (an entry with compact factors is not: its delta is not read).
+    fn is_sparse(&self, i: usize) -> bool {
+        self.compact[i].is_none() && matches!(self.entries[i].0, MatrixDelta::Sparse(_))
+    }
+
     /// Whether some chunk has a sparse delta for target `ti`.
     pub(super) fn any_sparse(&self, ti: usize) -> bool {
-        self.column(ti).any(|d| d.iter().any(|(m, _)| matches!(m, MatrixDelta::Sparse(_))))
+        self.ranges.iter().skip(ti).step_by(self.targets.max(1)).any(|r| r.clone().any(|i| self.is_sparse(i)))
+    }
+
+    /// Whether chunk `ci` has a delta other than a sparse one for target `ti`.
+    pub(super) fn any_not_sparse(&self, ci: usize, ti: usize) -> bool {
+        self.range(ci, ti).any(|i| !self.is_sparse(i))
     }
 
     /// The same lookups for the targets `keep` (indices, in order) only.
@@ -139,7 +170,7 @@ impl<'m> Resolved<'m> {
             .flat_map(|ci| keep.iter().map(move |&ti| (ci, ti)))
             .map(|(ci, ti)| self.ranges[ci * self.targets + ti].clone())
             .collect();
-        Self { entries: self.entries, ranges, targets: keep.len() }
+        Self { entries: self.entries, compact: self.compact, ranges, targets: keep.len() }
     }
 }
 
