@@ -13,8 +13,7 @@
 //!   the step before (84 MB of factors per step against a 32 MB L3 leaves some there in V0).
 //!
 //!     cargo run --release --example lora_gap
-use candle_core::{Device, Tensor};
-use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::module_deltas::ModuleDeltas;
 use modserve::adapters::target::Target;
 use modserve::kernels::lowrank::QuantRow;
 use modserve::model::linear::{LinearId, Proj};
@@ -22,28 +21,16 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
 mod common;
+#[path = "common/lora.rs"]
+mod lora;
 use common::{dims, LAYERS};
+use lora::adapter;
 
 const ROWS: usize = 32;
 
-fn adapter(rng: &mut StdRng, rank: usize) -> ModuleDeltas {
-    let mut m = ModuleDeltas::default();
-    for layer in 0..LAYERS {
-        for proj in Proj::UNFUSED {
-            let (inp, out) = dims(proj);
-            let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let b: Vec<f32> = (0..out * rank).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let a = Tensor::from_vec(a, (rank, inp), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(b, (out, rank), &Device::Cpu).unwrap();
-            m.targets.insert(Target::Linear(LinearId { layer, proj }), MatrixDelta::LowRank { a, b });
-        }
-    }
-    m.into_host(true).unwrap()
-}
-
 fn main() {
     let mut rng = StdRng::seed_from_u64(5);
-    let adapters: Vec<ModuleDeltas> = (0..4 * ROWS).map(|_| adapter(&mut rng, 8)).collect();
+    let adapters: Vec<ModuleDeltas> = (0..4 * ROWS).map(|_| adapter(&mut rng, true, 8)).collect();
     let xs: Vec<f32> = (0..ROWS * 1536).map(|_| rng.random_range(-1f32..1.0)).collect();
     let mut big = vec![1f32; 40 << 20]; // 160 MB: the "weights"
     let groups: [&[Proj]; 4] = [&[Proj::Q, Proj::K, Proj::V], &[Proj::O], &[Proj::Gate, Proj::Up], &[Proj::Down]];

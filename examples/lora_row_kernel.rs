@@ -9,31 +9,19 @@
 //!
 //!     cargo run --release --example lora_row_kernel [RANK]
 use candle_core::{Device, Tensor};
-use modserve::adapters::module_deltas::{MatrixDelta, ModuleDeltas};
+use modserve::adapters::module_deltas::ModuleDeltas;
 use modserve::adapters::target::Target;
 use modserve::model::linear::{LinearId, Proj};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
 mod common;
-use common::{dims, LAYERS};
+#[path = "common/lora.rs"]
+mod lora;
+use common::LAYERS;
+use lora::adapter;
 
 const ROWS: usize = 32;
-
-fn adapter(rng: &mut StdRng, compact: bool, rank: usize) -> ModuleDeltas {
-    let mut m = ModuleDeltas::default();
-    for layer in 0..LAYERS {
-        for proj in Proj::UNFUSED {
-            let (inp, out) = dims(proj);
-            let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let b: Vec<f32> = (0..out * rank).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-            let a = Tensor::from_vec(a, (rank, inp), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(b, (out, rank), &Device::Cpu).unwrap();
-            m.targets.insert(Target::Linear(LinearId { layer, proj }), MatrixDelta::LowRank { a, b });
-        }
-    }
-    m.into_host(compact).unwrap()
-}
 
 fn main() {
     let rank: usize = std::env::args().nth(1).map(|r| r.parse().expect("RANK: a number")).unwrap_or(8);

@@ -276,13 +276,10 @@ const PIECE_ROWS: usize = 16;
 /// Whether every low-rank or dense delta of a chunk's targets `outs` runs on the per-row kernels
 /// for any number of rows (compact factors; sparse parts are done before, grouped).
 fn row_kernels_only(res: &Resolved, outs: &[TargetOut]) -> bool {
-    outs.iter().flat_map(|(_, _, r)| r.clone()).all(|i| {
-        res.compact[i].is_some()
-            || match res.entries[i].0 {
-                MatrixDelta::Packed(h) => h.is_compact(),
-                MatrixDelta::Sparse(_) => true,
-                MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
-            }
+    outs.iter().flat_map(|(_, _, r)| &res.entries[r.clone()]).all(|(m, _)| match m {
+        MatrixDelta::Packed(h) => h.is_compact(),
+        MatrixDelta::Sparse(_) => true,
+        MatrixDelta::LowRank { .. } | MatrixDelta::Dense(_) => false,
     })
 }
 

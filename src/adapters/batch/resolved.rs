@@ -97,6 +97,11 @@ impl<'m> StepIndex<'m> {
     }
 }
 
+/// The deltas of a layer group, looked up once per call through the step's [`StepIndex`]: for
+/// every chunk and target, the `(matrix, scale)` of each part of the chunk's composition that
+/// has a delta there, in the composition's order, with its compact factors beside it. Every
+/// later pass (which targets are touched, the sparse plan, the prefetches, the kernels) reads
+/// this instead of looking each module's map up again.
 pub(super) struct Resolved<'m> {
     pub(super) entries: Vec<(&'m MatrixDelta, f32)>,
     /// Beside each entry, its compact factors where the compact kernel runs on them.
