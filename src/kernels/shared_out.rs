@@ -61,6 +61,22 @@ impl ColumnBlock<'_, '_> {
         // claimed block (claims are exclusive), one slice at a time (`&mut self`).
         unsafe { std::slice::from_raw_parts_mut(o.ptr.0.add(r * o.width + self.c0), self.w) }
     }
+
+    /// The block's columns of up to `N` distinct rows at once (`None` asks for none). Panics if a
+    /// row is out of range or asked for twice.
+    pub fn rows_many<const N: usize>(&mut self, rows: [Option<usize>; N]) -> [Option<&mut [f32]>; N] {
+        let o = self.owner;
+        for (i, r) in rows.iter().enumerate() {
+            if let Some(r) = *r {
+                assert!(r < o.rows, "row {r} of {}", o.rows);
+                assert!(!rows[..i].contains(&Some(r)), "row {r} asked for twice");
+            }
+        }
+        // SAFETY: every row is in range (so its `w` columns from `c0` are inside the buffer, as in
+        // `row_mut`) and distinct (checked above), so the slices do not overlap; they borrow the
+        // claimed block mutably, as `row_mut`'s does.
+        rows.map(|r| r.map(|r| unsafe { std::slice::from_raw_parts_mut(o.ptr.0.add(r * o.width + self.c0), self.w) }))
+    }
 }
 
 #[cfg(test)]
@@ -77,6 +93,15 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "asked for twice")]
+    fn a_row_is_handed_out_once_at_a_time() {
+        let mut buf = vec![0f32; 12];
+        let blocks = ColumnBlocks::new(&mut buf, 3, 4, 2);
+        let mut b = blocks.claim(0);
+        let _ = b.rows_many([Some(1), None, Some(1)]);
+    }
+
+    #[test]
     fn blocks_write_their_own_columns() {
         let mut buf = vec![0f32; 3 * 5];
         {
@@ -89,5 +114,15 @@ mod tests {
             }
         }
         assert_eq!(buf, vec![0., 0., 1., 1., 2., 10., 10., 11., 11., 12., 20., 20., 21., 21., 22.]);
+        {
+            let blocks = ColumnBlocks::new(&mut buf, 3, 5, 2);
+            let mut blk = blocks.claim(2);
+            let [a, b, c] = blk.rows_many([Some(2), None, Some(0)]);
+            assert!(b.is_none());
+            a.unwrap()[0] = -2.0;
+            c.unwrap()[0] = -1.0;
+        }
+        assert_eq!(buf[4], -1.0);
+        assert_eq!(buf[14], -2.0);
     }
 }

@@ -1,6 +1,6 @@
 //! The grouped sparse kernel's inner pieces: one block of a [`SparseMatrix`] times a tile of
-//! [`SPARSE_TILE`] transposed input rows, the 8-lane interleaving of inputs and products, the
-//! scaled add of a product into a row, and cache prefetches of a block.
+//! [`SPARSE_TILE`] transposed input rows, the 8-lane interleaving of inputs, the scaled add of a
+//! tile's lanes into their rows, and cache prefetches of a block.
 //!
 //! Invariants: every row's sum is accumulated in column order (the same order as
 //! [`SparseMatrix::add_matmul_t`]); the safe entry points check every length the SIMD code relies
@@ -11,36 +11,60 @@ use super::sparse_layout::{SparseBlock, SparseMatrix, SPARSE_ROW_BLOCK};
 /// Batch rows per register tile of the grouped sparse kernel.
 pub const SPARSE_TILE: usize = 8;
 
-/// `y += scale * p`, element by element (a multiply, then an add).
-pub fn add_scaled(y: &mut [f32], p: &[f32], scale: f32) {
+/// For every lane `l` with a destination: `dst[l][i] += scales[l] * tile[i * SPARSE_TILE + l]`
+/// for `i` in `0..w`, each value a multiply, then an add (`tile`: the `[w][SPARSE_TILE]` products
+/// of one tile as [`sparse_block_tile`] writes them; every destination holds `w` values). The
+/// lanes are split out of the tile in registers, 8 outputs at a time.
+pub fn add_lanes_scaled(tile: &[f32], dst: &mut [Option<&mut [f32]>; SPARSE_TILE], scales: &[f32; SPARSE_TILE]) {
+    let w = tile.len() / SPARSE_TILE;
+    assert_eq!(tile.len(), w * SPARSE_TILE, "a tile of whole lanes");
+    assert!(dst.iter().flatten().all(|d| d.len() == w), "destinations of the tile's width");
+    #[allow(unused_mut)]
+    let mut i0 = 0;
     #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx")]
-        unsafe fn avx(y: &mut [f32], p: &[f32], scale: f32) {
-            for (y, p) in y.iter_mut().zip(p) {
-                *y += scale * p;
-            }
-        }
-        assert_eq!(y.len(), p.len(), "a product of the row's width");
-        if super::cpu().avx {
-            // SAFETY: the CPU has AVX.
-            return unsafe { avx(y, p, scale) };
-        }
+    if super::cpu().avx {
+        // SAFETY: the CPU has AVX; the lengths were checked above.
+        i0 = unsafe { add_lanes_avx(tile, w, dst, scales) };
     }
-    for (y, p) in y.iter_mut().zip(p) {
-        *y += scale * p;
+    for (l, d) in dst.iter_mut().enumerate() {
+        let Some(d) = d else { continue };
+        for i in i0..w {
+            d[i] += scales[l] * tile[i * SPARSE_TILE + l];
+        }
     }
 }
 
+/// [`add_lanes_scaled`] for whole groups of 8 outputs; returns the outputs done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn add_lanes_avx(tile: &[f32], w: usize, dst: &mut [Option<&mut [f32]>; SPARSE_TILE], scales: &[f32; SPARSE_TILE]) -> usize {
+    use std::arch::x86_64::*;
+    let lanes: [Option<(*mut f32, __m256)>; SPARSE_TILE] =
+        std::array::from_fn(|l| dst[l].as_mut().map(|d| (d.as_mut_ptr(), _mm256_set1_ps(scales[l]))));
+    let mut i0 = 0;
+    while i0 + SPARSE_TILE <= w {
+        // Outputs i0..i0 + 8 of every lane (8 values from each of 8 tile rows below w).
+        let cols = transpose8_regs(std::array::from_fn(|i| _mm256_loadu_ps(tile.as_ptr().add((i0 + i) * SPARSE_TILE))));
+        for (c, lane) in cols.iter().zip(&lanes) {
+            if let Some((y, s)) = lane {
+                // Each destination holds w values, i0 + 8 <= w.
+                let yp = y.add(i0);
+                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), _mm256_mul_ps(*s, *c)));
+            }
+        }
+        i0 += SPARSE_TILE;
+    }
+    i0
+}
+
 /// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
-/// `out[l][r - r0] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
-/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in column order. `scratch`
-/// holds `w * SPARSE_TILE` values (the row-major products before they are split by lane).
-pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mut [f32], out: &mut [f32]) {
+/// `out[r - r0][l] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
+/// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in column order; `out`
+/// (`[w][SPARSE_TILE]`) is written whole. [`add_lanes_scaled`] splits it by lane.
+pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], out: &mut [f32]) {
     let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(sp.rows()));
     let w = r1 - r0;
     assert_eq!(out.len(), w * SPARSE_TILE);
-    assert_eq!(scratch.len(), w * SPARSE_TILE);
     assert_eq!(xt.len(), sp.cols() * SPARSE_TILE);
     let b = sp.block(blk);
     #[cfg(target_arch = "x86_64")]
@@ -54,8 +78,7 @@ pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mu
             // `SparseMatrix::from_flat`, private, and checked there); column indices are <
             // sp.cols (checked when the matrix was built) and `xt` holds sp.cols columns of
             // SPARSE_TILE lanes.
-            unsafe { sparse_block_tile_avx2(&b, xt, scratch) };
-            deinterleave_lanes(scratch, out);
+            unsafe { sparse_block_tile_avx2(&b, xt, out) };
             return;
         }
     }
@@ -63,7 +86,7 @@ pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mu
     let mut rows = b.order.iter();
     for &(len, n) in b.runs {
         for &i in rows.by_ref().take(n as usize) {
-            let o = &mut scratch[i as usize * SPARSE_TILE..][..SPARSE_TILE];
+            let o = &mut out[i as usize * SPARSE_TILE..][..SPARSE_TILE];
             o.fill(0.0);
             for (&v, &c) in b.values[e..e + len as usize].iter().zip(&b.col_idx[e..e + len as usize]) {
                 let xc = &xt[c as usize * SPARSE_TILE..][..SPARSE_TILE];
@@ -74,7 +97,6 @@ pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], scratch: &mu
             e += len as usize;
         }
     }
-    deinterleave_lanes(scratch, out);
 }
 
 /// Asks for every line of a block's column indices and values to be brought into the cache level
@@ -119,19 +141,19 @@ pub fn prefetch_block_start(sp: &SparseMatrix, blk: usize) {
     };
 }
 
-/// The products of one block, row-major (`scratch[i * SPARSE_TILE + l]` for row `i` of the
+/// The products of one block, row-major (`out[i * SPARSE_TILE + l]` for row `i` of the
 /// block), streaming its entries front to back: runs of equal length, each through a loop with
 /// a fixed trip count.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], scratch: &mut [f32]) {
+unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     const _: () = assert!(SPARSE_TILE == 8);
     let (cols, vals) = (b.col_idx.as_ptr(), b.values.as_ptr());
     // The block is short (a few KB) and its matrix differs from the previous call's, so the
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
     prefetch_block::<_MM_HINT_T0>(b);
-    let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: scratch.as_mut_ptr() };
+    let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: out.as_mut_ptr() };
     let mut at = 0;
     for &(len, n) in b.runs {
         let rows = b.order.get_unchecked(at..at + n as usize);
@@ -199,25 +221,6 @@ pub fn interleave_rows(src: &[&[f32]], dst: &mut [f32]) {
     }
 }
 
-/// `dst[l][i] = src[i * SPARSE_TILE + l]`: the inverse of [`interleave_rows`] for one tile
-/// (`src`: `[w][SPARSE_TILE]`, `dst`: `[SPARSE_TILE][w]`).
-pub fn deinterleave_lanes(src: &[f32], dst: &mut [f32]) {
-    let w = src.len() / SPARSE_TILE;
-    assert!(src.len() == w * SPARSE_TILE && dst.len() == src.len());
-    #[allow(unused_mut)]
-    let mut i0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    if super::cpu().avx {
-        // SAFETY: the CPU has AVX; the lengths were checked above.
-        i0 = unsafe { deinterleave_avx(src, w, dst) };
-    }
-    for i in i0..w {
-        for l in 0..SPARSE_TILE {
-            dst[l * w + i] = src[i * SPARSE_TILE + l];
-        }
-    }
-}
-
 /// [`interleave_rows`] for whole 8x8 blocks; returns the columns done. `src` rows hold `n`
 /// values and `dst` `n * SPARSE_TILE`.
 #[cfg(target_arch = "x86_64")]
@@ -234,21 +237,6 @@ unsafe fn interleave_avx(src: &[&[f32]], n: usize, dst: &mut [f32]) -> usize {
     c0
 }
 
-/// [`deinterleave_lanes`] for whole 8x8 blocks; returns the rows done (`src`: `[w][SPARSE_TILE]`,
-/// `dst` the same size).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn deinterleave_avx(src: &[f32], w: usize, dst: &mut [f32]) -> usize {
-    let mut i0 = 0;
-    while i0 + SPARSE_TILE <= w {
-        let rows: [*const f32; SPARSE_TILE] = std::array::from_fn(|i| src.as_ptr().add((i0 + i) * SPARSE_TILE));
-        // The stores go to dst[l * w + i0..][..SPARSE_TILE] with i0 + SPARSE_TILE <= w.
-        transpose8(rows, dst.as_mut_ptr().add(i0), w);
-        i0 += SPARSE_TILE;
-    }
-    i0
-}
-
 /// 8x8 transpose: reads 8 consecutive values from each `rows[i]` and writes column `j` of that
 /// block as 8 consecutive values at `dst + j * dst_stride`.
 #[cfg(target_arch = "x86_64")]
@@ -256,7 +244,18 @@ unsafe fn deinterleave_avx(src: &[f32], w: usize, dst: &mut [f32]) -> usize {
 #[inline]
 unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
     use std::arch::x86_64::*;
-    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i]));
+    let cols = transpose8_regs(std::array::from_fn(|i| _mm256_loadu_ps(rows[i])));
+    for (j, c) in cols.into_iter().enumerate() {
+        _mm256_storeu_ps(dst.add(j * dst_stride), c);
+    }
+}
+
+/// 8x8 transpose in registers: element `j` of `r[i]` becomes element `i` of the result's `j`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn transpose8_regs(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -273,7 +272,7 @@ unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
     let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
     let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
     let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let cols = [
+    [
         _mm256_permute2f128_ps::<0x20>(u0, u4),
         _mm256_permute2f128_ps::<0x20>(u1, u5),
         _mm256_permute2f128_ps::<0x20>(u2, u6),
@@ -282,20 +281,17 @@ unsafe fn transpose8(rows: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
         _mm256_permute2f128_ps::<0x31>(u1, u5),
         _mm256_permute2f128_ps::<0x31>(u2, u6),
         _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ];
-    for (j, c) in cols.into_iter().enumerate() {
-        _mm256_storeu_ps(dst.add(j * dst_stride), c);
-    }
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The 8-lane interleave and its inverse against plain index arithmetic, on lengths with and
-    /// without a remainder and tiles with fewer than 8 rows.
+    /// The 8-lane interleave against plain index arithmetic, on lengths with and without a
+    /// remainder and tiles with fewer than 8 rows.
     #[test]
-    fn lane_interleaving_round_trips() {
+    fn lane_interleaving_matches_indexing() {
         for (rows, n) in [(8, 16), (3, 21), (8, 7), (1, 8), (5, 0)] {
             let src: Vec<Vec<f32>> = (0..rows).map(|r| (0..n).map(|c| (r * 1000 + c) as f32).collect()).collect();
             let refs: Vec<&[f32]> = src.iter().map(|r| r.as_slice()).collect();
@@ -307,11 +303,26 @@ mod tests {
                     assert_eq!(inter[c * SPARSE_TILE + l], want, "rows {rows} n {n} c {c} l {l}");
                 }
             }
-            let mut back = vec![f32::NAN; n * SPARSE_TILE];
-            deinterleave_lanes(&inter, &mut back);
+        }
+    }
+
+    /// The lanes of a tile added into their rows equal the plain multiply-then-add, bit for bit,
+    /// on widths with and without a remainder of 8 and with lanes left out.
+    #[test]
+    fn lanes_add_scaled_into_their_rows() {
+        for w in [0, 5, 8, 21, 192] {
+            let tile: Vec<f32> = (0..w * SPARSE_TILE).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let scales: [f32; SPARSE_TILE] = std::array::from_fn(|l| 0.3 + l as f32 * 1.7);
+            let mut rows: Vec<Vec<f32>> = (0..SPARSE_TILE).map(|l| (0..w).map(|i| (l * 100 + i) as f32 / 3.0).collect()).collect();
+            let before = rows.clone();
+            let mut it = rows.iter_mut();
+            let mut dst: [Option<&mut [f32]>; SPARSE_TILE] =
+                std::array::from_fn(|l| it.next().filter(|_| l % 3 != 1).map(|r| r.as_mut_slice()));
+            add_lanes_scaled(&tile, &mut dst, &scales);
             for l in 0..SPARSE_TILE {
-                for c in 0..n {
-                    assert_eq!(back[l * n + c], inter[c * SPARSE_TILE + l]);
+                for i in 0..w {
+                    let want = if l % 3 == 1 { before[l][i] } else { before[l][i] + scales[l] * tile[i * SPARSE_TILE + l] };
+                    assert_eq!(rows[l][i].to_bits(), want.to_bits(), "w {w} lane {l} output {i}");
                 }
             }
         }

@@ -14,7 +14,6 @@ thread_local! {
     // need no zeroing: fresh zeroed buffers cost tens of MB of memset per decode step.
     pub(super) static INPUT_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     pub(super) static PROD_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    pub(super) static SCRATCH_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Decode rows quantized for the compact LoRA kernels, kept between calls like the above.
     pub(super) static QUANT_ROWS: RefCell<Vec<QuantRow>> = const { RefCell::new(Vec::new()) };
 }

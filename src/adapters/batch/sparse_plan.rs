@@ -5,7 +5,9 @@
 //!
 //! Invariant: a row's value is `scale * sum_i v_i x[c_i]` accumulated in column order, its sparse
 //! parts added in its composition's order, so it does not depend on its batch neighbours.
-use super::buffers::{with_reused, INPUT_BUF, PROD_BUF, SCRATCH_BUF};
+use std::ops::Range;
+
+use super::buffers::{with_reused, INPUT_BUF, PROD_BUF};
 use super::resolved::Resolved;
 #[cfg(test)]
 use super::resolved::StepIndex;
@@ -14,20 +16,28 @@ use crate::adapters::module_deltas::MatrixDelta;
 use crate::adapters::target::Target;
 use crate::kernels::shared_out::ColumnBlocks;
 use crate::kernels::sparse_layout::{SparseMatrix, SPARSE_ROW_BLOCK};
-use crate::kernels::sparse_tile::{add_scaled, interleave_rows, prefetch_block_l2, prefetch_block_start, sparse_block_tile, SPARSE_TILE};
+use crate::kernels::sparse_tile::{
+    add_lanes_scaled, interleave_rows, prefetch_block_l2, prefetch_block_start, sparse_block_tile, SPARSE_TILE,
+};
+
+/// One lane of a tile: `(batch row, scale, pass)`, where the pass is the part's index among its
+/// row's sparse parts for the target (the lanes of pass 0 are added first, so every row gets its
+/// parts in its composition's order); `pass == NO_PASS` for a lane without a row.
+type Lane = (u32, f32, u32);
+const NO_PASS: u32 = u32::MAX;
 
 /// One target's sparse work in a step: the distinct sparse matrices with the batch rows that use
-/// each, and every row's parts.
+/// each, and where each (row, part) sits among the tiles.
 struct SparsePlan<'a> {
-    /// Distinct sparse matrices of the step, each with the batch rows that use it.
-    groups: Vec<(&'a SparseMatrix, Vec<usize>)>,
-    /// Every (batch row, group, index of the row in the group, scale), rows in order and a row's
-    /// parts in its composition's order.
-    row_parts: Vec<(usize, usize, usize, f32)>,
-    /// Per group, its first tile of [`SPARSE_TILE`] rows among all groups' tiles.
-    tile0: Vec<usize>,
-    /// Tiles of all groups.
-    tiles: usize,
+    /// Distinct sparse matrices of the step, each with its range of `rows`.
+    groups: Vec<(&'a SparseMatrix, Range<usize>)>,
+    /// The batch rows of every group, group after group, each group's in batch order (a row once
+    /// per part of its composition that uses the group's matrix).
+    rows: Vec<usize>,
+    /// Every tile of [`SPARSE_TILE`] rows of every group, groups in order: its lanes.
+    lanes: Vec<[Lane; SPARSE_TILE]>,
+    /// The most sparse parts any row has for the target.
+    passes: u32,
 }
 
 impl<'a> SparsePlan<'a> {
@@ -36,38 +46,69 @@ impl<'a> SparsePlan<'a> {
         if !res.any_sparse(ti) {
             return None;
         }
-        let mut plan = SparsePlan { groups: Vec::new(), row_parts: Vec::new(), tile0: Vec::new(), tiles: 0 };
-        let mut parts: Vec<(&SparseMatrix, f32)> = Vec::new();
+        // Every (row, part) with its group, in row order and each row's parts in order.
+        let mut mats: Vec<(&SparseMatrix, usize)> = Vec::new(); // (matrix, rows using it)
+        let mut parts: Vec<(usize, u32, f32, u32)> = Vec::new(); // (row, group, scale, pass)
+        let mut passes = 0;
         for (ci, &(start, len, _)) in chunks.iter().enumerate() {
-            parts.clear();
-            parts.extend(res.of(ci, ti).iter().filter_map(|&(m, s)| match m {
-                MatrixDelta::Sparse(sp) => Some((sp, s)),
-                _ => None,
-            }));
-            for row in start..start + len {
-                for &(sp, scale) in &parts {
-                    let g = match plan.groups.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
-                        Some(g) => g,
-                        None => {
-                            plan.groups.push((sp, Vec::new()));
-                            plan.groups.len() - 1
-                        }
-                    };
-                    plan.row_parts.push((row, g, plan.groups[g].1.len(), scale));
-                    plan.groups[g].1.push(row);
+            let first = parts.len();
+            let mut pass = 0;
+            for &(m, scale) in res.of(ci, ti) {
+                let MatrixDelta::Sparse(sp) = m else { continue };
+                let g = match mats.iter().position(|(m, _)| std::ptr::eq(*m, sp)) {
+                    Some(g) => g,
+                    None => {
+                        mats.push((sp, 0));
+                        mats.len() - 1
+                    }
+                };
+                mats[g].1 += len;
+                parts.push((start, g as u32, scale, pass));
+                pass += 1;
+            }
+            passes = passes.max(pass);
+            // The chunk's other rows have the same parts.
+            let n = parts.len() - first;
+            for row in start + 1..start + len {
+                for k in first..first + n {
+                    let (_, g, s, p) = parts[k];
+                    parts.push((row, g, s, p));
                 }
             }
         }
-        for (_, rows) in &plan.groups {
-            plan.tile0.push(plan.tiles);
-            plan.tiles += rows.len().div_ceil(SPARSE_TILE);
+        if mats.is_empty() {
+            return None;
         }
-        (!plan.groups.is_empty()).then_some(plan)
+        let mut groups = Vec::with_capacity(mats.len());
+        let mut tile0 = Vec::with_capacity(mats.len());
+        let (mut at, mut tiles) = (0, 0);
+        for &(sp, n) in &mats {
+            groups.push((sp, at..at));
+            tile0.push(tiles);
+            at += n;
+            tiles += n.div_ceil(SPARSE_TILE);
+        }
+        let mut rows = vec![0; at];
+        let mut lanes = vec![[(0, 0.0, NO_PASS); SPARSE_TILE]; tiles];
+        // (Chunks are in row order, so each group's rows come out in batch order.)
+        for &(row, g, scale, pass) in &parts {
+            let (g, r) = (g as usize, &mut groups[g as usize].1);
+            let j = r.end - r.start;
+            rows[r.end] = row;
+            r.end += 1;
+            lanes[tile0[g] + j / SPARSE_TILE][j % SPARSE_TILE] = (row as u32, scale, pass);
+        }
+        Some(SparsePlan { groups, rows, lanes, passes })
+    }
+
+    /// The batch rows of group `g`.
+    fn group_rows(&self, g: usize) -> &[usize] {
+        &self.rows[self.groups[g].1.clone()]
     }
 
     /// Whether the groups hold the same rows in the same order (their transposed inputs agree).
     fn same_rows(&self, other: &SparsePlan<'_>) -> bool {
-        self.groups.len() == other.groups.len() && self.groups.iter().zip(&other.groups).all(|(a, b)| a.1 == b.1)
+        self.rows == other.rows && self.groups.len() == other.groups.len() && self.groups.iter().zip(&other.groups).all(|(a, b)| a.1 == b.1)
     }
 }
 
@@ -76,11 +117,11 @@ impl<'a> SparsePlan<'a> {
 /// `xt` (`tiles * in_dim * SPARSE_TILE`) is written.
 fn transpose_inputs(plan: &SparsePlan<'_>, xh: &[f32], in_dim: usize, xt: &mut [f32]) {
     let tile_len = in_dim * SPARSE_TILE;
-    assert_eq!(xt.len(), plan.tiles * tile_len);
+    assert_eq!(xt.len(), plan.lanes.len() * tile_len);
     let mut src: Vec<&[f32]> = Vec::with_capacity(SPARSE_TILE);
     let mut dst_tiles = xt.chunks_exact_mut(tile_len);
-    for (_, rows) in &plan.groups {
-        for tile in rows.chunks(SPARSE_TILE) {
+    for g in 0..plan.groups.len() {
+        for tile in plan.group_rows(g).chunks(SPARSE_TILE) {
             src.clear();
             src.extend(tile.iter().map(|&r| &xh[r * in_dim..(r + 1) * in_dim]));
             interleave_rows(&src, dst_tiles.next().expect("one buffer tile per group tile"));
@@ -139,7 +180,7 @@ pub(super) fn add_sparse_resolved<'a>(
             None => {
                 let at = total;
                 firsts.push((i, at));
-                total += plan.tiles * tile_len;
+                total += plan.lanes.len() * tile_len;
                 at
             }
         });
@@ -156,7 +197,7 @@ pub(super) fn add_sparse_resolved<'a>(
     with_reused(&INPUT_BUF, total, |inputs| {
         for &(i, at) in &firsts {
             let plan = plans[i].as_ref().expect("a planned target");
-            transpose_inputs(plan, xh, in_dim, &mut inputs[at..at + plan.tiles * tile_len]);
+            transpose_inputs(plan, xh, in_dim, &mut inputs[at..at + plan.lanes.len() * tile_len]);
         }
         let inputs = &*inputs;
         tasks.into_par_iter().for_each(|(i, blk)| {
@@ -164,33 +205,37 @@ pub(super) fn add_sparse_resolved<'a>(
             let out = outs[i].0;
             // This task alone writes columns r0..r1 of this target's rows.
             let mut dst = outs[i].1.claim(blk);
-            let tiles = plan.tiles;
+            let tiles = plan.lanes.len();
             let xt = &inputs[input_at[i]..input_at[i] + tiles * tile_len];
             let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(out));
             let w = r1 - r0;
-            // Unscaled products of every group tile for this block, lane-major:
-            // [tile][SPARSE_TILE][w], every value written by `sparse_block_tile`.
+            // Unscaled products of every group tile for this block, row-major:
+            // [tile][w][SPARSE_TILE], every value written by `sparse_block_tile`.
             with_reused(&PROD_BUF, tiles * SPARSE_TILE * w, |prods| {
-                with_reused(&SCRATCH_BUF, w * SPARSE_TILE, |scratch| {
-                    let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
-                    for (g, (sp, rows)) in plan.groups.iter().enumerate() {
-                        // The next group's block is requested a whole group's work ahead (this
-                        // one's was requested one ahead, or is requested now by the kernel).
-                        if let Some((next, _)) = plan.groups.get(g + 1) {
-                            prefetch_block_l2(next, blk);
-                        }
-                        if let Some((after, _)) = plan.groups.get(g + 2) {
-                            prefetch_block_start(after, blk);
-                        }
-                        for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
-                            sparse_block_tile(sp, blk, xt, scratch, pt);
-                        }
+                let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
+                for (g, (sp, rows)) in plan.groups.iter().enumerate() {
+                    // The next group's block is requested a whole group's work ahead (this
+                    // one's was requested one ahead, or is requested now by the kernel).
+                    if let Some((next, _)) = plan.groups.get(g + 1) {
+                        prefetch_block_l2(next, blk);
                     }
-                });
-                for &(row, g, j, scale) in &plan.row_parts {
-                    let yr = dst.row_mut(row);
-                    let (tile, lane) = (plan.tile0[g] + j / SPARSE_TILE, j % SPARSE_TILE);
-                    add_scaled(yr, &prods[(tile * SPARSE_TILE + lane) * w..][..w], scale);
+                    if let Some((after, _)) = plan.groups.get(g + 2) {
+                        prefetch_block_start(after, blk);
+                    }
+                    for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
+                        sparse_block_tile(sp, blk, xt, pt);
+                    }
+                }
+                // Pass by pass, each lane of that pass into its row (a row has at most one
+                // lane per pass, so each row gets its parts in its composition's order).
+                for pass in 0..plan.passes {
+                    for (lanes, pt) in plan.lanes.iter().zip(prods.chunks_exact(SPARSE_TILE * w)) {
+                        if !lanes.iter().any(|l| l.2 == pass) {
+                            continue;
+                        }
+                        let mut dsts = dst.rows_many(lanes.map(|(row, _, p)| (p == pass).then_some(row as usize)));
+                        add_lanes_scaled(pt, &mut dsts, &lanes.map(|l| l.1));
+                    }
                 }
             });
         });
