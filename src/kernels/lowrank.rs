@@ -231,6 +231,19 @@ impl HostLowRank {
             .collect())
     }
 
+    /// Asks the CPU for this value's own fields (rank, widths, where its factors are): a hint, as
+    /// [`CompactRef::prefetch`]. The step's index (`adapters::batch`) asks for all its modules'
+    /// before it reads any: one at a time, each waited for memory (every module's targets are
+    /// their own allocations, evicted since the step before).
+    pub fn prefetch_fields(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu().prefetch {
+            // SAFETY: a prefetch of a live reference's address: it reads nothing architecturally
+            // and cannot fault.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self as *const Self as *const i8) };
+        }
+    }
+
     /// The four parts (a4, sa, b8, sb) of compact factors, or None for f32 ones.
     fn int8_parts(&self) -> Option<Int8Parts<'_>> {
         self.compact().map(|c| c.parts())

@@ -68,18 +68,26 @@ impl<'m> StepIndex<'m> {
             .max()
             .map_or(0, |r| r + 1);
         let mut table = vec![None; rows * modules.len()];
-        let mut compact = vec![None; rows * modules.len()];
         let int8 = crate::kernels::cpu().int8;
         for (col, m) in modules.iter().enumerate() {
             for (t, d) in m.targets.range(..Target::Embedding) {
                 if let Some(r) = row_of(t) {
                     table[r * modules.len() + col] = Some(d);
-                    if let MatrixDelta::Packed(h) = d {
-                        compact[r * modules.len() + col] = h.compact().filter(|_| int8);
+                    if let (MatrixDelta::Packed(h), true) = (d, int8) {
+                        h.prefetch_fields();
                     }
                 }
             }
         }
+        // (A second pass: the first asked for every packed delta's fields, so their misses
+        // overlap instead of coming one by one.)
+        let compact = table
+            .iter()
+            .map(|d| match d {
+                Some(MatrixDelta::Packed(h)) if int8 => h.compact(),
+                _ => None,
+            })
+            .collect();
         Self { cols, modules: modules.len(), rows, table, compact }
     }
 
