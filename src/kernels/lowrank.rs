@@ -112,8 +112,11 @@ impl<'a> CompactRef<'a> {
     }
 
     /// [`HostLowRank::add_rows_q`] on these factors (the caller checked the CPU's `int8`).
-    /// `look_ahead`: whether the kernel prefetches ahead of its reads.
-    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
+    /// `look_ahead`: whether the kernel prefetches ahead of its reads. `next`: empty, or another
+    /// target's factors (the region of the task a thread runs next), which the first row asks for
+    /// into L2 at the pace of its own reads, all of them by its end: their misses overlap this
+    /// row's compute instead of stalling the thread in one burst before it.
+    pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool, next: &[f32]) {
         let (in_dim, out) = (self.in_dim as usize, self.out_dim as usize);
         let n = xs.len() / in_dim.max(1);
         assert!(xs.len() == n * in_dim && ys.len() == n * out && rows.len() >= n, "rows of the wrong width or count");
@@ -123,15 +126,23 @@ impl<'a> CompactRef<'a> {
         #[cfg(target_arch = "x86_64")]
         for (i, (row, y)) in rows.iter().zip(ys.chunks_exact_mut(out)).enumerate() {
             assert!(row.n == in_dim && row.q.len() == in_dim.div_ceil(FACTOR_BLOCK) * FACTOR_BLOCK, "a quantized row of whole blocks");
-            let ahead: &[u8] = if i == 0 && look_ahead && super::cpu().prefetch { bytemuck::cast_slice(self.words) } else { &[] };
+            let pf = i == 0 && super::cpu().prefetch;
+            let ahead: &[u8] = if pf && look_ahead { bytemuck::cast_slice(self.words) } else { &[] };
+            let next: &[u8] = if pf { bytemuck::cast_slice(next) } else { &[] };
             // SAFETY: the CPU supports the features (asserted); the buffers hold the padded sizes
             // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks of
             // this width (both checked above); `ahead` is empty or a live slice that starts at
-            // `a4` (the kernel only prefetches inside it).
-            unsafe { lowrank_vnni_q(row, y, scale, self.rp as usize, a4, sa, b8, sb, ahead) };
+            // `a4`, and `next` empty or a live slice (the kernel only prefetches inside them).
+            unsafe { lowrank_vnni_q(row, y, scale, self.rp as usize, a4, sa, b8, sb, (ahead, next)) };
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (xs, rows, ys, scale, look_ahead, a4, sa, b8, sb);
+        let _ = (xs, rows, ys, scale, look_ahead, next, a4, sa, b8, sb);
+    }
+
+    /// The words of these factors: the target's region of its module's buffer.
+    pub fn region(&self) -> &'a [f32] {
+        let (_, total) = CompactLayout::new(self.rp as usize, self.in_dim as usize, self.out_dim as usize).offsets();
+        &self.words[..total.min(self.words.len())]
     }
 
     /// Asks the CPU to start loading these factors into its L2 cache: a hint, with no effect on
@@ -330,7 +341,7 @@ impl HostLowRank {
     /// row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
     pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
         match self.compact() {
-            Some(c) if super::cpu().int8 => c.add_rows_q(xs, rows, ys, scale, look_ahead),
+            Some(c) if super::cpu().int8 => c.add_rows_q(xs, rows, ys, scale, look_ahead, &[]),
             _ => {
                 let n = xs.len() / self.in_dim.max(1);
                 assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim, "rows of the wrong width or count");

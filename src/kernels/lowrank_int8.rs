@@ -97,32 +97,48 @@ fn look_ahead_bytes(rp: usize) -> usize {
     (256 * rp).max(4096)
 }
 
+/// How far ahead of the scaled read position another task's factors are asked for (bytes).
+/// Shorter is better: lora32's deltas on one thread took 5.2-5.5 ms per decode step at 0 and
+/// 512 bytes, 5.6-5.9 at 1 KB, 5.9-6.5 at 2 KB and 7.3-8.0 at 8 KB (a burst again).
+#[cfg(target_arch = "x86_64")]
+const NEXT_LEAD: usize = 512;
+
 /// Software prefetch of a byte slice in order: asks for every line from `dist` to `dist` bytes
 /// past the read position, once each, as the reads advance, so the requests spread over the
 /// kernel instead of coming in one burst. The first `dist` bytes are the caller's to ask for
 /// ([`super::lowrank::HostLowRank::prefetch`], one row ahead).
 #[cfg(target_arch = "x86_64")]
-struct LookAhead {
+struct LookAhead<const HINT: i32> {
     base: *const u8,
     len: usize,
     next: usize,
     dist: usize,
+    /// Positions are scaled by `num / den` (a slice of another length read at the same pace).
+    num: usize,
+    den: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl LookAhead {
+impl<const HINT: i32> LookAhead<HINT> {
     fn new(ahead: &[u8], dist: usize) -> Self {
-        Self { base: ahead.as_ptr(), len: ahead.len(), next: dist.min(ahead.len()), dist }
+        Self { base: ahead.as_ptr(), len: ahead.len(), next: dist.min(ahead.len()), dist, num: 1, den: 1 }
     }
 
-    /// Asks for the lines up to `pos + dist` (within the slice).
+    /// A slice that another's reads pace: by the time the reads reach position `p` of `of` bytes,
+    /// every line of `ahead` up to `(p + dist) * ahead.len() / of` is asked for (all of it at the
+    /// end), from its first line on.
+    fn paced(ahead: &[u8], of: usize, dist: usize) -> Self {
+        Self { base: ahead.as_ptr(), len: ahead.len(), next: 0, dist, num: ahead.len(), den: of.max(1) }
+    }
+
+    /// Asks for the lines up to `pos + dist` (scaled, within the slice).
     #[inline(always)]
     fn upto(&mut self, pos: usize) {
-        let end = (pos + self.dist).min(self.len);
+        let end = ((pos + self.dist) * self.num / self.den).min(self.len);
         while self.next < end {
             // SAFETY: `next < len`: an address inside the live slice `new` was given. A prefetch
             // reads nothing architecturally and cannot fault.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self.base.add(self.next) as *const i8) };
+            unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(self.base.add(self.next) as *const i8) };
             self.next += 64;
         }
     }
@@ -135,14 +151,15 @@ impl LookAhead {
 pub(super) unsafe fn lowrank_vnni(x: &[f32], y: &mut [f32], scale: f32, rp: usize, a4: &[u8], sa: &[f32], b8: &[u8], sb: &[f32]) {
     ROW_Q.with_borrow_mut(|row| {
         row.set(x);
-        lowrank_vnni_q(row, y, scale, rp, a4, sa, b8, sb, &[])
+        lowrank_vnni_q(row, y, scale, rp, a4, sa, b8, sb, (&[], &[]))
     })
 }
 
 /// [`lowrank_vnni`] on a row quantized by [`QuantRow::set`]: [`vnni_kernel`] for the factors'
 /// group count (a constant there, so its accumulators and per-group tables stay in registers
-/// and on a stack sized for them). `ahead`: empty, or bytes that start at `a4` and that the
-/// kernel prefetches as it reads (see [`LookAhead`]).
+/// and on a stack sized for them). `ahead.0`: empty, or bytes that start at `a4` and that the
+/// kernel prefetches as it reads (see [`LookAhead`]); `ahead.1`: empty, or another task's
+/// factors, asked for into L2 at the pace of this kernel's reads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -155,7 +172,7 @@ pub(super) unsafe fn lowrank_vnni_q(
     sa: &[f32],
     b8: &[u8],
     sb: &[f32],
-    ahead: &[u8],
+    ahead: (&[u8], &[u8]),
 ) {
     macro_rules! dispatch {
         ($($g:literal)*) => {
@@ -188,17 +205,20 @@ unsafe fn vnni_kernel<const G: usize>(
     sa: &[f32],
     b8: &[u8],
     sb: &[f32],
-    ahead: &[u8],
+    (ahead, next): (&[u8], &[u8]),
 ) {
     use std::arch::x86_64::*;
     let (rp, out) = (G * GROUP, y.len());
     // Reads walk `ahead` (a4, sa, b8, sb, then the module's next targets) in order; the look-ahead
-    // follows a4's position, then b8's.
-    let mut pf = LookAhead::new(ahead, look_ahead_bytes(rp));
+    // follows a4's position, then b8's. `next` is asked for at the same pace, from its start.
+    let mut pf = LookAhead::<_MM_HINT_T0>::new(ahead, look_ahead_bytes(rp));
     let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
+    let reads = b8_at + b8.len();
+    let mut pn = LookAhead::<_MM_HINT_T1>::paced(next, reads, NEXT_LEAD);
     let mut t = [_mm256_setzero_ps(); G];
     for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
         pf.upto(blk * FACTOR_BLOCK * rp);
+        pn.upto(blk * FACTOR_BLOCK * rp);
         let qp = row.q.as_ptr().add(blk * FACTOR_BLOCK);
         let xs: [__m256i; 8] = std::array::from_fn(|g| _mm256_set1_epi32((qp.add(4 * g) as *const i32).read_unaligned()));
         let bias = _mm256_set1_epi32(128 * *row.qsum.get_unchecked(blk));
@@ -241,6 +261,7 @@ unsafe fn vnni_kernel<const G: usize>(
         offset += dts[c] * (128 * tsum) as f32;
     }
     if !live {
+        pn.upto(reads);
         return;
     }
     let dtv: [__m512; G] = std::array::from_fn(|c| _mm512_set1_ps(dts[c]));
@@ -250,6 +271,7 @@ unsafe fn vnni_kernel<const G: usize>(
     while o < out {
         let bp = b8.as_ptr().add((o / 8) * G * 64);
         pf.upto(b8_at + (o / 8) * G * 64);
+        pn.upto(b8_at + (o / 8) * G * 64);
         let mut v16 = _mm512_setzero_ps();
         for c in 0..G {
             // Lanes k and 8 + k: output k's columns 0-3 and 4-7 of the group (exact integers).
@@ -272,4 +294,5 @@ unsafe fn vnni_kernel<const G: usize>(
         }
         o += 8;
     }
+    pn.upto(reads);
 }
