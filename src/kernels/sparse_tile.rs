@@ -60,8 +60,11 @@ unsafe fn add_lanes_avx(tile: &[f32], w: usize, dst: &mut [Option<&mut [f32]>; S
 /// For the rows of block `blk` of `sp` (`r0..r1`, `w` rows):
 /// `out[r - r0][l] = sum_i v_i * xt[c_i][l]` for each lane `l` of a tile of [`SPARSE_TILE`]
 /// transposed input rows (`xt`: `[in][SPARSE_TILE]`), every row's sum in column order; `out`
-/// (`[w][SPARSE_TILE]`) is written whole. [`add_lanes_scaled`] splits it by lane.
-pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], out: &mut [f32]) {
+/// (`[w][SPARSE_TILE]`) is written whole. [`add_lanes_scaled`] splits it by lane. `next`: a
+/// block read after this one (the next module group's), whose entries are asked for into L2 as
+/// this block's are read, in proportion (a hint: spread over the work, not in one burst before
+/// it).
+pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], out: &mut [f32], next: Option<(&SparseMatrix, usize)>) {
     let (r0, r1) = (blk * SPARSE_ROW_BLOCK, ((blk + 1) * SPARSE_ROW_BLOCK).min(sp.rows()));
     let w = r1 - r0;
     assert_eq!(out.len(), w * SPARSE_TILE);
@@ -78,10 +81,13 @@ pub fn sparse_block_tile(sp: &SparseMatrix, blk: usize, xt: &[f32], out: &mut [f
             // `SparseMatrix::from_flat`, private, and checked there); column indices are <
             // sp.cols (checked when the matrix was built) and `xt` holds sp.cols columns of
             // SPARSE_TILE lanes.
-            unsafe { sparse_block_tile_avx2(&b, xt, out) };
+            let next = next.map(|(m, blk)| m.block(blk));
+            // SAFETY: as above; `next` is only prefetched from, inside its slices.
+            unsafe { sparse_block_tile_avx2(&b, xt, out, next.as_ref()) };
             return;
         }
     }
+    let _ = next;
     let mut e = 0;
     let mut rows = b.order.iter();
     for &(len, n) in b.runs {
@@ -125,14 +131,8 @@ fn prefetch_block<const HINT: i32>(b: &SparseBlock<'_>) {
     }
 }
 
-/// Asks for block `blk` of `sp` to be brought into L2.
-pub fn prefetch_block_l2(sp: &SparseMatrix, blk: usize) {
-    #[cfg(target_arch = "x86_64")]
-    prefetch_block::<{ std::arch::x86_64::_MM_HINT_T1 }>(&sp.block(blk));
-}
-
 /// Asks for the entry that locates block `blk` of `sp` (so that a later
-/// [`prefetch_block_l2`] or kernel call on it does not wait for it first).
+/// kernel call on it, or an earlier one's paced requests for it, do not wait for it first).
 pub fn prefetch_block_start(sp: &SparseMatrix, blk: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch of a live reference's address never faults.
@@ -146,16 +146,22 @@ pub fn prefetch_block_start(sp: &SparseMatrix, blk: usize) {
 /// a fixed trip count.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], out: &mut [f32]) {
+unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], out: &mut [f32], next: Option<&SparseBlock<'_>>) {
     use std::arch::x86_64::*;
     const _: () = assert!(SPARSE_TILE == 8);
     let (cols, vals) = (b.col_idx.as_ptr(), b.values.as_ptr());
     // The block is short (a few KB) and its matrix differs from the previous call's, so the
     // hardware prefetcher has no stream to follow yet: request every line of it up front.
     prefetch_block::<_MM_HINT_T0>(b);
+    let mut paced = next.map(|n| PacedBlock::new(n, b.values.len()));
     let mut k = Kern { cols, vals, xt: xt.as_ptr(), out: out.as_mut_ptr() };
     let mut at = 0;
+    let mut done = 0;
     for &(len, n) in b.runs {
+        done += (len * n) as usize;
+        if let Some(p) = paced.as_mut() {
+            p.upto(done);
+        }
         let rows = b.order.get_unchecked(at..at + n as usize);
         at += n as usize;
         macro_rules! fixed {
@@ -167,6 +173,52 @@ unsafe fn sparse_block_tile_avx2(b: &SparseBlock<'_>, xt: &[f32], out: &mut [f32
             };
         }
         fixed!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+    }
+}
+
+/// Another block's entries asked for into L2 in proportion to the entries of the block being
+/// read (its row order and runs first, at once: they are a line or two).
+#[cfg(target_arch = "x86_64")]
+struct PacedBlock<'a> {
+    b: &'a SparseBlock<'a>,
+    /// Entries asked for so far (a multiple of 16: one line of values).
+    next: usize,
+    /// Entries of the block being read.
+    of: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> PacedBlock<'a> {
+    fn new(b: &'a SparseBlock<'a>, of: usize) -> Self {
+        use std::arch::x86_64::*;
+        for i in (0..b.order.len()).step_by(32) {
+            // SAFETY: a prefetch never faults; the address is inside the array.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(b.order.as_ptr().add(i) as *const i8) };
+        }
+        for i in (0..b.runs.len()).step_by(8) {
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(b.runs.as_ptr().add(i) as *const i8) };
+        }
+        Self { b, next: 0, of: of.max(1) }
+    }
+
+    /// Asks for the entries up to `done / of` of the way through the block (all at `of`).
+    #[inline(always)]
+    fn upto(&mut self, done: usize) {
+        use std::arch::x86_64::*;
+        let n = self.b.values.len();
+        let end = (done * n).div_ceil(self.of).min(n);
+        while self.next < end {
+            // SAFETY: a prefetch never faults; `next < n`, inside both arrays (16 values or 32
+            // column indices per line).
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(self.b.values.as_ptr().add(self.next) as *const i8);
+                if self.next.is_multiple_of(32) {
+                    _mm_prefetch::<_MM_HINT_T1>(self.b.col_idx.as_ptr().add(self.next) as *const i8);
+                }
+            }
+            self.next += 16;
+        }
     }
 }
 

@@ -16,9 +16,7 @@ use crate::adapters::module_deltas::MatrixDelta;
 use crate::adapters::target::Target;
 use crate::kernels::shared_out::ColumnBlocks;
 use crate::kernels::sparse_layout::{SparseMatrix, SPARSE_ROW_BLOCK};
-use crate::kernels::sparse_tile::{
-    add_lanes_scaled, interleave_rows, prefetch_block_l2, prefetch_block_start, sparse_block_tile, SPARSE_TILE,
-};
+use crate::kernels::sparse_tile::{add_lanes_scaled, interleave_rows, prefetch_block_start, sparse_block_tile, SPARSE_TILE};
 
 /// One lane of a tile: `(batch row, scale, pass)`, where the pass is the part's index among its
 /// row's sparse parts for the target (the lanes of pass 0 are added first, so every row gets its
@@ -214,16 +212,15 @@ pub(super) fn add_sparse_resolved<'a>(
             with_reused(&PROD_BUF, tiles * SPARSE_TILE * w, |prods| {
                 let mut prod_tiles = prods.chunks_exact_mut(SPARSE_TILE * w).zip(xt.chunks_exact(tile_len));
                 for (g, (sp, rows)) in plan.groups.iter().enumerate() {
-                    // The next group's block is requested a whole group's work ahead (this
-                    // one's was requested one ahead, or is requested now by the kernel).
-                    if let Some((next, _)) = plan.groups.get(g + 1) {
-                        prefetch_block_l2(next, blk);
-                    }
+                    // The next group's block is asked for by this group's first tile, as it
+                    // reads its own (the first group's, by the kernel itself); the entry that
+                    // locates the one after it, now.
                     if let Some((after, _)) = plan.groups.get(g + 2) {
                         prefetch_block_start(after, blk);
                     }
-                    for (pt, xt) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)) {
-                        sparse_block_tile(sp, blk, xt, pt);
+                    let next = plan.groups.get(g + 1).map(|(m, _)| (*m, blk));
+                    for (t, (pt, xt)) in prod_tiles.by_ref().take(rows.len().div_ceil(SPARSE_TILE)).enumerate() {
+                        sparse_block_tile(sp, blk, xt, pt, next.filter(|_| t == 0));
                     }
                 }
                 // Pass by pass, each lane of that pass into its row (a row has at most one
