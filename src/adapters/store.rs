@@ -70,7 +70,7 @@ impl AdapterStore {
         let base = BaseShapes::new(model.cfg.clone());
         let m = model.clone();
         let f: BaseWeightFn = Arc::new(move |t: Target| super::loader::base_weight_of(&m, t));
-        // An 8-bit base run by the VNNI kernel: 8-bit adapter factors in the same kind of kernel
+        // An 8-bit base run by an int8 kernel: 8-bit adapter factors in the same kind of kernel
         // (their error is far below the base's own quantization error).
         let compact = model.int8_base();
         Self::new(registry, cache_bytes, base, f).with_compact_factors(compact).on_device(model.device().clone())

@@ -8,7 +8,7 @@
 //! 8-bit error (compact factors).
 
 #[cfg(target_arch = "x86_64")]
-use super::lowrank_int8::{lowrank_vnni, lowrank_vnni_q};
+use super::lowrank_int8::{lowrank_compact, lowrank_compact_q};
 pub use super::lowrank_int8::{QuantRow, FACTOR_BLOCK, GROUP};
 use super::lowrank_pack::{b8_index, pack_compact, CompactLayout, CompactSlot, Int8Parts, LINE_WORDS};
 
@@ -20,14 +20,14 @@ use super::lowrank_pack::{b8_index, pack_compact, CompactLayout, CompactSlot, In
 /// f32 file's bytes, and about a quarter of them compact.
 ///
 /// With `compact` (any rank up to [`MAX_KERNEL_RANK`]), both factors are held as 8-bit blocks for
-/// a VNNI kernel: the row `x` is quantized per 32 inputs as the base kernel quantizes
+/// an 8-bit kernel (VNNI, or AVX2 where the CPU lacks VNNI: `kernels::lowrank_int8`): the row `x` is quantized per 32 inputs as the base kernel quantizes
 /// activations, `x A^T` is an int8 dot product per block and group of 8 rank columns, each group
 /// of 8 values of `t` is quantized to 8 bits with its own scale, and `t B^T` is an int8 dot
 /// product per output and group. Decode rows of distinct adapters read their own factors, which
 /// made the f32/f16 row kernels the main cost of mixed LoRA batches (measured on one core for
 /// 32 distinct r=8 all-projection LoRAs per step: f32 15.5 ms, f16 9.4 ms, float kernel over
 /// int8 storage 9.5 ms: bound by the widening instructions, not the bytes). The server picks this
-/// when the base weights are 8-bit blocks run by the VNNI kernel themselves; the error of the
+/// when the base weights are 8-bit blocks run by an int8 kernel themselves; the error of the
 /// delta is about 1% of its norm at every rank (measured by the unit test below: 0.5-1.3%
 /// relative L2 for ranks 1 to 128), far below the base's quantization error. With f32 base
 /// weights (the parity mode) the factors stay f32.
@@ -91,7 +91,7 @@ pub struct CompactRef<'a> {
 }
 
 impl<'a> CompactRef<'a> {
-    fn parts(&self) -> Int8Parts<'a> {
+    pub(super) fn parts(&self) -> Int8Parts<'a> {
         CompactLayout::new(self.rp as usize, self.in_dim as usize, self.out_dim as usize).split(self.words)
     }
 
@@ -111,7 +111,7 @@ impl<'a> CompactRef<'a> {
         );
     }
 
-    /// [`HostLowRank::add_rows_q`] on these factors (the caller checked the CPU's `int8`).
+    /// [`HostLowRank::add_rows_q`] on these factors (the caller checked the CPU's `int8_avx2`).
     /// `look_ahead`: whether the kernel prefetches ahead of its reads. `next`: empty, or another
     /// target's factors (the region of the task a thread runs next), which the first row asks for
     /// into L2 at the pace of its own reads, all of them by its end: their misses overlap this
@@ -120,7 +120,7 @@ impl<'a> CompactRef<'a> {
         let (in_dim, out) = (self.in_dim as usize, self.out_dim as usize);
         let n = xs.len() / in_dim.max(1);
         assert!(xs.len() == n * in_dim && ys.len() == n * out && rows.len() >= n, "rows of the wrong width or count");
-        assert!(super::cpu().int8, "the compact kernel needs the int8 CPU features");
+        assert!(super::cpu().int8_avx2, "the compact kernel needs the int8 CPU features");
         let (a4, sa, b8, sb) = self.parts();
         self.check_sizes(a4, sa, b8, sb);
         #[cfg(target_arch = "x86_64")]
@@ -133,7 +133,7 @@ impl<'a> CompactRef<'a> {
             // documented on HostFactors::Int8 for these widths, and `row` holds whole blocks of
             // this width (both checked above); `ahead` is empty or a live slice that starts at
             // `a4`, and `next` empty or a live slice (the kernel only prefetches inside them).
-            unsafe { lowrank_vnni_q(row, y, scale, self.rp as usize, a4, sa, b8, sb, (ahead, next)) };
+            unsafe { lowrank_compact_q(row, y, scale, self.rp as usize, a4, sa, b8, sb, (ahead, next)) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (xs, rows, ys, scale, look_ahead, next, a4, sa, b8, sb);
@@ -312,13 +312,13 @@ impl HostLowRank {
                     unsafe { lowrank_f32_avx2(x, y, scale, self.rank, at, bt) };
                     return;
                 }
-                HostFactors::Int8 { .. } if super::cpu().int8 => {
+                HostFactors::Int8 { .. } if super::cpu().int8_avx2 => {
                     let c = self.compact().expect("compact");
                     let (a4, sa, b8, sb) = c.parts();
                     c.check_sizes(a4, sa, b8, sb);
                     // SAFETY: the CPU supports the features; the buffers hold the padded sizes
                     // documented on HostFactors::Int8 for these widths (checked above).
-                    unsafe { lowrank_vnni(x, y, scale, self.rp, a4, sa, b8, sb) };
+                    unsafe { lowrank_compact(x, y, scale, self.rp, a4, sa, b8, sb) };
                     return;
                 }
                 _ => {}
@@ -341,7 +341,7 @@ impl HostLowRank {
     /// row cost about as much as the rows' own work: `examples/lora_row_kernel.rs`).
     pub fn add_rows_q(&self, xs: &[f32], rows: &[QuantRow], ys: &mut [f32], scale: f32, look_ahead: bool) {
         match self.compact() {
-            Some(c) if super::cpu().int8 => c.add_rows_q(xs, rows, ys, scale, look_ahead, &[]),
+            Some(c) if super::cpu().int8_avx2 => c.add_rows_q(xs, rows, ys, scale, look_ahead, &[]),
             _ => {
                 let n = xs.len() / self.in_dim.max(1);
                 assert!(xs.len() == n * self.in_dim && ys.len() == n * self.out_dim, "rows of the wrong width or count");

@@ -1,5 +1,5 @@
 //! Packing of compact (8-bit) low-rank factors into one shared buffer per module: the layout
-//! [`super::lowrank::HostLowRank`]'s VNNI row kernel reads.
+//! [`super::lowrank::HostLowRank`]'s 8-bit row kernels (VNNI and AVX2) read.
 //!
 //! A decode row reads, per layer group (q/k/v, o, gate/up, down), every target of its adapter in
 //! turn. [`pack_compact`] puts all targets of a module in one buffer, in the order the caller gives

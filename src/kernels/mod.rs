@@ -47,8 +47,9 @@ pub struct CpuFeatures {
     /// `MODSERVE_INT8_GEMM=0`: the int8 GEMM over Q8_0 panels and the compact (8-bit) low-rank
     /// factors.
     pub int8: bool,
-    /// AVX, AVX2, FMA and F16C, and not switched off with `MODSERVE_INT8_GEMM=0`: the int8 GEMM's
-    /// AVX2 variant (8-row panels, `vpmaddubsw` / `vpmaddwd`), used where the VNNI tier is absent.
+    /// AVX, AVX2, FMA and F16C, and not switched off with `MODSERVE_INT8_GEMM=0`: the AVX2
+    /// variants of the int8 GEMM (8-row panels, `vpmaddubsw` / `vpmaddwd`) and of the compact
+    /// low-rank kernel, used where the VNNI tier is absent. Every CPU with `int8` has it too.
     pub int8_avx2: bool,
     /// Software prefetch of compact low-rank factors ahead of the row kernel's reads and of the
     /// next decode row's factors (x86-64; `MODSERVE_PREFETCH=0` turns it off, to measure it).
@@ -78,7 +79,8 @@ fn probe(_int8_off: bool, _prefetch_off: bool) -> CpuFeatures {
     CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false, prefetch: false }
 }
 
-/// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors).
+/// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors), with
+/// VNNI or with AVX2.
 pub fn int8_available() -> bool {
-    cpu().int8
+    cpu().int8_avx2
 }

@@ -168,8 +168,8 @@ impl DenseWeight {
     }
 }
 
-/// A block-quantized weight `[out, in]`: packed for the int8 AVX-512 VNNI kernel when it is a
-/// Q8_0 CPU tensor on a CPU that has one, else candle's quantized matmul.
+/// A block-quantized weight `[out, in]`: packed for the int8 kernel (AVX-512 VNNI or AVX2) when
+/// it is a Q8_0 CPU tensor on a CPU that runs one, else candle's quantized matmul.
 pub enum QuantWeight {
     Candle(QMatMul),
     Int8(PackedQ8),

@@ -203,8 +203,9 @@ impl Llama {
         &self.device
     }
 
-    /// An 8-bit base run by the VNNI int8 kernels (the CPU has them and the output head, like
-    /// every weight, is block-quantized): adapter factors are then held as 8-bit blocks too.
+    /// An 8-bit base run by the int8 kernels (the CPU has them, VNNI or AVX2, and the output
+    /// head, like every weight, is block-quantized): adapter factors are then held as 8-bit
+    /// blocks too.
     pub fn int8_base(&self) -> bool {
         matches!(self.lm_head, BaseWeight::Quantized(_)) && crate::kernels::int8_available()
     }

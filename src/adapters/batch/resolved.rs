@@ -68,7 +68,7 @@ impl<'m> StepIndex<'m> {
             .max()
             .map_or(0, |r| r + 1);
         let mut table = vec![None; rows * modules.len()];
-        let int8 = crate::kernels::cpu().int8;
+        let int8 = crate::kernels::cpu().int8_avx2;
         for (col, m) in modules.iter().enumerate() {
             for (t, d) in m.targets.range(..Target::Embedding) {
                 if let Some(r) = row_of(t) {
