@@ -236,8 +236,11 @@ impl PackedQ8 {
                 let (w, out) = (targets[wi].0, &targets[wi].1);
                 let data = &w.data[p * nb * pb..(p + 1) * nb * pb];
                 let cols = (w.n - p * nr).min(nr);
+                // The first row tile's slice runs on into the next panel: the AVX2 tile prefetches it.
+                let ahead = &w.data[p * nb * pb..((p + 2) * nb * pb).min(w.data.len())];
                 let mut r0 = 0;
                 while r0 < m {
+                    let data = if r0 == 0 && super::cpu().prefetch { ahead } else { data };
                     let rows = (m - r0).min(mr);
                     // SAFETY: the variant's tier held when this weight was packed (and again in
                     // QuantRows::new); the panel slice holds nb blocks of the variant's size and
@@ -247,7 +250,7 @@ impl PackedQ8 {
                     unsafe {
                         let o = out.0.add(r0 * w.n + p * nr);
                         match variant {
-                            Variant::Vnni => kernel::tile(data, nb, &act, r0, rows, o, w.n, cols),
+                            Variant::Vnni => kernel::tile(&data[..nb * pb], nb, &act, r0, rows, o, w.n, cols),
                             Variant::Avx2 => kernel::tile_avx2(data, nb, &act, r0, rows, o, w.n, cols),
                         }
                     }
@@ -432,8 +435,8 @@ mod kernel {
     /// `Variant::Avx2.pb()` bytes) and stores `cols` outputs per row at `out` (row stride `ldo`).
     ///
     /// # Safety
-    /// The CPU must support avx/avx2/fma/f16c; `w` must hold `nb` panel blocks; `act` must hold
-    /// rows `r0..r0+rows`; `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
+    /// The CPU must support avx/avx2/fma/f16c; `w` must hold `nb` panel blocks (any bytes after are only
+    /// prefetched); `act` must hold rows `r0..r0+rows`; `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2(w: &[u8], nb: usize, act: &QuantRows, r0: usize, rows: usize, out: *mut f32, ldo: usize, cols: usize) {
         match rows {
@@ -457,7 +460,10 @@ mod kernel {
         let mut acc = [_mm256_setzero_ps(); R];
         let wp = w.as_ptr();
         for b in 0..nb {
-            let blk = wp.add(b * pb);
+            let blk = wp.add(b * pb); // (the prefetches below: inside the live slice `w`; they cannot fault)
+            for o in ((nb + b) * pb..(nb + b + 1) * pb).step_by(64).take_while(|&o| o < w.len()) {
+                _mm_prefetch::<_MM_HINT_T0>(wp.add(o) as *const i8);
+            }
             let mut s = [_mm256_setzero_si256(); R];
             for g in 0..QK / 4 {
                 // 8 output rows x 4 consecutive inputs; |w| as the unsigned operand and x with
@@ -510,8 +516,7 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn rand_t(rng: &mut StdRng, r: usize, c: usize) -> Tensor {
-        let v: Vec<f32> = (0..r * c).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap()
+        Tensor::from_vec((0..r * c).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>(), (r, c), &Device::Cpu).unwrap()
     }
 
     /// The variants this CPU runs (the AVX2 one too on an AVX-512 machine, so both get tested
@@ -565,11 +570,7 @@ mod tests {
             for row in 0..n {
                 for _ in 0..k / 32 {
                     raw.extend_from_slice(&one);
-                    raw.extend((0..32).map(|i| match (row + i) % 3 {
-                        0 => -128i8 as u8,
-                        1 => 127u8,
-                        _ => -127i8 as u8,
-                    }));
+                    raw.extend((0..32).map(|i| [-128i8 as u8, 127, -127i8 as u8][(row + i) % 3]));
                 }
             }
             let packed = PackedQ8::from_q8_0_bytes(&raw, n, k, variant);
