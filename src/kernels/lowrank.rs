@@ -156,8 +156,7 @@ impl<'a> CompactRef<'a> {
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         if super::cpu().prefetch {
-            let (_, total) = CompactLayout::new(self.rp as usize, self.in_dim as usize, self.out_dim as usize).offsets();
-            let region = &self.words[..total.min(self.words.len())];
+            let region = self.region();
             // (The buffer need not start on a line: the last word's line is asked for too.)
             for w in region.chunks(LINE_WORDS).map(|l| l.as_ptr()).chain(region.last().map(|w| w as *const f32)) {
                 // SAFETY: a prefetch of an address inside a live slice: it reads nothing

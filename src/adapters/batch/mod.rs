@@ -223,7 +223,7 @@ impl BatchDeltas<'_> {
             };
             let mut cur = next_task();
             if let Some((_, _, _, outs)) = &cur {
-                prefetch_factors(entries, compact, outs);
+                prefetch_factors(entries, compact, outs, (&mut Vec::new(), 0));
             }
             // Whether this task's modules differ from the previous task's on this thread.
             let mut look_ahead = true;
@@ -238,20 +238,7 @@ impl BatchDeltas<'_> {
                         // kernels, one region each, at the pace of their reads; what they cannot
                         // take (more regions than this task has) now, in one burst.
                         let mine = outs.iter().flat_map(|(_, _, r)| &compact[r.clone()]).filter(|c| c.is_some()).count();
-                        let mut k = 0;
-                        for (_, _, r) in next_outs {
-                            for ((m, _), c) in entries[r.clone()].iter().zip(&compact[r.clone()]) {
-                                match (m, c) {
-                                    (_, Some(c)) if k < mine => {
-                                        paced.push(c.region());
-                                        k += 1;
-                                    }
-                                    (_, Some(c)) => c.prefetch(),
-                                    (MatrixDelta::Packed(h), None) => h.prefetch(),
-                                    _ => {}
-                                }
-                            }
-                        }
+                        prefetch_factors(entries, compact, next_outs, (&mut paced, mine));
                     }
                     // Its first rows too (the quantization reads them first).
                     prefetch_rows(&xh[first * in_dim..(first + rows.min(&PREFETCH_ROWS)) * in_dim]);
@@ -277,11 +264,18 @@ fn modules_of(c: &Composition) -> impl Iterator<Item = usize> + '_ {
 }
 
 /// Asks the CPU for the compact factors of the deltas `outs` list (ranges into `entries`; a
-/// hint: see [`crate::kernels::lowrank::HostLowRank::prefetch`]).
-fn prefetch_factors(entries: &[(&MatrixDelta, f32)], compact: &[Option<CompactRef>], outs: &[TargetOut]) {
+/// hint: see [`crate::kernels::lowrank::HostLowRank::prefetch`]), except the first compact
+/// regions, up to `take` in all, which go into `paced` for a kernel to ask for at its own pace.
+fn prefetch_factors<'m>(
+    entries: &[(&MatrixDelta, f32)],
+    compact: &[Option<CompactRef<'m>>],
+    outs: &[TargetOut],
+    (paced, take): (&mut Vec<&'m [f32]>, usize),
+) {
     for (_, _, r) in outs {
         for ((m, _), c) in entries[r.clone()].iter().zip(&compact[r.clone()]) {
             match (m, c) {
+                (_, Some(c)) if paced.len() < take => paced.push(c.region()),
                 (_, Some(c)) => c.prefetch(),
                 (MatrixDelta::Packed(h), None) => h.prefetch(),
                 _ => {}
