@@ -197,6 +197,60 @@ impl<const HINT: i32> LookAhead<HINT> {
     }
 }
 
+/// The look-ahead of a compact kernel's reads (`pf`, into L1, over `ahead`: a4, sa, b8, sb, then
+/// the module's next targets, in order; it follows a4's position, then b8's) and of another
+/// task's factors (`pn`, into L2, `next` from its start at the same pace); `b8_at`: b8's offset
+/// from a4, `reads`: the bytes the kernel walks.
+#[cfg(target_arch = "x86_64")]
+struct Pacers {
+    pf: LookAhead<{ std::arch::x86_64::_MM_HINT_T0 }>,
+    pn: LookAhead<{ std::arch::x86_64::_MM_HINT_T1 }>,
+    b8_at: usize,
+    reads: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Pacers {
+    fn new(rp: usize, a4: &[u8], b8: &[u8], (ahead, next): (&[u8], &[u8])) -> Self {
+        let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
+        let reads = b8_at + b8.len();
+        Self { pf: LookAhead::new(ahead, look_ahead_bytes(rp)), pn: LookAhead::paced(next, reads, NEXT_LEAD), b8_at, reads }
+    }
+}
+
+/// One group of 8 values of t quantized with its own scale (absmax/127): the scale and the
+/// values, or None for an all-zero group (it adds nothing).
+fn quantize_group(g: &[f32; GROUP]) -> Option<(f32, [i8; GROUP])> {
+    let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if tmax == 0.0 {
+        return None;
+    }
+    let dt = tmax / 127.0;
+    Some((dt, std::array::from_fn(|j| round_i8(g[j] / dt))))
+}
+
+/// `y[o..o + 8] += s * v`, the outputs past `y.len()` dropped (the last 8 of a width that is not a
+/// multiple of 8).
+///
+/// # Safety
+/// The CPU must have AVX and FMA; `o < y.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+#[inline]
+unsafe fn add_scaled_8(y: &mut [f32], o: usize, v: std::arch::x86_64::__m256, s: f32) {
+    use std::arch::x86_64::*;
+    let (yp, s) = (y.as_mut_ptr(), _mm256_set1_ps(s));
+    if o + 8 <= y.len() {
+        _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
+    } else {
+        let mut part = [0f32; 8];
+        _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
+        for (yk, p) in y[o..].iter_mut().zip(part) {
+            *yk += p;
+        }
+    }
+}
+
 /// Row kernel on `HostFactors::Int8` (`kernels::lowrank`) factors of padded rank `rp` (see there
 /// for the layouts): quantizes `x` into its thread's row, then [`lowrank_compact_q`].
 ///
@@ -293,12 +347,7 @@ unsafe fn vnni_kernel<const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let (rp, out) = (G * GROUP, y.len());
-    // Reads walk `ahead` (a4, sa, b8, sb, then the module's next targets) in order; the look-ahead
-    // follows a4's position, then b8's. `next` is asked for at the same pace, from its start.
-    let mut pf = LookAhead::<_MM_HINT_T0>::new(ahead, look_ahead_bytes(rp));
-    let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
-    let reads = b8_at + b8.len();
-    let mut pn = LookAhead::<_MM_HINT_T1>::paced(next, reads, NEXT_LEAD);
+    let Pacers { mut pf, mut pn, b8_at, reads } = Pacers::new(rp, a4, b8, (ahead, next));
     let mut t = [_mm256_setzero_ps(); G];
     for blk in 0..row.n.div_ceil(FACTOR_BLOCK) {
         pf.upto(blk * FACTOR_BLOCK * rp);
@@ -331,13 +380,11 @@ unsafe fn vnni_kernel<const G: usize>(
     for c in 0..G {
         let mut g = [0f32; GROUP];
         _mm256_storeu_ps(g.as_mut_ptr(), t[c]);
-        let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if tmax == 0.0 {
+        let Some((dt, tq)) = quantize_group(&g) else {
             continue; // zero pattern and scale: the group adds nothing
-        }
+        };
         live = true;
-        dts[c] = tmax / 127.0;
-        let tq: [i8; 8] = std::array::from_fn(|j| round_i8(g[j] / dts[c]));
+        dts[c] = dt;
         let tsum: i32 = tq.iter().map(|&v| v as i32).sum();
         let lo = i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]);
         let hi = i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]);
@@ -350,7 +397,6 @@ unsafe fn vnni_kernel<const G: usize>(
     }
     let dtv: [__m512; G] = std::array::from_fn(|c| _mm512_set1_ps(dts[c]));
     let offset = _mm256_set1_ps(offset);
-    let yp = y.as_mut_ptr();
     let mut o = 0;
     while o < out {
         let bp = b8.as_ptr().add((o / 8) * G * 64);
@@ -366,16 +412,7 @@ unsafe fn vnni_kernel<const G: usize>(
             _mm256_add_ps(_mm512_castps512_ps256(v16), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v16)))),
             offset,
         );
-        let s = _mm256_set1_ps(scale * *sb.get_unchecked(o / FACTOR_BLOCK));
-        if o + 8 <= out {
-            _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
-        } else {
-            let mut part = [0f32; 8];
-            _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
-            for (k, p) in part.iter().enumerate().take(out - o) {
-                *yp.add(o + k) += p;
-            }
-        }
+        add_scaled_8(y, o, v, scale * *sb.get_unchecked(o / FACTOR_BLOCK));
         o += 8;
     }
     pn.upto(reads);
@@ -404,10 +441,7 @@ unsafe fn avx2_kernel<const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let (rp, out) = (G * GROUP, y.len());
-    let mut pf = LookAhead::<_MM_HINT_T0>::new(ahead, look_ahead_bytes(rp));
-    let b8_at = (b8.as_ptr() as usize).saturating_sub(a4.as_ptr() as usize);
-    let reads = b8_at + b8.len();
-    let mut pn = LookAhead::<_MM_HINT_T1>::paced(next, reads, NEXT_LEAD);
+    let Pacers { mut pf, mut pn, b8_at, reads } = Pacers::new(rp, a4, b8, (ahead, next));
     let flip = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
     // Signed product of bytes `s` (signed, any sign) and `u`, summed per 32-bit lane of 4 pairs.
@@ -444,13 +478,11 @@ unsafe fn avx2_kernel<const G: usize>(
     for c in 0..G {
         let mut g = [0f32; GROUP];
         _mm256_storeu_ps(g.as_mut_ptr(), t[c]);
-        let tmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if tmax == 0.0 {
+        let Some((dt, tq)) = quantize_group(&g) else {
             continue; // zero pattern and scale: the group adds nothing
-        }
+        };
         live = true;
-        dts[c] = tmax / 127.0;
-        let tq: [i8; 8] = std::array::from_fn(|j| round_i8(g[j] / dts[c]));
+        dts[c] = dt;
         tlo[c] = _mm256_set1_epi32(i32::from_le_bytes([tq[0] as u8, tq[1] as u8, tq[2] as u8, tq[3] as u8]));
         thi[c] = _mm256_set1_epi32(i32::from_le_bytes([tq[4] as u8, tq[5] as u8, tq[6] as u8, tq[7] as u8]));
     }
@@ -461,7 +493,6 @@ unsafe fn avx2_kernel<const G: usize>(
     let alo = tlo.map(|v| _mm256_abs_epi8(v));
     let ahi = thi.map(|v| _mm256_abs_epi8(v));
     let dtv: [__m256; G] = std::array::from_fn(|c| _mm256_set1_ps(dts[c]));
-    let yp = y.as_mut_ptr();
     let mut o = 0;
     while o < out {
         let bp = b8.as_ptr().add((o / 8) * G * 64);
@@ -475,16 +506,7 @@ unsafe fn avx2_kernel<const G: usize>(
             let r = _mm256_add_epi32(dot(alo[c], tlo[c], lo), dot(ahi[c], thi[c], hi));
             v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), dtv[c], v);
         }
-        let s = _mm256_set1_ps(scale * *sb.get_unchecked(o / FACTOR_BLOCK));
-        if o + 8 <= out {
-            _mm256_storeu_ps(yp.add(o), _mm256_fmadd_ps(v, s, _mm256_loadu_ps(yp.add(o))));
-        } else {
-            let mut part = [0f32; 8];
-            _mm256_storeu_ps(part.as_mut_ptr(), _mm256_mul_ps(v, s));
-            for (k, p) in part.iter().enumerate().take(out - o) {
-                *yp.add(o + k) += p;
-            }
-        }
+        add_scaled_8(y, o, v, scale * *sb.get_unchecked(o / FACTOR_BLOCK));
         o += 8;
     }
     pn.upto(reads);
