@@ -104,7 +104,16 @@ pub struct BenchArgs {
     /// prefill step's time went. Costs well under 1% of a step.
     #[arg(long)]
     pub profile: bool,
+    /// Runs base32 again after each 32-stream adapter scenario (lora32, sft32, poly32,
+    /// lora32_r16, lora32_r64, lora32_mixed; base32 must be selected) and takes each of their
+    /// ratios to the mean of the base32 runs just before and just after it, so that a host whose
+    /// speed drifts within minutes moves both sides of the ratio. Each extra base32 run is a row.
+    #[arg(long)]
+    pub bracket_base: bool,
 }
+
+/// The scenarios whose ratio is to base32 (what `--bracket-base` brackets).
+const AGAINST_BASE32: [&str; 6] = ["lora32", "sft32", "poly32", "lora32_r16", "lora32_r64", "lora32_mixed"];
 
 fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
     if args.scenarios.is_empty() {
@@ -133,6 +142,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
     anyhow::ensure!(args.streams >= 2, "--streams must be at least 2");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        !args.bracket_base || scenarios.contains(&"base32"),
+        "--bracket-base needs base32 among the scenarios (the runs it brackets with)"
+    );
     anyhow::ensure!(args.prefill_chunk >= 1 && args.max_batch_tokens >= 1, "--prefill-chunk and --max-batch-tokens must be positive");
     crate::bootstrap::set_threads(args.model.threads);
     let (work, temporary) = match &args.work_dir {
@@ -190,14 +203,25 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
         for name in scenarios {
             let first_row = res.rows.len();
             run_scenario(&ctx, name, &mut res)?;
+            if args.profile {
+                profiles.push((*name, crate::tools::profile::global().take()));
+            }
+            if let (true, true, Some(before)) = (args.bracket_base, AGAINST_BASE32.contains(name), res.base_streams) {
+                let bracket_row = res.rows.len();
+                run_scenario(&ctx, "base32", &mut res)?;
+                if let Some(after) = res.base_streams {
+                    stats::bracket(&mut res.rows[first_row..bracket_row], before, after);
+                    res.rows[bracket_row].notes = format!("after {name} (--bracket-base): {}", res.rows[bracket_row].notes);
+                }
+                if args.profile {
+                    profiles.push(("base32", crate::tools::profile::global().take()));
+                }
+            }
             if args.rounds > 1 {
                 for r in &mut res.rows[first_row..] {
                     r.round = Some(round);
                     r.notes = format!("round {round}: {}", r.notes);
                 }
-            }
-            if args.profile {
-                profiles.push((*name, crate::tools::profile::global().take()));
             }
         }
     }

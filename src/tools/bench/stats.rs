@@ -152,6 +152,16 @@ pub fn render_rounds(rows: &[Row]) -> String {
     out
 }
 
+/// `--bracket-base`: the ratios of `rows` (an adapter scenario's rows, each first taken to the
+/// base32 run `before` it) become ratios to the mean of `before` and the base32 run `after` it.
+pub fn bracket(rows: &mut [Row], before: f64, after: f64) {
+    let mean = (before + after) / 2.0;
+    for r in rows.iter_mut().filter(|r| r.ratio_to_base.is_some()) {
+        r.ratio_to_base = r.tok_s.filter(|_| mean > 0.0).map(|t| t / mean);
+        r.notes = format!("{} (ratio to the mean of base32 before, {before:.1}, and after, {after:.1} tok/s)", r.notes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +277,19 @@ mod tests {
         assert!(t.contains("| base32 | 600.0 / 500.0 / 550.0 | 550.0 | - | - | - |"), "{t}");
         assert!(t.contains("| lora32 | 540.0 / 430.0 / 506.0 | 506.0 | 0.90 / 0.86 / 0.92 | 0.86 | 0.90 |"), "{t}");
         assert_eq!(render_rounds(&rows[..2]), "");
+    }
+
+    /// A bracketed ratio is to the mean of the base runs on either side; a row without a ratio
+    /// (none was taken) keeps none.
+    #[test]
+    fn bracketed_ratio_is_to_the_mean_of_both_base_runs() {
+        let mut rows = vec![
+            Row { scenario: "lora32".into(), tok_s: Some(270.0), ratio_to_base: Some(0.9), ..Default::default() },
+            Row { scenario: "lora32".into(), tok_s: Some(5.0), ..Default::default() },
+        ];
+        bracket(&mut rows, 300.0, 240.0);
+        assert_eq!(rows[0].ratio_to_base, Some(1.0));
+        assert!(rows[0].notes.contains("before, 300.0, and after, 240.0"), "{}", rows[0].notes);
+        assert_eq!(rows[1].ratio_to_base, None);
     }
 }
