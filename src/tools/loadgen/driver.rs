@@ -37,6 +37,8 @@ struct Shared {
     in_flight: AtomicU64,
     /// Tokens received so far (live, as chunks arrive), warmup included.
     live_tokens: AtomicU64,
+    /// `live_tokens` when the measured window started (set then).
+    tokens_at_window: AtomicU64,
     /// Measured requests sent so far (for --max-requests).
     issued: AtomicU64,
     outcomes: Mutex<Vec<Outcome>>,
@@ -204,6 +206,13 @@ pub(super) async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> an
     let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
 
     let progress = (!args.quiet).then(|| tokio::spawn(progress_loop(shared.clone(), t0, window_start, end)));
+    let window_mark = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(window_start.into()).await;
+            shared.tokens_at_window.store(shared.live_tokens.load(Ordering::SeqCst), Ordering::SeqCst);
+        })
+    };
 
     // Issue load until the end, --max-requests or Ctrl-C.
     let stop_wait = async {
@@ -272,6 +281,14 @@ pub(super) async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> an
         }
     }
     let stopped = Instant::now();
+    // Tokens that arrived inside the window (none when it stopped before the window began).
+    let window_tokens = if stopped > window_start {
+        let _ = window_mark.await;
+        shared.live_tokens.load(Ordering::SeqCst).saturating_sub(shared.tokens_at_window.load(Ordering::SeqCst))
+    } else {
+        window_mark.abort();
+        0
+    };
 
     // Drain: every slot free means nothing is in flight.
     let n = u32::try_from(args.concurrency).unwrap_or(u32::MAX);
@@ -295,7 +312,7 @@ pub(super) async fn drive(args: &LoadgenArgs, mix: Mix, rate: Option<f64>) -> an
         warmup: args.warmup,
         entry_names: ctx.mix.entry_names(),
     };
-    Ok(build_report(&info, &outcomes, shared.dropped.load(Ordering::Relaxed), cancelled, window_start, stopped))
+    Ok(build_report(&info, &outcomes, (shared.dropped.load(Ordering::Relaxed), cancelled), (window_start, stopped), window_tokens))
 }
 
 async fn progress_loop(shared: Arc<Shared>, t0: Instant, window_start: Instant, end: Instant) {

@@ -65,13 +65,15 @@
 //!
 //! `target, mode, concurrency, rate, stream, seed, warmup_s, duration_s, requests {ok, errors,
 //! dropped, cancelled}, errors_by_code {GRPC_CODE: n}, error_examples {GRPC_CODE: message},
-//! output_tokens, output_tokens_per_s, requests_per_s, ttft_ms, itl_ms, latency_ms, by_entry
+//! output_tokens, output_tokens_per_s, window_tokens_per_s, requests_per_s, ttft_ms, itl_ms, latency_ms, by_entry
 //! {NAME: {ok, errors, output_tokens}}` where each `*_ms` is `{count, mean, p50, p90, p99, min,
 //! max}` (null values when there are no samples). Error codes are gRPC code names, plus
 //! `INCOMPLETE` for a stream that ended without a finish_reason.
 //! Percentiles are exact nearest-rank values over all recorded samples of successful requests.
 //! `duration_s` runs from the start of the measured window to the end of its last request;
 //! `output_tokens` counts the generated tokens of successful requests only.
+//! `window_tokens_per_s` counts every token that arrived inside the window (any request's) per
+//! second of the window: the figure to compare with peers measured the same way.
 //!
 //! # Code
 //!

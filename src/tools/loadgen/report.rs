@@ -67,6 +67,12 @@ pub struct Report {
     pub error_examples: BTreeMap<String, String>,
     pub output_tokens: u64,
     pub output_tokens_per_s: f64,
+    /// Tokens that arrived inside the measured window, from any request (also those started in
+    /// the warm-up or still running at its end), per second of the window (its start to the
+    /// stop). Unlike `output_tokens_per_s` it does not depend on where the requests' ends fall:
+    /// closed-loop streams of equal length run in waves, and whole waves in or out of the
+    /// request count moved that figure by up to a fifth.
+    pub window_tokens_per_s: f64,
     pub requests_per_s: f64,
     pub ttft_ms: Summary,
     pub itl_ms: Summary,
@@ -95,8 +101,15 @@ pub struct RunInfo {
 }
 
 /// Builds the report from the measured outcomes; `window_start` is the start of the measured
-/// window and `stopped` when the run stopped (used as the end when nothing was recorded).
-pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelled: u64, window_start: Instant, stopped: Instant) -> Report {
+/// window and `stopped` when the run stopped (used as the end when nothing was recorded);
+/// `window_tokens` the tokens that arrived between the two.
+pub fn build_report(
+    info: &RunInfo,
+    outcomes: &[Outcome],
+    (dropped, cancelled): (u64, u64),
+    (window_start, stopped): (Instant, Instant),
+    window_tokens: u64,
+) -> Report {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut errors_by_code = BTreeMap::new();
     let mut error_examples = BTreeMap::new();
@@ -148,6 +161,10 @@ pub fn build_report(info: &RunInfo, outcomes: &[Outcome], dropped: u64, cancelle
         error_examples,
         output_tokens: tokens,
         output_tokens_per_s: per_s(tokens),
+        window_tokens_per_s: match stopped.saturating_duration_since(window_start).as_secs_f64() {
+            w if w > 0.0 => round3(window_tokens as f64 / w),
+            _ => 0.0,
+        },
         requests_per_s: per_s(ok),
         ttft_ms: summarize(&ttft),
         itl_ms: summarize(&itl),
@@ -234,12 +251,13 @@ mod tests {
             warmup: Duration::ZERO,
             entry_names: vec!["a".into()],
         };
-        let r = build_report(&info, &[ok(0, 1000, 10), ok(500, 2000, 30), err.clone(), err], 3, 1, t, at(2000));
+        let r = build_report(&info, &[ok(0, 1000, 10), ok(500, 2000, 30), err.clone(), err], (3, 1), (t, at(2000)), 50);
         assert_eq!(r.requests, RequestCounts { ok: 2, errors: 2, dropped: 3, cancelled: 1 });
         assert_eq!(r.errors_by_code.get("RESOURCE_EXHAUSTED"), Some(&2));
         assert_eq!(r.output_tokens, 40);
         assert_eq!(r.duration_s, 2.0);
         assert_eq!(r.output_tokens_per_s, 20.0);
+        assert_eq!(r.window_tokens_per_s, 25.0);
         assert_eq!(r.requests_per_s, 1.0);
         assert_eq!(r.latency_ms.p50, Some(1000.0));
         assert_eq!(r.latency_ms.max, Some(1500.0));
@@ -257,6 +275,7 @@ mod tests {
             "errors_by_code",
             "output_tokens",
             "output_tokens_per_s",
+            "window_tokens_per_s",
             "requests_per_s",
             "ttft_ms",
             "itl_ms",
@@ -267,8 +286,8 @@ mod tests {
         assert_eq!(json["mode"], "closed");
         assert_eq!(json["requests"]["dropped"], 3);
         // Nothing recorded: the window up to the stop counts, rates are 0.
-        let r = build_report(&info, &[], 0, 0, t, at(1500));
-        assert_eq!((r.duration_s, r.requests_per_s, r.ttft_ms.p50), (1.5, 0.0, None));
+        let r = build_report(&info, &[], (0, 0), (t, at(1500)), 0);
+        assert_eq!((r.duration_s, r.requests_per_s, r.ttft_ms.p50, r.window_tokens_per_s), (1.5, 0.0, None, 0.0));
     }
 
     #[test]
