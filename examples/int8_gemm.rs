@@ -55,10 +55,9 @@ fn main() {
     let source = if cached { "one layer's weights for all 30 (in cache)" } else { "30 distinct layers (weights from memory)" };
     println!("int8 GEMM {variant:?}, {rows} rows, {} threads, {source}", rayon::current_num_threads());
     let (mut total_ms, mut total_mac) = (0.0, 0.0);
-    for ((name, shapes, _), ws) in groups.iter().zip(&weights) {
+    for (&(name, shapes, calls), ws) in groups.iter().zip(&weights) {
         let k = shapes[0].1;
         let x = &xs[usize::from(k == FFN)];
-        let calls = groups.iter().find(|g| g.0 == *name).map_or(1, |g| g.2);
         let macs = (calls * rows * shapes.iter().map(|(n, k)| n * k).sum::<usize>()) as f64;
         let step = || {
             for call in ws.iter().cycle().take(calls) {

@@ -290,43 +290,23 @@ impl QuantRows {
         assert!(variant.supported(), "int8 kernel variant {variant:?} on a CPU without it");
         assert!(k.is_multiple_of(QK) && x.len() == m * k, "int8 matmul: {} inputs for {m} rows of {k}", x.len());
         let nb = k / QK;
-        let mut q = vec![0i8; m * k];
-        let mut d = vec![0f32; m * nb];
+        // AVX2: whole tiles of rows (the rows past m stay zero).
+        let rows = if variant == Variant::Avx2 { m.next_multiple_of(Variant::Avx2.mr()) } else { m };
+        let mut q = vec![0i8; rows * k];
+        let mut d = vec![0f32; rows * nb];
         let mut bias = vec![0i32; m * nb];
         // SAFETY: the variant's tier was just checked; the buffers hold m*k inputs and m*k/32
-        // blocks, and the kernels walk them in exact 32-chunks.
+        // blocks (AVX2: whole tiles of them), and the kernels walk them in exact 32-chunks.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match variant {
                 Variant::Vnni => kernel::quantize(x, &mut q, &mut d, &mut bias),
-                Variant::Avx2 => kernel::quantize_avx2(x, &mut q, &mut d),
+                Variant::Avx2 => kernel::quantize_avx2(x, k, &mut q, &mut d),
             }
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (x, &mut q, &mut d, &mut bias);
-        if variant == Variant::Avx2 {
-            (q, d) = Self::tiled(&q, &d, m, k);
-        }
         Self { k, q, d, bias }
-    }
-
-    /// Row-major rows and scales in the AVX2 tile layout (see the type).
-    fn tiled(q: &[i8], d: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
-        let (mr, nb) = (Variant::Avx2.mr(), k / QK);
-        let tiles = m.div_ceil(mr);
-        let mut qt = vec![0i8; tiles * mr * k];
-        let mut dt = vec![0f32; tiles * mr * nb];
-        for (r, (qr, dr)) in q.chunks_exact(k).zip(d.chunks_exact(nb)).enumerate() {
-            let (t, j) = (r / mr, r % mr);
-            for (g, word) in qr.chunks_exact(4).enumerate() {
-                let at = t * mr * k + g * 4 * mr + j * 4;
-                qt[at..at + 4].copy_from_slice(word);
-            }
-            for (b, &v) in dr.iter().enumerate() {
-                dt[(t * nb + b) * mr + j] = v;
-            }
-        }
-        (qt, dt)
     }
 }
 
@@ -425,15 +405,22 @@ mod kernel {
         }
     }
 
-    /// Quantizes rows to Q8_0 blocks as [`quantize`] does (ties to even), with AVX2.
+    /// Quantizes rows of `k` inputs to Q8_0 blocks as [`quantize`] does (ties to even), with
+    /// AVX2, into [`QuantRows`]' AVX2 tile layout (`q` and `d` hold whole tiles; slices checked).
     ///
     /// # Safety
     /// The CPU must support avx/avx2/fma.
     #[target_feature(enable = "avx,avx2,fma")]
-    pub unsafe fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    pub unsafe fn quantize_avx2(x: &[f32], k: usize, q: &mut [i8], d: &mut [f32]) {
+        const MR4: usize = Variant::Avx2.mr();
+        let nb = k / QK;
         let sign = _mm256_set1_ps(-0.0);
         let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for ((xb, qb), db) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut()) {
+        let mut qb = [0i8; QK];
+        for (i, xb) in x.chunks_exact(QK).enumerate() {
+            // Row r's block b: tile r / 4, slot r % 4 of each 16-byte group.
+            let (r, b) = (i / nb, i % nb);
+            let (tile, slot) = (r / MR4, r % MR4);
             let v = [
                 _mm256_loadu_ps(xb.as_ptr()),
                 _mm256_loadu_ps(xb.as_ptr().add(8)),
@@ -456,7 +443,11 @@ mod kernel {
             let p16b = _mm256_packs_epi32(qi[2], qi[3]);
             let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
             _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, p8);
-            *db = f16::from_f32(dd).to_f32();
+            let at = tile * MR4 * k + b * QK * MR4 + slot * 4;
+            for (g, word) in qb.chunks_exact(4).enumerate() {
+                q[at + g * 4 * MR4..at + g * 4 * MR4 + 4].copy_from_slice(word);
+            }
+            d[(tile * nb + b) * MR4 + slot] = f16::from_f32(dd).to_f32();
         }
     }
 
