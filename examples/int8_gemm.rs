@@ -1,4 +1,4 @@
-//! Timing of the base product (`kernels::int8_gemm::PackedQ8`) alone, for each projection group
+//! Timing of the base product (`kernels::int8_gemm::PackedWeight`) alone, for each projection group
 //! of SmolLM2-135M's decode step as the model calls it (q/k/v in one call, o, gate/up in one
 //! call, down, and the output head), with the weights of 30 distinct layers (streamed from
 //! memory, as in the server) and ROWS batch rows (default 32, the `base32` decode step). Prints
@@ -10,7 +10,7 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release --example int8_gemm [ROWS] [cached]
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use modserve::kernels::int8_gemm::PackedQ8;
+use modserve::kernels::int8_gemm::PackedWeight;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
@@ -23,11 +23,11 @@ const VOCAB: usize = 49152;
 /// A projection group: its name, the `(n, k)` of its weights (one call), calls per step.
 type Group = (&'static str, &'static [(usize, usize)], usize);
 
-fn packed(rng: &mut StdRng, n: usize, k: usize) -> PackedQ8 {
+fn packed(rng: &mut StdRng, n: usize, k: usize) -> PackedWeight {
     let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
     let t = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
     let q = QTensor::quantize(&t, GgmlDType::Q8_0).expect("Q8_0");
-    PackedQ8::from_qtensor(&q).expect("pack").expect("this CPU runs neither int8 GEMM variant (AVX-512 VNNI or AVX2)")
+    PackedWeight::from_qtensor(&q).expect("pack").expect("this CPU runs neither int8 GEMM variant (AVX-512 VNNI or AVX2)")
 }
 
 fn main() {
@@ -46,7 +46,7 @@ fn main() {
     ];
     eprintln!("packing the weights of {LAYERS} layers and the head ...");
     let distinct = |calls: usize| if cached { 1 } else { calls };
-    let weights: Vec<Vec<Vec<PackedQ8>>> = groups
+    let weights: Vec<Vec<Vec<PackedWeight>>> = groups
         .iter()
         .map(|(_, shapes, calls)| (0..distinct(*calls)).map(|_| shapes.iter().map(|&(n, k)| packed(&mut rng, n, k)).collect()).collect())
         .collect();
@@ -61,8 +61,8 @@ fn main() {
         let macs = (calls * rows * shapes.iter().map(|(n, k)| n * k).sum::<usize>()) as f64;
         let step = || {
             for call in ws.iter().cycle().take(calls) {
-                let refs: Vec<&PackedQ8> = call.iter().collect();
-                std::hint::black_box(PackedQ8::matmul_host_many(&refs, x, rows).expect("matmul"));
+                let refs: Vec<&PackedWeight> = call.iter().collect();
+                std::hint::black_box(PackedWeight::matmul_host_many(&refs, x, rows).expect("matmul"));
             }
         };
         step();

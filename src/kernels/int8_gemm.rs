@@ -1,4 +1,4 @@
-//! Int8 matrix multiply for Q8_0 base weights on CPUs with AVX-512 VNNI, or AVX2.
+//! Int8 matrix multiply for Q8_0 (and Q4_1) base weights on CPUs with AVX-512 VNNI, or AVX2.
 //!
 //! Role: the quantized base product `y = x W^T` of every CPU batch step, one stream or many.
 //! candle's Q8_0 kernel computes one dot product per (row, output) and walks the whole weight once
@@ -17,6 +17,9 @@
 //!   127). It replaces candle's AVX2 `vec_dot_q8_0_q8_0`, which spills its accumulator and calls
 //!   out per f16 scale: its speed moved by half with the caller's stack depth (AMD EPYC: 30 vs 46
 //!   tok/s single-stream decode for two builds with identical kernel machine code).
+//! - **Q4_1 on AVX2** ([`q4`]): Q4_1 weights (SmolLM2's GGUF) kept at 4 bits, 20 bytes per
+//!   block instead of 34 re-blocked as Q8_0, for memory-bound steps; chosen per CPU by
+//!   [`super::CpuFeatures::q4_1`].
 //!
 //! Invariants: the arithmetic is candle's `vec_dot_q8_0_q8_0` (an exact int32 dot per 32-block,
 //! scaled by d_w * d_x), so results equal candle's up to float summation order. Packing happens
@@ -40,10 +43,12 @@ pub enum Variant {
     Vnni,
     /// AVX2: 8-row panels of `q`.
     Avx2,
+    /// AVX2 over Q4_1 weights: 8-row panels of 4-bit `q` with per-block `d` and `m` ([`q4`]).
+    Q4Avx2,
 }
 
 impl Variant {
-    /// The best variant this CPU runs, if any.
+    /// The best Q8_0 variant this CPU runs, if any.
     pub fn detect() -> Option<Self> {
         [Self::Vnni, Self::Avx2].into_iter().find(|v| v.supported())
     }
@@ -53,7 +58,7 @@ impl Variant {
         let c = super::cpu();
         match self {
             Self::Vnni => c.int8,
-            Self::Avx2 => c.int8_avx2,
+            Self::Avx2 | Self::Q4Avx2 => c.int8_avx2,
         }
     }
 
@@ -61,7 +66,7 @@ impl Variant {
     const fn nr(self) -> usize {
         match self {
             Self::Vnni => 16,
-            Self::Avx2 => 8,
+            Self::Avx2 | Self::Q4Avx2 => 8,
         }
     }
 
@@ -69,16 +74,28 @@ impl Variant {
     const fn mr(self) -> usize {
         match self {
             Self::Vnni => 8,
-            Self::Avx2 => 4,
+            Self::Avx2 | Self::Q4Avx2 => 4,
         }
     }
 
-    /// Bytes of one (panel, block): `nr` x 32 weight bytes then `nr` f16 scales.
+    /// Bytes of one (panel, block): `nr` x 32 weight bytes then `nr` f16 scales (Q4_1: `nr` x
+    /// 16 bytes, then `nr` f16 `d` and `nr` f16 `m`).
     const fn pb(self) -> usize {
-        self.nr() * QK + self.nr() * 2
+        match self {
+            Self::Q4Avx2 => self.nr() * QK / 2 + self.nr() * 4,
+            _ => self.nr() * QK + self.nr() * 2,
+        }
     }
 
-    /// The stored byte of weight value `q`, and back.
+    /// The GGUF block type the variant's panels are packed from.
+    fn source(self) -> GgmlDType {
+        match self {
+            Self::Q4Avx2 => GgmlDType::Q4_1,
+            _ => GgmlDType::Q8_0,
+        }
+    }
+
+    /// The stored byte of Q8_0 weight value `q`, and back.
     fn store(self, q: i8) -> u8 {
         if self == Self::Vnni {
             (q as i16 + 128) as u8
@@ -95,27 +112,29 @@ impl Variant {
     }
 }
 
-/// A Q8_0 weight `[n, k]` packed for the int8 kernel.
-pub struct PackedQ8 {
+/// A Q8_0 or Q4_1 weight `[n, k]` packed for the int8 kernel.
+pub struct PackedWeight {
     n: usize,
     k: usize,
     variant: Variant,
     data: Vec<u8>,
 }
 
-impl PackedQ8 {
-    /// Packs a CPU Q8_0 tensor `[n, k]` for this CPU's best variant; `None` when no variant runs
-    /// here or the tensor is not a 2-D Q8_0 CPU tensor with `k` a multiple of 32.
+impl PackedWeight {
+    /// Packs a CPU Q8_0 tensor `[n, k]` for this CPU's best variant, or a Q4_1 one for
+    /// [`Variant::Q4Avx2`] where [`super::CpuFeatures::q4_1`] holds; `None` when no variant runs
+    /// here or the tensor is not a 2-D CPU tensor of those types with `k` a multiple of 32.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        match Variant::detect() {
+        let variant = if q.dtype() == GgmlDType::Q4_1 { super::cpu().q4_1.then_some(Variant::Q4Avx2) } else { Variant::detect() };
+        match variant {
             Some(v) => Self::from_qtensor_as(q, v),
             None => Ok(None),
         }
     }
 
-    /// [`PackedQ8::from_qtensor`] for one variant; `None` also when this CPU does not run it.
+    /// [`PackedWeight::from_qtensor`] for one variant; `None` also when this CPU does not run it.
     pub fn from_qtensor_as(q: &QTensor, variant: Variant) -> Result<Option<Self>> {
-        if !variant.supported() || q.dtype() != GgmlDType::Q8_0 || !q.device().is_cpu() {
+        if !variant.supported() || q.dtype() != variant.source() || !q.device().is_cpu() {
             return Ok(None);
         }
         let (n, k) = match q.shape().dims() {
@@ -123,6 +142,9 @@ impl PackedQ8 {
             _ => return Ok(None),
         };
         let raw = q.data()?;
+        if variant == Variant::Q4Avx2 {
+            return Ok(Some(Self { n, k, variant, data: q4::pack(&raw, n, k) }));
+        }
         Ok(Some(Self::from_q8_0_bytes(&raw, n, k, variant)))
     }
 
@@ -171,8 +193,11 @@ impl PackedQ8 {
         self.data.len()
     }
 
-    /// The weight `[n, k]` as f32 (exactly the dequantized Q8_0 values).
+    /// The weight `[n, k]` as f32 (exactly the dequantized Q8_0 or Q4_1 values).
     pub fn dequantize(&self) -> Result<Tensor> {
+        if self.variant == Variant::Q4Avx2 {
+            return Tensor::from_vec(q4::dequantize(&self.data, self.n, self.k), (self.n, self.k), &Device::Cpu);
+        }
         let nb = self.k / QK;
         let (v, nr, pb) = (self.variant, self.variant.nr(), self.variant.pb());
         let mut w = vec![0f32; self.n * self.k];
@@ -201,17 +226,17 @@ impl PackedQ8 {
     /// vector per weight: `x` is quantized once and all panels of all weights run in one parallel
     /// region (q/k/v or gate/up of a block: one dispatch instead of three or two, which matters
     /// for a single stream).
-    pub fn matmul_host_many(ws: &[&PackedQ8], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+    pub fn matmul_host_many(ws: &[&PackedWeight], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
         if let Some(w) = ws.iter().find(|w| w.k * m != x.len()) {
             candle_core::bail!("int8 matmul: {} inputs for {m} rows of {} columns", x.len(), w.k);
         }
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
-        let mut outs: Vec<(&PackedQ8, &mut [f32])> = ws.iter().copied().zip(ys.iter_mut().map(|y| y.as_mut_slice())).collect();
+        let mut outs: Vec<(&PackedWeight, &mut [f32])> = ws.iter().copied().zip(ys.iter_mut().map(|y| y.as_mut_slice())).collect();
         Self::matmul_into_many(&mut outs, x, m);
         Ok(ys)
     }
 
-    fn matmul_into_many(outs: &mut [(&PackedQ8, &mut [f32])], x: &[f32], m: usize) {
+    fn matmul_into_many(outs: &mut [(&PackedWeight, &mut [f32])], x: &[f32], m: usize) {
         let Some((k, variant)) = outs.first().map(|o| (o.0.k, o.0.variant)) else { return };
         assert_eq!(x.len(), m * k);
         for (w, y) in outs.iter() {
@@ -229,7 +254,7 @@ impl PackedQ8 {
         // Every (weight, panel) of the call, in order.
         let panels: Vec<(usize, usize)> =
             outs.iter().enumerate().flat_map(|(wi, (w, _))| (0..w.n.div_ceil(nr)).map(move |p| (wi, p))).collect();
-        let targets: Vec<(&PackedQ8, SendPtr)> = outs.iter_mut().map(|(w, y)| (*w, SendPtr(y.as_mut_ptr()))).collect();
+        let targets: Vec<(&PackedWeight, SendPtr)> = outs.iter_mut().map(|(w, y)| (*w, SendPtr(y.as_mut_ptr()))).collect();
         // The panels of a disjoint slice of `panels`, for all rows.
         let run = |chunk: &[(usize, usize)]| {
             for &(wi, p) in chunk {
@@ -252,6 +277,7 @@ impl PackedQ8 {
                         match variant {
                             Variant::Vnni => kernel::tile(&data[..nb * pb], nb, &act, r0, rows, o, w.n, cols),
                             Variant::Avx2 => kernel::tile_avx2(data, nb, &act, r0, rows, o, w.n, cols),
+                            Variant::Q4Avx2 => q4::tile(data, nb, &act, r0, rows, o, w.n, cols),
                         }
                     }
                     r0 += rows;
@@ -269,7 +295,7 @@ impl PackedQ8 {
 
 /// The step's rows quantized per 32-block as candle's Q8_0 does.
 ///
-/// VNNI: row-major. AVX2: in tiles of [`Variant::mr`] rows (4), interleaved so that one tile's
+/// VNNI: row-major. AVX2 (both variants): in tiles of [`Variant::mr`] rows (4), interleaved so that one tile's
 /// 4-input groups sit together: tile t, block b, group g holds rows 4t..4t+4's 4 bytes each (16
 /// bytes; rows past m zero), and `d` per (t, b) the 4 rows' scales. The AVX2 tile then reads
 /// every row through one pointer at constant offsets: with row-major rows, a row stride known
@@ -281,8 +307,11 @@ struct QuantRows {
     q: Vec<i8>,
     /// `[m, k/32]` block scales (f16-rounded, as f32; AVX2: tiled).
     d: Vec<f32>,
-    /// `[m, k/32]` `128 * sum(q)` of each block (VNNI variant only; zeros otherwise).
+    /// `[m, k/32]` `128 * sum(q)` of each block (VNNI variant only; empty otherwise).
     bias: Vec<i32>,
+    /// Tiled as `d`: `d * sum(q)` of each block rounded to f16, as llama.cpp's Q8_1 `s`
+    /// ([`Variant::Q4Avx2`] only; empty otherwise).
+    sums: Vec<f32>,
 }
 
 impl QuantRows {
@@ -291,22 +320,24 @@ impl QuantRows {
         assert!(k.is_multiple_of(QK) && x.len() == m * k, "int8 matmul: {} inputs for {m} rows of {k}", x.len());
         let nb = k / QK;
         // AVX2: whole tiles of rows (the rows past m stay zero).
-        let rows = if variant == Variant::Avx2 { m.next_multiple_of(Variant::Avx2.mr()) } else { m };
+        let rows = if variant == Variant::Vnni { m } else { m.next_multiple_of(variant.mr()) };
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * nb];
-        let mut bias = vec![0i32; m * nb];
+        let mut bias = if variant == Variant::Vnni { vec![0i32; m * nb] } else { Vec::new() };
+        let mut sums = if variant == Variant::Q4Avx2 { vec![0f32; rows * nb] } else { Vec::new() };
         // SAFETY: the variant's tier was just checked; the buffers hold m*k inputs and m*k/32
-        // blocks (AVX2: whole tiles of them), and the kernels walk them in exact 32-chunks.
+        // blocks (AVX2: whole tiles of them; `sums` empty or as `d`), and the kernels walk them in
+        // exact 32-chunks.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match variant {
                 Variant::Vnni => kernel::quantize(x, &mut q, &mut d, &mut bias),
-                Variant::Avx2 => kernel::quantize_avx2(x, k, &mut q, &mut d),
+                Variant::Avx2 | Variant::Q4Avx2 => kernel::quantize_avx2(x, k, &mut q, &mut d, &mut sums),
             }
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (x, &mut q, &mut d, &mut bias);
-        Self { k, q, d, bias }
+        let _ = (x, &mut q, &mut d, &mut bias, &mut sums);
+        Self { k, q, d, bias, sums }
     }
 }
 
@@ -406,12 +437,13 @@ mod kernel {
     }
 
     /// Quantizes rows of `k` inputs to Q8_0 blocks as [`quantize`] does (ties to even), with
-    /// AVX2, into [`QuantRows`]' AVX2 tile layout (`q` and `d` hold whole tiles; slices checked).
+    /// AVX2, into [`QuantRows`]' AVX2 tile layout (`q` and `d` hold whole tiles; slices checked),
+    /// and each block's `d * sum(q)` into `sums` (tiled as `d`) unless it is empty.
     ///
     /// # Safety
     /// The CPU must support avx/avx2/fma.
     #[target_feature(enable = "avx,avx2,fma")]
-    pub unsafe fn quantize_avx2(x: &[f32], k: usize, q: &mut [i8], d: &mut [f32]) {
+    pub unsafe fn quantize_avx2(x: &[f32], k: usize, q: &mut [i8], d: &mut [f32], sums: &mut [f32]) {
         const MR4: usize = Variant::Avx2.mr();
         let nb = k / QK;
         let sign = _mm256_set1_ps(-0.0);
@@ -448,6 +480,13 @@ mod kernel {
                 q[at + g * 4 * MR4..at + g * 4 * MR4 + 4].copy_from_slice(word);
             }
             d[(tile * nb + b) * MR4 + slot] = f16::from_f32(dd).to_f32();
+            if !sums.is_empty() {
+                let s4 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+                let s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+                let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b00_00_11_10));
+                let sum = _mm_cvtsi128_si32(_mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0b00_00_00_01)));
+                sums[(tile * nb + b) * MR4 + slot] = f16::from_f32(sum as f32 * dd).to_f32();
+            }
         }
     }
 
@@ -527,13 +566,15 @@ mod kernel {
     use super::QuantRows;
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(_w: &[u8], _nb: usize, _act: &QuantRows, _r0: usize, _rows: usize, _out: *mut f32, _ldo: usize, _cols: usize) {
-        unreachable!("PackedQ8 is only built when its variant's tier holds")
+        unreachable!("PackedWeight is only built when its variant's tier holds")
     }
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2(_w: &[u8], _nb: usize, _act: &QuantRows, _r0: usize, _rows: usize, _out: *mut f32, _ldo: usize, _cols: usize) {
-        unreachable!("PackedQ8 is only built when its variant's tier holds")
+        unreachable!("PackedWeight is only built when its variant's tier holds")
     }
 }
+
+pub mod q4;
 
 #[cfg(test)]
 mod tests;

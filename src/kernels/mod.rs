@@ -51,6 +51,12 @@ pub struct CpuFeatures {
     /// variants of the int8 GEMM (8-row panels, `vpmaddubsw` / `vpmaddwd`) and of the compact
     /// low-rank kernel, used where the VNNI tier is absent. Every CPU with `int8` has it too.
     pub int8_avx2: bool,
+    /// Q4_1 weights are kept at 4 bits and multiplied by the int8 GEMM's Q4_1 AVX2 variant
+    /// instead of being re-blocked as Q8_0 at load. Needs `int8_avx2`. Default: on where the VNNI
+    /// tier is absent (measured faster there, single stream and batch); on VNNI CPUs, whose Q8_0
+    /// kernel has no Q4_1 counterpart yet, off unless `MODSERVE_Q4_1=native`
+    /// (`MODSERVE_Q4_1=requantize` turns it off everywhere).
+    pub q4_1: bool,
     /// Software prefetch of compact low-rank factors ahead of the row kernel's reads and of the
     /// next decode row's factors (x86-64; `MODSERVE_PREFETCH=0` turns it off, to measure it).
     pub prefetch: bool,
@@ -61,7 +67,14 @@ pub fn cpu() -> &'static CpuFeatures {
     static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
     FEATURES.get_or_init(|| {
         let off = |var: &str| std::env::var(var).map(|v| v == "0" || v == "off").unwrap_or(false);
-        probe(off("MODSERVE_INT8_GEMM"), off("MODSERVE_PREFETCH"))
+        let mut c = probe(off("MODSERVE_INT8_GEMM"), off("MODSERVE_PREFETCH"));
+        c.q4_1 = c.int8_avx2
+            && match std::env::var("MODSERVE_Q4_1").as_deref() {
+                Ok("native") => true,
+                Ok("requantize") => false,
+                _ => !c.int8,
+            };
+        c
     })
 }
 
@@ -71,12 +84,13 @@ fn probe(int8_off: bool, prefetch_off: bool) -> CpuFeatures {
     let avx = has!("avx");
     let avx2_fma = avx && has!("avx2") && has!("fma") && has!("f16c");
     let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    CpuFeatures { avx, avx2_fma, int8: !int8_off && avx2_fma && avx512, int8_avx2: !int8_off && avx2_fma, prefetch: !prefetch_off }
+    let int8_avx2 = !int8_off && avx2_fma;
+    CpuFeatures { avx, avx2_fma, int8: int8_avx2 && avx512, int8_avx2, q4_1: false, prefetch: !prefetch_off }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn probe(_int8_off: bool, _prefetch_off: bool) -> CpuFeatures {
-    CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false, prefetch: false }
+    CpuFeatures { avx: false, avx2_fma: false, int8: false, int8_avx2: false, q4_1: false, prefetch: false }
 }
 
 /// True when this CPU runs the int8 kernels (the int8 GEMM and compact low-rank factors), with

@@ -9,7 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::kernels::host::with_host_f32;
-use crate::kernels::int8_gemm::PackedQ8;
+use crate::kernels::int8_gemm::PackedWeight;
 use std::fmt;
 
 /// The adaptable projections of a decoder block, named as in Hugging Face / PEFT. A model has
@@ -169,15 +169,16 @@ impl DenseWeight {
 }
 
 /// A block-quantized weight `[out, in]`: packed for the int8 kernel (AVX-512 VNNI or AVX2) when
-/// it is a Q8_0 CPU tensor on a CPU that runs one, else candle's quantized matmul.
+/// it is a Q8_0 CPU tensor on a CPU that runs one (or a Q4_1 one where
+/// [`crate::kernels::CpuFeatures::q4_1`] holds), else candle's quantized matmul.
 pub enum QuantWeight {
     Candle(QMatMul),
-    Int8(PackedQ8),
+    Int8(PackedWeight),
 }
 
 impl QuantWeight {
     pub fn new(q: QTensor) -> Result<Self> {
-        match PackedQ8::from_qtensor(&q)? {
+        match PackedWeight::from_qtensor(&q)? {
             Some(p) => Ok(Self::Int8(p)),
             None => Ok(Self::Candle(QMatMul::from_qtensor(q)?)),
         }
@@ -314,13 +315,16 @@ impl Linear {
     /// [`Linear::forward`] of several layers reading the same input (q/k/v, gate/up): when all
     /// hold int8-packed weights, their base products run as one parallel dispatch.
     pub fn forward_many(layers: &[&Linear], x: &Tensor, deltas: &dyn RowDeltas) -> Result<Vec<Tensor>> {
-        let packed: Option<Vec<&PackedQ8>> = layers
+        let packed: Option<Vec<&PackedWeight>> = layers
             .iter()
             .map(|l| match &l.weight {
                 BaseWeight::Quantized(QuantWeight::Int8(p)) => Some(p),
                 _ => None,
             })
             .collect();
+        // One call quantizes the rows once for one kernel variant: layers packed for different
+        // ones (a file mixing Q4_1 and Q8_0 in a group) go one by one.
+        let packed = packed.filter(|ps| ps.iter().all(|p| p.variant() == ps[0].variant()));
         match packed {
             Some(ps) if x.device().is_cpu() => {
                 // Base products and deltas both in host buffers, computed side by side on the pool
@@ -332,7 +336,7 @@ impl Linear {
                 let phase = tracing::Span::current();
                 let (ys, dhs) = with_host_f32(x, |xs| {
                     let (ys, dhs) = rayon::join(
-                        || PackedQ8::matmul_host_many(&ps, xs, m),
+                        || PackedWeight::matmul_host_many(&ps, xs, m),
                         || {
                             let _p = tracing::trace_span!(target: super::PHASE, parent: &phase, "deltas").entered();
                             deltas.host_deltas(&ids, xs, m, &outs)

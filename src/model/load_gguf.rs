@@ -49,7 +49,8 @@ fn unpermute_rows(q: QTensor, head_dim: usize, device: &Device) -> candle_core::
 /// within Q8 rounding, and the Q8_0 kernel is several times faster. Unquantized matrices (F32,
 /// F16, BF16: candle would multiply them as dense float32) are quantized to Q8_0 the same way when
 /// their rows are whole blocks, so quantized mode means the int8 kernels for every file. Other
-/// types are kept as stored.
+/// types are kept as stored, and so is Q4_1 on a CPU that multiplies it at 4 bits
+/// ([`crate::kernels::CpuFeatures::q4_1`]: 41% fewer bytes per decode step).
 /// A GPU model gets the same Q8_0 blocks, so that `--weights quantized` runs the same base weights
 /// on every device (with the stored 4-bit blocks, the CUDA path's logits moved further from the
 /// float32 reference: one kit case's adapter effect was off by 41% against at most 26% on the CPU).
@@ -60,7 +61,8 @@ fn reblock_for_speed(q: QTensor, mode: WeightMode) -> candle_core::Result<QTenso
     use candle_core::quantized::GgmlDType as G;
     let cols = q.shape().dims().last().copied().unwrap_or(0);
     let float = matches!(q.dtype(), G::F32 | G::F16 | G::BF16) && q.shape().rank() == 2 && cols % 32 == 0;
-    let slow = matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1) || float;
+    let native_q4 = q.dtype() == G::Q4_1 && q.device().is_cpu() && crate::kernels::cpu().q4_1 && q.shape().rank() == 2 && cols % 32 == 0;
+    let slow = (matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1) && !native_q4) || float;
     if mode == WeightMode::F32 || !slow {
         return Ok(q);
     }
