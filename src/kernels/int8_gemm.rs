@@ -249,6 +249,8 @@ impl PackedWeight {
             return;
         }
         let act = QuantRows::new(x, m, k, variant);
+        // The Q4_1 tile reads a block sum beside each block scale.
+        assert!(variant != Variant::Q4Avx2 || act.sums.len() == act.d.len(), "Q4_1 rows without their block sums");
         let nb = k / QK;
         let (nr, mr, pb) = (variant.nr(), variant.mr(), variant.pb());
         // Every (weight, panel) of the call, in order.
