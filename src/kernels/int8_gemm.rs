@@ -560,7 +560,18 @@ mod kernel {
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), sc, *a);
             }
         }
-        if cols >= NR8 {
+        store_rows_avx2(&acc, out, ldo, cols);
+    }
+
+    /// Stores a tile's rows of 8 outputs, the first `cols` of each (both AVX2 tiles).
+    ///
+    /// # Safety
+    /// The CPU must support avx/avx2; `out` must be valid for `acc.len()` rows of `cols <= 8`
+    /// floats at stride `ldo`.
+    #[target_feature(enable = "avx,avx2")]
+    #[inline]
+    pub unsafe fn store_rows_avx2(acc: &[__m256], out: *mut f32, ldo: usize, cols: usize) {
+        if cols >= Variant::Avx2.nr() {
             for (r, a) in acc.iter().enumerate() {
                 _mm256_storeu_ps(out.add(r * ldo), *a);
             }

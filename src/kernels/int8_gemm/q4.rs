@@ -139,16 +139,7 @@ mod kernel {
                 *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*st.add(b * MR4 + r)), *a);
             }
         }
-        if cols >= NR {
-            for (r, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.add(r * ldo), *a);
-            }
-        } else {
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            for (r, a) in acc.iter().enumerate() {
-                _mm256_maskstore_ps(out.add(r * ldo), mask, *a);
-            }
-        }
+        super::super::kernel::store_rows_avx2(&acc, out, ldo, cols);
     }
 }
 
