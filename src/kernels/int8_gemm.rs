@@ -17,9 +17,8 @@
 //!   127). It replaces candle's AVX2 `vec_dot_q8_0_q8_0`, which spills its accumulator and calls
 //!   out per f16 scale: its speed moved by half with the caller's stack depth (AMD EPYC: 30 vs 46
 //!   tok/s single-stream decode for two builds with identical kernel machine code).
-//! - **Q4_1 on AVX2** ([`q4`]): Q4_1 weights (SmolLM2's GGUF) kept at 4 bits, 20 bytes per
-//!   block instead of 34 re-blocked as Q8_0, for memory-bound steps; chosen per CPU by
-//!   [`super::CpuFeatures::q4_1`].
+//! - **Q4_1 on AVX2** ([`q4`]): Q4_1 weights kept at 4 bits (20 bytes per block, not 34 as
+//!   Q8_0); chosen per CPU by [`super::CpuFeatures::q4_1`].
 //!
 //! Invariants: the arithmetic is candle's `vec_dot_q8_0_q8_0` (an exact int32 dot per 32-block,
 //! scaled by d_w * d_x), so results equal candle's up to float summation order. Packing happens
@@ -231,8 +230,7 @@ impl PackedWeight {
         if let Some(w) = ws.iter().find(|w| w.k * m != x.len()) {
             candle_core::bail!("int8 matmul: {} inputs for {m} rows of {} columns", x.len(), w.k);
         }
-        // Outputs are not zeroed first: the kernels store every value of them (memset of the
-        // zeros was ~2% of a base32 step's samples).
+        // Not zeroed first: the kernels store every value (a memset was ~2% of a base32 step).
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
         let mut outs: Vec<(&PackedWeight, &mut [MaybeUninit<f32>])> =
             ws.iter().copied().zip(ys.iter_mut().map(|y| &mut y.spare_capacity_mut()[..])).collect();
@@ -564,10 +562,8 @@ mod kernel {
     }
 
     /// Stores a tile's rows of 8 outputs, the first `cols` of each (both AVX2 tiles).
-    ///
     /// # Safety
-    /// The CPU must support avx/avx2; `out` must be valid for `acc.len()` rows of `cols <= 8`
-    /// floats at stride `ldo`.
+    /// avx/avx2; `out` valid for `acc.len()` rows of `cols <= 8` floats at stride `ldo`.
     #[target_feature(enable = "avx,avx2")]
     #[inline]
     pub unsafe fn store_rows_avx2(acc: &[__m256], out: *mut f32, ldo: usize, cols: usize) {
