@@ -205,32 +205,31 @@ fn generate_cli_applies_deltas_and_routes() {
 }
 
 /// The default serving mode (8-bit base: Q8_0 weights, or the file's Q4_1 blocks on AVX2 CPUs
-/// without VNNI; 8-bit activations; the int8 GEMM where the CPU has AVX2, deltas added into the kernel's host output, compact 8-bit LoRA factors) on the
-/// kit's compositions. The 8-bit base alone moves the logits by an L2 norm of 45-150 from the
-/// kit's float32 reference (measured), more than the whole effect of the small adapters, so the
-/// logits themselves are not compared. What is compared, for every case and prompt: the
-/// composition's *effect* (its logits minus the base's logits, ours in quantized mode vs the
-/// kit's in float32). The weights' error cancels in that difference; the activations' 8-bit
-/// rounding does not: a small delta flips roundings all through the network, and the two runs
-/// differ by an L2 of 30-230 whatever the delta (measured, 2026-12-03: Poly effects of L2 7-20
-/// came out as 28-235, with f32 or 8-bit factors alike). So in this mode the effect is compared
-/// only where it stands above that floor (the kit's effect L2 > 500: the sparse and merge
-/// cases): relative L2 error within 35% and gain along the kit's (`<ours, theirs> / |theirs|^2`)
-/// within 1 +- max(0.2, 250 / effect L2): a rounding floor of up to ~230 moves the gain of an
-/// effect of L2 827 by up to ~0.28 (`ewr` prompt 1 on an AVX2 CPU with 4-bit Q4_1 weights, whose
-/// activations round as the 8-bit base's do: gain 1.253, 1.053 with Q8_0 weights; the base
-/// logits' own distance from the kit's was 51/147/38 with Q4_1 and 138/66/43 with Q8_0 on the
-/// three prompts, 2026-12-05). A delta not applied (gain 0) or applied twice (2) stays far
-/// outside, as the bound is at most 0.5 for the effects checked. Every case's effect, small ones included, is checked through the same
-/// compact adapter kernels on the f32 base by
-/// `compact_adapter_kernels_reproduce_every_kit_effect`.
-/// Also: the kit's top-1 is in our top-5 for every case; and all cases in one mixed batch
-/// generate exactly what each generates alone with the same prefill chunking.
-/// On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`, 2026-11-27) candle's CUDA kernels, which also
-/// quantize the activations (to Q8_1 blocks), gave 36.1% on `sft_lang_task_lora_qv` prompt 2
-/// with the former single 35% bound; see docs/BENCHMARKS.md.
-/// `<ours, theirs> / |theirs|^2`: how much of the kit's effect ours carries along its direction
-/// (0 for a delta not applied, 2 for one applied twice).
+/// without VNNI; 8-bit activations; the int8 GEMM where the CPU has AVX2, deltas added into the
+/// kernel's host output, compact 8-bit LoRA factors) on the kit's compositions. The 8-bit base
+/// alone moves the logits by an L2 norm of 45-150 from the kit's float32 reference (measured), more
+/// than the whole effect of the small adapters, so the logits themselves are not compared. What is
+/// compared, for every case and prompt: the composition's *effect* (its logits minus the base's
+/// logits, ours in quantized mode vs the kit's in float32). The weights' error cancels in that
+/// difference; the activations' 8-bit rounding does not: a small delta flips roundings all through
+/// the network, and the two runs differ by an L2 of 30-230 whatever the delta (measured,
+/// 2026-12-03: Poly effects of L2 7-20 came out as 28-235, with f32 or 8-bit factors alike). So in
+/// this mode the effect is compared only where it stands above that floor (the kit's effect L2 >
+/// 500: the sparse and merge cases): relative L2 error within 35% and gain along the kit's
+/// (`<ours, theirs> / |theirs|^2`) within 1 +- max(0.2, 250 / effect L2): a rounding floor of up to
+/// ~230 moves the gain of an effect of L2 827 by up to ~0.28 (`ewr` prompt 1 on an AVX2 CPU with
+/// 4-bit Q4_1 weights, whose activations round as the 8-bit base's do: gain 1.253, 1.053 with Q8_0
+/// weights; the base logits' own distance from the kit's was 51/147/38 with Q4_1 and 138/66/43 with
+/// Q8_0 on the three prompts, 2026-12-05). A delta not applied (gain 0) or applied twice (2) stays
+/// far outside, as the bound is at most 0.5 for the effects checked. Every case's effect, small
+/// ones included, is checked through the same compact adapter kernels on the f32 base by
+/// `compact_adapter_kernels_reproduce_every_kit_effect`. Also: the kit's top-1 is in our top-5 for
+/// every case; and all cases in one mixed batch generate exactly what each generates alone with the
+/// same prefill chunking. On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`, 2026-11-27) candle's CUDA
+/// kernels, which also quantize the activations (to Q8_1 blocks), gave 36.1% on
+/// `sft_lang_task_lora_qv` prompt 2 with the former single 35% bound; see docs/BENCHMARKS.md.
+/// `<ours, theirs> / |theirs|^2`: how much of the kit's effect ours carries along its direction (0
+/// for a delta not applied, 2 for one applied twice).
 fn gain(ours: &[f32], theirs: &[f32]) -> f64 {
     let dot: f64 = ours.iter().zip(theirs).map(|(a, b)| *a as f64 * *b as f64).sum();
     dot / theirs.iter().map(|t| (*t as f64) * (*t as f64)).sum::<f64>()
@@ -328,7 +327,7 @@ fn quantized_mode_applies_every_kit_case_and_is_batch_independent() {
                 let gain_bound = (250.0 / size).max(0.2);
                 if rel > 0.35 || (gain - 1.0).abs() > gain_bound {
                     failures.push(format!(
-                        "{name} prompt {p}: effect off by {rel:.3} (relative L2), gain {gain:.3} (bound 1 +- {gain_bound:.2}; effect L2 {size:.0})"
+                        "{name} prompt {p}: effect off by {rel:.3} (rel. L2), gain {gain:.3} (1 +- {gain_bound:.2}; effect L2 {size:.0})"
                     ));
                 }
                 checked_effects += 1;

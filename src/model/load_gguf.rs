@@ -61,7 +61,7 @@ fn reblock_for_speed(q: QTensor, mode: WeightMode) -> candle_core::Result<QTenso
     use candle_core::quantized::GgmlDType as G;
     let cols = q.shape().dims().last().copied().unwrap_or(0);
     let float = matches!(q.dtype(), G::F32 | G::F16 | G::BF16) && q.shape().rank() == 2 && cols % 32 == 0;
-    let native_q4 = q.dtype() == G::Q4_1 && q.device().is_cpu() && crate::kernels::cpu().q4_1 && q.shape().rank() == 2 && cols % 32 == 0;
+    let native_q4 = q.dtype() == G::Q4_1 && crate::kernels::int8_gemm::PackedWeight::packs(&q);
     let slow = (matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1) && !native_q4) || float;
     if mode == WeightMode::F32 || !slow {
         return Ok(q);

@@ -99,7 +99,6 @@ mod kernel {
     unsafe fn tile_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: usize, out: *mut f32, ldo: usize, cols: usize) {
         const MR4: usize = Variant::Q4Avx2.mr();
         debug_assert!(w.len() >= nb * PB && cols <= NR && R <= MR4 && r0.is_multiple_of(MR4));
-        debug_assert!(act.sums.len() == act.d.len());
         let xt = act.q.as_ptr().add(r0 * act.k);
         let dt = act.d.as_ptr().add(r0 * nb);
         let st = act.sums.as_ptr().add(r0 * nb);
@@ -107,15 +106,12 @@ mod kernel {
         let low = _mm256_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); R];
         let wp = w.as_ptr();
-        // As the Q8 AVX2 tile: the first row tile's slice runs on over the next panel, whose
-        // block it prefetches (3 lines from its start, all inside the slice).
+        // As the Q8 AVX2 tile: the first row tile's slice runs on over the next panel.
         let next_panel = w.len() >= 2 * nb * PB;
         for b in 0..nb {
             let blk = wp.add(b * PB);
             if next_panel {
-                for l in 0..3 {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(nb * PB + l * 64) as *const i8);
-                }
+                super::super::avx2::prefetch_next_panel(blk, nb * PB, PB);
             }
             let xb = xt.add(b * QK * MR4);
             let mut s = [_mm256_setzero_si256(); R];
@@ -139,7 +135,7 @@ mod kernel {
                 *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*st.add(b * MR4 + r)), *a);
             }
         }
-        super::super::kernel::store_rows_avx2(&acc, out, ldo, cols);
+        super::super::avx2::store_rows_avx2(&acc, out, ldo, cols);
     }
 }
 
