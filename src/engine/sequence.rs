@@ -168,16 +168,19 @@ impl Sequence {
     /// Samples from the logits after the last fed token and updates text and finish state.
     /// `logits` is the caller's copy of the row: while `min_new_tokens` holds, the end-of-sequence
     /// entries are set to minus infinity in it.
-    pub fn on_logits(&mut self, logits: &mut [f32]) -> Result<TokenEvent, SequenceError> {
-        if self.generated.len() < self.spec.min_new_tokens {
-            // Masked in place: the row is this step's own copy (no second copy per row and step).
+    pub fn on_logits(&mut self, logits: &[f32]) -> Result<TokenEvent, SequenceError> {
+        let sampled = if self.generated.len() < self.spec.min_new_tokens && !self.eos.is_empty() {
+            // End-of-sequence tokens masked in a copy of the row (the step's logits are shared).
+            let mut masked = logits.to_vec();
             for &e in self.eos.iter() {
-                if let Some(l) = logits.get_mut(e as usize) {
+                if let Some(l) = masked.get_mut(e as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
-        }
-        let sampled = self.sampler.sample(logits)?;
+            self.sampler.sample(&masked)?
+        } else {
+            self.sampler.sample(logits)?
+        };
         let id = sampled.token.id;
         self.generated.push(id);
         self.logprobs.push(sampled.token);

@@ -93,9 +93,15 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, SamplingError> {
-        // One pass for the normaliser; logprobs are only formed for the tokens reported.
-        let lse = log_sum_exp(logits)?;
-        let id = if self.params.temperature == 0.0 { argmax(logits) } else { self.sample_stochastic(logits)? };
+        // Logprobs are only formed for the tokens reported. Greedy shares the largest value with
+        // the normaliser when it is finite (then it is also the largest finite value).
+        let (lse, id) = if self.params.temperature == 0.0 {
+            let max = crate::kernels::softmax::max_lanes(logits);
+            let lse = if max.is_finite() { log_sum_exp_from(logits, max)? } else { log_sum_exp(logits)? };
+            (lse, first_index_of(logits, max))
+        } else {
+            (log_sum_exp(logits)?, self.sample_stochastic(logits)?)
+        };
         let mut top = top_k_logprobs(logits, self.params.top_logprobs);
         top.iter_mut().for_each(|t| t.logprob -= lse);
         Ok(Sampled { token: TokenLogprob { id, logprob: logits[id as usize] - lse }, top })
@@ -141,7 +147,11 @@ impl Sampler {
 /// `log(sum(exp(logits)))` over the finite logits: f32 exponentials (vectorised, see
 /// `kernels::softmax`), f64 sum.
 pub fn log_sum_exp(logits: &[f32]) -> Result<f32, SamplingError> {
-    let max = crate::kernels::softmax::max_finite(logits);
+    log_sum_exp_from(logits, crate::kernels::softmax::max_finite(logits))
+}
+
+/// [`log_sum_exp`] given the largest finite logit (`-inf` when there is none).
+fn log_sum_exp_from(logits: &[f32], max: f32) -> Result<f32, SamplingError> {
     if !max.is_finite() {
         return Err(SamplingError::NoFiniteLogit);
     }
@@ -155,11 +165,16 @@ pub fn log_softmax(logits: &[f32]) -> Result<Vec<f32>, SamplingError> {
     Ok(logits.iter().map(|&l| l - lse).collect())
 }
 
+#[cfg(test)]
 fn argmax(v: &[f32]) -> u32 {
     // The largest value (NaN ignored), then its first index: two passes that vectorise, where
     // one `if x > best` loop is a dependent chain (a few hundred microseconds a step at batch 32
     // over a 49,152-token vocabulary). Ties go to the lowest id; 0 when no value is a number.
-    let max = crate::kernels::softmax::max_lanes(v);
+    first_index_of(v, crate::kernels::softmax::max_lanes(v))
+}
+
+/// The first index holding `max` (0 when none does: `max` is NaN, or `v` is empty).
+fn first_index_of(v: &[f32], max: f32) -> u32 {
     v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
