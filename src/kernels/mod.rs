@@ -66,12 +66,21 @@ pub struct CpuFeatures {
 pub fn cpu() -> &'static CpuFeatures {
     static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
     FEATURES.get_or_init(|| {
-        let off = |var: &str| std::env::var(var).map(|v| v == "0" || v == "off").unwrap_or(false);
+        // A switch's value, or None when unset or not one of `known` (said once, in the log).
+        let switch = |var: &str, known: &[&'static str]| -> Option<&'static str> {
+            let v = std::env::var(var).ok()?;
+            let hit = known.iter().copied().find(|k| *k == v);
+            if hit.is_none() {
+                tracing::warn!("{var}={v:?} is not one of {known:?}; using the default");
+            }
+            hit
+        };
+        let off = |var: &str| matches!(switch(var, &["0", "off", "1", "on"]), Some("0" | "off"));
         let mut c = probe(off("MODSERVE_INT8_GEMM"), off("MODSERVE_PREFETCH"));
         c.q4_1 = c.int8_avx2
-            && match std::env::var("MODSERVE_Q4_1").as_deref() {
-                Ok("native") => true,
-                Ok("requantize") => false,
+            && match switch("MODSERVE_Q4_1", &["native", "requantize"]) {
+                Some("native") => true,
+                Some("requantize") => false,
                 _ => !c.int8,
             };
         c
