@@ -182,11 +182,13 @@ import json, sys
 proto, mix, path, grpc_path = sys.argv[1:5]
 r = json.load(open(path))
 q = r["requests"]
-line = (f"{proto} {mix}: {r['output_tokens_per_s']} tok/s, ok {q['ok']}, errors {q['errors']}, "
+# window_tokens_per_s: every token that arrived inside the window (what benches/peers counts).
+line = (f"{proto} {mix}: {r['window_tokens_per_s']:.1f} tok/s in the window "
+        f"({r['output_tokens_per_s']:.1f} by finished requests), ok {q['ok']}, errors {q['errors']}, "
         f"TTFT p50/p99 {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, ITL p50/p99 {r['itl_ms']['p50']}/{r['itl_ms']['p99']} ms")
 if proto == "http":
-    g = json.load(open(grpc_path))["output_tokens_per_s"]
-    line += f" | HTTP / gRPC = {r['output_tokens_per_s'] / g:.3f}" if g else ""
+    g = json.load(open(grpc_path))["window_tokens_per_s"]
+    line += f" | HTTP / gRPC = {r['window_tokens_per_s'] / g:.3f}" if g else ""
 print(line)
 PY
     done
