@@ -28,6 +28,7 @@ pub mod int8_gemm;
 pub mod lowrank;
 pub mod lowrank_int8;
 pub mod lowrank_pack;
+pub mod norm;
 pub mod shared_out;
 pub mod softmax;
 pub mod sparse_layout;

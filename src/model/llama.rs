@@ -130,12 +130,42 @@ pub struct Llama {
 /// RMSNorm over the last dimension of each `width`-wide head of `x` `[n, heads * width]`.
 fn head_norm(x: &Tensor, w: &Tensor, width: usize, eps: f32) -> Result<Tensor> {
     let (n, total) = x.dims2()?;
-    rms_norm(&x.reshape((n * total / width, width))?, w, eps)?.reshape((n, total))
+    norm(&x.reshape((n * total / width, width))?, w, eps)?.reshape((n, total))
+}
+
+/// RMSNorm of `x`'s rows: the host kernel on the CPU (one pass, no candle temporaries), candle's
+/// op elsewhere.
+fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rms_norm(x, w, eps);
+    }
+    crate::kernels::host::with_host_f32(x, |xs| {
+        crate::kernels::host::with_host_f32(w, |ws| {
+            Tensor::from_vec(crate::kernels::norm::rms_norm_rows(xs, ws, eps), x.shape(), x.device())
+        })
+    })
+}
+
+/// The residual add and the RMSNorm after it: `(x + a, norm(x + a))`, in one host pass on the CPU.
+fn add_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || a.dtype() != DType::F32 || x.shape() != a.shape() {
+        let s = (x + a)?;
+        let h = rms_norm(&s, w, eps)?;
+        return Ok((s, h));
+    }
+    crate::kernels::host::with_host_f32(x, |xs| {
+        crate::kernels::host::with_host_f32(a, |avs| {
+            crate::kernels::host::with_host_f32(w, |ws| {
+                let (s, h) = crate::kernels::norm::add_rms_norm_rows(xs, avs, ws, eps);
+                Ok((Tensor::from_vec(s, x.shape(), x.device())?, Tensor::from_vec(h, x.shape(), x.device())?))
+            })
+        })
+    })
 }
 
 fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
     match w {
-        Some(w) => rms_norm(&x, w, eps),
+        Some(w) => norm(&x, w, eps),
         None => Ok(x),
     }
 }
@@ -280,6 +310,8 @@ impl Llama {
             }
             Some(DeviceAttention::new(shape, &spans, &self.device))
         };
+        // The next layer's normed input, made with the residual add that ends a layer.
+        let mut normed: Option<Tensor> = None;
         for (layer, b) in self.blocks.iter().enumerate() {
             let la = cfg.layer_attn(layer);
             let params = AttnParams {
@@ -288,9 +320,12 @@ impl Llama {
                 window: la.window,
                 softcap: arch.attn_softcap,
             };
-            let h = {
-                let _p = phase!("attn_norm");
-                rms_norm(&x, &b.attn_norm, eps)?
+            let h = match normed.take() {
+                Some(h) => h,
+                None => {
+                    let _p = phase!("attn_norm");
+                    norm(&x, &b.attn_norm, eps)?
+                }
             };
             let qkv = phase!("qkv");
             let [mut q, mut k, v] = b.project_qkv(&h, deltas, cfg.q_dim(), cfg.kv_dim())?;
@@ -320,10 +355,11 @@ impl Llama {
                 let _p = phase!("o_proj");
                 opt_norm(b.o.forward(&attn.contiguous()?, deltas)?, &b.post_attn_norm, eps)?
             };
-            x = (x + a)?;
             let h = {
                 let _p = phase!("mlp_norm");
-                rms_norm(&x, &b.mlp_norm, eps)?
+                let (s, h) = add_norm(&x, &a, &b.mlp_norm, eps)?;
+                x = s;
+                h
             };
             let [g, u] = {
                 let _p = phase!("gate_up");
@@ -342,7 +378,15 @@ impl Llama {
                 let _p = phase!("down");
                 opt_norm(b.down.forward(&gu, deltas)?, &b.post_mlp_norm, eps)?
             };
-            x = (x + m)?;
+            match self.blocks.get(layer + 1) {
+                Some(next) => {
+                    let _p = phase!("attn_norm");
+                    let (s, h) = add_norm(&x, &m, &next.attn_norm, eps)?;
+                    x = s;
+                    normed = Some(h);
+                }
+                None => x = (x + m)?,
+            }
         }
         for (c, &(_, len, _)) in chunks.iter_mut().zip(spans.iter()) {
             c.cache.advance(len);
@@ -355,7 +399,7 @@ impl Llama {
         let last: Vec<u32> = wanted.iter().map(|&i| (spans[i].0 + spans[i].1 - 1) as u32).collect();
         let rows = Tensor::from_vec(last, wanted.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
-        let x = rms_norm(&x, &self.final_norm, eps)?;
+        let x = norm(&x, &self.final_norm, eps)?;
         let y = self.lm_head.matmul_t(&x)?;
         softcap(deltas.add_lm_head_deltas(&wanted, &x, y)?, arch.final_softcap)
     }
