@@ -174,10 +174,12 @@ fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
 /// in `x` and the chunk).
 fn host_map(x: Tensor, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Result<Tensor> {
     use rayon::prelude::*;
-    const CHUNK: usize = 1 << 14;
+    // One chunk per pool thread (at least 4096 values): fixed 16,384-value chunks split a
+    // batch-32 MLP row block (49,152 values) 2 + 1 between 2 threads.
     let shape = x.shape().clone();
     let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
+    let chunk = v.len().div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(64).max(4096);
+    v.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
     Tensor::from_vec(v, shape, x.device())
 }
 
