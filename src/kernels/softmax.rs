@@ -146,6 +146,23 @@ pub fn max_finite(x: &[f32]) -> f32 {
     max_finite_generic(x)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_in_place_avx2(x: &mut [f32], max: f32) -> f64 {
+    exp_in_place_generic(x, max)
+}
+
+/// `x[i] = exp(x[i] - max)` (0 for non-finite values and terms below `exp(-87)`; `max` is
+/// [`max_finite`] of `x`) and their sum, as [`exp_sum`] forms it: stochastic sampling's weights.
+pub fn exp_in_place(x: &mut [f32], max: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu().avx2_fma {
+        // SAFETY: the probe reported AVX2 and FMA; the function is safe code.
+        return unsafe { exp_in_place_avx2(x, max) };
+    }
+    exp_in_place_generic(x, max)
+}
+
 /// `sum(exp(x_i - max))` over the finite `x_i` (see the module comment for its accuracy); `max`
 /// is [`max_finite`] of `x`.
 pub fn exp_sum(x: &[f32], max: f32) -> f64 {
