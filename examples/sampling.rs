@@ -22,8 +22,9 @@ fn main() {
             v
         })
         .collect();
-    let cases: [(&str, SamplingParams); 4] = [
+    let cases: [(&str, SamplingParams); 5] = [
         ("greedy", SamplingParams::default()),
+        ("greedy, top_logprobs 5", SamplingParams { top_logprobs: 5, ..Default::default() }),
         ("temperature 0.8, top-p 0.95", SamplingParams { temperature: 0.8, top_p: 0.95, seed: 1, ..Default::default() }),
         ("temperature 1.0", SamplingParams { temperature: 1.0, seed: 1, ..Default::default() }),
         ("temperature 0.7, top-k 40", SamplingParams { temperature: 0.7, top_k: 40, seed: 1, ..Default::default() }),

@@ -249,18 +249,27 @@ fn first_index_of(v: &[f32], max: f32) -> u32 {
     v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
-/// The `k` highest entries, highest first (ties: lower id first).
+/// The `k` highest entries, highest first (ties: lower id first; ordered as `f32::total_cmp`).
+/// One pass that keeps the best `k` so far (most entries cost one comparison with the k-th):
+/// selecting over an index vector of the whole vocabulary cost twice greedy sampling itself
+/// (`examples/sampling`, top_logprobs 5).
 pub fn top_k_logprobs(logprobs: &[f32], k: usize) -> Vec<TokenLogprob> {
+    use std::cmp::Ordering::{Greater, Less};
+    let k = k.min(logprobs.len());
     if k == 0 {
         return Vec::new();
     }
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    let k = k.min(idx.len());
-    let cmp = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
-    idx.select_nth_unstable_by(k - 1, cmp);
-    idx.truncate(k);
-    idx.sort_unstable_by(cmp);
-    idx.into_iter().map(|id| TokenLogprob { id, logprob: logprobs[id as usize] }).collect()
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in logprobs.iter().enumerate() {
+        if best.len() == k && v.total_cmp(&best[k - 1].0) != Greater {
+            continue;
+        }
+        // After every kept entry >= v: an equal value seen earlier has the lower id.
+        let at = best.partition_point(|b| b.0.total_cmp(&v) != Less);
+        best.insert(at, (v, i as u32));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(logprob, id)| TokenLogprob { id, logprob }).collect()
 }
 
 #[cfg(test)]
@@ -353,6 +362,29 @@ mod tests {
             probs[i] = e / kept;
         }
         probs
+    }
+
+    /// The one-pass top-k equals a full sort (total order, ties by id) on rows with ties, infinities
+    /// and NaNs, for k from 0 past the row's length.
+    #[test]
+    fn top_k_logprobs_equals_a_full_sort() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(13);
+        for n in [0, 1, 5, 33, 500] {
+            let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-6i32..6) as f32 * 0.5).collect();
+            if n > 4 {
+                v[1] = f32::NEG_INFINITY;
+                v[3] = f32::INFINITY;
+                v[n - 1] = f32::NAN;
+            }
+            for k in [0, 1, 3, 20, n + 2] {
+                let mut idx: Vec<u32> = (0..n as u32).collect();
+                idx.sort_by(|a, b| v[*b as usize].total_cmp(&v[*a as usize]).then(a.cmp(b)));
+                idx.truncate(k);
+                let got: Vec<u32> = top_k_logprobs(&v, k).iter().map(|t| t.id).collect();
+                assert_eq!(got, idx, "n {n} k {k}");
+            }
+        }
     }
 
     /// Seeded draws follow the exact distribution (a chi-square test of 50,000 draws against the
