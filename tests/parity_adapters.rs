@@ -223,9 +223,9 @@ fn generate_cli_applies_deltas_and_routes() {
 /// an AVX2 CPU with the file's Q4_1 weights (the kit's own weights, so `n` is the activations'
 /// rounding alone: 51/147/38 on the three prompts, 138/66/43 with Q8_0 weights, 2026-12-05) gave
 /// gain 1.253, then 1.320 once the RMSNorm summed its squares in another order (`kernels::norm`;
-/// `n` 45/193/29), with no change to any delta. A delta not applied (gain 0) or applied twice (2) stays far
-/// outside, as the bound is at most 0.5. Every case's effect, small
-/// ones included, is checked through the same compact adapter kernels on the f32 base by
+/// `n` 45/193/29), with no change to any delta. A delta not applied (gain 0) or applied twice (2)
+/// stays far outside, as the bound is at most 0.5. Every case's effect, small ones included, is
+/// checked through the same compact adapter kernels on the f32 base by
 /// `compact_adapter_kernels_reproduce_every_kit_effect`. Also: the kit's top-1 is in our top-5 for
 /// every case; and all cases in one mixed batch generate exactly what each generates alone with the
 /// same prefill chunking. On an H100 (`MODSERVE_TEST_DEVICE=cuda:0`, 2026-11-27) candle's CUDA

@@ -166,8 +166,8 @@ impl Sequence {
     }
 
     /// Samples from the logits after the last fed token and updates text and finish state.
-    /// `logits` is the caller's copy of the row: while `min_new_tokens` holds, the end-of-sequence
-    /// entries are set to minus infinity in it.
+    /// `logits` is the step's row, read in place; while `min_new_tokens` holds, a copy with the
+    /// end-of-sequence entries set to minus infinity is sampled instead.
     pub fn on_logits(&mut self, logits: &[f32]) -> Result<TokenEvent, SequenceError> {
         let sampled = if self.generated.len() < self.spec.min_new_tokens && !self.eos.is_empty() {
             // End-of-sequence tokens masked in a copy of the row (the step's logits are shared).

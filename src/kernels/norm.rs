@@ -7,9 +7,8 @@
 //! Invariants: each row's result is candle's `x / sqrt(mean(x^2) + eps) * w`, except that the sum
 //! of squares is accumulated in 8 lanes (then added lane by lane) instead of in one sequential sum
 //! and the division is a multiplication by the reciprocal: equal within a few f32 roundings
-//! (checked in the tests). The
-//! AVX2 copy runs only when [`super::cpu`] reported AVX2 and FMA; both copies are safe code
-//! compiled for different features.
+//! (checked in the tests). The AVX2 copy runs only when [`super::cpu`] reported AVX2 and FMA;
+//! both copies are safe code compiled for different features.
 
 const LANES: usize = 8;
 
