@@ -24,6 +24,8 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub new_tokens: usize,
     pub composition: CompositionSpec,
+    /// Greedy by default; `base32_sampled` draws with a temperature.
+    pub sampling: SamplingParams,
 }
 
 /// What one request saw.
@@ -74,7 +76,8 @@ pub fn long_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(100..vocab as u32)).collect()
 }
 
-/// Greedy, exactly `new_tokens` tokens (end-of-sequence suppressed), ending with
+/// The job's sampling (greedy unless set), exactly `new_tokens` tokens (end-of-sequence
+/// suppressed: with a temperature, each step then copies a sequence's logits row to mask it), ending with
 /// `deadline_exceeded` at `deadline` if one is given (the server's gRPC deadline path).
 pub fn request(job: &Job, id: String, deadline: Option<Instant>) -> EngineRequest {
     EngineRequest {
@@ -84,7 +87,7 @@ pub fn request(job: &Job, id: String, deadline: Option<Instant>) -> EngineReques
             max_new_tokens: job.new_tokens,
             min_new_tokens: job.new_tokens,
             stop: Vec::new(),
-            sampling: SamplingParams::default(),
+            sampling: job.sampling.clone(),
         },
         composition: job.composition.clone(),
         deadline,

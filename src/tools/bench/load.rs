@@ -129,7 +129,7 @@ pub fn zipf(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let jobs: Vec<Job> = prompts(picks.len(), ctx.vocab, ctx.seed ^ 0x77)
         .into_iter()
         .zip(&picks)
-        .map(|(prompt, &k)| Job { prompt, new_tokens, composition: delta_of(k) })
+        .map(|(prompt, &k)| Job { prompt, new_tokens, composition: delta_of(k), sampling: Default::default() })
         .collect();
     let shape = format!("{} requests x {new_tokens} tokens, {distinct} distinct modules", jobs.len());
 
@@ -237,7 +237,7 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     const BEFORE: usize = 3;
     let jobs: Vec<Job> = prompts(n, ctx.vocab, ctx.seed ^ 0x99)
         .into_iter()
-        .map(|prompt| Job { prompt, new_tokens: DECODE_TOKENS, composition: CompositionSpec::default() })
+        .map(|prompt| Job { prompt, new_tokens: DECODE_TOKENS, composition: CompositionSpec::default(), sampling: Default::default() })
         .collect();
     let stamps: Arc<Vec<Mutex<Vec<Instant>>>> = Arc::new((0..n).map(|_| Mutex::new(Vec::new())).collect());
     let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -281,6 +281,7 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
             prompt: long_prompt(PROBE_LEN, ctx.vocab, ctx.seed.wrapping_add(k as u64)),
             new_tokens: 4,
             composition: CompositionSpec::default(),
+            sampling: Default::default(),
         };
         let t_probe = Instant::now();
         let mut rx = drive::submit(ctx, None, &probe, format!("probe-{k}"))?;

@@ -31,9 +31,10 @@ pub use stats::Row;
 /// Every scenario, in the order they run.
 /// `zipf1000` runs last: its all-hot half holds every module resident, which raises the
 /// process-wide peak RSS that every later row would report.
-pub const SCENARIOS: [&str; 14] = [
+pub const SCENARIOS: [&str; 15] = [
     "single",
     "base32",
+    "base32_sampled",
     "lora32",
     "sft32",
     "poly32",
@@ -53,7 +54,8 @@ pub const SCENARIOS: [&str; 14] = [
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Scenarios to run, comma-separated: single, base32, lora32, sft32, poly32, lora32_r16,
+    /// Scenarios to run, comma-separated: single, base32, base32_sampled (base32 at temperature
+    /// 0.8, top-p 0.95), lora32, sft32, poly32, lora32_r16,
     /// lora32_r64, lora32_mixed (ranks 8/16/32/64 in one batch), base128, lora128 (128 streams),
     /// zipf1000 (also reports `allhot`), ws2x (working set of 64 LoRAs over a cache of 32; also
     /// reports `ws2x_allhot`), coldload, ttft_under_load. Default: all.
@@ -113,7 +115,7 @@ pub struct BenchArgs {
 }
 
 /// The scenarios whose ratio is to base32 (what `--bracket-base` brackets).
-const AGAINST_BASE32: [&str; 6] = ["lora32", "sft32", "poly32", "lora32_r16", "lora32_r64", "lora32_mixed"];
+const AGAINST_BASE32: [&str; 7] = ["base32_sampled", "lora32", "sft32", "poly32", "lora32_r16", "lora32_r64", "lora32_mixed"];
 
 fn selected(args: &BenchArgs) -> anyhow::Result<Vec<&'static str>> {
     if args.scenarios.is_empty() {
@@ -282,6 +284,7 @@ fn run_scenario(ctx: &Ctx, name: &str, res: &mut Results) -> anyhow::Result<()> 
     match name {
         "single" => scenarios::single(ctx, res)?,
         "base32" => scenarios::base_streams(ctx, res)?,
+        "base32_sampled" => scenarios::base_streams_sampled(ctx, res)?,
         "lora32" => scenarios::lora_streams(ctx, res)?,
         "sft32" => scenarios::sft_streams(ctx, res)?,
         "poly32" => scenarios::poly_streams(ctx, res)?,

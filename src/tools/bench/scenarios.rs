@@ -1,5 +1,6 @@
-//! Throughput scenarios: one stream, and N concurrent streams on the base model, on N distinct
-//! LoRAs, on language+task sparse compositions and on one Poly inventory routed per task.
+//! Throughput scenarios: one stream, and N concurrent streams on the base model (greedy, and
+//! sampling with a temperature), on N distinct LoRAs, on language+task sparse compositions and
+//! on one Poly inventory routed per task.
 use std::path::Path;
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use super::synth::{self, PolyShape};
 use crate::adapters::composition::{CompositionSpec, DeltaRef};
 use crate::adapters::formats::poly::Routing;
 use crate::adapters::store::AdapterStore;
+use crate::model::sampling::SamplingParams;
 
 /// Cache budget of the stores that must hold everything (no eviction while measuring).
 const BIG_CACHE: usize = 8 << 30;
@@ -22,7 +24,7 @@ pub fn warmup(ctx: &Ctx) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let jobs: Vec<Job> = prompts(2, ctx.vocab, ctx.seed.wrapping_add(99))
         .into_iter()
-        .map(|prompt| Job { prompt, new_tokens: 4, composition: CompositionSpec::default() })
+        .map(|prompt| Job { prompt, new_tokens: 4, composition: CompositionSpec::default(), sampling: Default::default() })
         .collect();
     let traces = drive::run_all_at_once(ctx, None, &jobs)?;
     check(&drive::summarize(&traces), "warmup")?;
@@ -66,7 +68,7 @@ pub fn row(name: &str, streams: usize, s: &Summary, base: Option<f64>, notes: St
 /// `single`: one greedy stream; tok/s counts decode only: (generated - 1) / (last - first token).
 pub fn single(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let prompt = prompts(1, ctx.vocab, ctx.seed).remove(0);
-    let job = Job { prompt, new_tokens: ctx.new_tokens, composition: CompositionSpec::default() };
+    let job = Job { prompt, new_tokens: ctx.new_tokens, composition: CompositionSpec::default(), sampling: Default::default() };
     let traces = drive::run_all_at_once(ctx, None, std::slice::from_ref(&job))?;
     let s = drive::summarize(&traces);
     check(&s, "single")?;
@@ -82,7 +84,7 @@ pub fn single(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `comps.len()` streams submitted at once, one composition each.
+/// Runs `comps.len()` greedy streams submitted at once, one composition each.
 fn streams_row(
     ctx: &Ctx,
     name: &str,
@@ -91,10 +93,24 @@ fn streams_row(
     base: Option<f64>,
     notes: String,
 ) -> anyhow::Result<Row> {
+    sampled_streams_row(ctx, name, store, comps, base, notes, |_| SamplingParams::default())
+}
+
+/// [`streams_row`] with stream `i` sampling as `sampling(i)` says.
+fn sampled_streams_row(
+    ctx: &Ctx,
+    name: &str,
+    store: Option<&AdapterStore>,
+    comps: Vec<CompositionSpec>,
+    base: Option<f64>,
+    notes: String,
+    sampling: impl Fn(usize) -> SamplingParams,
+) -> anyhow::Result<Row> {
     let jobs: Vec<Job> = prompts(comps.len(), ctx.vocab, ctx.seed)
         .into_iter()
         .zip(comps)
-        .map(|(prompt, composition)| Job { prompt, new_tokens: ctx.new_tokens, composition })
+        .enumerate()
+        .map(|(i, (prompt, composition))| Job { prompt, new_tokens: ctx.new_tokens, composition, sampling: sampling(i) })
         .collect();
     eprintln!("[bench]   {} streams x {} tokens ...", jobs.len(), ctx.new_tokens);
     let traces = drive::run_all_at_once(ctx, store, &jobs)?;
@@ -108,6 +124,23 @@ pub fn base_streams(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     res.base_streams = base_row(ctx, res, "base32", ctx.streams)?;
     Ok(())
 }
+
+/// `base32_sampled`: the `base32` streams (same prompts) drawing every token at temperature
+/// [`SAMPLED_TEMPERATURE`] with top-p [`SAMPLED_TOP_P`] (seed = stream index), as chat clients
+/// ask; its ratio is to `base32`'s greedy streams of the same run: what sampling costs.
+pub fn base_streams_sampled(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
+    let params = |i: usize| SamplingParams { temperature: SAMPLED_TEMPERATURE, top_p: SAMPLED_TOP_P, seed: i as u64, ..Default::default() };
+    let notes =
+        format!("base model only, temperature {SAMPLED_TEMPERATURE}, top-p {SAMPLED_TOP_P}, seeded per stream; ratio to base32 (greedy)");
+    let r =
+        sampled_streams_row(ctx, "base32_sampled", None, vec![CompositionSpec::default(); ctx.streams], res.base_streams, notes, params)?;
+    res.rows.push(r);
+    Ok(())
+}
+
+/// The sampling of `base32_sampled`.
+pub const SAMPLED_TEMPERATURE: f32 = 0.8;
+pub const SAMPLED_TOP_P: f32 = 0.95;
 
 /// `base128`: [`WIDE_STREAMS`] base-only streams (how a step's cost grows with the batch).
 pub fn base_streams_wide(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {

@@ -105,6 +105,7 @@ pub fn ws2x(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
             prompt,
             new_tokens,
             composition: CompositionSpec { deltas: vec![DeltaRef { id: ids[k].clone(), scale: 1.0 }], route: None },
+            sampling: Default::default(),
         })
         .collect();
     let shape = format!(
