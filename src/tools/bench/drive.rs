@@ -113,10 +113,15 @@ pub fn submit_by(
 }
 
 /// Reads a stream to its end, stamping every token.
-pub fn read(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
+pub fn read(start: Instant, rx: mpsc::Receiver<EventResult>) -> Trace {
+    on_one_thread(async move { read_async(start, rx).await })
+}
+
+/// [`read`] as a task.
+async fn read_async(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
     let mut t = Trace { start, tokens: Vec::new(), done: start, error: None };
     let mut finished = false;
-    while let Some(ev) = rx.blocking_recv() {
+    while let Some(ev) = rx.recv().await {
         match ev {
             Ok(StreamEvent::Token { .. }) => t.tokens.push(Instant::now()),
             Ok(StreamEvent::Finished(_)) => finished = true,
@@ -133,8 +138,28 @@ pub fn read(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
     t
 }
 
-/// Prepares every job, then submits them all at once and reads each stream on its own thread.
-/// The submissions come in one tight loop, before any reader thread is spawned: spawning a
+/// Reads every stream on this one thread, one task per stream (a current-thread tokio runtime),
+/// as the server's async front ends read the engine: one thread wakes per step for all the
+/// streams, where a thread per stream put 32 wake-ups per step beside the engine's compute
+/// threads on a 2-core machine, and each token's stamp waited for its own thread's turn.
+pub fn read_all(streams: Vec<(Instant, mpsc::Receiver<EventResult>)>) -> Vec<Trace> {
+    on_one_thread(async move {
+        let tasks: Vec<_> = streams.into_iter().map(|(start, rx)| tokio::spawn(read_async(start, rx))).collect();
+        let mut traces = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            traces.push(t.await.expect("a reader task"));
+        }
+        traces
+    })
+}
+
+/// Runs `f` to completion on a current-thread tokio runtime of its own (this thread).
+pub fn on_one_thread<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a current-thread runtime").block_on(f)
+}
+
+/// Prepares every job, then submits them all at once and reads the streams ([`read_all`]).
+/// The submissions come in one tight loop, before any reader starts: spawning a reader
 /// thread between two submissions (tens of µs, more while a step keeps both cores busy) let the
 /// engine start its first step on one or two prompts in some runs and on all of them in others,
 /// and a first step of one prompt turns the rest of the prefill into stall-capped steps (8 steps
@@ -150,10 +175,7 @@ pub fn run_all_at_once(ctx: &Ctx, store: Option<&AdapterStore>, jobs: &[Job]) ->
         let start = Instant::now();
         streams.push((start, ctx.engine.submit(p)?));
     }
-    std::thread::scope(|s| {
-        let hs: Vec<_> = streams.into_iter().map(|(start, rx)| s.spawn(move || read(start, rx))).collect();
-        Ok(hs.into_iter().map(|h| h.join().expect("reader thread")).collect())
-    })
+    Ok(read_all(streams))
 }
 
 /// Closed loop: `concurrency` workers each take the next job, prepare (resolving its composition,

@@ -242,23 +242,39 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
     let stamps: Arc<Vec<Mutex<Vec<Instant>>>> = Arc::new((0..n).map(|_| Mutex::new(Vec::new())).collect());
     let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
+    let mut receivers = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        let mut rx = drive::submit(ctx, None, job, format!("decode-{i}"))?;
-        let (stamps, stop, ended) = (stamps.clone(), stop.clone(), ended.clone());
-        readers.push(std::thread::spawn(move || {
-            while let Some(ev) = rx.blocking_recv() {
-                if let Ok(StreamEvent::Token { .. }) = ev {
-                    stamps[i].lock().expect("stamps").push(Instant::now());
-                }
-                if ev.is_err() || stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            ended.fetch_add(1, Ordering::Relaxed);
-            // Dropping `rx` cancels the sequence.
-        }));
+        receivers.push((i, drive::submit(ctx, None, job, format!("decode-{i}"))?));
     }
+    // One reader thread for all the decoding streams (a task each, as `drive::read_all`).
+    let reader = {
+        let (stamps, stop, ended) = (stamps.clone(), stop.clone(), ended.clone());
+        std::thread::spawn(move || {
+            drive::on_one_thread(async move {
+                let tasks: Vec<_> = receivers
+                    .into_iter()
+                    .map(|(i, mut rx)| {
+                        let (stamps, stop, ended) = (stamps.clone(), stop.clone(), ended.clone());
+                        tokio::spawn(async move {
+                            while let Some(ev) = rx.recv().await {
+                                if let Ok(StreamEvent::Token { .. }) = ev {
+                                    stamps[i].lock().expect("stamps").push(Instant::now());
+                                }
+                                if ev.is_err() || stop.load(Ordering::Relaxed) {
+                                    break;
+                                }
+                            }
+                            ended.fetch_add(1, Ordering::Relaxed);
+                            // Dropping `rx` cancels the sequence.
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
+        })
+    };
     let count = |i: usize| stamps[i].lock().expect("stamps").len();
     let wait_until = |cond: &dyn Fn() -> bool, what: &str| -> anyhow::Result<()> {
         let t0 = Instant::now();
@@ -306,9 +322,7 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         )?;
     }
     stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        let _ = r.join();
-    }
+    let _ = reader.join();
     anyhow::ensure!(!probes.is_empty(), "ttft_under_load: a decoding stream ended before the first probe");
     let streams: Vec<Vec<Instant>> = stamps.iter().map(|s| s.lock().expect("stamps").clone()).collect();
     // All gaps, without each stream's first two (its own prefill and start-up).
