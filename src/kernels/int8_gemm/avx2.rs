@@ -67,14 +67,19 @@ pub unsafe fn quantize_avx2(x: &[f32], k: usize, q: &mut [i8], d: &mut [f32], su
 ///
 /// # Safety
 /// The CPU must support avx/avx2/fma/f16c; `w` must hold `nb` panel blocks (any bytes after are only
-/// prefetched); `act` must hold rows `r0..r0+rows`; `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
+/// prefetched); `act` must hold rows `r0..r0+rows` (up to 8; `r0` a multiple of 4, asserted); `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_avx2(w: &[u8], nb: usize, act: &QuantRows, r0: usize, rows: usize, out: *mut f32, ldo: usize, cols: usize) {
+    assert!((1..=Variant::Avx2.tile_rows()).contains(&rows) && r0.is_multiple_of(Variant::Avx2.mr()), "a tile of {rows} rows at row {r0}");
     match rows {
         1 => tile_avx2_n::<1>(w, nb, act, r0, out, ldo, cols),
         2 => tile_avx2_n::<2>(w, nb, act, r0, out, ldo, cols),
         3 => tile_avx2_n::<3>(w, nb, act, r0, out, ldo, cols),
-        _ => tile_avx2_n::<{ Variant::Avx2.mr() }>(w, nb, act, r0, out, ldo, cols),
+        4 => tile_avx2_n::<4>(w, nb, act, r0, out, ldo, cols),
+        5 => tile_avx2_n::<5>(w, nb, act, r0, out, ldo, cols),
+        6 => tile_avx2_n::<6>(w, nb, act, r0, out, ldo, cols),
+        7 => tile_avx2_n::<7>(w, nb, act, r0, out, ldo, cols),
+        _ => tile_avx2_n::<8>(w, nb, act, r0, out, ldo, cols),
     }
 }
 
@@ -83,10 +88,12 @@ unsafe fn tile_avx2_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: 
     const NR8: usize = Variant::Avx2.nr();
     const MR4: usize = Variant::Avx2.mr();
     let pb = Variant::Avx2.pb();
-    debug_assert!(w.len() >= nb * pb && cols <= NR8 && R <= MR4 && r0.is_multiple_of(MR4));
-    // The tile's rows (QuantRows' AVX2 layout): per block 32 x 4 bytes, per group 4 x 4.
-    let xt = act.q.as_ptr().add(r0 * act.k);
-    let dt = act.d.as_ptr().add(r0 * nb);
+    debug_assert!(w.len() >= nb * pb && cols <= NR8 && R <= 2 * MR4 && r0.is_multiple_of(MR4));
+    // Row r of the tile (QuantRows' AVX2 layout: per block 32 x 4 bytes, per group 4 x 4): layout
+    // tile (r0 + r) / 4, slot r % 4.
+    let xrow: [*const i8; R] = std::array::from_fn(|r| act.q.as_ptr().add((r0 + r - r % MR4) * act.k + (r % MR4) * 4));
+    let drow: [usize; R] = std::array::from_fn(|r| (r0 + r - r % MR4) * nb + r % MR4);
+    let dt = act.d.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     let wp = w.as_ptr();
@@ -96,7 +103,6 @@ unsafe fn tile_avx2_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: 
         if next_panel {
             prefetch_next_panel(blk, nb * pb, pb);
         }
-        let xb = xt.add(b * QK * MR4);
         let mut s = [_mm256_setzero_si256(); R];
         for g in 0..QK / 4 {
             // 8 output rows x 4 consecutive inputs; |w| as the unsigned operand and x with
@@ -104,14 +110,14 @@ unsafe fn tile_avx2_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: 
             let wg = _mm256_loadu_si256(blk.add(g * NR8 * 4) as *const __m256i);
             let aw = _mm256_abs_epi8(wg);
             for (r, sr) in s.iter_mut().enumerate() {
-                let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xb.add((g * MR4 + r) * 4) as *const i32));
+                let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xrow[r].add(b * QK * MR4 + g * MR4 * 4) as *const i32));
                 let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wg));
                 *sr = _mm256_add_epi32(*sr, _mm256_madd_epi16(p, ones));
             }
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(NR8 * QK) as *const __m128i));
         for (r, a) in acc.iter_mut().enumerate() {
-            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*dt.add(b * MR4 + r)));
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*dt.add(drow[r] + b * MR4)));
             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), sc, *a);
         }
     }

@@ -84,24 +84,33 @@ mod kernel {
     /// # Safety
     /// The CPU must support avx/avx2/fma/f16c; `w` must hold `nb` panel blocks (any bytes after
     /// are only prefetched); `act` must be quantized for [`Variant::Q4Avx2`] and hold rows
-    /// `r0..r0+rows`; `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
+    /// `r0..r0+rows` (up to 8; `r0` a multiple of 4, asserted); `out` must be valid for `rows` rows of `cols <= 8` floats at stride `ldo`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(w: &[u8], nb: usize, act: &QuantRows, r0: usize, rows: usize, out: *mut f32, ldo: usize, cols: usize) {
+        assert!(
+            (1..=Variant::Q4Avx2.tile_rows()).contains(&rows) && r0.is_multiple_of(Variant::Q4Avx2.mr()),
+            "a tile of {rows} rows at row {r0}"
+        );
         match rows {
             1 => tile_n::<1>(w, nb, act, r0, out, ldo, cols),
             2 => tile_n::<2>(w, nb, act, r0, out, ldo, cols),
             3 => tile_n::<3>(w, nb, act, r0, out, ldo, cols),
-            _ => tile_n::<{ Variant::Q4Avx2.mr() }>(w, nb, act, r0, out, ldo, cols),
+            4 => tile_n::<4>(w, nb, act, r0, out, ldo, cols),
+            5 => tile_n::<5>(w, nb, act, r0, out, ldo, cols),
+            6 => tile_n::<6>(w, nb, act, r0, out, ldo, cols),
+            7 => tile_n::<7>(w, nb, act, r0, out, ldo, cols),
+            _ => tile_n::<8>(w, nb, act, r0, out, ldo, cols),
         }
     }
 
     #[target_feature(enable = "avx,avx2,fma,f16c")]
     unsafe fn tile_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: usize, out: *mut f32, ldo: usize, cols: usize) {
         const MR4: usize = Variant::Q4Avx2.mr();
-        debug_assert!(w.len() >= nb * PB && cols <= NR && R <= MR4 && r0.is_multiple_of(MR4));
-        let xt = act.q.as_ptr().add(r0 * act.k);
-        let dt = act.d.as_ptr().add(r0 * nb);
-        let st = act.sums.as_ptr().add(r0 * nb);
+        debug_assert!(w.len() >= nb * PB && cols <= NR && R <= 2 * MR4 && r0.is_multiple_of(MR4));
+        // Row r of the tile: layout tile (r0 + r) / 4, slot r % 4.
+        let xrow: [*const i8; R] = std::array::from_fn(|r| act.q.as_ptr().add((r0 + r - r % MR4) * act.k + (r % MR4) * 4));
+        let drow: [usize; R] = std::array::from_fn(|r| (r0 + r - r % MR4) * nb + r % MR4);
+        let (dt, st) = (act.d.as_ptr(), act.sums.as_ptr());
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); R];
@@ -113,7 +122,6 @@ mod kernel {
             if next_panel {
                 super::super::avx2::prefetch_next_panel(blk, nb * PB, PB);
             }
-            let xb = xt.add(b * QK * MR4);
             let mut s = [_mm256_setzero_si256(); R];
             for g in 0..4 {
                 // 8 output rows x 4 bytes: low nibbles are inputs 4g.., high nibbles 16+4g..
@@ -121,7 +129,8 @@ mod kernel {
                 let lo = _mm256_and_si256(packed, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
                 for (r, sr) in s.iter_mut().enumerate() {
-                    let bc = |grp: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xb.add((grp * MR4 + r) * 4) as *const i32));
+                    let xb = xrow[r].add(b * QK * MR4);
+                    let bc = |grp: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xb.add(grp * MR4 * 4) as *const i32));
                     *sr = _mm256_add_epi16(*sr, _mm256_maddubs_epi16(lo, bc(g)));
                     *sr = _mm256_add_epi16(*sr, _mm256_maddubs_epi16(hi, bc(g + 4)));
                 }
@@ -130,9 +139,9 @@ mod kernel {
             let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(M_AT) as *const __m128i));
             for (r, a) in acc.iter_mut().enumerate() {
                 let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
-                let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*dt.add(b * MR4 + r)));
+                let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*dt.add(drow[r] + b * MR4)));
                 *a = _mm256_fmadd_ps(dot, sc, *a);
-                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*st.add(b * MR4 + r)), *a);
+                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*st.add(drow[r] + b * MR4)), *a);
             }
         }
         super::super::avx2::store_rows_avx2(&acc, out, ldo, cols);
