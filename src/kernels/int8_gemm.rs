@@ -354,6 +354,17 @@ struct QuantRows {
 }
 
 impl QuantRows {
+    /// Where row `r0 + r` of an AVX2 tile call starts, for each of its `R` rows (`r0` a multiple
+    /// of 4): its values' offset in `q` (layout tile `(r0 + r) / 4`, slot `r % 4`; add
+    /// `b * 128 + g * 16` for block `b`, group `g`) and its scales' offset in `d` and `sums` (add
+    /// `b * 4`).
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_rows<const R: usize>(&self, r0: usize) -> ([usize; R], [usize; R]) {
+        const MR4: usize = Variant::Avx2.mr();
+        let nb = self.k / QK;
+        (std::array::from_fn(|r| (r0 + r - r % MR4) * self.k + (r % MR4) * 4), std::array::from_fn(|r| (r0 + r - r % MR4) * nb + r % MR4))
+    }
+
     fn new(x: &[f32], m: usize, k: usize, variant: Variant) -> Self {
         assert!(variant.supported(), "int8 kernel variant {variant:?} on a CPU without it");
         assert!(k.is_multiple_of(QK) && x.len() == m * k, "int8 matmul: {} inputs for {m} rows of {k}", x.len());
@@ -378,6 +389,24 @@ impl QuantRows {
         let _ = (x, &mut q, &mut d, &mut bias, &mut sums);
         Self { k, q, d, bias, sums }
     }
+}
+
+/// `$tile::<R>($args)` for a tile of `$rows` batch rows, 1 to 8 (the row count is a constant
+/// there, so the accumulators stay in registers); more than 8 takes 8 (callers assert the count).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($rows:expr, $tile:ident($($arg:expr),*)) => {
+        match $rows {
+            1 => $tile::<1>($($arg),*),
+            2 => $tile::<2>($($arg),*),
+            3 => $tile::<3>($($arg),*),
+            4 => $tile::<4>($($arg),*),
+            5 => $tile::<5>($($arg),*),
+            6 => $tile::<6>($($arg),*),
+            7 => $tile::<7>($($arg),*),
+            _ => $tile::<8>($($arg),*),
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -421,16 +450,8 @@ mod kernel {
     /// `cols` floats at stride `ldo`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(w: &[u8], nb: usize, act: &QuantRows, r0: usize, rows: usize, out: *mut f32, ldo: usize, cols: usize) {
-        match rows {
-            1 => tile_n::<1>(w, nb, act, r0, out, ldo, cols),
-            2 => tile_n::<2>(w, nb, act, r0, out, ldo, cols),
-            3 => tile_n::<3>(w, nb, act, r0, out, ldo, cols),
-            4 => tile_n::<4>(w, nb, act, r0, out, ldo, cols),
-            5 => tile_n::<5>(w, nb, act, r0, out, ldo, cols),
-            6 => tile_n::<6>(w, nb, act, r0, out, ldo, cols),
-            7 => tile_n::<7>(w, nb, act, r0, out, ldo, cols),
-            _ => tile_n::<MR>(w, nb, act, r0, out, ldo, cols),
-        }
+        const _: () = assert!(MR == 8);
+        by_rows!(rows, tile_n(w, nb, act, r0, out, ldo, cols))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]

@@ -176,8 +176,8 @@ impl Sampler {
     /// may be drawn too (after `kept`, in id order), `total` being every token's weight.
     fn draw(&mut self, kept: &[u32], w: &[f32], tail: Option<(f32, f64)>) -> u32 {
         use rand::Rng;
-        let kept_mass: f64 = kept.iter().map(|&i| w[i as usize] as f64).sum();
-        let total = tail.map_or(kept_mass, |(_, t)| t);
+        // (The kept set's own mass only when nothing past it can be drawn.)
+        let total = tail.map_or_else(|| kept.iter().map(|&i| w[i as usize] as f64).sum(), |(_, t)| t);
         let u = self.rng.random::<f64>() * total;
         let mut acc = 0.0;
         for &i in kept {

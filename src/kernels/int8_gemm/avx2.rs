@@ -71,16 +71,7 @@ pub unsafe fn quantize_avx2(x: &[f32], k: usize, q: &mut [i8], d: &mut [f32], su
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_avx2(w: &[u8], nb: usize, act: &QuantRows, r0: usize, rows: usize, out: *mut f32, ldo: usize, cols: usize) {
     assert!((1..=Variant::Avx2.tile_rows()).contains(&rows) && r0.is_multiple_of(Variant::Avx2.mr()), "a tile of {rows} rows at row {r0}");
-    match rows {
-        1 => tile_avx2_n::<1>(w, nb, act, r0, out, ldo, cols),
-        2 => tile_avx2_n::<2>(w, nb, act, r0, out, ldo, cols),
-        3 => tile_avx2_n::<3>(w, nb, act, r0, out, ldo, cols),
-        4 => tile_avx2_n::<4>(w, nb, act, r0, out, ldo, cols),
-        5 => tile_avx2_n::<5>(w, nb, act, r0, out, ldo, cols),
-        6 => tile_avx2_n::<6>(w, nb, act, r0, out, ldo, cols),
-        7 => tile_avx2_n::<7>(w, nb, act, r0, out, ldo, cols),
-        _ => tile_avx2_n::<8>(w, nb, act, r0, out, ldo, cols),
-    }
+    by_rows!(rows, tile_avx2_n(w, nb, act, r0, out, ldo, cols))
 }
 
 #[target_feature(enable = "avx,avx2,fma,f16c")]
@@ -89,10 +80,9 @@ unsafe fn tile_avx2_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: 
     const MR4: usize = Variant::Avx2.mr();
     let pb = Variant::Avx2.pb();
     debug_assert!(w.len() >= nb * pb && cols <= NR8 && R <= 2 * MR4 && r0.is_multiple_of(MR4));
-    // Row r of the tile (QuantRows' AVX2 layout: per block 32 x 4 bytes, per group 4 x 4): layout
-    // tile (r0 + r) / 4, slot r % 4.
-    let xrow: [*const i8; R] = std::array::from_fn(|r| act.q.as_ptr().add((r0 + r - r % MR4) * act.k + (r % MR4) * 4));
-    let drow: [usize; R] = std::array::from_fn(|r| (r0 + r - r % MR4) * nb + r % MR4);
+    // Row r of the tile (QuantRows' AVX2 layout: per block 32 x 4 bytes, per group 4 x 4).
+    let (xo, drow) = act.avx2_rows::<R>(r0);
+    let xrow: [*const i8; R] = xo.map(|o| act.q.as_ptr().add(o));
     let dt = act.d.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];

@@ -91,25 +91,16 @@ mod kernel {
             (1..=Variant::Q4Avx2.tile_rows()).contains(&rows) && r0.is_multiple_of(Variant::Q4Avx2.mr()),
             "a tile of {rows} rows at row {r0}"
         );
-        match rows {
-            1 => tile_n::<1>(w, nb, act, r0, out, ldo, cols),
-            2 => tile_n::<2>(w, nb, act, r0, out, ldo, cols),
-            3 => tile_n::<3>(w, nb, act, r0, out, ldo, cols),
-            4 => tile_n::<4>(w, nb, act, r0, out, ldo, cols),
-            5 => tile_n::<5>(w, nb, act, r0, out, ldo, cols),
-            6 => tile_n::<6>(w, nb, act, r0, out, ldo, cols),
-            7 => tile_n::<7>(w, nb, act, r0, out, ldo, cols),
-            _ => tile_n::<8>(w, nb, act, r0, out, ldo, cols),
-        }
+        by_rows!(rows, tile_n(w, nb, act, r0, out, ldo, cols))
     }
 
     #[target_feature(enable = "avx,avx2,fma,f16c")]
     unsafe fn tile_n<const R: usize>(w: &[u8], nb: usize, act: &QuantRows, r0: usize, out: *mut f32, ldo: usize, cols: usize) {
         const MR4: usize = Variant::Q4Avx2.mr();
         debug_assert!(w.len() >= nb * PB && cols <= NR && R <= 2 * MR4 && r0.is_multiple_of(MR4));
-        // Row r of the tile: layout tile (r0 + r) / 4, slot r % 4.
-        let xrow: [*const i8; R] = std::array::from_fn(|r| act.q.as_ptr().add((r0 + r - r % MR4) * act.k + (r % MR4) * 4));
-        let drow: [usize; R] = std::array::from_fn(|r| (r0 + r - r % MR4) * nb + r % MR4);
+        // Row r of the tile (QuantRows' AVX2 layout).
+        let (xo, drow) = act.avx2_rows::<R>(r0);
+        let xrow: [*const i8; R] = xo.map(|o| act.q.as_ptr().add(o));
         let (dt, st) = (act.d.as_ptr(), act.sums.as_ptr());
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0f);

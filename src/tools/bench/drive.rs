@@ -112,30 +112,59 @@ pub fn submit_by(
     ctx.engine.submit(req)
 }
 
-/// Reads a stream to its end, stamping every token.
-pub fn read(start: Instant, rx: mpsc::Receiver<EventResult>) -> Trace {
-    on_one_thread(async move { read_async(start, rx).await })
+/// Reads a stream to its end on this thread, stamping every token.
+pub fn read(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
+    let mut t = TraceBuilder::new(start);
+    while let Some(ev) = rx.blocking_recv() {
+        if !t.on_event(ev) {
+            break;
+        }
+    }
+    t.finish()
 }
 
 /// [`read`] as a task.
 async fn read_async(start: Instant, mut rx: mpsc::Receiver<EventResult>) -> Trace {
-    let mut t = Trace { start, tokens: Vec::new(), done: start, error: None };
-    let mut finished = false;
+    let mut t = TraceBuilder::new(start);
     while let Some(ev) = rx.recv().await {
-        match ev {
-            Ok(StreamEvent::Token { .. }) => t.tokens.push(Instant::now()),
-            Ok(StreamEvent::Finished(_)) => finished = true,
-            Err(e) => {
-                t.error = Some(e.to_string());
-                break;
-            }
+        if !t.on_event(ev) {
+            break;
         }
     }
-    if !finished && t.error.is_none() {
-        t.error = Some("stream ended without a final event".into());
+    t.finish()
+}
+
+/// A [`Trace`] as its stream's events arrive (shared by the blocking and the async reader).
+struct TraceBuilder {
+    trace: Trace,
+    finished: bool,
+}
+
+impl TraceBuilder {
+    fn new(start: Instant) -> Self {
+        Self { trace: Trace { start, tokens: Vec::new(), done: start, error: None }, finished: false }
     }
-    t.done = Instant::now();
-    t
+
+    /// Records one event; false once the stream failed (stop reading).
+    fn on_event(&mut self, ev: EventResult) -> bool {
+        match ev {
+            Ok(StreamEvent::Token { .. }) => self.trace.tokens.push(Instant::now()),
+            Ok(StreamEvent::Finished(_)) => self.finished = true,
+            Err(e) => {
+                self.trace.error = Some(e.to_string());
+                return false;
+            }
+        }
+        true
+    }
+
+    fn finish(mut self) -> Trace {
+        if !self.finished && self.trace.error.is_none() {
+            self.trace.error = Some("stream ended without a final event".into());
+        }
+        self.trace.done = Instant::now();
+        self.trace
+    }
 }
 
 /// Reads every stream on this one thread, one task per stream (a current-thread tokio runtime),
@@ -155,7 +184,7 @@ pub fn read_all(streams: Vec<(Instant, mpsc::Receiver<EventResult>)>) -> Vec<Tra
 
 /// Runs `f` to completion on a current-thread tokio runtime of its own (this thread).
 pub fn on_one_thread<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a current-thread runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime").block_on(f)
 }
 
 /// Prepares every job, then submits them all at once and reads the streams ([`read_all`]).
