@@ -8,7 +8,8 @@
 #
 #   benches/ab_step.sh [-r ROUNDS] [-s SCENARIO] [-n NEW_TOKENS] BIN_A BIN_B [BIN ...] [-- BENCH_ARGS]
 #
-# BIN: copies of target/release/modserve (a later build must not replace one mid-run). Defaults:
+# BIN: copies of target/release/modserve (a later build must not replace one mid-run), built from
+# a commit whose bench writes its phase profiles into --json (2026-12-05 or later). Defaults:
 # 6 rounds, scenario base32, 128 new tokens, THREADS=2, WORK_DIR=${TMPDIR:-/tmp}/mbw (the bench's
 # adapter work folder, shared by the runs). Prints to stdout; each run's full output goes to
 # OUT_DIR (default: a new folder under ${TMPDIR:-/tmp}).
@@ -47,27 +48,20 @@ RESULTS="$OUT_DIR/results.tsv"
 for ((r = 1; r <= ROUNDS; r++)); do
   for ((i = 0; i < ${#BINS[@]}; i++)); do
     log="$OUT_DIR/round$r-build$i.txt"
+    json="$OUT_DIR/round$r-build$i.json"
     "${BINS[$i]}" bench --threads "$THREADS" --new-tokens "$NEW_TOKENS" --scenarios "$SCENARIO" --profile \
-      --work-dir "$WORK_DIR" "${EXTRA[@]}" >"$log" 2>&1 || { tail -5 "$log" >&2; echo "ab_step: build $i failed (log $log)" >&2; exit 1; }
-    # The decode-step table: "decode_step: N steps, X ms per step" then "| phase | entries | ms | share |".
-    line="$(python3 - "$log" "$r" "$i" <<'PY'
-import re, sys
-log, rnd, build = sys.argv[1:]
-step, phases, on = None, [], False
-for l in open(log):
-    m = re.match(r"decode_step: \d+ steps, ([0-9.]+) ms per step", l)
-    if m:
-        step, on = m.group(1), True
-        continue
-    if on:
-        f = [x.strip() for x in l.split("|")]
-        if len(f) > 4 and re.fullmatch(r"[0-9.]+", f[3]):
-            phases.append(f"{f[1].split(' ')[0].strip('(')}={f[3]}")
-        elif phases and not l.strip():
-            break
+      --work-dir "$WORK_DIR" --json "$json" "${EXTRA[@]}" >"$log" 2>&1 || { tail -5 "$log" >&2; echo "ab_step: build $i failed (log $log)" >&2; exit 1; }
+    # The last profiled run's decode step (the bench's --json "profiles"), phases by time.
+    line="$(python3 - "$json" "$r" "$i" <<'PY'
+import json, sys
+path, rnd, build = sys.argv[1:]
+profiles = json.load(open(path)).get("profiles") or []
+step = next((p["steps"]["decode_step"] for p in reversed(profiles) if "decode_step" in p["steps"]), None)
 if step is None:
-    sys.exit(f"ab_step: no decode_step line in {log}")
-print(f"{rnd}\t{build}\t{step}\t{' '.join(phases)}")
+    sys.exit(f"ab_step: no decode_step profile in {path}")
+phases = sorted(step["phases"].items(), key=lambda kv: -kv[1]["ms_per_step"])
+text = " ".join("%s=%.2f" % (k, v["ms_per_step"]) for k, v in phases)
+print(f"{rnd}\t{build}\t{step['ms_per_step']:.2f}\t{text}")
 PY
 )"
     echo "$line" >>"$RESULTS"

@@ -129,6 +129,31 @@ pub fn render(table: &PhaseTable) -> String {
     out
 }
 
+/// The table as JSON (the bench's `--json` carries one per profiled run): per step kind,
+/// `{"steps": N, "ms_per_step": x, "phases": {phase: {"entries_per_step": e, "ms_per_step": m,
+/// "concurrent": bool}}}`, `concurrent` marking `deltas` as [`render`] does. Kinds with no step
+/// are left out, as in the markdown.
+pub fn to_json(table: &PhaseTable) -> serde_json::Value {
+    let mut kinds = serde_json::Map::new();
+    for (&(kind, _), step) in table.iter().filter(|((k, p), t)| k == p && t.count > 0) {
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / step.count as f64;
+        let phases: serde_json::Map<String, serde_json::Value> = table
+            .iter()
+            .filter(|((k, p), _)| *k == kind && *p != kind)
+            .map(|((_, p), t)| {
+                let v = serde_json::json!({
+                    "entries_per_step": t.count as f64 / step.count as f64,
+                    "ms_per_step": per_step(t.total),
+                    "concurrent": *p == "deltas",
+                });
+                (p.to_string(), v)
+            })
+            .collect();
+        kinds.insert(kind.to_string(), serde_json::json!({"steps": step.count, "ms_per_step": per_step(step.total), "phases": phases}));
+    }
+    serde_json::Value::Object(kinds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +195,13 @@ mod tests {
         let md = render(&t);
         assert!(md.contains("decode_step: 3 steps"), "{md}");
         assert!(md.contains("| qkv | 2.0 |"), "{md}");
+        let js = to_json(&t);
+        assert_eq!(js["decode_step"]["steps"], 3);
+        assert_eq!(js["decode_step"]["phases"]["qkv"]["entries_per_step"], 2.0);
+        assert!(js["decode_step"]["phases"]["qkv"]["ms_per_step"].as_f64().unwrap() >= 4.0);
+        assert!(js["decode_step"]["ms_per_step"].as_f64().unwrap() >= js["decode_step"]["phases"]["qkv"]["ms_per_step"].as_f64().unwrap());
+        assert_eq!(js["decode_step"]["phases"]["deltas"]["concurrent"], true);
+        assert_eq!(js["decode_step"]["phases"]["qkv"]["concurrent"], false);
         assert!(times.take().is_empty(), "take() starts a new table");
     }
 }

@@ -75,7 +75,8 @@ pub struct BenchArgs {
     /// reference of the zipf1000 / allhot ratio column (one more closed-loop run).
     #[arg(long)]
     pub zipf_base: bool,
-    /// Also write the rows as JSON to this file.
+    /// Also write the rows as JSON to this file (with `--profile`, also `profiles`: per run of a
+    /// scenario its name, round and phase times per step kind, as `tools::profile::to_json`).
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Where the synthetic adapters are written (kept, and reused by later runs). Default: a
@@ -206,7 +207,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             let first_row = res.rows.len();
             run_scenario(&ctx, name, &mut res)?;
             if args.profile {
-                profiles.push((*name, crate::tools::profile::global().take()));
+                profiles.push((*name, round, crate::tools::profile::global().take()));
             }
             if let (true, true, Some(before)) = (args.bracket_base, AGAINST_BASE32.contains(name), res.base_streams) {
                 let bracket_row = res.rows.len();
@@ -216,7 +217,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
                     res.rows[bracket_row].notes = format!("after {name} (--bracket-base): {}", res.rows[bracket_row].notes);
                 }
                 if args.profile {
-                    profiles.push(("base32", crate::tools::profile::global().take()));
+                    profiles.push(("base32", round, crate::tools::profile::global().take()));
                 }
             }
             if args.rounds > 1 {
@@ -248,7 +249,7 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
     if !rounds.is_empty() {
         println!("\n### {} rounds\n\n{rounds}", args.rounds);
     }
-    for (name, table) in &profiles {
+    for (name, _, table) in &profiles {
         println!("\n### Phase profile: {name}\n{}", crate::tools::profile::render(table));
     }
     if let Some(path) = &args.json {
@@ -267,6 +268,10 @@ fn run_in(args: &BenchArgs, scenarios: &[&str], work: PathBuf) -> anyhow::Result
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "rows": res.rows,
+            "profiles": profiles
+                .iter()
+                .map(|(name, round, table)| serde_json::json!({"scenario": name, "round": round, "steps": crate::tools::profile::to_json(table)}))
+                .collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("--json {}", path.display()))?;
     }
