@@ -6,10 +6,11 @@
 //! profile (`modserve bench --profile`) can be set against the GEMM alone. Threads: rayon's
 //! (`RAYON_NUM_THREADS`, as `--threads` sets it in the server). `cached`: one layer's weights
 //! serve all 30 calls (in cache), to tell the kernel's rate from the memory's. `q4_1`: the
-//! layers' weights are Q4_1 blocks on the 4-bit kernel (the head stays Q8_0, as in SmolLM2's
-//! GGUF), instead of Q8_0 blocks. Also prints the bytes of weights read per step and their rate.
+//! layers' weights are Q4_1 blocks on this CPU's best 4-bit kernel (VNNI, else AVX2; the head
+//! stays Q8_0, as in SmolLM2's GGUF), instead of Q8_0 blocks; `q4_1_avx2`: on the AVX2 one
+//! (to compare on a VNNI CPU). Also prints the bytes of weights read per step and their rate.
 //!
-//!     RAYON_NUM_THREADS=2 cargo run --release --example int8_gemm [ROWS] [cached] [q4_1]
+//!     RAYON_NUM_THREADS=2 cargo run --release --example int8_gemm [ROWS] [cached] [q4_1|q4_1_avx2]
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use modserve::kernels::int8_gemm::{PackedWeight, Variant};
@@ -25,12 +26,14 @@ const VOCAB: usize = 49152;
 /// A projection group: its name, the `(n, k)` of its weights (one call), calls per step.
 type Group = (&'static str, &'static [(usize, usize)], usize);
 
-fn packed(rng: &mut StdRng, n: usize, k: usize, q4: bool) -> PackedWeight {
+fn packed(rng: &mut StdRng, n: usize, k: usize, q4: Option<Variant>) -> PackedWeight {
     let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
     let t = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
-    if q4 {
+    if let Some(v) = q4 {
         let q = QTensor::quantize(&t, GgmlDType::Q4_1).expect("Q4_1");
-        return PackedWeight::from_qtensor_as(&q, Variant::Q4Avx2).expect("pack").expect("this CPU does not run the Q4_1 kernel (AVX2)");
+        return PackedWeight::from_qtensor_as(&q, v)
+            .expect("pack")
+            .unwrap_or_else(|| panic!("this CPU does not run the Q4_1 kernel {v:?}"));
     }
     let q = QTensor::quantize(&t, GgmlDType::Q8_0).expect("Q8_0");
     PackedWeight::from_qtensor(&q).expect("pack").expect("this CPU runs neither int8 GEMM variant (AVX-512 VNNI or AVX2)")
@@ -41,7 +44,11 @@ fn main() {
     modserve::bootstrap::keep_freed_memory();
     let rows: usize = std::env::args().nth(1).map(|r| r.parse().expect("ROWS: a number")).unwrap_or(32).max(1);
     let cached = std::env::args().skip(2).any(|a| a == "cached");
-    let q4 = std::env::args().skip(2).any(|a| a == "q4_1");
+    let q4 = std::env::args().skip(2).find_map(|a| match a.as_str() {
+        "q4_1" => Some(Variant::detect_q4().expect("this CPU runs no Q4_1 kernel (AVX2 or AVX-512 VNNI)")),
+        "q4_1_avx2" => Some(Variant::Q4Avx2),
+        _ => None,
+    });
     let mut rng = StdRng::seed_from_u64(1);
     // (group, [(n, k)] of its weights, one call per layer, or once for the head)
     let groups: [Group; 5] = [
@@ -56,7 +63,9 @@ fn main() {
     let weights: Vec<Vec<Vec<PackedWeight>>> = groups
         .iter()
         .map(|&(name, shapes, calls)| {
-            (0..distinct(calls)).map(|_| shapes.iter().map(|&(n, k)| packed(&mut rng, n, k, q4 && name != "head")).collect()).collect()
+            (0..distinct(calls))
+                .map(|_| shapes.iter().map(|&(n, k)| packed(&mut rng, n, k, q4.filter(|_| name != "head"))).collect())
+                .collect()
         })
         .collect();
     let variant = weights[0][0][0].variant();

@@ -17,8 +17,9 @@
 //!   127). It replaces candle's AVX2 `vec_dot_q8_0_q8_0`, which spills its accumulator and calls
 //!   out per f16 scale: its speed moved by half with the caller's stack depth (AMD EPYC: 30 vs 46
 //!   tok/s single-stream decode for two builds with identical kernel machine code).
-//! - **Q4_1 on AVX2** ([`q4`]): Q4_1 weights kept at 4 bits (20 bytes per block, not 34 as
-//!   Q8_0); chosen per CPU by [`super::CpuFeatures::q4_1`].
+//! - **Q4_1** ([`q4`]): Q4_1 weights kept at 4 bits (20 bytes per block, not 34 as Q8_0), on
+//!   AVX2 (8-row panels, `vpmaddubsw`) or VNNI (16-row panels, `vpdpbusd`); whether the model's
+//!   Q4_1 tensors stay 4-bit is chosen per CPU by [`super::CpuFeatures::q4_1`].
 //!
 //! Invariants: the arithmetic is candle's `vec_dot_q8_0_q8_0` (an exact int32 dot per 32-block,
 //! scaled by d_w * d_x), so results equal candle's up to float summation order. Packing happens
@@ -45,6 +46,8 @@ pub enum Variant {
     Avx2,
     /// AVX2 over Q4_1 weights: 8-row panels of 4-bit `q` with per-block `d` and `m` ([`q4`]).
     Q4Avx2,
+    /// AVX-512 VNNI over Q4_1 weights: as `Q4Avx2` with 16-row panels ([`q4`]).
+    Q4Vnni,
 }
 
 impl Variant {
@@ -53,11 +56,22 @@ impl Variant {
         [Self::Vnni, Self::Avx2].into_iter().find(|v| v.supported())
     }
 
+    /// The best Q4_1 variant this CPU runs, if any (whether the model uses it is
+    /// [`super::CpuFeatures::q4_1`]'s call).
+    pub fn detect_q4() -> Option<Self> {
+        [Self::Q4Vnni, Self::Q4Avx2].into_iter().find(|v| v.supported())
+    }
+
+    /// True for the variants over Q4_1 blocks (their activations carry block sums).
+    const fn is_q4(self) -> bool {
+        matches!(self, Self::Q4Avx2 | Self::Q4Vnni)
+    }
+
     /// True when this CPU runs the variant.
     pub fn supported(self) -> bool {
         let c = super::cpu();
         match self {
-            Self::Vnni => c.int8,
+            Self::Vnni | Self::Q4Vnni => c.int8,
             Self::Avx2 | Self::Q4Avx2 => c.int8_avx2,
         }
     }
@@ -65,7 +79,7 @@ impl Variant {
     /// Output rows per panel (one register of f32 / i32 lanes).
     const fn nr(self) -> usize {
         match self {
-            Self::Vnni => 16,
+            Self::Vnni | Self::Q4Vnni => 16,
             Self::Avx2 | Self::Q4Avx2 => 8,
         }
     }
@@ -74,7 +88,7 @@ impl Variant {
     const fn mr(self) -> usize {
         match self {
             Self::Vnni => 8,
-            Self::Avx2 | Self::Q4Avx2 => 4,
+            Self::Avx2 | Self::Q4Avx2 | Self::Q4Vnni => 4,
         }
     }
 
@@ -86,7 +100,7 @@ impl Variant {
     pub(super) const fn tile_rows(self) -> usize {
         match self {
             Self::Vnni => self.mr(),
-            Self::Avx2 | Self::Q4Avx2 => 2 * self.mr(),
+            Self::Avx2 | Self::Q4Avx2 | Self::Q4Vnni => 2 * self.mr(),
         }
     }
 
@@ -94,7 +108,7 @@ impl Variant {
     /// 16 bytes, then `nr` f16 `d` and `nr` f16 `m`).
     const fn pb(self) -> usize {
         match self {
-            Self::Q4Avx2 => self.nr() * QK / 2 + self.nr() * 4,
+            Self::Q4Avx2 | Self::Q4Vnni => self.nr() * QK / 2 + self.nr() * 4,
             _ => self.nr() * QK + self.nr() * 2,
         }
     }
@@ -102,7 +116,7 @@ impl Variant {
     /// The GGUF block type the variant's panels are packed from.
     fn source(self) -> GgmlDType {
         match self {
-            Self::Q4Avx2 => GgmlDType::Q4_1,
+            Self::Q4Avx2 | Self::Q4Vnni => GgmlDType::Q4_1,
             _ => GgmlDType::Q8_0,
         }
     }
@@ -133,8 +147,8 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs a CPU Q8_0 tensor `[n, k]` for this CPU's best variant, or a Q4_1 one for
-    /// [`Variant::Q4Avx2`] where [`super::CpuFeatures::q4_1`] holds; `None` when no variant runs
+    /// Packs a CPU Q8_0 tensor `[n, k]` for this CPU's best variant, or a Q4_1 one for its best
+    /// Q4_1 variant ([`Variant::detect_q4`]) where [`super::CpuFeatures::q4_1`] holds; `None` when no variant runs
     /// here or the tensor is not a 2-D CPU tensor of those types with `k` a multiple of 32.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         match Self::variant_for(q) {
@@ -150,7 +164,7 @@ impl PackedWeight {
 
     /// The variant [`PackedWeight::from_qtensor`] packs `q` for, if any.
     fn variant_for(q: &QTensor) -> Option<Variant> {
-        let v = if q.dtype() == GgmlDType::Q4_1 { super::cpu().q4_1.then_some(Variant::Q4Avx2) } else { Variant::detect() };
+        let v = if q.dtype() == GgmlDType::Q4_1 { super::cpu().q4_1.then(Variant::detect_q4).flatten() } else { Variant::detect() };
         v.filter(|&v| Self::dims_for(q, v).is_some())
     }
 
@@ -170,8 +184,8 @@ impl PackedWeight {
     pub fn from_qtensor_as(q: &QTensor, variant: Variant) -> Result<Option<Self>> {
         let Some((n, k)) = Self::dims_for(q, variant) else { return Ok(None) };
         let raw = q.data()?;
-        if variant == Variant::Q4Avx2 {
-            return Ok(Some(Self { n, k, variant, data: q4::pack(&raw, n, k) }));
+        if variant.is_q4() {
+            return Ok(Some(Self { n, k, variant, data: q4::pack(&raw, n, k, variant) }));
         }
         Ok(Some(Self::from_q8_0_bytes(&raw, n, k, variant)))
     }
@@ -223,8 +237,8 @@ impl PackedWeight {
 
     /// The weight `[n, k]` as f32 (exactly the dequantized Q8_0 or Q4_1 values).
     pub fn dequantize(&self) -> Result<Tensor> {
-        if self.variant == Variant::Q4Avx2 {
-            return Tensor::from_vec(q4::dequantize(&self.data, self.n, self.k), (self.n, self.k), &Device::Cpu);
+        if self.variant.is_q4() {
+            return Tensor::from_vec(q4::dequantize(&self.data, self.n, self.k, self.variant), (self.n, self.k), &Device::Cpu);
         }
         let nb = self.k / QK;
         let (v, nr, pb) = (self.variant, self.variant.nr(), self.variant.pb());
@@ -286,7 +300,7 @@ impl PackedWeight {
         }
         let act = QuantRows::new(x, m, k, variant);
         // The Q4_1 tile reads a block sum beside each block scale.
-        assert!(variant != Variant::Q4Avx2 || act.sums.len() == act.d.len(), "Q4_1 rows without their block sums");
+        assert!(!variant.is_q4() || act.sums.len() == act.d.len(), "Q4_1 rows without their block sums");
         let nb = k / QK;
         let (nr, pb) = (variant.nr(), variant.pb());
         // Every (weight, panel) of the call, in order.
@@ -316,6 +330,7 @@ impl PackedWeight {
                             Variant::Vnni => kernel::tile(&data[..nb * pb], nb, &act, r0, rows, o, w.n, cols),
                             Variant::Avx2 => kernel::tile_avx2(data, nb, &act, r0, rows, o, w.n, cols),
                             Variant::Q4Avx2 => q4::tile(data, nb, &act, r0, rows, o, w.n, cols),
+                            Variant::Q4Vnni => q4::tile_vnni(data, nb, &act, r0, rows, o, w.n, cols),
                         }
                     }
                     r0 += rows;
@@ -333,7 +348,7 @@ impl PackedWeight {
 
 /// The step's rows quantized per 32-block as candle's Q8_0 does.
 ///
-/// VNNI: row-major. AVX2 (both variants): in tiles of [`Variant::mr`] rows (4), interleaved so
+/// VNNI (Q8_0): row-major. AVX2 and the Q4_1 variants (VNNI's too): in tiles of [`Variant::mr`] rows (4), interleaved so
 /// that one tile's 4-input groups sit together: tile t, block b, group g holds rows 4t..4t+4's 4
 /// bytes each (16 bytes; rows past m zero), and `d` per (t, b) the 4 rows' scales. The AVX2 tile
 /// then reads every row through one pointer at constant offsets: with row-major rows, a row
@@ -349,7 +364,7 @@ struct QuantRows {
     /// `[m, k/32]` `128 * sum(q)` of each block (VNNI variant only; empty otherwise).
     bias: Vec<i32>,
     /// Tiled as `d`: `d * sum(q)` of each block rounded to f16, as llama.cpp's Q8_1 `s`
-    /// ([`Variant::Q4Avx2`] only; empty otherwise).
+    /// (the Q4_1 variants only; empty otherwise).
     sums: Vec<f32>,
 }
 
@@ -374,7 +389,7 @@ impl QuantRows {
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * nb];
         let mut bias = if variant == Variant::Vnni { vec![0i32; m * nb] } else { Vec::new() };
-        let mut sums = if variant == Variant::Q4Avx2 { vec![0f32; rows * nb] } else { Vec::new() };
+        let mut sums = if variant.is_q4() { vec![0f32; rows * nb] } else { Vec::new() };
         // SAFETY: the variant's tier was just checked; the buffers hold m*k inputs and m*k/32
         // blocks (AVX2: whole tiles of them; `sums` empty or as `d`), and the kernels walk them in
         // exact 32-chunks.
@@ -382,7 +397,7 @@ impl QuantRows {
         unsafe {
             match variant {
                 Variant::Vnni => kernel::quantize(x, &mut q, &mut d, &mut bias),
-                Variant::Avx2 | Variant::Q4Avx2 => kernel::quantize_avx2(x, k, &mut q, &mut d, &mut sums),
+                Variant::Avx2 | Variant::Q4Avx2 | Variant::Q4Vnni => kernel::quantize_avx2(x, k, &mut q, &mut d, &mut sums),
             }
         };
         #[cfg(not(target_arch = "x86_64"))]

@@ -52,10 +52,11 @@ pub struct CpuFeatures {
     /// variants of the int8 GEMM (8-row panels, `vpmaddubsw` / `vpmaddwd`) and of the compact
     /// low-rank kernel, used where the VNNI tier is absent. Every CPU with `int8` has it too.
     pub int8_avx2: bool,
-    /// Q4_1 weights are kept at 4 bits and multiplied by the int8 GEMM's Q4_1 AVX2 variant
-    /// instead of being re-blocked as Q8_0 at load. Needs `int8_avx2`. Default: on where the VNNI
-    /// tier is absent (measured faster there, single stream and batch); on VNNI CPUs, whose Q8_0
-    /// kernel has no Q4_1 counterpart yet, off unless `MODSERVE_Q4_1=native`
+    /// Q4_1 weights are kept at 4 bits and multiplied by the int8 GEMM's Q4_1 variants (VNNI
+    /// where `int8` holds, else AVX2) instead of being re-blocked as Q8_0 at load. Needs
+    /// `int8_avx2`. Default: on where the VNNI tier is absent (measured faster there, single
+    /// stream and batch); on VNNI CPUs off unless `MODSERVE_Q4_1=native`, until the VNNI Q4_1
+    /// tile has been measured against the VNNI Q8_0 one on such a CPU
     /// (`MODSERVE_Q4_1=requantize` turns it off everywhere).
     pub q4_1: bool,
     /// Software prefetch of compact low-rank factors ahead of the row kernel's reads and of the

@@ -88,13 +88,17 @@ fn zero_input_rows_give_zeros() {
     }
 }
 
-/// The Q4_1 variant where this CPU runs it (whatever `MODSERVE_Q4_1` says about the model's use).
-fn q4() -> Option<Variant> {
-    let v = Variant::Q4Avx2;
-    if !v.supported() {
-        eprintln!("SKIPPED: this CPU lacks AVX2+FMA+F16C; the Q4_1 kernel is not used here");
+/// The Q4_1 variants this CPU runs, whatever `MODSERVE_Q4_1` says about the model's use (the
+/// AVX2 one too on an AVX-512 machine, so both get tested wherever possible).
+fn q4_variants() -> Vec<Variant> {
+    let v: Vec<Variant> = [Variant::Q4Vnni, Variant::Q4Avx2].into_iter().filter(|v| v.supported()).collect();
+    if v.is_empty() {
+        eprintln!("SKIPPED: this CPU lacks AVX2+FMA+F16C; the Q4_1 kernels are not used here");
     }
-    v.supported().then_some(v)
+    if !Variant::Q4Vnni.supported() {
+        eprintln!("not run here: the Q4_1 VNNI tile (this CPU lacks AVX-512 VNNI); the AVX2 one is tested");
+    }
+    v
 }
 
 /// Against candle's Q4_1 matmul (Q4_1 x Q8_1 dot) on the same weights: dequantized values are
@@ -103,16 +107,22 @@ fn q4() -> Option<Variant> {
 /// `|m| * sum |x| * 2^-9` and nothing more (a wrong nibble or scale is off by ~d * |x|).
 #[test]
 fn q4_1_equals_candle_q4_1_matmul() {
-    let Some(variant) = q4() else { return };
+    for variant in q4_variants() {
+        q4_1_equals_candle_for(variant);
+    }
+}
+
+fn q4_1_equals_candle_for(variant: Variant) {
     let mut rng = StdRng::seed_from_u64(11);
     // Even block counts: candle's Q4_1 dot asserts one (in builds with debug assertions).
     for &(n, k) in &[(8, 64), (40, 128), (192, 576), (33, 128), (5, 192)] {
         let w = rand_t(&mut rng, n, k);
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let packed = PackedWeight::from_qtensor_as(&q, variant).unwrap().expect("packed");
-        assert_eq!((packed.variant(), packed.size_in_bytes()), (variant, n.div_ceil(8) * k / 32 * 160));
+        let nr = variant.nr();
+        assert_eq!((packed.variant(), packed.size_in_bytes()), (variant, n.div_ceil(nr) * k / 32 * nr * 20));
         let deq = packed.dequantize().unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(deq, q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap(), "dequantize {n}x{k}");
+        assert_eq!(deq, q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap(), "{variant:?} dequantize {n}x{k}");
         // A Q4_1 block's minimum is its `m` (its q is 0).
         let mins: Vec<Vec<f32>> =
             deq.iter().map(|r| r.chunks(32).map(|b| b.iter().copied().fold(f32::INFINITY, f32::min)).collect()).collect();
@@ -126,7 +136,7 @@ fn q4_1_equals_candle_q4_1_matmul() {
                 let xabs: Vec<f32> = xr.chunks(32).map(|b| b.iter().map(|v| v.abs()).sum()).collect();
                 for ((g, w), mr) in gr.iter().zip(wr).zip(&mins) {
                     let s_err: f32 = mr.iter().zip(&xabs).map(|(mb, xb)| mb.abs() * xb).sum::<f32>() / 512.0;
-                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()) + s_err, "{n}x{k} m={m}: {g} vs {w} (s bound {s_err})");
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()) + s_err, "{variant:?} {n}x{k} m={m}: {g} vs {w} (s bound {s_err})");
                 }
             }
         }
@@ -138,8 +148,13 @@ fn q4_1_equals_candle_q4_1_matmul() {
 /// the check on the integer dot alone.
 #[test]
 fn q4_1_extreme_values_do_not_saturate() {
-    let Some(variant) = q4() else { return };
-    let (n, k) = (8, 64);
+    for variant in q4_variants() {
+        q4_1_extreme_values_for(variant);
+    }
+}
+
+fn q4_1_extreme_values_for(variant: Variant) {
+    let (n, k) = (16, 64);
     let mut raw = Vec::new();
     for row in 0..n {
         for _ in 0..k / 32 {
@@ -148,13 +163,13 @@ fn q4_1_extreme_values_do_not_saturate() {
             raw.extend((0..16).map(|i| if (row + i) % 5 == 0 { 0x0f } else { 0xff }));
         }
     }
-    let packed = PackedWeight { n, k, variant, data: q4::pack(&raw, n, k) };
+    let packed = PackedWeight { n, k, variant, data: q4::pack(&raw, n, k, variant) };
     let wf = packed.dequantize().unwrap().to_vec2::<f32>().unwrap();
     for xs in [vec![127.0f32; k], vec![-127.0f32; k]] {
         let got = packed.matmul_t(&Tensor::from_vec(xs.clone(), (1, k), &Device::Cpu).unwrap()).unwrap().to_vec2::<f32>().unwrap();
         for (j, wr) in wf.iter().enumerate() {
             let want: f32 = wr.iter().zip(&xs).map(|(w, x)| w * x).sum();
-            assert_eq!(got[0][j], want, "row {j}");
+            assert_eq!(got[0][j], want, "{variant:?} row {j}");
         }
     }
 }
@@ -162,10 +177,28 @@ fn q4_1_extreme_values_do_not_saturate() {
 /// Zero rows give exact zeros with Q4_1 weights too (their `m` term has `s = 0`).
 #[test]
 fn q4_1_zero_input_rows_give_zeros() {
-    let Some(variant) = q4() else { return };
-    let mut rng = StdRng::seed_from_u64(5);
-    let q = QTensor::quantize(&rand_t(&mut rng, 24, 96), GgmlDType::Q4_1).unwrap();
-    let packed = PackedWeight::from_qtensor_as(&q, variant).unwrap().unwrap();
-    let y = packed.matmul_t(&Tensor::zeros((5, 96), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
-    assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+    for variant in q4_variants() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let q = QTensor::quantize(&rand_t(&mut rng, 24, 96), GgmlDType::Q4_1).unwrap();
+        let packed = PackedWeight::from_qtensor_as(&q, variant).unwrap().unwrap();
+        let y = packed.matmul_t(&Tensor::zeros((5, 96), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+        assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0), "{variant:?}");
+    }
+}
+
+/// Both Q4_1 panel widths (8 rows for AVX2, 16 for VNNI) hold exactly the file's values, on any
+/// CPU (packing is plain Rust): a nibble, scale or minimum in the wrong place changes a value.
+#[test]
+fn q4_1_panels_of_both_widths_hold_the_files_values() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for &(n, k) in &[(8, 64), (16, 64), (40, 128), (33, 96), (5, 192)] {
+        let q = QTensor::quantize(&rand_t(&mut rng, n, k), GgmlDType::Q4_1).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let raw = q.data().unwrap();
+        for variant in [Variant::Q4Avx2, Variant::Q4Vnni] {
+            let data = q4::pack(&raw, n, k, variant);
+            assert_eq!(data.len(), n.div_ceil(variant.nr()) * (k / 32) * variant.pb(), "{variant:?} {n}x{k}");
+            assert_eq!(q4::dequantize(&data, n, k, variant), want, "{variant:?} {n}x{k}");
+        }
+    }
 }
