@@ -19,6 +19,7 @@ use super::device_attention::{DeviceAttention, DeviceRope};
 use super::family::Activation;
 use super::kv_cache::SeqKvCache;
 use super::linear::{BaseWeight, Linear, LinearId, Proj, RowDeltas};
+use crate::kernels::host::{with_host_f32, with_host_f32_in_place};
 
 /// The attention input projections: q/k/v, or Phi-3's fused `qkv_proj` (rows `[q | k | v]`).
 pub enum QkvProj {
@@ -171,30 +172,58 @@ fn opt_norm(x: Tensor, w: &Option<Tensor>, eps: f32) -> Result<Tensor> {
 }
 
 /// Applies `f` to the values of `x` on the host, in parallel chunks (`f` gets each chunk's offset
-/// in `x` and the chunk).
-fn host_map(x: Tensor, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Result<Tensor> {
+/// in `x` and the chunk): in place when `x` is a contiguous f32 tensor sharing no storage with
+/// `reads` (the tensors `f` reads), else on a copy. `x` is consumed: nothing reads it after.
+fn host_map(x: Tensor, reads: &[&Tensor], f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Result<Tensor> {
     use rayon::prelude::*;
     // One chunk per pool thread (at least 4096 values): fixed 16,384-value chunks split a
     // batch-32 MLP row block (49,152 values) 2 + 1 between 2 threads.
-    let shape = x.shape().clone();
+    let chunked = |v: &mut [f32]| {
+        let chunk = v.len().div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(64).max(4096);
+        v.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
+    };
+    let in_place = with_host_f32_in_place(&x, reads, |v| {
+        chunked(v);
+        Ok(())
+    })?;
+    if in_place.is_some() {
+        return Ok(x);
+    }
     let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    let chunk = v.len().div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(64).max(4096);
-    v.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
-    Tensor::from_vec(v, shape, x.device())
+    chunked(&mut v);
+    Tensor::from_vec(v, x.shape(), x.device())
 }
 
-/// `silu(g) * u` for CPU tensors of one shape, in one pass over a host copy of `g`.
+/// `silu(g) * u` for CPU tensors of one shape, in one pass over `g`'s values (in place).
 fn silu_mul_host(g: Tensor, u: &Tensor) -> Result<Tensor> {
     if g.shape() != u.shape() {
         candle_core::bail!("gate and up of different shapes: {:?} and {:?}", g.shape(), u.shape())
     }
-    crate::kernels::host::with_host_f32(u, |uv| host_map(g, |at, gc| crate::kernels::activation::silu_mul(gc, &uv[at..at + gc.len()])))
+    with_host_f32(u, |uv| host_map(g, &[u], |at, gc| crate::kernels::activation::silu_mul(gc, &uv[at..at + gc.len()])))
+}
+
+/// Runs `run` on host views of a step's `q`, `k` (mutable: RoPE turns them in place) and `v`:
+/// `q` and `k` in place where each is a contiguous tensor of its own (neither is read after
+/// attention), copies otherwise (a fused projection's single-row views share one storage).
+fn with_host_qkv<R>(q: &Tensor, k: &Tensor, v: &Tensor, run: impl FnOnce(&mut [f32], &mut [f32], &[f32]) -> R) -> Result<R> {
+    let mut run = Some(run);
+    let mut with_q = |qh: &mut [f32]| -> Result<R> {
+        let mut with_k = |kh: &mut [f32]| with_host_f32(v, |vh| Ok(run.take().expect("one call")(&mut *qh, kh, vh)));
+        match with_host_f32_in_place(k, &[v], &mut with_k)? {
+            Some(r) => Ok(r),
+            None => with_k(&mut k.flatten_all()?.to_vec1::<f32>()?),
+        }
+    };
+    match with_host_f32_in_place(q, &[k, v], &mut with_q)? {
+        Some(r) => Ok(r),
+        None => with_q(&mut q.flatten_all()?.to_vec1::<f32>()?),
+    }
 }
 
 /// `cap * tanh(x / cap)` (the vectorised tanh on the CPU).
 fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
     match cap {
-        Some(c) if x.device().is_cpu() => host_map(x, |_, v| crate::kernels::tanh::softcap_in_place(v, c)),
+        Some(c) if x.device().is_cpu() => host_map(x, &[], |_, v| crate::kernels::tanh::softcap_in_place(v, c)),
         Some(c) => (x / c as f64)?.tanh()? * c as f64,
         None => Ok(x),
     }
@@ -339,11 +368,8 @@ impl Llama {
             let attention_phase = phase!("attention");
             let attn = match dev_attn.as_mut() {
                 None => {
-                    let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
-                    let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
-                    let vh = v.flatten_all()?.to_vec1::<f32>()?;
                     let mut caches: Vec<&mut SeqKvCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
-                    let o = attention(layer, shape, &params, &mut qh, &mut kh, &vh, &spans, &mut caches);
+                    let o = with_host_qkv(&q, &k, &v, |qh, kh, vh| attention(layer, shape, &params, qh, kh, vh, &spans, &mut caches))?;
                     Tensor::from_vec(o, (n, hq * hd), &self.device)?
                 }
                 Some(d) => {
