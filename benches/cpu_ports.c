@@ -4,7 +4,8 @@
 // and cycles per instance: one instruction kind alone (8 independent chains, so latency does not
 // bound it), then the per-row sequences of the Q4_1 tile (broadcast of 4 activation bytes from
 // memory, vpmaddubsw, vpaddw: 32 multiply-adds) and of the Q8_0 tile (broadcast, vpsignb,
-// vpmaddubsw, vpmaddwd, vpaddd: 32 multiply-adds), 8 rows side by side as in an 8-row tile.
+// vpmaddubsw, vpmaddwd, vpaddd: 32 multiply-adds), 8 rows side by side as in an 8-row tile, and
+// the same 32 multiply-adds over 16-bit weights (two vpmaddwd, no sign trick; no such kernel).
 //
 //   gcc -O2 -mavx2 -mfma benches/cpu_ports.c -o cpu_ports && ./cpu_ports
 #include <immintrin.h>
@@ -78,6 +79,16 @@ int main(void) {
     KEEP;
   }
   report("Q8_0 row step: broadcast, vpsignb, vpmaddubsw, vpmaddwd, vpaddd", now() - t0, 8 * N);
+  // The same 32 multiply-adds with 16-bit weights (a head stored as i16, not built): two
+  // broadcasts of 2 activations, two vpmaddwd, two vpaddd; no sign trick.
+#define I16ROW(a, k) a = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_set1_epi32(p[k]))), _mm256_madd_epi16(b, _mm256_set1_epi32(p[k + 8])))
+  t0 = now();
+  for (long i = 0; i < N; i++) {
+    const int *p = (const int *)va + (i & 7);
+    EACH(I16ROW);
+    KEEP;
+  }
+  report("i16 row step (2x): broadcast, vpmaddwd, vpaddd", now() - t0, 8 * N);
   int s = 0;
   s += _mm256_extract_epi32(a0, 0) + _mm256_extract_epi32(a7, 0);
   return s == 12345;
