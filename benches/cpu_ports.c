@@ -61,34 +61,26 @@ int main(void) {
   ALONE("vpaddw alone", ADDW)
   ALONE("vpsignb alone", SIGN)
 
-  // One row's 32 multiply-adds in the Q4_1 tile: the activation bytes broadcast from memory.
+  // One row's 32 multiply-adds of a tile, 8 rows side by side, the activation bytes broadcast
+  // from memory (a window that moves with the loop, so the loads are not hoisted).
+#define ROWS(name, ROW)                                     \
+  t0 = now();                                               \
+  for (long i = 0; i < N; i++) {                            \
+    const int *p = (const int *)va + (i & 7);               \
+    EACH(ROW);                                              \
+    KEEP;                                                   \
+  }                                                         \
+  report(name, now() - t0, 8 * N);
+  // Q4_1: unsigned nibbles times signed activations, summed in i16.
 #define Q4ROW(a, k) a = _mm256_add_epi16(a, _mm256_maddubs_epi16(w, _mm256_set1_epi32(p[k])))
-  t0 = now();
-  for (long i = 0; i < N; i++) {
-    const int *p = (const int *)va + (i & 7);
-    EACH(Q4ROW);
-    KEEP;
-  }
-  report("Q4_1 row step: broadcast, vpmaddubsw, vpaddw", now() - t0, 8 * N);
-  // One row's 32 multiply-adds in the Q8_0 tile: |w| unsigned, x signed by w's sign, to i32.
+  ROWS("Q4_1 row step: broadcast, vpmaddubsw, vpaddw", Q4ROW)
+  // Q8_0: |w| unsigned, x signed by w's sign, widened to i32.
 #define Q8ROW(a, k) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(_mm256_set1_epi32(p[k]), w)), ones))
-  t0 = now();
-  for (long i = 0; i < N; i++) {
-    const int *p = (const int *)va + (i & 7);
-    EACH(Q8ROW);
-    KEEP;
-  }
-  report("Q8_0 row step: broadcast, vpsignb, vpmaddubsw, vpmaddwd, vpaddd", now() - t0, 8 * N);
+  ROWS("Q8_0 row step: broadcast, vpsignb, vpmaddubsw, vpmaddwd, vpaddd", Q8ROW)
   // The same 32 multiply-adds with 16-bit weights (a head stored as i16, not built): two
   // broadcasts of 2 activations, two vpmaddwd, two vpaddd; no sign trick.
 #define I16ROW(a, k) a = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_set1_epi32(p[k]))), _mm256_madd_epi16(b, _mm256_set1_epi32(p[k + 8])))
-  t0 = now();
-  for (long i = 0; i < N; i++) {
-    const int *p = (const int *)va + (i & 7);
-    EACH(I16ROW);
-    KEEP;
-  }
-  report("i16 row step (2x): broadcast, vpmaddwd, vpaddd", now() - t0, 8 * N);
+  ROWS("i16 row step (2x): broadcast, vpmaddwd, vpaddd", I16ROW)
   int s = 0;
   s += _mm256_extract_epi32(a0, 0) + _mm256_extract_epi32(a7, 0);
   return s == 12345;

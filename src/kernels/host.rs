@@ -36,11 +36,9 @@ fn storage_start(t: &Tensor) -> Option<*const f32> {
 /// `Ok(None)` without calling `f` otherwise. `t`'s values are then whatever `f` left: only for a
 /// tensor that nothing else reads afterwards (a step's intermediate, consumed here).
 pub fn with_host_f32_in_place<R>(t: &Tensor, reads: &[&Tensor], f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<Option<R>> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
-        return Ok(None);
-    }
-    let own = storage_start(t);
-    if own.is_none() || reads.iter().any(|r| storage_start(r) == own) {
+    // `storage_start` is `None` unless the storage is CPU f32.
+    let Some(own) = storage_start(t).filter(|_| t.is_contiguous()) else { return Ok(None) };
+    if reads.iter().any(|r| storage_start(r) == Some(own)) {
         return Ok(None);
     }
     let op = InPlace { f: RefCell::new(Some(f)), out: RefCell::new(None) };

@@ -82,6 +82,12 @@ where
     }
 }
 
+/// True for the phases that run on a pool thread beside the step's own phases (`deltas`, beside
+/// the base product of the projections): their time overlaps the step's instead of adding to it.
+fn overlaps_the_step(phase: &str) -> bool {
+    phase == "deltas"
+}
+
 /// The table as markdown: per step kind, its steps and mean step time, then each phase's share.
 /// Phases run inside the step on the model thread unless marked: `deltas` runs on a pool thread
 /// at the same time as the base product of `qkv` / `o_proj` / `gate_up` / `down`, so its time is
@@ -107,7 +113,7 @@ pub fn render(table: &PhaseTable) -> String {
         let mut inside = Duration::ZERO;
         for (p, t) in &phases {
             let ms = t.total.as_secs_f64() * 1e3;
-            let concurrent = *p == "deltas";
+            let concurrent = overlaps_the_step(p);
             if !concurrent {
                 inside += t.total;
             }
@@ -131,7 +137,7 @@ pub fn render(table: &PhaseTable) -> String {
 
 /// The table as JSON (the bench's `--json` carries one per profiled run): per step kind,
 /// `{"steps": N, "ms_per_step": x, "phases": {phase: {"entries_per_step": e, "ms_per_step": m,
-/// "concurrent": bool}}}`, `concurrent` marking `deltas` as [`render`] does. Kinds with no step
+/// "concurrent": bool}}}`, `concurrent` marking the phases [`render`] marks (`deltas`). Kinds with no step
 /// are left out, as in the markdown.
 pub fn to_json(table: &PhaseTable) -> serde_json::Value {
     let mut kinds = serde_json::Map::new();
@@ -144,7 +150,7 @@ pub fn to_json(table: &PhaseTable) -> serde_json::Value {
                 let v = serde_json::json!({
                     "entries_per_step": t.count as f64 / step.count as f64,
                     "ms_per_step": per_step(t.total),
-                    "concurrent": *p == "deltas",
+                    "concurrent": overlaps_the_step(p),
                 });
                 (p.to_string(), v)
             })
