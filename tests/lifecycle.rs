@@ -46,7 +46,7 @@ fn config_precedence_is_file_then_env_then_flags() {
     assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"0\"  # file"), "{out}");
     let (ok, out, err) = print_config("", &[], &[]);
     assert!(ok, "{err}");
-    assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"40\"  # default"), "{out}");
+    assert!(line(&out, "max_decode_stall_ms").starts_with("max_decode_stall_ms = \"30\"  # default"), "{out}");
 }
 
 #[test]

@@ -353,6 +353,13 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         if !control.is_empty() {
             jitter.push((control.iter().copied().fold(f64::NAN, f64::max) - itl).max(0.0));
         }
+        eprintln!(
+            "[bench]   probe {}: stall {:.0} ms (largest gap {gap:.0}, ITL before {itl:.0}, gap p50 while it prefilled {:.0}; noise floor {:.0})",
+            ttft.len() - 1,
+            stall[stall.len() - 1],
+            typical[typical.len() - 1],
+            jitter.last().copied().unwrap_or(f64::NAN)
+        );
         settled = Some(first);
     }
     let p = |v: &[f64], q: f64| percentile(v, q).unwrap_or(f64::NAN);

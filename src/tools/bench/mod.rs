@@ -347,7 +347,7 @@ mod tests {
     fn scenario_selection() {
         let a = Cli::parse_from(["x"]).b;
         assert_eq!(selected(&a).unwrap(), SCENARIOS.to_vec());
-        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 40));
+        assert_eq!((a.new_tokens, a.streams, a.prefill_chunk, a.max_batch_tokens, a.max_decode_stall_ms), (128, 32, 256, 512, 30));
         let a = Cli::parse_from(["x", "--scenarios", "lora32,single,allhot"]).b;
         assert_eq!(selected(&a).unwrap(), vec!["single", "lora32", "zipf1000"]);
         let a = Cli::parse_from(["x", "--scenarios", "zipf1000,ws2x_allhot"]).b;
