@@ -31,19 +31,38 @@ fn storage_start(t: &Tensor) -> Option<*const f32> {
     }
 }
 
+/// True when `t` is a contiguous CPU f32 tensor sharing its storage with none of `reads`.
+fn in_place_ok(t: &Tensor, reads: &[&Tensor]) -> bool {
+    // `storage_start` is `None` unless the storage is CPU f32.
+    storage_start(t).filter(|_| t.is_contiguous()).is_some_and(|own| reads.iter().all(|r| storage_start(r) != Some(own)))
+}
+
 /// Runs `f` on the values of `t` in place (one mutable row-major slice, no copy) when `t` is a
 /// contiguous CPU f32 tensor that shares its storage with none of `reads` (the tensors `f` reads);
 /// `Ok(None)` without calling `f` otherwise. `t`'s values are then whatever `f` left: only for a
 /// tensor that nothing else reads afterwards (a step's intermediate, consumed here).
 pub fn with_host_f32_in_place<R>(t: &Tensor, reads: &[&Tensor], f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<Option<R>> {
-    // `storage_start` is `None` unless the storage is CPU f32.
-    let Some(own) = storage_start(t).filter(|_| t.is_contiguous()) else { return Ok(None) };
-    if reads.iter().any(|r| storage_start(r) == Some(own)) {
+    if !in_place_ok(t, reads) {
         return Ok(None);
     }
+    run_in_place(t, f).map(Some)
+}
+
+/// Runs `f` on the values of `t` as one mutable row-major slice: in place where
+/// [`with_host_f32_in_place`] would, else on a copy that is dropped after. Only for a tensor that
+/// nothing reads afterwards (its values may or may not be what `f` left).
+pub fn with_host_f32_mut<R>(t: &Tensor, reads: &[&Tensor], f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    if in_place_ok(t, reads) {
+        return run_in_place(t, f);
+    }
+    f(&mut t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Hands `t`'s own storage slice to `f` (the caller checked [`in_place_ok`]).
+fn run_in_place<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
     let op = InPlace { f: RefCell::new(Some(f)), out: RefCell::new(None) };
     t.inplace_op1(&op)?;
-    op.out.into_inner().expect("candle runs an in-place op's CPU body once").map(Some)
+    op.out.into_inner().expect("candle runs an in-place op's CPU body once")
 }
 
 /// The candle in-place op that hands its CPU storage's slice to a closure, once.
@@ -94,5 +113,20 @@ mod tests {
         assert_eq!(seen, Some(vec![6., 8., 10.]));
         // The closure's error comes back as the call's.
         assert!(with_host_f32_in_place(&t, &[], |_| -> Result<()> { candle_core::bail!("no") }).is_err());
+        // The copying fallback: the same values, and the shared tensor left as it was.
+        let seen = with_host_f32_mut(&t, &[&row], |v| {
+            v.iter_mut().for_each(|x| *x += 1.0);
+            Ok(v.to_vec())
+        })
+        .unwrap();
+        assert_eq!(seen, [1., 3., 5., 7., 9., 11.]);
+        assert_eq!(t.to_vec2::<f32>().unwrap(), [[0., 2., 4.], [6., 8., 10.]]);
+        // Without a shared read it works in place.
+        with_host_f32_mut(&t, &[], |v| {
+            v[0] = -1.0;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap()[0][0], -1.0);
     }
 }

@@ -19,7 +19,7 @@ use super::device_attention::{DeviceAttention, DeviceRope};
 use super::family::Activation;
 use super::kv_cache::SeqKvCache;
 use super::linear::{BaseWeight, Linear, LinearId, Proj, RowDeltas};
-use crate::kernels::host::{with_host_f32, with_host_f32_in_place};
+use crate::kernels::host::{with_host_f32, with_host_f32_in_place, with_host_f32_mut};
 
 /// The attention input projections: q/k/v, or Phi-3's fused `qkv_proj` (rows `[q | k | v]`).
 pub enum QkvProj {
@@ -206,18 +206,7 @@ fn silu_mul_host(g: Tensor, u: &Tensor) -> Result<Tensor> {
 /// `q` and `k` in place where each is a contiguous tensor of its own (neither is read after
 /// attention), copies otherwise (a fused projection's single-row views share one storage).
 fn with_host_qkv<R>(q: &Tensor, k: &Tensor, v: &Tensor, run: impl FnOnce(&mut [f32], &mut [f32], &[f32]) -> R) -> Result<R> {
-    let mut run = Some(run);
-    let mut with_q = |qh: &mut [f32]| -> Result<R> {
-        let mut with_k = |kh: &mut [f32]| with_host_f32(v, |vh| Ok(run.take().expect("one call")(&mut *qh, kh, vh)));
-        match with_host_f32_in_place(k, &[v], &mut with_k)? {
-            Some(r) => Ok(r),
-            None => with_k(&mut k.flatten_all()?.to_vec1::<f32>()?),
-        }
-    };
-    match with_host_f32_in_place(q, &[k, v], &mut with_q)? {
-        Some(r) => Ok(r),
-        None => with_q(&mut q.flatten_all()?.to_vec1::<f32>()?),
-    }
+    with_host_f32_mut(q, &[k, v], |qh| with_host_f32_mut(k, &[v], |kh| with_host_f32(v, |vh| Ok(run(qh, kh, vh)))))
 }
 
 /// `cap * tanh(x / cap)` (the vectorised tanh on the CPU).

@@ -345,21 +345,19 @@ pub fn ttft_under_load(ctx: &Ctx, res: &mut Results) -> anyhow::Result<()> {
         }
         let itl = percentile(&before, 50.0).unwrap_or(f64::NAN);
         let gap = during.iter().copied().fold(f64::NAN, f64::max);
+        let (probe_stall, probe_typical) = ((gap - itl).max(0.0), percentile(&during, 50.0).unwrap_or(f64::NAN));
+        let probe_jitter = (!control.is_empty()).then(|| (control.iter().copied().fold(f64::NAN, f64::max) - itl).max(0.0));
+        eprintln!(
+            "[bench]   probe {}: stall {probe_stall:.0} ms (largest gap {gap:.0}, ITL before {itl:.0}, gap p50 while it prefilled {probe_typical:.0}; noise floor {:.0})",
+            ttft.len(),
+            probe_jitter.unwrap_or(f64::NAN)
+        );
         ttft.push(ms(first - t));
         steady.push(itl);
         max_gap.push(gap);
-        stall.push((gap - itl).max(0.0));
-        typical.push(percentile(&during, 50.0).unwrap_or(f64::NAN));
-        if !control.is_empty() {
-            jitter.push((control.iter().copied().fold(f64::NAN, f64::max) - itl).max(0.0));
-        }
-        eprintln!(
-            "[bench]   probe {}: stall {:.0} ms (largest gap {gap:.0}, ITL before {itl:.0}, gap p50 while it prefilled {:.0}; noise floor {:.0})",
-            ttft.len() - 1,
-            stall[stall.len() - 1],
-            typical[typical.len() - 1],
-            jitter.last().copied().unwrap_or(f64::NAN)
-        );
+        stall.push(probe_stall);
+        typical.push(probe_typical);
+        jitter.extend(probe_jitter);
         settled = Some(first);
     }
     let p = |v: &[f64], q: f64| percentile(v, q).unwrap_or(f64::NAN);
